@@ -1,0 +1,118 @@
+"""pytest-benchmark harness shared by every bench file.
+
+Use the ``bench`` fixture instead of ``benchmark`` directly::
+
+    def test_scatter(bench):
+        bench(fn, x, mask, kernel="masked_token_scatter", provider="ours", shape="B256 N196 D768",
+              dtype=x.dtype, reference=lambda: ref(x, mask), bytes_moved=..., flops=...)
+
+It synchronises CUDA around every timed call, records device, versions, shapes and dtype in
+``extra_info`` and, when ``reference`` is given, the reference's own median time and the ratio.
+Benches marked ``@pytest.mark.cuda`` are skipped on a CPU-only machine. ``python -m bench.report``
+turns the ``--benchmark-json`` output into a markdown table under ``bench/results/``.
+"""
+
+import os
+import platform
+import statistics
+import sys
+import time
+
+if "cuda" not in " ".join(sys.argv):
+    os.environ.setdefault("TRITON_INTERPRET", "0")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA device")
+
+
+def pytest_collection_modifyitems(config, items):
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="CPU-only machine: CUDA benches skipped")
+        for item in items:
+            if "cuda" in item.keywords:
+                item.add_marker(skip)
+
+
+def _versions():
+    out = {"torch": torch.__version__, "python": platform.python_version()}
+    try:
+        import triton
+
+        out["triton"] = triton.__version__
+    except ImportError:
+        out["triton"] = None
+    return out
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads={torch.get_num_threads()})"
+
+
+@pytest.fixture(scope="session")
+def bench_device():
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _synced(fn, device):
+    if device.type != "cuda":
+        return fn
+
+    def run(*args, **kwargs):
+        torch.cuda.synchronize(device)
+        out = fn(*args, **kwargs)
+        torch.cuda.synchronize(device)
+        return out
+
+    return run
+
+
+def median_time(fn, device, repeats=10, warmup=2) -> float:
+    """Median wall time in seconds of ``fn()`` (synchronised on CUDA)."""
+    run = _synced(fn, device)
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+@pytest.fixture
+def bench(benchmark, bench_device):
+    def run(fn, *args, kernel, provider, shape, dtype=None, device=None, reference=None, bytes_moved=None,
+            flops=None, rounds=None, **extra):
+        dev = torch.device(device) if device is not None else bench_device
+        info = benchmark.extra_info
+        info.update(
+            kernel=kernel, provider=provider, shape=shape, dtype=str(dtype).replace("torch.", "") if dtype else None,
+            device=device_name(dev), bytes_moved=bytes_moved, flops=flops, **_versions(), **extra,
+        )
+        benchmark.group = f"{kernel} {shape}"
+        if reference is not None:
+            info["reference_median_s"] = median_time(reference, dev)
+        timed = _synced(fn, dev)
+        if rounds:
+            result = benchmark.pedantic(timed, args=args, rounds=rounds, warmup_rounds=1)
+        else:
+            result = benchmark(timed, *args)
+        stats = benchmark.stats.stats if benchmark.stats is not None else None
+        if stats is not None:
+            med = stats.median
+            info["median_s"] = med
+            if reference is not None and med > 0:
+                info["speedup_vs_reference"] = info["reference_median_s"] / med
+            if bytes_moved:
+                info["achieved_GBps"] = bytes_moved / med / 1e9
+            if flops:
+                info["achieved_TFLOPs"] = flops / med / 1e12
+        return result
+
+    return run

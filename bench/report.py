@@ -1,0 +1,103 @@
+"""Turn pytest-benchmark JSON into a markdown table.
+
+    pytest bench/ --benchmark-only --benchmark-json=bench/results/raw.json
+    python -m bench.report bench/results/raw.json            # writes bench/results/<device>.md
+
+Rows are grouped by (kernel, shape, dtype); each provider's median is a column; ratios are given vs
+the ``reference`` provider (or the reference time recorded in extra_info) and vs the fastest peer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import pathlib
+import re
+
+OURS = ("ours", "native", "triton", "cpp", "cuda")
+
+
+def _fmt_time(s: float | None) -> str:
+    if s is None:
+        return "-"
+    if s < 1e-3:
+        return f"{s * 1e6:.1f} us"
+    if s < 1:
+        return f"{s * 1e3:.2f} ms"
+    return f"{s:.2f} s"
+
+
+def load_rows(path: pathlib.Path):
+    data = json.loads(path.read_text())
+    groups: dict[tuple, dict] = collections.OrderedDict()
+    meta = {}
+    for b in data["benchmarks"]:
+        info = b.get("extra_info", {})
+        if "kernel" not in info:
+            continue
+        key = (info["kernel"], info.get("shape", ""), info.get("dtype") or "")
+        g = groups.setdefault(key, {"providers": {}, "reference_extra": None, "extra": {}})
+        g["providers"][info["provider"]] = b["stats"]["median"]
+        if info.get("reference_median_s") is not None:
+            g["reference_extra"] = info["reference_median_s"]
+        for k in ("achieved_GBps", "achieved_TFLOPs", "bytes_moved", "flops"):
+            if info.get(k) is not None and info["provider"] in OURS:
+                g["extra"][k] = info[k]
+        meta = {k: info.get(k) for k in ("device", "torch", "triton", "python")}
+    meta["date"] = data.get("datetime", "")
+    return groups, meta
+
+
+def render(groups, meta) -> str:
+    lines = [
+        f"# Benchmark results: {meta.get('device')}",
+        "",
+        f"torch {meta.get('torch')}, triton {meta.get('triton')}, python {meta.get('python')}; run {meta.get('date')}.",
+        "Medians from pytest-benchmark. `vs ref` = reference time / ours (higher is better); "
+        "`vs peer` = fastest peer time / ours.",
+        "",
+        "| kernel | shape | dtype | ours | reference | peers | vs ref | vs peer | achieved |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (kernel, shape, dtype), g in groups.items():
+        prov = g["providers"]
+        ours_name = next((p for p in OURS if p in prov), None)
+        ours = prov.get(ours_name) if ours_name else None
+        ref = prov.get("reference", g["reference_extra"])
+        peers = {p: t for p, t in prov.items() if p not in OURS and p != "reference"}
+        best_peer = min(peers.values()) if peers else None
+        vs_ref = f"{ref / ours:.2f}x" if ours and ref else "-"
+        vs_peer = f"{best_peer / ours:.2f}x" if ours and best_peer else "-"
+        peer_txt = ", ".join(f"{p} {_fmt_time(t)}" for p, t in peers.items()) or "-"
+        ach = []
+        if "achieved_GBps" in g["extra"]:
+            ach.append(f"{g['extra']['achieved_GBps']:.1f} GB/s")
+        if "achieved_TFLOPs" in g["extra"]:
+            ach.append(f"{g['extra']['achieved_TFLOPs']:.2f} TFLOP/s")
+        lines.append(
+            f"| {kernel} | {shape} | {dtype} | {_fmt_time(ours)} | {_fmt_time(ref)} | {peer_txt} | {vs_ref} | "
+            f"{vs_peer} | {', '.join(ach) or '-'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("json", type=pathlib.Path, help="pytest-benchmark --benchmark-json output")
+    p.add_argument("--out", type=pathlib.Path, default=None, help="markdown file (default bench/results/<device>.md)")
+    args = p.parse_args(argv)
+    groups, meta = load_rows(args.json)
+    if not groups:
+        raise SystemExit(f"{args.json}: no benchmark carries extra_info['kernel']; was it written by bench/?")
+    out = args.out
+    if out is None:
+        slug = re.sub(r"[^a-z0-9]+", "-", str(meta.get("device", "unknown")).lower().split("(")[0]).strip("-")
+        out = pathlib.Path(__file__).parent / "results" / f"{slug}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render(groups, meta))
+    print(out)
+
+
+if __name__ == "__main__":
+    main()

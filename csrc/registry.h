@@ -1,0 +1,5 @@
+// Registration hooks: one per native source file, called from bindings.cpp.
+#pragma once
+#include <pybind11/pybind11.h>
+
+void register_masks(pybind11::module_& m);

@@ -1,0 +1,25 @@
+"""Kernels for self-supervised visual pre-training.
+
+Every op dispatches between a native extension (``kernels._C``), Triton and a pure-PyTorch reference;
+see :mod:`kernels._backend`. Importing this package never imports triton, never loads the extension
+and never initialises CUDA.
+"""
+
+from kernels._backend import (
+    BACKENDS,
+    REGISTRY,
+    NativeUnavailableError,
+    NotSupportedError,
+    forced_backend,
+    use_backend,
+)
+# masking
+
+__all__ = [
+    "BACKENDS",
+    "REGISTRY",
+    "NativeUnavailableError",
+    "NotSupportedError",
+    "forced_backend",
+    "use_backend",
+]

@@ -1,0 +1,78 @@
+"""Shared test harness: --device, seeding, per-dtype tolerances, assert_close, poisoning."""
+
+import os
+import sys
+
+# Triton must see TRITON_INTERPRET before it is first imported; on a CPU run every Triton test uses it.
+if "cuda" not in " ".join(sys.argv):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# atol, rtol against a float64 reference, per input dtype.
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-8),
+    torch.float32: (1e-5, 1e-4),
+    torch.bfloat16: (2e-2, 2e-2),
+    torch.float16: (2e-3, 2e-3),
+}
+
+
+def pytest_addoption(parser):
+    parser.addoption("--device", default="cpu", help="device to run the tests on: cpu (default) or cuda")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--device") != "cuda":
+        skip = pytest.mark.skip(reason="needs --device cuda")
+        for item in items:
+            if "cuda" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def device(request):
+    name = request.config.getoption("--device")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        pytest.skip("--device cuda given but no CUDA device is available")
+    return torch.device(name)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+def tolerance(dtype):
+    return TOLERANCES[dtype]
+
+
+def assert_close(actual, expected, dtype=None, atol=None, rtol=None, name="tensor"):
+    """torch.testing-style closeness with the worst element's index and values in the message."""
+    dtype = dtype or actual.dtype
+    d_atol, d_rtol = TOLERANCES.get(dtype, (0.0, 0.0))
+    atol = d_atol if atol is None else atol
+    rtol = d_rtol if rtol is None else rtol
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    a = actual.detach().to("cpu", torch.float64)
+    e = expected.detach().to("cpu", torch.float64)
+    if not torch.isfinite(a).all() or not torch.isfinite(e).all():
+        bad = (~torch.isfinite(a)) & torch.isfinite(e)
+        assert not bad.any(), f"{name}: non-finite values at {bad.nonzero()[:5].tolist()}"
+    excess = (a - e).abs() - (atol + rtol * e.abs())
+    if (excess > 0).any():
+        idx = tuple(int(i) for i in torch.unravel_index(excess.argmax(), excess.shape))
+        count = int((excess > 0).sum())
+        raise AssertionError(
+            f"{name}: {count}/{a.numel()} elements differ beyond atol={atol}, rtol={rtol}; worst at {idx}: "
+            f"actual={a[idx].item():.6g} expected={e[idx].item():.6g} |diff|={abs(a[idx] - e[idx]).item():.3g}"
+        )
+
+
+def poison(t):
+    """Fill an output buffer with NaN (floats) or a sentinel (ints) so unwritten elements fail."""
+    if t.is_floating_point():
+        return t.fill_(float("nan"))
+    return t.fill_(-(2**30) if t.dtype != torch.bool else True)
