@@ -55,7 +55,7 @@ def render(groups, meta) -> str:
         "",
         f"torch {meta.get('torch')}, triton {meta.get('triton')}, python {meta.get('python')}; run {meta.get('date')}.",
         "Medians from pytest-benchmark. `vs ref` = reference time / ours (higher is better); "
-        "`vs peer` = fastest peer time / ours.",
+        "`vs peer` = fastest peer time / ours. Variants of ours (other thread counts, modes) follow the first time.",
         "",
         "| kernel | shape | dtype | ours | reference | peers | vs ref | vs peer | achieved |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -65,18 +65,20 @@ def render(groups, meta) -> str:
         ours_name = next((p for p in OURS if p in prov), None)
         ours = prov.get(ours_name) if ours_name else None
         ref = prov.get("reference", g["reference_extra"])
-        peers = {p: t for p, t in prov.items() if p not in OURS and p != "reference"}
+        variants = {p: t for p, t in prov.items() if p != ours_name and p.split("-")[0] in OURS}
+        peers = {p: t for p, t in prov.items() if p.split("-")[0] not in OURS and p != "reference"}
         best_peer = min(peers.values()) if peers else None
         vs_ref = f"{ref / ours:.2f}x" if ours and ref else "-"
         vs_peer = f"{best_peer / ours:.2f}x" if ours and best_peer else "-"
         peer_txt = ", ".join(f"{p} {_fmt_time(t)}" for p, t in peers.items()) or "-"
+        ours_txt = ", ".join([_fmt_time(ours)] + [f"{p} {_fmt_time(t)}" for p, t in variants.items()])
         ach = []
         if "achieved_GBps" in g["extra"]:
             ach.append(f"{g['extra']['achieved_GBps']:.1f} GB/s")
         if "achieved_TFLOPs" in g["extra"]:
             ach.append(f"{g['extra']['achieved_TFLOPs']:.2f} TFLOP/s")
         lines.append(
-            f"| {kernel} | {shape} | {dtype} | {_fmt_time(ours)} | {_fmt_time(ref)} | {peer_txt} | {vs_ref} | "
+            f"| {kernel} | {shape} | {dtype} | {ours_txt} | {_fmt_time(ref)} | {peer_txt} | {vs_ref} | "
             f"{vs_peer} | {', '.join(ach) or '-'} |"
         )
     return "\n".join(lines) + "\n"

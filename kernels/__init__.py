@@ -13,7 +13,7 @@ from kernels._backend import (
     forced_backend,
     use_backend,
 )
-# masking
+from kernels.masking import blockwise_masks, random_masks, simmim_masks, spark_masks
 
 __all__ = [
     "BACKENDS",
@@ -22,4 +22,8 @@ __all__ = [
     "NotSupportedError",
     "forced_backend",
     "use_backend",
+    "blockwise_masks",
+    "random_masks",
+    "simmim_masks",
+    "spark_masks",
 ]
