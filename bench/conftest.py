@@ -25,8 +25,30 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config):
+    """Always keep a JSON of the run (pytest-benchmark only writes one when asked), so results tables update."""
+    if getattr(config.option, "benchmark_json", None) is None and hasattr(config.option, "benchmark_json"):
+        path = os.path.join(os.path.dirname(__file__), "results", ".last-run.json")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        config.option.benchmark_json = open(path, "wb")  # noqa: SIM115 - closed by pytest-benchmark
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA device")
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    """Merge this run into bench/results/<device>.json and re-render bench/results/<device>.md."""
+    from bench import report
+
+    groups, meta = report.rows_from_json(output_json)
+    if not groups:
+        return
+    slug = report.device_slug(meta)
+    merged = report.merge_into(report.RESULTS / f"{slug}.json", output_json)
+    groups, meta = report.rows_from_json(merged)
+    (report.RESULTS / f"{slug}.md").write_text(report.render(groups, meta))
 
 
 def pytest_collection_modifyitems(config, items):
@@ -51,7 +73,7 @@ def _versions():
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads={torch.get_num_threads()})"
+    return f"cpu {platform.machine()} {os.cpu_count()} cores (torch threads={torch.get_num_threads()})"
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,10 @@
     pytest bench/ --benchmark-only --benchmark-json=bench/results/raw.json
     python -m bench.report bench/results/raw.json            # writes bench/results/<device>.md
 
+``pytest bench/ --benchmark-only`` does this by itself: bench/conftest.py merges each run into
+``bench/results/<device>.json`` (rows keyed by kernel, shape, dtype, provider) and renders
+``bench/results/<device>.md`` from it, so a partial run updates only its own rows.
+
 Rows are grouped by (kernel, shape, dtype); each provider's median is a column; ratios are given vs
 the ``reference`` provider (or the reference time recorded in extra_info) and vs the fastest peer.
 """
@@ -16,6 +20,7 @@ import pathlib
 import re
 
 OURS = ("ours", "native", "triton", "cpp", "cuda")
+RESULTS = pathlib.Path(__file__).parent / "results"
 
 
 def _fmt_time(s: float | None) -> str:
@@ -29,7 +34,34 @@ def _fmt_time(s: float | None) -> str:
 
 
 def load_rows(path: pathlib.Path):
-    data = json.loads(path.read_text())
+    return rows_from_json(json.loads(path.read_text()))
+
+
+def _key(b) -> tuple:
+    info = b.get("extra_info", {})
+    return (info.get("kernel"), info.get("shape"), info.get("dtype"), info.get("provider"))
+
+
+def merge_into(path: pathlib.Path, data: dict) -> dict:
+    """Merge a run's benchmarks into the per-device JSON at ``path``: rows of this run replace rows with the
+    same (kernel, shape, dtype, provider); rows this run did not touch are kept."""
+    fresh = [b for b in data.get("benchmarks", []) if "kernel" in b.get("extra_info", {})]
+    old = json.loads(path.read_text()) if path.exists() else {"benchmarks": []}
+    keys = {_key(b) for b in fresh}
+    merged = dict(data)
+    merged["benchmarks"] = [b for b in old["benchmarks"] if _key(b) not in keys] + fresh
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(merged, indent=1))
+    tmp.replace(path)
+    return merged
+
+
+def device_slug(meta: dict) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", str(meta.get("device", "unknown")).lower().split("(")[0]).strip("-")
+
+
+def rows_from_json(data: dict):
     groups: dict[tuple, dict] = collections.OrderedDict()
     meta = {}
     for b in data["benchmarks"]:
@@ -94,8 +126,7 @@ def main(argv=None):
         raise SystemExit(f"{args.json}: no benchmark carries extra_info['kernel']; was it written by bench/?")
     out = args.out
     if out is None:
-        slug = re.sub(r"[^a-z0-9]+", "-", str(meta.get("device", "unknown")).lower().split("(")[0]).strip("-")
-        out = pathlib.Path(__file__).parent / "results" / f"{slug}.md"
+        out = RESULTS / f"{device_slug(meta)}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(render(groups, meta))
     print(out)

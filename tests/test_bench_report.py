@@ -1,0 +1,46 @@
+"""The bench report turns pytest-benchmark JSON into a markdown table and merges runs per device."""
+
+import json
+
+from bench import report
+
+
+def _bench(kernel, provider, median, shape="S", dtype="float32", **extra):
+    info = dict(kernel=kernel, provider=provider, shape=shape, dtype=dtype, device="cpu x86_64 2 cores",
+                torch="2.13", triton="3.6", python="3.11", **extra)
+    return {"stats": {"median": median}, "extra_info": info}
+
+
+def test_render_ratios_and_variants():
+    data = {"datetime": "today", "benchmarks": [
+        _bench("op", "native", 1e-3, bytes_moved=2e6, achieved_GBps=2.0),
+        _bench("op", "native-all-threads", 5e-4),
+        _bench("op", "reference", 4e-3),
+        _bench("op", "faiss", 2e-3),
+        {"stats": {"median": 1.0}, "extra_info": {}},  # not from bench/: ignored
+    ]}
+    groups, meta = report.rows_from_json(data)
+    text = report.render(groups, meta)
+    row = [line for line in text.splitlines() if line.startswith("| op ")]
+    assert len(row) == 1
+    cells = [c.strip() for c in row[0].strip("|").split("|")]
+    assert cells[3] == "1.00 ms, native-all-threads 500.0 us"
+    assert cells[4] == "4.00 ms" and cells[5] == "faiss 2.00 ms"
+    assert cells[6] == "4.00x" and cells[7] == "2.00x" and cells[8] == "2.0 GB/s"
+
+
+def test_merge_keeps_untouched_rows(tmp_path):
+    path = tmp_path / "dev.json"
+    report.merge_into(path, {"benchmarks": [_bench("a", "native", 1.0), _bench("b", "native", 2.0)]})
+    merged = report.merge_into(path, {"benchmarks": [_bench("a", "native", 3.0)]})
+    medians = {b["extra_info"]["kernel"]: b["stats"]["median"] for b in merged["benchmarks"]}
+    assert medians == {"a": 3.0, "b": 2.0}
+    assert json.loads(path.read_text()) == merged
+
+
+def test_cli_writes_markdown(tmp_path):
+    raw = tmp_path / "raw.json"
+    raw.write_text(json.dumps({"benchmarks": [_bench("op", "native", 1e-3), _bench("op", "reference", 2e-3)]}))
+    out = tmp_path / "out.md"
+    report.main([str(raw), "--out", str(out)])
+    assert "| op | S | float32 | 1.00 ms | 2.00 ms | - | 2.00x |" in out.read_text()
