@@ -14,6 +14,13 @@ from kernels._backend import (
     use_backend,
 )
 from kernels.masking import blockwise_masks, random_masks, simmim_masks, spark_masks
+from kernels.masked import (
+    MaskedLMHead,
+    MaskedTokenEmbedding,
+    gather_masked,
+    masked_cross_entropy,
+    masked_token_scatter,
+)
 
 __all__ = [
     "BACKENDS",
@@ -26,4 +33,9 @@ __all__ = [
     "random_masks",
     "simmim_masks",
     "spark_masks",
+    "masked_token_scatter",
+    "gather_masked",
+    "masked_cross_entropy",
+    "MaskedTokenEmbedding",
+    "MaskedLMHead",
 ]

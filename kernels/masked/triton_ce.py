@@ -1,0 +1,184 @@
+"""Chunked linear cross-entropy: cuBLAS GEMMs per chunk of rows + a Triton kernel for the softmax part.
+
+For each chunk of c rows (c*V logits live at a time, never [M, V]):
+    z      = h_c W^T + b                                   torch.addmm, compute dtype (e.g. bf16)
+    kernel (one program per row i, fp32 math, V walked in BLOCK_V slices; one pass if V <= BLOCK_V):
+           m_i = max_j z_ij,  lse_i = m_i + log sum_j exp(z_ij - m_i)
+           loss_i = valid_i ? lse_i - z_i[t_i] : 0      (NaN if t_i is outside [0, V) and not ignored)
+           hit_i  = valid_i and argmax_j z_ij == t_i   (first index among ties, like torch.argmax)
+           z_ij  <- valid_i ? exp(z_ij - lse_i) - [j == t_i] : 0        (written in place)
+    grad_h_c = dz W;   grad_W += dz^T h_c (fp32 accumulator);   grad_b += sum_i dz_i (fp32)
+The 1/n_valid factor is not folded into dz (it would underflow fp16); the caller applies
+grad_output / max(n_valid, 1) to the three gradients in the backward.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+def _alloc(shape, dtype, device):
+    """Every output buffer comes from here (tests swap it for a NaN-poisoning allocator)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+@triton.jit
+def _masked_ce_fwd_kernel(
+    z_ptr,
+    t_ptr,
+    loss_ptr,
+    hit_ptr,
+    stride_z,
+    ignore_index,
+    V: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    """Per row: online log-sum-exp and argmax over V, loss, hit, and dz = softmax - onehot in place."""
+    row = tl.program_id(0).to(tl.int64)
+    base = z_ptr + row * stride_z
+    t = tl.load(t_ptr + row)
+    valid = t != ignore_index
+    in_range = (t >= 0) & (t < V)
+    cols0 = tl.arange(0, BLOCK_V)
+    if V <= BLOCK_V:
+        z = tl.load(base + cols0, mask=cols0 < V, other=float("-inf")).to(ACC)
+        m = tl.max(z, axis=0)
+        lse = m + tl.log(tl.sum(tl.exp(z - m), axis=0))
+        best = tl.argmax(z, axis=0, tie_break_left=True)
+    else:
+        m = tl.max(tl.full((BLOCK_V,), float("-inf"), ACC), axis=0)
+        s = tl.sum(tl.zeros((BLOCK_V,), ACC), axis=0)
+        best_val = m
+        best = tl.program_id(0) * 0
+        for v0 in range(0, V, BLOCK_V):
+            cols = v0 + cols0
+            z = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(ACC)
+            bm = tl.max(z, axis=0)
+            bi = tl.argmax(z, axis=0, tie_break_left=True) + v0
+            better = bm > best_val
+            best = tl.where(better, bi, best)
+            best_val = tl.where(better, bm, best_val)
+            new_m = tl.maximum(m, bm)
+            s = s * tl.exp(m - new_m) + tl.sum(tl.exp(z - new_m), axis=0)
+            m = new_m
+        lse = m + tl.log(s)
+    zt = tl.load(base + t, mask=valid & in_range, other=0.0).to(ACC)
+    loss = tl.where(valid, tl.where(in_range, lse - zt, float("nan")), 0.0)
+    tl.store(loss_ptr + row, loss.to(loss_ptr.dtype.element_ty))
+    tl.store(hit_ptr + row, (valid & (best == t)).to(tl.int32))
+    if WRITE_GRAD:
+        keep = valid.to(ACC)
+        if V <= BLOCK_V:
+            dz = (tl.exp(z - lse) - (cols0 == t).to(ACC)) * keep
+            tl.store(base + cols0, dz.to(z_ptr.dtype.element_ty), mask=cols0 < V)
+        else:
+            for v0 in range(0, V, BLOCK_V):
+                cols = v0 + cols0
+                z = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(ACC)
+                dz = (tl.exp(z - lse) - (cols == t).to(ACC)) * keep
+                tl.store(base + cols, dz.to(z_ptr.dtype.element_ty), mask=cols < V)
+
+
+MAX_SINGLE_PASS_V = 16384  # rows up to this many logits are kept in registers (one read)
+MULTI_PASS_BLOCK_V = 4096
+_OUT_DTYPE_MM = None  # whether torch.addmm(..., out_dtype=fp32) works here (CUDA, recent torch)
+
+
+def _acc_dtype(dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _accumulate_mm(acc, a, b):
+    """acc (fp32/fp64) + a @ b with a, b in the compute dtype; fp32 accumulate in cuBLAS when available."""
+    global _OUT_DTYPE_MM
+    if a.dtype == acc.dtype:
+        return acc.addmm_(a, b)
+    if a.is_cuda and _OUT_DTYPE_MM is not False:
+        try:
+            res = torch.addmm(acc, a, b, out_dtype=acc.dtype)
+            _OUT_DTYPE_MM = True
+            return res
+        except (RuntimeError, TypeError, NotImplementedError):
+            _OUT_DTYPE_MM = False
+    return acc.add_(torch.mm(a, b))
+
+
+def default_chunk_rows(M, V, budget_elems=1 << 25):
+    """Rows per chunk: about ``budget_elems`` logits (64 MiB in bf16), balanced, a multiple of 64."""
+    cap = max(64, (budget_elems // max(V, 1)) // 64 * 64)
+    if M <= cap:
+        return max(M, 1)
+    n_chunks = triton.cdiv(M, cap)
+    return triton.cdiv(triton.cdiv(M, n_chunks), 64) * 64
+
+
+def linear_cross_entropy_forward(
+    h,
+    weight,
+    bias,
+    targets,
+    ignore_index=-100,
+    dtype=None,
+    chunk_rows=None,
+    need_h=True,
+    need_w=True,
+    need_b=True,
+):
+    """Returns (loss, accuracy, grad_h*, grad_w*, grad_b*, 1/max(n_valid, 1)); grads are unscaled.
+
+    loss = sum loss_i / max(n_valid, 1), accuracy = sum hit_i / max(n_valid, 1): 0-dim fp32 tensors
+    (fp64 when computing in fp64).
+    grad_h in h.dtype, grad_w / grad_b in fp32 (fp64 for fp64 compute); None where not needed.
+    """
+    M, D = h.shape
+    V = weight.shape[0]
+    dev = h.device
+    dtype = dtype or torch.promote_types(h.dtype, weight.dtype)
+    acc_t = torch.float64 if dtype == torch.float64 else torch.float32
+    need_b = need_b and bias is not None
+    write_grad = need_h or need_w or need_b
+    w = weight.to(dtype)
+    b = bias.to(dtype) if bias is not None else None
+    valid = targets != ignore_index
+    n_valid = valid.sum().to(acc_t).clamp_min(1.0)
+    loss_rows = _alloc((M,), acc_t, dev)
+    hits = _alloc((M,), torch.int32, dev)
+    gh = _alloc((M, D), h.dtype, dev) if need_h else None
+    gw = torch.zeros((V, D), dtype=acc_t, device=dev) if need_w else None
+    gb = torch.zeros(V, dtype=acc_t, device=dev) if need_b else None
+    c = int(chunk_rows) if chunk_rows else default_chunk_rows(M, V)
+    BLOCK_V = triton.next_power_of_2(V) if V <= MAX_SINGLE_PASS_V else MULTI_PASS_BLOCK_V
+    num_warps = 8 if BLOCK_V >= 2048 else 4
+    for s in range(0, M, c):
+        e = min(s + c, M)
+        hc = h[s:e].to(dtype)
+        z = torch.addmm(b, hc, w.t()) if b is not None else torch.mm(hc, w.t())
+        _masked_ce_fwd_kernel[(e - s,)](
+            z,
+            targets[s:e],
+            loss_rows[s:e],
+            hits[s:e],
+            z.stride(0),
+            ignore_index,
+            V=V,
+            WRITE_GRAD=write_grad,
+            ACC=_acc_dtype(dtype),
+            BLOCK_V=BLOCK_V,
+            num_warps=num_warps,
+        )
+        if need_h:
+            if gh.dtype == dtype:
+                torch.mm(z, w, out=gh[s:e])
+            else:
+                gh[s:e] = torch.mm(z, w)
+        if need_w:
+            gw = _accumulate_mm(gw, z.t(), hc)
+        if need_b:
+            gb += z.sum(dim=0, dtype=acc_t)
+    loss = loss_rows.sum(dtype=acc_t) / n_valid
+    acc = hits.sum().to(acc_t) / n_valid
+    return loss, acc, gh, gw, gb, 1.0 / n_valid

@@ -1,0 +1,303 @@
+"""Triton kernels for masked_token_scatter (imported lazily by the triton backend only).
+
+Forward, one launch over (output-row tiles, D tiles):
+    out[b, r, :] = v + pos[r - S]          v = cls_token          if C and r == 0
+                                             mask_token         if mask[b, r - C]
+                                             x[b, r - C, :]     otherwise
+x is not read at masked rows. All arithmetic in fp32 (fp64 for fp64), one rounding to x.dtype.
+
+Backward, one launch over (N_out tiles, D tiles, batch splits); each program loops over its batch slice:
+    grad_x[b, n]        = mask[b, n] ? 0 : g[b, n + C]                     (written directly)
+    colsum[s, r]        = sum_{b in split s} g[b, r]                       (fp32 partials [SPLIT, N_out, D])
+    tokpart[s, t]       = sum_{b in split s, n in tile t, mask[b,n]} g[b, n + C]   (fp32 [SPLIT, tiles, D])
+then a tiny torch reduction: grad_pos = colsum.sum(0)[S:], grad_cls = colsum.sum(0)[0],
+grad_mask_token = tokpart.sum((0, 1)). The per-split batch count is a constexpr loop bound (one compile per
+batch size; also keeps the loop runnable under the interpreter, whose runtime scalars are 1-element arrays).
+No atomics, so the result is deterministic; the batch is split only so that enough programs are in flight
+on a GPU (the partial buffers are O(SPLIT * N_out * D) fp32, ~3% of the gradient traffic at BEiT shapes).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+def _alloc(shape, dtype, device):
+    """Every output buffer comes from here (tests swap it for a NaN-poisoning allocator)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _acc_dtype(dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+@triton.jit
+def _masked_token_scatter_fwd_kernel(
+    x_ptr,
+    mask_ptr,
+    tok_ptr,
+    pos_ptr,
+    cls_ptr,
+    out_ptr,
+    total_rows,
+    N,
+    D,
+    N_out,
+    SHIFT,
+    sxb,
+    sxn,
+    sxd,
+    smb,
+    smn,
+    spn,
+    spd,
+    stok,
+    scls,
+    HAS_POS: tl.constexpr,
+    HAS_CLS: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """out[b, r] = (r < C ? cls : mask[b, r-C] ? tok : x[b, r-C]) + (pos[r-S] if r >= S), rows flattened."""
+    rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    rmask = rows < total_rows
+    cmask = cols < D
+    b = rows // N_out
+    r = rows % N_out
+    if HAS_CLS:
+        n = r - 1
+    else:
+        n = r
+    is_patch = rmask & (n >= 0)
+    m = tl.load(mask_ptr + b * smb + n * smn, mask=is_patch, other=0) != 0
+    take_x = is_patch & (m == 0)
+    xv = tl.load(
+        x_ptr + b[:, None] * sxb + n[:, None] * sxn + cols[None, :] * sxd,
+        mask=take_x[:, None] & cmask[None, :],
+        other=0.0,
+    ).to(ACC)
+    tok = tl.load(tok_ptr + cols * stok, mask=cmask, other=0.0).to(ACC)
+    val = tl.where(m[:, None], tok[None, :], xv)
+    if HAS_CLS:
+        cls = tl.load(cls_ptr + cols * scls, mask=cmask, other=0.0).to(ACC)
+        val = tl.where((r == 0)[:, None], cls[None, :], val)
+    if HAS_POS:
+        p = r - SHIFT
+        pv = tl.load(
+            pos_ptr + p[:, None] * spn + cols[None, :] * spd,
+            mask=(rmask & (p >= 0))[:, None] & cmask[None, :],
+            other=0.0,
+        ).to(ACC)
+        val = val + pv
+    tl.store(
+        out_ptr + rows[:, None] * D + cols[None, :],
+        val.to(out_ptr.dtype.element_ty),
+        mask=rmask[:, None] & cmask[None, :],
+    )
+
+
+@triton.jit
+def _masked_token_scatter_bwd_kernel(
+    g_ptr,
+    mask_ptr,
+    gx_ptr,
+    colsum_ptr,
+    tokpart_ptr,
+    B,
+    N,
+    D,
+    N_out,
+    sgb,
+    sgn,
+    sgd,
+    smb,
+    smn,
+    B_PER_SPLIT: tl.constexpr,
+    HAS_CLS: tl.constexpr,
+    NEED_X: tl.constexpr,
+    NEED_TOK: tl.constexpr,
+    NEED_COLSUM: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """grad_x = g*~mask; per-split fp32 partials of sum_b g (colsum) and of sum over masked rows (tokpart)."""
+    pid_n = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    r = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    rmask = r < N_out
+    cmask = cols < D
+    if HAS_CLS:
+        n = r - 1
+    else:
+        n = r
+    is_patch = rmask & (n >= 0)
+    tile_mask = rmask[:, None] & cmask[None, :]
+    acc_col = tl.zeros((BLOCK_N, BLOCK_D), dtype=ACC)
+    acc_tok = tl.zeros((BLOCK_N, BLOCK_D), dtype=ACC)
+    b_start = pid_s * B_PER_SPLIT
+    for i in range(B_PER_SPLIT):
+        b64 = (b_start + i).to(tl.int64)
+        in_b = b64 < B
+        g = tl.load(
+            g_ptr + b64 * sgb + r[:, None] * sgn + cols[None, :] * sgd, mask=tile_mask & in_b, other=0.0
+        ).to(ACC)
+        m = tl.load(mask_ptr + b64 * smb + n * smn, mask=is_patch & in_b, other=0) != 0
+        if NEED_COLSUM:
+            acc_col += g
+        if NEED_TOK:
+            acc_tok += tl.where(m[:, None], g, 0.0)
+        if NEED_X:
+            gx = tl.where(m[:, None], 0.0, g)
+            tl.store(
+                gx_ptr + (b64 * N + n[:, None]) * D + cols[None, :],
+                gx.to(gx_ptr.dtype.element_ty),
+                mask=(is_patch & in_b)[:, None] & cmask[None, :],
+            )
+    if NEED_COLSUM:
+        tl.store(colsum_ptr + (pid_s * N_out + r[:, None]) * D + cols[None, :], acc_col, mask=tile_mask)
+    if NEED_TOK:
+        tok = tl.sum(acc_tok, axis=0)
+        tl.store(tokpart_ptr + (pid_s * tl.num_programs(0) + pid_n) * D + cols, tok, mask=cmask)
+
+
+def _fwd_blocks(D):
+    return 16, min(triton.next_power_of_2(D), 256)
+
+
+def _bwd_blocks(D):
+    return 16, min(triton.next_power_of_2(D), 128)
+
+
+def _num_splits(B, tiles, device, split=None):
+    if split is not None:
+        return max(1, min(int(split), B))
+    if device.type == "cuda":
+        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        target = 2 * tiles  # interpreter: exercise the split path cheaply
+    return max(1, min(B, triton.cdiv(target, tiles)))
+
+
+def masked_token_scatter_forward(x, mask, mask_token, pos_embed=None, cls_token=None):
+    """Launch the forward kernel. mask_token/cls_token [D], pos_embed [P, D] with P in (N, N + C)."""
+    B, N, D = x.shape
+    C = 1 if cls_token is not None else 0
+    N_out = N + C
+    out = _alloc((B, N_out, D), x.dtype, x.device)
+    if out.numel() == 0:
+        return out
+    m8 = mask.view(torch.uint8)
+    shift = N_out - pos_embed.shape[0] if pos_embed is not None else 0
+    pos = pos_embed if pos_embed is not None else mask_token
+    cls = cls_token if cls_token is not None else mask_token
+    BLOCK_R, BLOCK_D = _fwd_blocks(D)
+    grid = (triton.cdiv(B * N_out, BLOCK_R), triton.cdiv(D, BLOCK_D))
+    spn, spd = (pos_embed.stride(0), pos_embed.stride(1)) if pos_embed is not None else (0, 0)
+    _masked_token_scatter_fwd_kernel[grid](
+        x,
+        m8,
+        mask_token,
+        pos,
+        cls,
+        out,
+        B * N_out,
+        N,
+        D,
+        N_out,
+        shift,
+        x.stride(0),
+        x.stride(1),
+        x.stride(2),
+        m8.stride(0),
+        m8.stride(1),
+        spn,
+        spd,
+        mask_token.stride(0),
+        cls.stride(0),
+        HAS_POS=pos_embed is not None,
+        HAS_CLS=bool(C),
+        ACC=_acc_dtype(x.dtype),
+        BLOCK_R=BLOCK_R,
+        BLOCK_D=BLOCK_D,
+        num_warps=4,
+    )
+    return out
+
+
+def masked_token_scatter_backward(
+    grad_out, mask, pos_rows, has_cls, need_x=True, need_tok=True, need_pos=True, need_cls=True, split=None
+):
+    """Launch the backward kernel; returns (grad_x, grad_mask_token, grad_pos, grad_cls).
+
+    grad_x is in grad_out's dtype; the parameter grads are fp32 (fp64 for fp64; the caller casts).
+    Entries not needed are None.
+    """
+    B, N_out, D = grad_out.shape
+    C = 1 if has_cls else 0
+    N = N_out - C
+    need_pos = need_pos and pos_rows is not None
+    need_cls = need_cls and has_cls
+    need_col = need_pos or need_cls
+    dev = grad_out.device
+    gx = _alloc((B, N, D), grad_out.dtype, dev) if need_x else None
+    if not (need_x or need_tok or need_col):
+        return None, None, None, None
+    if B == 0 or D == 0 or N_out == 0:
+        z = torch.zeros(D, dtype=torch.float32, device=dev)
+        return (
+            gx,
+            z if need_tok else None,
+            torch.zeros(pos_rows or 0, D, dtype=torch.float32, device=dev) if need_pos else None,
+            z if need_cls else None,
+        )
+    BLOCK_N, BLOCK_D = _bwd_blocks(D)
+    tiles_n, tiles_d = triton.cdiv(N_out, BLOCK_N), triton.cdiv(D, BLOCK_D)
+    splits = _num_splits(B, tiles_n * tiles_d, dev, split)
+    per = triton.cdiv(B, splits)
+    splits = triton.cdiv(B, per)
+    part = torch.float64 if grad_out.dtype == torch.float64 else torch.float32
+    colsum = _alloc((splits, N_out, D), part, dev) if need_col else None
+    tokpart = _alloc((splits, tiles_n, D), part, dev) if need_tok else None
+    m8 = mask.view(torch.uint8)
+    dummy = grad_out if gx is None else gx
+    _masked_token_scatter_bwd_kernel[(tiles_n, tiles_d, splits)](
+        grad_out,
+        m8,
+        dummy,
+        colsum if colsum is not None else torch.empty(1, device=dev),
+        tokpart if tokpart is not None else torch.empty(1, device=dev),
+        B,
+        N,
+        D,
+        N_out,
+        grad_out.stride(0),
+        grad_out.stride(1),
+        grad_out.stride(2),
+        m8.stride(0),
+        m8.stride(1),
+        B_PER_SPLIT=per,
+        HAS_CLS=bool(C),
+        NEED_X=need_x,
+        NEED_TOK=need_tok,
+        NEED_COLSUM=need_col,
+        ACC=_acc_dtype(grad_out.dtype),
+        BLOCK_N=BLOCK_N,
+        BLOCK_D=BLOCK_D,
+        num_warps=4,
+    )
+    gtok = tokpart.sum(dim=(0, 1)) if need_tok else None
+    gpos = gcls = None
+    if need_col:
+        col = colsum.sum(dim=0) if splits > 1 else colsum[0]
+        if need_pos:
+            gpos = col[N_out - pos_rows :]
+        if need_cls:
+            gcls = col[0]
+    return gx, gtok, gpos, gcls

@@ -1,0 +1,593 @@
+"""masked_token_scatter, gather_masked, masked_cross_entropy: Triton (interpreter on CPU) vs fp64 oracle."""
+
+import pytest
+import torch
+from conftest import TOLERANCES, assert_close, poison
+
+import kernels
+from kernels.masked import triton_ce, triton_gather, triton_scatter
+from kernels.masked.reference import (
+    gather_masked_reference,
+    masked_cross_entropy_reference,
+    masked_token_scatter_reference,
+)
+
+pytestmark = pytest.mark.interpreter
+
+FLOATS = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.fixture(autouse=True)
+def _poison_outputs(monkeypatch):
+    """Every buffer the Triton launchers allocate starts NaN (or a sentinel), so unwritten elements fail."""
+
+    def alloc(shape, dtype, device):
+        return poison(torch.empty(shape, dtype=dtype, device=device))
+
+    for mod in ("triton_scatter", "triton_gather", "triton_ce"):
+        monkeypatch.setattr(f"kernels.masked.{mod}._alloc", alloc)
+
+
+def triton_backend():
+    return kernels.use_backend("triton")
+
+
+def fixed_mask(B, N, k, device):
+    return torch.stack([torch.randperm(N, device=device) < k for _ in range(B)])
+
+
+def f64(t):
+    return None if t is None else t.detach().double().requires_grad_(t.requires_grad)
+
+
+def grads(out, inputs, g):
+    live = [t for t in inputs if t is not None]
+    got = torch.autograd.grad(out, live, g)
+    it = iter(got)
+    return [None if t is None else next(it) for t in inputs]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# masked_token_scatter
+
+
+def make_scatter_inputs(B, N, D, dtype, device, cls, pos_rows, mask_kind="random", noncontig=False):
+    if noncontig:
+        x = torch.randn(N, B, 2 * D, dtype=dtype, device=device).transpose(0, 1)[:, :, ::2]
+        assert not x.is_contiguous()
+    else:
+        x = torch.randn(B, N, D, dtype=dtype, device=device)
+    x.requires_grad_(True)
+    mask = torch.rand(B, N, device=device) < 0.4
+    if mask_kind == "rows":  # one row fully masked, one row with nothing masked
+        mask[0] = True
+        mask[-1] = False
+    params = {
+        "mask_token": torch.randn(D, dtype=dtype, device=device, requires_grad=True),
+        "cls_token": torch.randn(D, dtype=dtype, device=device, requires_grad=True) if cls else None,
+        "pos_embed": torch.randn(pos_rows, D, dtype=dtype, device=device, requires_grad=True)
+        if pos_rows
+        else None,
+    }
+    return x, mask, params
+
+
+def check_scatter(B, N, D, dtype, device, cls, pos_rows, **kw):
+    x, mask, p = make_scatter_inputs(B, N, D, dtype, device, cls, pos_rows, **kw)
+    inputs = [x, p["mask_token"], p["pos_embed"], p["cls_token"]]
+    with triton_backend():
+        out = kernels.masked_token_scatter(x, mask, p["mask_token"], p["pos_embed"], p["cls_token"])
+    ref_in = [f64(t) for t in inputs]
+    ref = masked_token_scatter_reference(ref_in[0], mask, ref_in[1], ref_in[2], ref_in[3])
+    assert out.dtype == dtype and out.shape == (B, N + int(cls), D)
+    assert_close(out, ref, dtype=dtype, name="out")
+    g = torch.randn_like(out)
+    got = grads(out, inputs, g)
+    want = grads(ref, ref_in, g.double())
+    for name, a, e, t in zip(
+        ("grad_x", "grad_mask_token", "grad_pos_embed", "grad_cls_token"), got, want, inputs
+    ):
+        if t is None:
+            continue
+        assert a.dtype == t.dtype
+        # parameter grads are sums over up to B*N rows of rounded grads: scale atol with the count
+        atol = TOLERANCES[dtype][0] * (1 if name == "grad_x" else B * N)
+        assert_close(a, e, dtype=dtype, atol=atol, name=name)
+
+
+@pytest.mark.parametrize(
+    "cls,pos_rows_delta",
+    [(False, None), (True, None), (False, 0), (True, 0), (True, 1)],
+    ids=["plain", "cls", "pos", "cls+pos_patches", "cls+pos_all"],
+)
+@pytest.mark.parametrize("N,D", [(13, 100), (50, 37)])
+def test_scatter_fp64_matches_reference(device, N, D, cls, pos_rows_delta):
+    pos_rows = None if pos_rows_delta is None else N + pos_rows_delta
+    check_scatter(3, N, D, torch.float64, device, cls, pos_rows)
+
+
+def test_scatter_vit_shape_small_batch(device):
+    check_scatter(2, 197, 384, torch.float32, device, cls=True, pos_rows=198)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_scatter_dtypes_noncontiguous_and_full_rows(device, dtype):
+    check_scatter(3, 13, 100, dtype, device, cls=True, pos_rows=14, mask_kind="rows", noncontig=True)
+
+
+def test_scatter_split_counts_agree(device):
+    """The batch-split partial buffers (any split count) give the same parameter grads."""
+    B, N, D = 5, 13, 40
+    g = torch.randn(B, N + 1, D, dtype=torch.float64, device=device)
+    mask = torch.rand(B, N, device=device) < 0.5
+    outs = [triton_scatter.masked_token_scatter_backward(g, mask, N + 1, True, split=s) for s in (1, 2, 5)]
+    for other in outs[1:]:
+        for a, b in zip(outs[0], other):
+            assert_close(a, b, name="split")
+    assert_close(outs[0][2], g.sum(0), name="grad_pos")
+
+
+def test_scatter_mixed_param_dtype(device):
+    """bf16 activations with fp32 parameters (autocast-style): output bf16, parameter grads fp32."""
+    x = torch.randn(2, 13, 24, dtype=torch.bfloat16, device=device, requires_grad=True)
+    tok = torch.randn(24, device=device, requires_grad=True)
+    pos = torch.randn(1, 14, 24, device=device, requires_grad=True)
+    cls = torch.randn(1, 1, 24, device=device, requires_grad=True)
+    mask = torch.rand(2, 13, device=device) < 0.5
+    with triton_backend():
+        out = kernels.masked_token_scatter(x, mask, tok, pos, cls)
+    ref = masked_token_scatter_reference(f64(x), mask, f64(tok), f64(pos), f64(cls).view(24))
+    assert out.dtype == torch.bfloat16
+    assert_close(out, ref, dtype=torch.bfloat16, name="out")
+    out.float().sum().backward()
+    assert tok.grad.dtype == torch.float32 and pos.grad.shape == (1, 14, 24) and cls.grad.shape == (1, 1, 24)
+    assert_close(tok.grad, mask.sum().double().expand(24), name="grad_mask_token")
+
+
+def test_scatter_module(device):
+    emb = kernels.MaskedTokenEmbedding(13, 64, cls_token=True, pos_embed=True).to(device)
+    assert emb.pos_embed.shape == (14, 64) and emb.cls_token.shape == (64,)
+    big = kernels.MaskedTokenEmbedding(196, 768, pos_embed=True)
+    assert abs(big.pos_embed.std().item() - 0.02) < 0.003 and big.pos_embed.abs().max() <= 0.04 + 1e-6
+    x = torch.randn(2, 13, 64, device=device)
+    mask = torch.rand(2, 13, device=device) < 0.5
+    with triton_backend():
+        out = emb(x, mask)
+    ref = masked_token_scatter_reference(x, mask, emb.mask_token, emb.pos_embed, emb.cls_token)
+    assert_close(out, ref, name="module out")
+    assert kernels.MaskedTokenEmbedding(13, 8, cls_token=False).cls_token is None
+
+
+def test_scatter_reference_is_the_definition(device):
+    """The oracle itself against an explicit per-row loop."""
+    B, N, D = 2, 5, 3
+    x = torch.randn(B, N, D, dtype=torch.float64, device=device)
+    mask = torch.rand(B, N, device=device) < 0.5
+    tok, cls = (
+        torch.randn(D, dtype=torch.float64, device=device),
+        torch.randn(D, dtype=torch.float64, device=device),
+    )
+    for pos in (
+        torch.randn(N, D, dtype=torch.float64, device=device),
+        torch.randn(N + 1, D, dtype=torch.float64, device=device),
+    ):
+        out = masked_token_scatter_reference(x, mask, tok, pos, cls)
+        shift = 1 if pos.shape[0] == N else 0
+        for b in range(B):
+            want0 = cls + (pos[0] if shift == 0 else 0)
+            assert torch.allclose(out[b, 0], want0)
+            for n in range(N):
+                v = tok if mask[b, n] else x[b, n]
+                assert torch.allclose(out[b, n + 1], v + pos[n + 1 - shift])
+
+
+def test_cpu_default_is_reference(device):
+    if device.type != "cpu":
+        pytest.skip("CPU dispatch check")
+    x = torch.randn(2, 5, 8)
+    mask = torch.zeros(2, 5, dtype=torch.bool)
+    assert kernels.REGISTRY["masked_token_scatter"].select(x, mask, torch.zeros(8)).backend == "reference"
+    assert kernels.REGISTRY["gather_masked"].select(x, mask, 0).backend == "reference"
+    with triton_backend():
+        assert kernels.REGISTRY["gather_masked"].select(x, mask, 0).backend == "triton"
+
+
+def test_scatter_bad_inputs(device):
+    x = torch.randn(2, 5, 8, device=device)
+    mask = torch.zeros(2, 5, dtype=torch.bool, device=device)
+    tok = torch.zeros(8, device=device)
+    with pytest.raises(ValueError, match="mask: expected shape"):
+        kernels.masked_token_scatter(x, mask[:, :4], tok)
+    with pytest.raises(TypeError, match="mask: expected dtype bool"):
+        kernels.masked_token_scatter(x, mask.float(), tok)
+    with pytest.raises(ValueError, match=r"mask_token: expected shape \(8,\)"):
+        kernels.masked_token_scatter(x, mask, torch.zeros(7, device=device))
+    with pytest.raises(ValueError, match="x: expected 3-D"):
+        kernels.masked_token_scatter(x[0], mask, tok)
+    with pytest.raises(TypeError, match="x: expected dtype"):
+        kernels.masked_token_scatter(x.long(), mask, tok)
+    with pytest.raises(ValueError, match="pos_embed: .*N\\+1 rows need cls_token"):
+        kernels.masked_token_scatter(x, mask, tok, pos_embed=torch.zeros(6, 8, device=device))
+    with pytest.raises(ValueError, match="pos_embed: expected shape"):
+        kernels.masked_token_scatter(x, mask, tok, pos_embed=torch.zeros(5, 9, device=device))
+    with pytest.raises(ValueError, match="cls_token: expected shape"):
+        kernels.masked_token_scatter(x, mask, tok, cls_token=torch.zeros(9, device=device))
+    with pytest.raises(ValueError, match="one device.*mask_token on meta"):
+        kernels.masked_token_scatter(x, mask, torch.zeros(8, device="meta"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# gather_masked
+
+
+def check_gather(B, N, D, k, dtype, device, noncontig=False, variable=False):
+    base = torch.randn(B, N + 1, D, dtype=dtype, device=device)
+    h = (base[:, 1:] if noncontig else base[:, :N].contiguous()).requires_grad_(True)
+    mask = torch.rand(B, N, device=device) < 0.4 if variable else fixed_mask(B, N, k, device)
+    with triton_backend():
+        out = kernels.gather_masked(h, mask, None if variable else k)
+    hh = f64(h)
+    ref = gather_masked_reference(hh, mask, None if variable else k)
+    assert out.shape == ref.shape and out.dtype == dtype
+    assert_close(out, ref, dtype=dtype, atol=0, rtol=0, name="gather")
+    g = torch.randn_like(out)
+    (got,) = torch.autograd.grad(out, h, g)
+    (want,) = torch.autograd.grad(ref, hh, g.double())
+    assert_close(got, want, dtype=dtype, atol=0, rtol=0, name="grad_h")
+
+
+@pytest.mark.parametrize("N,D,k", [(13, 100, 5), (50, 37, 20), (197, 24, 75)])
+def test_gather_fp64_matches_reference(device, N, D, k):
+    check_gather(3, N, D, k, torch.float64, device, noncontig=True)
+
+
+@pytest.mark.parametrize("k", [0, 13], ids=["none_masked", "all_masked"])
+def test_gather_empty_and_full(device, k):
+    check_gather(2, 13, 40, k, torch.float32, device)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_gather_dtypes(device, dtype):
+    check_gather(2, 50, 100, 17, dtype, device, noncontig=True)
+
+
+def test_gather_wide_d(device):
+    check_gather(2, 13, 384, 6, torch.float32, device)
+
+
+def test_gather_variable_counts(device):
+    check_gather(4, 50, 33, None, torch.float32, device, noncontig=True, variable=True)
+    # uniform counts detected without num_masked take the fixed path
+    h = torch.randn(3, 13, 8, device=device)
+    mask = fixed_mask(3, 13, 4, device)
+    with triton_backend():
+        assert_close(kernels.gather_masked(h, mask), h[mask], atol=0, rtol=0, name="detected k")
+
+
+def test_gather_count_mismatch(device, monkeypatch):
+    h = torch.randn(2, 13, 8, device=device)
+    mask = torch.zeros(2, 13, dtype=torch.bool, device=device)
+    mask[0, :6] = True
+    mask[1, 2:5] = True
+    if device.type != "cpu":  # on CUDA the count check costs a sync, so it runs only in debug mode
+        monkeypatch.setenv("KERNELS_DEBUG", "1")
+    with pytest.raises(ValueError, match="mask: num_masked=5 but row 0 has 6"):
+        kernels.gather_masked(h, mask, 5)
+    # without the (host-side) check the kernel keeps the first k and NaN-fills missing slots
+    out = triton_gather.gather_masked_forward(h, mask, k=5)
+    assert_close(out[:5], h[0, :5], atol=0, rtol=0, name="row 0 first k")
+    assert_close(out[5:8], h[1, 2:5], atol=0, rtol=0, name="row 1")
+    assert torch.isnan(out[8:]).all()
+    ref = gather_masked_reference(h, mask, 5)
+    assert_close(ref[:8], out[:8], atol=0, rtol=0, name="reference agrees")
+    assert torch.isnan(ref[8:]).all()
+
+
+def test_gather_bad_inputs(device):
+    h = torch.randn(2, 5, 8, device=device)
+    mask = torch.zeros(2, 5, dtype=torch.bool, device=device)
+    with pytest.raises(ValueError, match="num_masked: expected 0 <= num_masked <= N=5"):
+        kernels.gather_masked(h, mask, 6)
+    with pytest.raises(TypeError, match="num_masked: expected an int"):
+        kernels.gather_masked(h, mask, 2.0)
+    with pytest.raises(ValueError, match="mask: expected shape"):
+        kernels.gather_masked(h, mask.t())
+    with pytest.raises(TypeError, match="mask: expected dtype bool"):
+        kernels.gather_masked(h, mask.int())
+    with pytest.raises(ValueError, match="one device"):
+        kernels.gather_masked(h, mask.to("meta"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# masked_cross_entropy
+
+
+def make_ce_inputs(B, N, D, V, dtype, device, bias=True, k=None, hit_rows=True):
+    h = torch.randn(B, N, D, dtype=dtype, device=device, requires_grad=True)
+    w = (torch.randn(V, D, dtype=dtype, device=device) / D**0.5).requires_grad_(True)
+    b = torch.randn(V, dtype=dtype, device=device, requires_grad=True) if bias else None
+    targets = torch.randint(0, V, (B, N), device=device)
+    if hit_rows:  # make some predictions right so the accuracy is not trivially 0
+        with torch.no_grad():
+            logits = torch.nn.functional.linear(h.double(), w.double(), None if b is None else b.double())
+            hit = torch.rand(B, N, device=device) < 0.5
+            targets = torch.where(hit, logits.argmax(-1), targets)
+    mask = fixed_mask(B, N, k, device) if k is not None else torch.rand(B, N, device=device) < 0.4
+    return h, w, b, targets, mask
+
+
+def check_ce(
+    h, w, b, targets, mask, dtype, num_masked=None, ignore_index=-100, chunk_rows=None, grad_scale=1.7
+):
+    with triton_backend():
+        loss, acc = kernels.masked_cross_entropy(
+            h,
+            w,
+            b,
+            targets,
+            mask,
+            ignore_index=ignore_index,
+            return_accuracy=True,
+            num_masked=num_masked,
+            chunk_rows=chunk_rows,
+        )
+    inputs = [h, w, b]
+    ref_in = [f64(t) for t in inputs]
+    rloss, racc = masked_cross_entropy_reference(
+        ref_in[0], ref_in[1], ref_in[2], targets, mask, ignore_index, True, num_masked
+    )
+    low = dtype in (torch.bfloat16, torch.float16)
+    tol = {"atol": 5e-2, "rtol": 2e-2} if low else {}
+    assert_close(loss, rloss, dtype=dtype, name="loss", **tol)
+    if dtype in (torch.float64, torch.float32):
+        assert_close(acc, racc, atol=1e-6, rtol=0, name="accuracy")
+    got = grads(loss * grad_scale, inputs, None)
+    want = grads(rloss * grad_scale, ref_in, None)
+    for name, a, e, t in zip(("grad_h", "grad_weight", "grad_bias"), got, want, inputs):
+        if t is None:
+            continue
+        assert a.dtype == t.dtype, name
+        scale = e.abs().max().item()
+        gtol = {"atol": 3e-2 * scale, "rtol": 3e-2} if low else {"atol": TOLERANCES[dtype][0] * max(scale, 1)}
+        assert_close(a, e, dtype=dtype, name=name, **gtol)
+    return loss, acc
+
+
+@pytest.mark.parametrize("N,D,V,k", [(13, 100, 37, 5), (50, 24, 101, 20)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_ce_fp64_matches_reference(device, N, D, V, k, bias):
+    h, w, b, t, m = make_ce_inputs(3, N, D, V, torch.float64, device, bias=bias, k=k)
+    check_ce(h, w, b, t, m, torch.float64, num_masked=k, chunk_rows=7)
+
+
+def test_ce_variable_mask_and_ignore_index(device):
+    h, w, b, t, m = make_ce_inputs(4, 13, 40, 29, torch.float64, device)
+    t[:, ::3] = -1
+    _loss, acc = check_ce(h, w, b, t, m, torch.float64, ignore_index=-1, chunk_rows=5)
+    assert 0 < acc.item() < 1
+    # uniform counts without num_masked: detected (one sync), then the fixed-count gathers
+    h, w, b, t, m = make_ce_inputs(3, 13, 40, 29, torch.float64, device, k=4)
+    check_ce(h, w, b, t, m, torch.float64)
+
+
+def test_ce_pregathered_rows_and_multi_pass(device, monkeypatch):
+    """[M, D] input with mask=None; V walked in 16-wide slices (the path used when V > 16384)."""
+    monkeypatch.setattr(triton_ce, "MAX_SINGLE_PASS_V", 16)
+    monkeypatch.setattr(triton_ce, "MULTI_PASS_BLOCK_V", 16)
+    h, w, b, t, _ = make_ce_inputs(1, 23, 30, 75, torch.float64, device)
+    h2 = h.detach()[0].requires_grad_(True)
+    t2 = torch.stack([t[0], t[0]], dim=1)[:, 0]  # strided targets
+    assert not t2.is_contiguous()
+    check_ce(h2, w, b, t2, None, torch.float64)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_ce_dtypes_noncontiguous(device, dtype):
+    h, w, b, t, m = make_ce_inputs(2, 50, 24, 37, dtype, device, k=9)
+    hn = torch.randn(2, 51, 24, dtype=dtype, device=device)[:, 1:]
+    hn.copy_(h.detach())
+    hn.requires_grad_(True)
+    check_ce(hn, w, b, t, m, dtype, num_masked=9, chunk_rows=8)
+
+
+def test_ce_vit_like_width(device):
+    h, w, b, t, m = make_ce_inputs(2, 13, 384, 50, torch.float32, device, k=5)
+    check_ce(h, w, b, t, m, torch.float32, num_masked=5)
+
+
+def test_ce_no_rows_counted(device):
+    h, w, b, t, m = make_ce_inputs(2, 13, 16, 11, torch.float32, device)
+    with triton_backend():
+        loss = kernels.masked_cross_entropy(h, w, b, torch.full_like(t, -100), m)
+        loss.backward()
+        assert loss.item() == 0.0 and h.grad.abs().max() == 0 and w.grad.abs().max() == 0
+        empty = kernels.masked_cross_entropy(h, w, b, t, torch.zeros_like(m), num_masked=0)
+        assert empty.item() == 0.0
+
+
+def test_ce_no_grad_and_module(device, monkeypatch):
+    head = kernels.MaskedLMHead(24, 37).to(device)
+    assert abs(head.weight.std().item() - 0.02) < 0.004 and head.bias.abs().max() == 0
+    h = torch.randn(2, 13, 24, device=device)
+    t = torch.randint(0, 37, (2, 13), device=device)
+    m = fixed_mask(2, 13, 5, device)
+    calls = []
+    real = triton_ce.linear_cross_entropy_forward
+
+    def spy(*args, **kwargs):
+        calls.append((kwargs["need_h"], kwargs["need_w"], kwargs["need_b"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(triton_ce, "linear_cross_entropy_forward", spy)
+    with triton_backend():
+        with torch.no_grad():
+            loss_ng = head(h, t, mask=m, num_masked=5)
+        loss, _acc = head(h, t, mask=m, num_masked=5, return_accuracy=True)
+    assert calls == [(False, False, False), (False, True, True)]  # no grad work under no_grad
+    ref = torch.nn.functional.cross_entropy(head.logits(h)[m], t[m])
+    assert_close(loss_ng, ref, name="no-grad loss")
+    assert_close(loss, ref, name="loss")
+    loss.backward()
+    ref_w = torch.autograd.grad(torch.nn.functional.cross_entropy(head.logits(h)[m], t[m]), head.weight)[0]
+    assert_close(head.weight.grad, ref_w, name="grad_weight")
+
+
+def test_ce_mixed_dtypes_promote(device):
+    """bf16 activations with an fp32 head (no autocast): GEMMs in fp32, grads in each input's dtype."""
+    h, w, b, t, m = make_ce_inputs(2, 13, 32, 19, torch.float32, device, k=5)
+    hb = h.detach().bfloat16().requires_grad_(True)
+    with triton_backend():
+        loss = kernels.masked_cross_entropy(hb, w, b, t, m, num_masked=5)
+    loss.backward()
+    assert hb.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.float32
+    hr, wr, br = f64(hb), f64(w), f64(b)
+    ref = masked_cross_entropy_reference(hr, wr, br, t, m, num_masked=5)
+    ref.backward()
+    assert_close(loss, ref, dtype=torch.float32, name="loss")
+    assert_close(w.grad, wr.grad, dtype=torch.float32, name="grad_weight")
+    assert_close(hb.grad, hr.grad, dtype=torch.bfloat16, name="grad_h")
+
+
+def test_ce_autocast_bf16(device):
+    h, w, b, t, m = make_ce_inputs(2, 13, 32, 19, torch.float32, device, k=5)
+    with triton_backend(), torch.autocast(device.type, dtype=torch.bfloat16):
+        loss = kernels.masked_cross_entropy(h, w, b, t, m, num_masked=5)
+    loss.backward()
+    assert w.grad.dtype == torch.float32 and h.grad.dtype == torch.float32
+    ref = masked_cross_entropy_reference(f64(h), f64(w), f64(b), t, m, num_masked=5)
+    assert_close(loss, ref, atol=5e-2, rtol=2e-2, name="autocast loss")
+
+
+def test_ce_kernel_poisons_out_of_range_target(device):
+    h = torch.randn(4, 8, device=device)
+    w = torch.randn(5, 8, device=device)
+    t = torch.tensor([0, 7, -100, 2], device=device)
+    loss, _acc, _gh, gw, gb, inv_n = triton_ce.linear_cross_entropy_forward(h, w, None, t, need_w=False)
+    assert torch.isnan(loss) and gw is None and gb is None and inv_n.item() == pytest.approx(1 / 3)
+
+
+def test_ce_bad_inputs(device, monkeypatch):
+    if device.type != "cpu":  # the target-range check costs a sync on CUDA: debug mode only
+        monkeypatch.setenv("KERNELS_DEBUG", "1")
+    h = torch.randn(2, 5, 8, device=device)
+    w = torch.randn(11, 8, device=device)
+    b = torch.zeros(11, device=device)
+    t = torch.randint(0, 11, (2, 5), device=device)
+    m = torch.ones(2, 5, dtype=torch.bool, device=device)
+    ce = kernels.masked_cross_entropy
+    with pytest.raises(ValueError, match=r"weight: expected shape \(V, 8\)"):
+        ce(h, w[:, :7], b, t, m)
+    with pytest.raises(ValueError, match=r"bias: expected shape \(11,\)"):
+        ce(h, w, b[:10], t, m)
+    with pytest.raises(ValueError, match="targets: expected shape"):
+        ce(h, w, b, t[:, :4], m)
+    with pytest.raises(TypeError, match="targets: expected dtype"):
+        ce(h, w, b, t.float(), m)
+    with pytest.raises(ValueError, match=r"targets: expected values in \[0, 11\)"):
+        ce(h, w, b, t + 11, m)
+    with pytest.raises(ValueError, match="mask: expected shape"):
+        ce(h, w, b, t, m[:, :3])
+    with pytest.raises(TypeError, match="mask: expected dtype bool"):
+        ce(h, w, b, t, m.long())
+    with pytest.raises(ValueError, match="mask: given, so h must be"):
+        ce(h[0], w, b, t[0], m[0])
+    with pytest.raises(ValueError, match="one device.*weight on meta"):
+        ce(h, w.to("meta"), b, t, m)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CUDA only: BEiT-sized inputs, and no host synchronisation on the fast paths
+
+
+@pytest.mark.cuda
+def test_cuda_beit_shapes(device):
+    if device.type != "cuda":
+        pytest.skip("needs --device cuda")
+    B, N, D, k, V = 4, 196, 768, 75, 8192
+    check_scatter(B, N, D, torch.bfloat16, device, cls=True, pos_rows=N + 1)
+    check_gather(B, N, D, k, torch.bfloat16, device, noncontig=True)
+    h, w, b, t, m = make_ce_inputs(B, N, D, V, torch.bfloat16, device, k=k)
+    check_ce(h, w, b, t, m, torch.bfloat16, num_masked=k, chunk_rows=128)
+
+
+@pytest.mark.cuda
+def test_cuda_fast_paths_do_not_sync(device):
+    if device.type != "cuda":
+        pytest.skip("needs --device cuda")
+    B, N, D, k, V = 8, 196, 256, 75, 1000
+    x = torch.randn(B, N, D, device=device, dtype=torch.bfloat16, requires_grad=True)
+    mask = fixed_mask(B, N, k, device)
+    emb = kernels.MaskedTokenEmbedding(N, D, pos_embed=True).to(device)
+    head = kernels.MaskedLMHead(D, V).to(device)
+    t = torch.randint(0, V, (B, N), device=device)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        h = emb(x, mask)
+        loss = head(h[:, 1:], t, mask=mask, num_masked=k)
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(loss).item() and x.grad is not None and emb.mask_token.grad is not None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the interpreter does not type-check like the compiler: build every kernel for sm_90 (no GPU needed)
+
+COMPILE_SCRIPT = r"""
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from kernels.masked import triton_ce as C, triton_gather as G, triton_scatter as S
+
+def comp(kernel, types, consts, num_warps=4):
+    names = kernel.arg_names
+    sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in names}
+    src = ASTSource(kernel, sig, constexprs={(names.index(k),): v for k, v in consts.items()})
+    triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+
+for dt in ("bf16", "fp32"):
+    comp(S._masked_token_scatter_fwd_kernel,
+         dict(x_ptr=f"*{dt}", mask_ptr="*u8", tok_ptr="*fp32", pos_ptr="*fp32", cls_ptr="*fp32",
+              out_ptr=f"*{dt}"),
+         dict(HAS_POS=True, HAS_CLS=True, ACC=tl.float32, BLOCK_R=16, BLOCK_D=256))
+    comp(S._masked_token_scatter_bwd_kernel,
+         dict(g_ptr=f"*{dt}", mask_ptr="*u8", gx_ptr=f"*{dt}", colsum_ptr="*fp32", tokpart_ptr="*fp32"),
+         dict(B_PER_SPLIT=37, HAS_CLS=True, NEED_X=True, NEED_TOK=True, NEED_COLSUM=True, ACC=tl.float32,
+              BLOCK_N=16, BLOCK_D=128))
+    for fixed, off in ((True, "*u8"), (False, "*i64")):
+        comp(G._gather_masked_fwd_kernel,
+             dict(h_ptr=f"*{dt}", mask_ptr="*u8", offsets_ptr=off, out_ptr=f"*{dt}"),
+             dict(N=196, K=75 if fixed else 0, FIXED=fixed, BLOCK_N=64, BLOCK_D=128, BLOCK_K=16))
+        comp(G._gather_masked_bwd_kernel,
+             dict(g_ptr=f"*{dt}", mask_ptr="*u8", offsets_ptr=off, gh_ptr=f"*{dt}"),
+             dict(N=196, K=75 if fixed else 0, FIXED=fixed, BLOCK_N=64, BLOCK_D=128))
+    for V, BV in ((8192, 8192), (65536, 4096)):
+        comp(C._masked_ce_fwd_kernel, dict(z_ptr=f"*{dt}", t_ptr="*i64", loss_ptr="*fp32", hit_ptr="*i32"),
+             dict(V=V, WRITE_GRAD=True, ACC=tl.float32, BLOCK_V=BV), num_warps=8)
+print("compiled")
+"""
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm90():
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    spec = importlib.util.find_spec("triton.backends.nvidia")
+    if spec is None:
+        pytest.skip("triton has no NVIDIA backend here")
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run(
+        [sys.executable, "-c", COMPILE_SCRIPT],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=root,
+        timeout=600,
+    )
+    assert out.returncode == 0 and "compiled" in out.stdout, out.stderr[-3000:]
