@@ -21,6 +21,14 @@ from kernels.masked import (
     masked_cross_entropy,
     masked_token_scatter,
 )
+from kernels.codebook import (
+    VectorQuantizer,
+    codebook_usage,
+    commitment_loss,
+    ema_codebook_update,
+    kmeans_init_codebook,
+    nearest_code,
+)
 
 __all__ = [
     "BACKENDS",
@@ -38,4 +46,10 @@ __all__ = [
     "masked_cross_entropy",
     "MaskedTokenEmbedding",
     "MaskedLMHead",
+    "nearest_code",
+    "ema_codebook_update",
+    "commitment_loss",
+    "kmeans_init_codebook",
+    "codebook_usage",
+    "VectorQuantizer",
 ]

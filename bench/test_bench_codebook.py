@@ -1,0 +1,204 @@
+"""VQ-KD codebook: nearest-code lookup and EMA update, ours vs the public anchors.
+
+GPU shape: BEiT v2 tokenizer batch, M = 256 * 196 = 50,176 vectors, K = 8192 codes, d = 32.
+CPU shape: M = 4,099, K = 1,000, d = 32 (our CPU path is the chunked reference; Triton is GPU-only here).
+
+Lookup providers: ``ours`` (fused Triton kernel on CUDA, no [M, K] scores; float32 -> IEEE fp32 GEMM,
+bfloat16 z -> bf16 operands), ``reference`` = the unilm norm_ema_quantizer way (full [M, K] fp32 distance
+matrix + argmin + gather), ``faiss`` (exact inner-product search) when importable.
+EMA providers: ``ours`` (scatter-add + fused finalize), ``reference`` = unilm's one-hot [M, K] matrix + dense
+GEMM, ``torch-index_add`` (our pure-PyTorch path).
+
+flops: lookup 2*M*K*d (score GEMM); EMA: the minimal arithmetic 4*M*d + 12*K*d (normalise + scatter,
+finalize),
+with the anchor's one-hot GEMM work 2*M*K*d in extra_info (anchor_flops). ``ours-bf16ops``: float32 z with
+``precision="bf16"`` (bf16 GEMM operands, fp32 accumulation, exact fp32 similarity of the pick).
+bytes_moved: the minimal traffic: z, codebook, indices, z_q, similarity (lookup); z, indices, codebook read +
+written, sums, counts (EMA). extra_info carries peak_mem_* (CUDA: bytes above the inputs) for ours and the
+anchor.
+"""
+
+import importlib.util
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels import ema_codebook_update, nearest_code
+from kernels.codebook import reference as ref
+
+GPU = (50_176, 8192, 32)
+CPU = (4_099, 1_000, 32)
+
+
+def _peak_mem(fn, device):
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - base
+
+
+def _unilm_lookup(z, codebook):
+    """Anchor: unilm beit2 norm_ema_quantizer -- full [M, K] distance matrix, argmin, gather."""
+    zf = F.normalize(z.float(), dim=-1)
+    cb = F.normalize(codebook.float(), dim=-1)
+    dist = zf.pow(2).sum(1, keepdim=True) + cb.pow(2).sum(1) - 2 * zf @ cb.t()
+    idx = dist.argmin(1)
+    return idx, cb[idx]
+
+
+def _unilm_ema(codebook, cluster_size, z, indices, decay=0.99):
+    """Anchor: one-hot [M, K] matrix, dense GEMM for the sums, then norm-EMA (fp32)."""
+    K = codebook.shape[0]
+    onehot = F.one_hot(indices, K).float()
+    bins = onehot.sum(0)
+    cluster_size.mul_(decay).add_(bins, alpha=1 - decay)
+    zero = bins == 0
+    embed_sum = F.normalize(z.float(), dim=-1).t() @ onehot
+    mean = F.normalize((embed_sum / bins.masked_fill(zero, 1.0)[None]).t(), dim=-1)
+    mean = torch.where(zero[:, None], codebook, mean)
+    codebook.mul_(decay).add_(mean, alpha=1 - decay)
+    codebook.copy_(F.normalize(codebook, dim=-1))
+
+
+def _inputs(M, K, d, dtype, device):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    codebook = F.normalize(torch.randn(K, d, generator=g), dim=-1).to(device)
+    z = torch.randn(M, d, generator=g).to(device=device, dtype=dtype)
+    return z, codebook
+
+
+def _lookup_cases():
+    return [
+        pytest.param(GPU, "float32", "cuda", marks=pytest.mark.cuda, id="gpu-fp32"),
+        pytest.param(GPU, "bfloat16", "cuda", marks=pytest.mark.cuda, id="gpu-bf16"),
+        pytest.param(CPU, "float32", "cpu", id="cpu-fp32"),
+    ]
+
+
+@pytest.mark.parametrize("shape,dtype,dev", _lookup_cases())
+@pytest.mark.parametrize("provider", ["ours", "ours-bf16ops", "reference", "faiss"])
+def test_bench_nearest_code(bench, shape, dtype, dev, provider):
+    M, K, d = shape
+    dtype = getattr(torch, dtype)  # parametrised by name: pytest-benchmark stores params as JSON
+    device = torch.device(dev)
+    z, codebook = _inputs(M, K, d, dtype, device)
+    es = z.element_size()
+    common = {
+        "kernel": "nearest_code",
+        "shape": f"M{M} K{K} d{d}",
+        "dtype": dtype,
+        "device": device,
+        "flops": 2 * M * K * d,
+        "bytes_moved": M * d * es + K * d * 4 + M * (8 + 4 + d * 4),
+    }
+
+    def ours():
+        return nearest_code(z, codebook, check_finite=False)
+
+    def anchor():
+        return _unilm_lookup(z, codebook)
+
+    if provider == "ours-bf16ops":
+        if dtype != torch.float32 or dev != "cuda":
+            pytest.skip("bf16 operands for float32 inputs: a CUDA-only variant")
+        bench(
+            lambda: nearest_code(z, codebook, check_finite=False, precision="bf16"),
+            provider="ours-bf16ops",
+            **common,
+        )
+    elif provider == "ours":
+        with torch.no_grad():
+            got = ours().indices
+            want = anchor()[0]
+        # near-ties may flip in reduced precision: compare by similarity, not by index
+        zn = F.normalize(z.float(), dim=-1)
+        gap = (zn * codebook[want]).sum(-1) - (zn * codebook[got]).sum(-1)
+        assert gap.max().item() < (2e-2 if dtype == torch.bfloat16 else 1e-4)
+        bench(
+            ours,
+            provider="ours",
+            reference=anchor,
+            peak_mem_ours=_peak_mem(ours, device),
+            peak_mem_reference=_peak_mem(anchor, device),
+            **common,
+        )
+    elif provider == "reference":
+        bench(anchor, provider="reference", peak_mem=_peak_mem(anchor, device), **common)
+    else:
+        if importlib.util.find_spec("faiss") is None:
+            pytest.skip("faiss is not installed")
+        import faiss
+
+        zn = F.normalize(z.float(), dim=-1).cpu().numpy() if dev == "cpu" else None
+        if dev == "cuda":
+            if not hasattr(faiss, "StandardGpuResources"):
+                pytest.skip("faiss has no GPU support in this build")
+            res = faiss.StandardGpuResources()
+            index = faiss.GpuIndexFlatIP(res, d)
+            index.add(codebook.cpu().numpy())
+            zn = F.normalize(z.float(), dim=-1).cpu().numpy()
+        else:
+            index = faiss.IndexFlatIP(d)
+            index.add(codebook.cpu().numpy())
+        bench(lambda: index.search(zn, 1), provider="faiss", **common)
+
+
+def _ema_cases():
+    return [
+        pytest.param(GPU, "cuda", marks=pytest.mark.cuda, id="gpu"),
+        pytest.param(CPU, "cpu", id="cpu"),
+    ]
+
+
+@pytest.mark.parametrize("shape,dev", _ema_cases())
+@pytest.mark.parametrize("provider", ["ours", "reference", "torch-index_add"])
+def test_bench_ema_update(bench, shape, dev, provider):
+    M, K, d = shape
+    device = torch.device(dev)
+    z, codebook = _inputs(M, K, d, torch.float32, device)
+    z = F.normalize(z, dim=-1)
+    indices = torch.randint(0, K, (M,), device=device)
+    cluster, embed_sum = torch.zeros(K, device=device), torch.zeros(K, d, device=device)
+    common = {
+        "kernel": "codebook_ema_update",
+        "shape": f"M{M} K{K} d{d}",
+        "dtype": torch.float32,
+        "device": device,
+        "flops": 4 * M * d + 12 * K * d,
+        "anchor_flops": 2 * M * K * d,
+        "bytes_moved": M * d * 4 + M * 8 + 4 * K * d * 4 + 3 * K * 4,
+    }
+    cb_anchor, cl_anchor = codebook.clone(), cluster.clone()
+
+    def anchor():
+        _unilm_ema(cb_anchor, cl_anchor, z, indices)
+
+    def ours():
+        return ema_codebook_update(codebook, cluster, embed_sum, z, indices, check_inputs=False)
+
+    if provider == "ours":
+        bench(
+            ours,
+            provider="ours",
+            reference=anchor,
+            peak_mem_ours=_peak_mem(ours, device),
+            peak_mem_reference=_peak_mem(anchor, device),
+            **common,
+        )
+    elif provider == "reference":
+        bench(anchor, provider="reference", peak_mem=_peak_mem(anchor, device), **common)
+    else:
+        cb2, cl2 = codebook.clone(), cluster.clone()
+        es2 = torch.zeros_like(embed_sum)
+
+        def index_add():
+            counts, sums = ref.ema_scatter_reference(z, indices, K, True, 1e-5)
+            es2.copy_(sums)
+            ref.ema_finalize_reference(cb2, cl2, counts, es2, 0.99, 1e-5, True)
+
+        bench(index_add, provider="torch-index_add", peak_mem=_peak_mem(index_add, device), **common)

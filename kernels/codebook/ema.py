@@ -1,0 +1,249 @@
+"""EMA codebook update (BEiT v2 norm-EMA) with scatter-add statistics, DDP all-reduce and dead-code restarts.
+
+For one batch of vectors ``z [M, d]`` assigned to codes ``i [M]`` (``l2n(x) = x / max(||x||, eps)``)::
+
+    x_m = l2n(z_m) if normalize else z_m
+    n_k = sum_m [i_m = k]          S_k = sum_m [i_m = k] x_m       (scatter-add, no one-hot; then all-reduce)
+    cluster_size <- decay * cluster_size + (1 - decay) * n          (every code, as BEiT v2)
+    for n_k > 0:  c_k <- l2n(decay * c_k + (1 - decay) * l2n(S_k / n_k))      (normalize=True)
+                  c_k <- decay * c_k + (1 - decay) * S_k / n_k                (normalize=False)
+    for n_k = 0:  c_k unchanged (bit-exact)
+    embed_sum <- S        (the all-reduced batch sums; a state buffer so no [K, d] allocation per step)
+
+The Triton scatter uses atomic adds (fp32 rounding depends on arrival order); with
+``torch.use_deterministic_algorithms(True)`` the scatter falls back to ``index_add_`` (deterministic there).
+
+Dead codes (off by default): with ``dead_code_threshold=N`` and a ``steps_since_used [K]`` int64 buffer,
+``steps_since_used`` is reset to 0 for used codes and incremented otherwise; codes with
+``steps_since_used >= N`` are replaced by random batch vectors ``x_m`` (uniform over rows), their counter is
+reset. Under DDP the counts are all-reduced so every rank agrees on which codes are dead, and rank 0's
+codebook is then broadcast so the random replacements agree too.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels._backend import define_op, same_device_reasons, triton_reasons
+from kernels.codebook import reference as ref
+from kernels.codebook.function import check_finite_tensor, check_tensor
+
+ema_scatter_op = define_op(
+    "codebook_ema_scatter", "per-code counts and sums of assigned vectors (scatter-add)"
+)
+ema_finalize_op = define_op("codebook_ema_finalize", "cluster-size EMA + norm-EMA of used codebook rows")
+
+
+def _triton_scatter_reasons(z2d, indices, sums, counts, normalize, eps):
+    reasons = triton_reasons(z2d, indices, sums, counts)
+    reasons += same_device_reasons(z=z2d, indices=indices, embed_sum=sums)
+    if sums.dtype not in (torch.float32, torch.float64):
+        reasons.append(f"embed_sum must be float32/float64 for atomic adds, got {sums.dtype}")
+    if z2d.shape[1] > 1024:
+        reasons.append(f"d={z2d.shape[1]} > 1024")
+    if torch.are_deterministic_algorithms_enabled():
+        reasons.append("deterministic algorithms are on: the atomic scatter-add is order-dependent")
+    return reasons
+
+
+@ema_scatter_op.register("triton", _triton_scatter_reasons)
+def _scatter_triton(z2d, indices, sums, counts, normalize, eps):
+    from kernels.codebook import triton_kernels as tk
+
+    sums.zero_()
+    counts.zero_()
+    tk.ema_scatter(z2d, indices, sums, counts, normalize, eps)
+
+
+@ema_scatter_op.register("reference")
+def _scatter_reference(z2d, indices, sums, counts, normalize, eps):
+    c, s = ref.ema_scatter_reference(z2d, indices, sums.shape[0], normalize, eps, sums.dtype)
+    sums.copy_(s)
+    counts.copy_(c)
+
+
+def _triton_finalize_reasons(codebook, cluster_size, counts, sums, decay, eps, normalize, steps):
+    reasons = triton_reasons(codebook, cluster_size, counts, sums, steps)
+    if not codebook.is_contiguous() or not cluster_size.is_contiguous():
+        reasons.append("codebook and cluster_size must be contiguous for the in-place Triton update")
+    if codebook.shape[1] > 1024:
+        reasons.append(f"d={codebook.shape[1]} > 1024")
+    return reasons
+
+
+@ema_finalize_op.register("triton", _triton_finalize_reasons)
+def _finalize_triton(codebook, cluster_size, counts, sums, decay, eps, normalize, steps):
+    from kernels.codebook import triton_kernels as tk
+
+    tk.ema_finalize(codebook, cluster_size, counts, sums, decay, eps, normalize, steps)
+
+
+@ema_finalize_op.register("reference")
+def _finalize_reference(codebook, cluster_size, counts, sums, decay, eps, normalize, steps):
+    ref.ema_finalize_reference(codebook, cluster_size, counts, sums, decay, eps, normalize, steps)
+
+
+def _dist_group_size(process_group):
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0
+    return dist.get_world_size(process_group)
+
+
+def _validate(
+    codebook,
+    cluster_size,
+    embed_sum,
+    z,
+    indices,
+    decay,
+    eps,
+    dead_code_threshold,
+    steps_since_used,
+    check_inputs,
+):
+    check_tensor("codebook", codebook, dims=2)
+    K, d = codebook.shape
+    if K == 0:
+        raise ValueError(f"codebook is empty: expected shape [K, d] with K >= 1, got {tuple(codebook.shape)}")
+    check_tensor("cluster_size", cluster_size, dims=1)
+    check_tensor("embed_sum", embed_sum, dims=2)
+    check_tensor("z", z)
+    if not isinstance(indices, torch.Tensor):
+        raise TypeError(f"indices must be a torch.Tensor, got {type(indices).__name__}")
+    if indices.dtype != torch.int64:
+        raise TypeError(f"indices must be int64 (as returned by nearest_code), got {indices.dtype!s}")
+    if cluster_size.shape[0] != K:
+        raise ValueError(f"cluster_size must have shape [K={K}], got {tuple(cluster_size.shape)}")
+    if tuple(embed_sum.shape) != (K, d):
+        raise ValueError(f"embed_sum must have shape [K={K}, d={d}], got {tuple(embed_sum.shape)}")
+    if embed_sum.dtype not in (torch.float32, torch.float64):
+        raise TypeError(
+            f"embed_sum must be float32 or float64 (it accumulates sums), got {embed_sum.dtype!s}"
+        )
+    if z.dim() < 1 or z.shape[-1] != d:
+        raise ValueError(f"z must have shape [..., d] with d = codebook.shape[1] = {d}, got {tuple(z.shape)}")
+    if indices.numel() != z.numel() // d:
+        raise ValueError(
+            f"indices must have one entry per row of z ({z.numel() // d}), got {indices.numel()}"
+        )
+    for name, t in (("cluster_size", cluster_size), ("embed_sum", embed_sum), ("z", z), ("indices", indices)):
+        if t.device != codebook.device:
+            raise ValueError(f"{name} is on {t.device} but codebook is on {codebook.device}")
+    if not 0.0 <= float(decay) <= 1.0:
+        raise ValueError(f"decay must lie in [0, 1], got {decay}")
+    if not float(eps) > 0.0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+    if dead_code_threshold is not None:
+        if (
+            not isinstance(dead_code_threshold, int)
+            or isinstance(dead_code_threshold, bool)
+            or dead_code_threshold < 1
+        ):
+            raise ValueError(f"dead_code_threshold must be None or an int >= 1, got {dead_code_threshold!r}")
+        if steps_since_used is None:
+            raise ValueError("dead_code_threshold needs a steps_since_used buffer: int64 tensor of shape [K]")
+    if steps_since_used is not None:
+        if not isinstance(steps_since_used, torch.Tensor) or steps_since_used.dtype != torch.int64:
+            raise TypeError("steps_since_used must be an int64 tensor of shape [K]")
+        if tuple(steps_since_used.shape) != (K,) or steps_since_used.device != codebook.device:
+            raise ValueError(
+                f"steps_since_used must have shape [K={K}] on {codebook.device}, "
+                f"got {tuple(steps_since_used.shape)} on {steps_since_used.device}"
+            )
+    if check_inputs:
+        check_finite_tensor("z", z)
+        if indices.numel() and bool(((indices < 0) | (indices >= K)).any()):
+            raise ValueError(
+                f"indices must lie in [0, K={K}), got values in [{int(indices.min())}, {int(indices.max())}]"
+            )
+
+
+@torch.no_grad()
+def ema_codebook_update(
+    codebook,
+    cluster_size,
+    embed_sum,
+    z,
+    indices,
+    decay=0.99,
+    eps=1e-5,
+    normalize=True,
+    dead_code_threshold=None,
+    steps_since_used=None,
+    generator=None,
+    process_group=None,
+    check_inputs=True,
+):
+    """In-place norm-EMA update of ``codebook``, ``cluster_size``, ``embed_sum`` (and ``steps_since_used``).
+
+    Args:
+        codebook: ``[K, d]`` float state, updated in place (rows of unused codes untouched).
+        cluster_size: ``[K]`` float state, EMA of the per-batch counts.
+        embed_sum: ``[K, d]`` float32/float64 state, overwritten with the (all-reduced) batch sums.
+        z, indices: the vectors ``[..., d]`` and their int64 code indices ``[...]`` (from ``nearest_code``).
+        decay, eps: EMA decay; ``eps`` floors the norm in every l2-normalisation.
+        normalize: norm-EMA (BEiT v2) when True, plain mean-EMA when False.
+        dead_code_threshold, steps_since_used, generator: dead-code restarts (see module docstring).
+        process_group: the DDP group for the all-reduce (default group when torch.distributed is initialised).
+        check_inputs: check z is finite and indices in range (one host sync).
+
+    Returns the per-code counts of this batch ``[K]`` (all-reduced), e.g. for usage logs.
+    """
+    _validate(
+        codebook,
+        cluster_size,
+        embed_sum,
+        z,
+        indices,
+        decay,
+        eps,
+        dead_code_threshold,
+        steps_since_used,
+        check_inputs,
+    )
+    d = codebook.shape[1]
+    z2d = z.detach().reshape(-1, d)
+    idx = indices.reshape(-1)
+    counts = torch.empty(codebook.shape[0], dtype=embed_sum.dtype, device=codebook.device)
+    decay, eps, normalize = float(decay), float(eps), bool(normalize)
+    ema_scatter_op(z2d, idx, embed_sum, counts, normalize, eps)
+    world = _dist_group_size(process_group)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(counts, group=process_group)
+        dist.all_reduce(embed_sum, group=process_group)
+    ema_finalize_op(codebook, cluster_size, counts, embed_sum, decay, eps, normalize, steps_since_used)
+    if dead_code_threshold is not None:
+        _restart_dead_codes(
+            codebook,
+            z2d,
+            steps_since_used,
+            dead_code_threshold,
+            normalize,
+            eps,
+            generator,
+            process_group,
+            world,
+        )
+    return counts
+
+
+def _restart_dead_codes(codebook, z2d, steps, threshold, normalize, eps, generator, process_group, world):
+    dead = (steps >= threshold).nonzero().flatten()  # host sync; only when restarts are enabled
+    if dead.numel() == 0 or z2d.shape[0] == 0:
+        return
+    gdev = generator.device if generator is not None else z2d.device
+    pick = torch.randint(z2d.shape[0], (dead.numel(),), generator=generator, device=gdev).to(z2d.device)
+    new = z2d[pick].to(ref.compute_dtype(codebook.dtype))
+    if normalize:
+        new = ref.l2n(new, eps)
+    codebook.data[dead] = new.to(codebook.dtype)
+    steps[dead] = 0
+    if world > 1:
+        import torch.distributed as dist
+
+        src = dist.get_global_rank(process_group, 0) if process_group is not None else 0
+        dist.broadcast(codebook.data, src=src, group=process_group)

@@ -1,0 +1,120 @@
+"""``VectorQuantizer``: the stateful VQ-KD quantizer of BEiT v2 (cosine lookup, norm-EMA codebook).
+
+forward(z [..., d]) -> (z_q_st [..., d], indices [...], loss_commit)::
+
+    z_n = l2n(z);  i, z_q_st = nearest_code(z, codebook)        (straight-through to z_n)
+    loss_commit = commitment_weight * mean((z_n - z_q.detach())^2)
+    training: k-means init of the codebook (and cluster_size) on the first batch, once;
+              then ema_codebook_update(z_n, i)
+
+The codebook is a buffer (no gradient): it moves only by the EMA update.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels.codebook.ema import ema_codebook_update
+from kernels.codebook.function import commitment_loss, nearest_code
+from kernels.codebook.kmeans import kmeans_init_codebook
+
+
+class VectorQuantizer(nn.Module):
+    """Buffers: ``codebook [K, d]`` (l2-normalised when ``normalize``), ``cluster_size [K]``,
+    ``embed_sum [K, d]``, ``steps_since_used [K]`` int64, ``initialized`` (bool scalar).
+
+    With ``kmeans_init=False`` the codebook starts as l2-normalised Gaussian rows and ``initialized`` is True.
+    ``check_inputs`` runs the finite/range checks of the functional ops (one host sync each).
+    """
+
+    def __init__(
+        self,
+        num_codes=8192,
+        dim=32,
+        decay=0.99,
+        kmeans_init=True,
+        kmeans_iters=10,
+        eps=1e-5,
+        commitment_weight=1.0,
+        normalize=True,
+        dead_code_threshold=None,
+        precision="auto",
+        check_inputs=False,
+        process_group=None,
+    ):
+        super().__init__()
+        if num_codes < 1 or dim < 1:
+            raise ValueError(f"num_codes and dim must be >= 1, got {num_codes}, {dim}")
+        self.num_codes, self.dim, self.decay, self.eps = int(num_codes), int(dim), float(decay), float(eps)
+        self.kmeans_init, self.kmeans_iters = bool(kmeans_init), int(kmeans_iters)
+        self.commitment_weight, self.normalize = float(commitment_weight), bool(normalize)
+        self.dead_code_threshold, self.precision = dead_code_threshold, precision
+        self.check_inputs, self.process_group = bool(check_inputs), process_group
+        codebook = torch.randn(num_codes, dim)
+        if normalize:
+            codebook = F.normalize(codebook, dim=-1)
+        self.register_buffer("codebook", codebook)
+        self.register_buffer("cluster_size", torch.zeros(num_codes))
+        self.register_buffer("embed_sum", torch.zeros(num_codes, dim))
+        self.register_buffer("steps_since_used", torch.zeros(num_codes, dtype=torch.int64))
+        self.register_buffer("initialized", torch.tensor(not kmeans_init))
+        self._init_known = not kmeans_init  # python mirror of `initialized` to avoid a sync per step
+
+    def extra_repr(self):
+        return (
+            f"num_codes={self.num_codes}, dim={self.dim}, decay={self.decay}, normalize={self.normalize}, "
+            f"kmeans_init={self.kmeans_init}, dead_code_threshold={self.dead_code_threshold}"
+        )
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._init_known = False  # re-read the loaded flag on the next forward
+
+    @torch.no_grad()
+    def _maybe_init(self, z_n):
+        if self._init_known:
+            return
+        if bool(self.initialized):
+            self._init_known = True
+            return
+        cb, counts = kmeans_init_codebook(
+            z_n, self.num_codes, iters=self.kmeans_iters, normalize=self.normalize, return_counts=True
+        )
+        self.codebook.copy_(cb.to(self.codebook.dtype))
+        self.cluster_size.copy_(counts.to(self.cluster_size.dtype))
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size(self.process_group) > 1:
+            src = dist.get_global_rank(self.process_group, 0) if self.process_group is not None else 0
+            dist.broadcast(self.codebook, src=src, group=self.process_group)
+        self.initialized.fill_(True)
+        self._init_known = True
+
+    def forward(self, z):
+        if z.shape[-1] != self.dim:
+            raise ValueError(f"z must have shape [..., {self.dim}], got {tuple(z.shape)}")
+        z_n = F.normalize(z, dim=-1, eps=1e-12) if self.normalize else z
+        if self.training:
+            self._maybe_init(z_n.detach())
+        indices, z_q, _ = nearest_code(
+            z, self.codebook, self.normalize, precision=self.precision, check_finite=self.check_inputs
+        )
+        loss = self.commitment_weight * commitment_loss(z_n, z_q)
+        if self.training:
+            ema_codebook_update(
+                self.codebook,
+                self.cluster_size,
+                self.embed_sum,
+                z_n.detach(),
+                indices,
+                decay=self.decay,
+                eps=self.eps,
+                normalize=self.normalize,
+                dead_code_threshold=self.dead_code_threshold,
+                steps_since_used=self.steps_since_used,
+                process_group=self.process_group,
+                check_inputs=self.check_inputs,
+            )
+        return z_q, indices, loss

@@ -1,0 +1,393 @@
+"""Triton kernels for the VQ-KD codebook: fused nearest-code lookup (fwd/bwd) and the EMA update.
+
+Imported lazily by the triton backend functions only.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@triton.jit
+def _nearest_code_fwd_kernel(
+    Z,
+    CB,
+    CB_DOT,
+    CB_OUT,
+    CB_SQ,
+    IDX,
+    ZQ,
+    SIM,
+    M,
+    D,
+    stride_zm,
+    stride_zd,
+    stride_qm,
+    eps,
+    K: tl.constexpr,
+    NORMALIZE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    DOT_UPCAST: tl.constexpr,
+    SEPARATE_OUT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Nearest code for a tile of ``BLOCK_M`` rows of z, streaming the codebook in ``BLOCK_K`` tiles.
+
+    ``CB [K, D]`` is the codebook as used (l2-normalised when NORMALIZE) in the accumulation dtype
+    (fp32, or fp64); ``CB_DOT [D, K]`` the transposed codebook in the GEMM operand dtype (coalesced tile
+    loads along K); ``CB_OUT [K, D]`` the rows in the output dtype (rounded once by torch, so z_q is
+    bit-exact on every platform); ``CB_SQ [K] = ||c_k||^2``.
+
+        x_m = z_m / max(||z_m||, eps)   (NORMALIZE)   else  x_m = z_m
+        s_mk = <x_m, c_k>               (NORMALIZE)   else  s_mk = 2 <x_m, c_k> - ||c_k||^2
+        i_m  = argmax_k s_mk     element-wise running max over the tiles (a later tile replaces a
+                                 position only if strictly greater), then the lowest index among the
+                                 maxima => lowest k on ties
+        ZQ[m] = CB_OUT[i_m];  SIM[m] = s_{m i_m} recomputed in the accumulation dtype from CB
+                                 (exact for the pick)
+
+    Only a [BLOCK_M, BLOCK_K] score tile ever exists (registers); memory traffic O(M*D + (M/BLOCK_M)*K*D).
+    K is a constexpr (fixed per model; also the Triton 3.6 interpreter cannot ``range`` over a runtime int
+    with numpy >= 2.3).
+    """
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    rmask = rows < M
+    dmask = offs_d < D
+    zmask = rmask[:, None] & dmask[None, :]
+    acc_ty = CB.dtype.element_ty
+    z_ptrs = Z + rows[:, None].to(tl.int64) * stride_zm + offs_d[None, :] * stride_zd
+    x = tl.load(z_ptrs, mask=zmask, other=0.0).to(acc_ty)
+    if NORMALIZE:
+        nrm = tl.sqrt(tl.sum(x * x, axis=1))
+        x = x / tl.maximum(nrm, eps)[:, None]
+    xd = x.to(CB_DOT.dtype.element_ty)
+    if DOT_UPCAST:  # interpreter: its bf16 tl.dot is wrong; exact emulation (rounded operands, fp32 products)
+        xd = xd.to(tl.float32)
+
+    # element-wise running max over the codebook tiles (no cross-lane reduction inside the loop): position j
+    # of the tile keeps its best score and the first tile start k0 that reached it; one reduction at the end.
+    run_best = tl.full([BLOCK_M, BLOCK_K], float("-inf"), acc_ty)
+    run_k0 = tl.zeros([BLOCK_M, BLOCK_K], tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        cmask = cols < K
+        c = tl.load(
+            CB_DOT + offs_d[:, None].to(tl.int64) * K + cols[None, :],
+            mask=dmask[:, None] & cmask[None, :],
+            other=0.0,
+        )  # [BLOCK_D, BLOCK_K]
+        if DOT_UPCAST:
+            c = c.to(tl.float32)
+        s = tl.dot(xd, c, input_precision=INPUT_PRECISION, out_dtype=acc_ty)
+        if not NORMALIZE:
+            csq = tl.load(CB_SQ + cols, mask=cmask, other=0.0)
+            s = 2.0 * s - csq[None, :]
+        if K % BLOCK_K != 0:  # static: only a ragged last tile needs the -inf padding
+            s = tl.where(cmask[None, :], s, float("-inf"))
+        better = s > run_best  # strict: an earlier tile keeps a tie
+        run_best = tl.where(better, s, run_best)
+        run_k0 = tl.where(better, k0, run_k0)
+    best = tl.max(run_best, axis=1)
+    cand = run_k0 + tl.arange(0, BLOCK_K)[None, :]
+    # every position holding the row maximum holds its first index; the smallest of them is the lowest argmax
+    best_idx = tl.min(tl.where(run_best == best[:, None], cand, K), axis=1)
+
+    best_idx = tl.minimum(best_idx, K - 1)  # only reachable for padded rows (never stored)
+    cq = tl.load(CB + best_idx[:, None].to(tl.int64) * D + offs_d[None, :], mask=zmask, other=0.0)
+    if NORMALIZE:
+        sim = tl.sum(x * cq, axis=1)
+    else:
+        sim = 2.0 * tl.sum(x * cq, axis=1) - tl.sum(cq * cq, axis=1)
+    tl.store(IDX + rows, best_idx.to(tl.int64), mask=rmask)
+    tl.store(SIM + rows, sim.to(SIM.dtype.element_ty), mask=rmask)
+    if SEPARATE_OUT:
+        cq = tl.load(CB_OUT + best_idx[:, None].to(tl.int64) * D + offs_d[None, :], mask=zmask, other=0.0)
+    tl.store(
+        ZQ + rows[:, None].to(tl.int64) * stride_qm + offs_d[None, :], cq.to(ZQ.dtype.element_ty), mask=zmask
+    )
+
+
+@triton.jit
+def _nearest_code_bwd_kernel(
+    Z,
+    G,
+    GZ,
+    M,
+    D,
+    stride_zm,
+    stride_zd,
+    stride_gm,
+    stride_gd,
+    eps,
+    ACC_FP64: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Straight-through gradient through the l2-normalisation ``x = z / max(||z||, eps)``.
+
+        n = ||z||;   n > eps:  dz = g / n - z <z, g> / n^3;   n <= eps:  dz = g / eps
+
+    (computed in fp32, fp64 for fp64 inputs; stored in z's dtype).
+    """
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (rows < M)[:, None] & (offs_d < D)[None, :]
+    r64 = rows[:, None].to(tl.int64)
+    acc_ty = tl.float64 if ACC_FP64 else tl.float32
+    z = tl.load(Z + r64 * stride_zm + offs_d[None, :] * stride_zd, mask=mask, other=0.0).to(acc_ty)
+    g = tl.load(G + r64 * stride_gm + offs_d[None, :] * stride_gd, mask=mask, other=0.0).to(acc_ty)
+    n = tl.sqrt(tl.sum(z * z, axis=1))
+    zg = tl.sum(z * g, axis=1)
+    big = n > eps
+    n_safe = tl.where(big, n, 1.0)
+    scale = tl.where(big, 1.0 / n_safe, 1.0 / eps)
+    proj = tl.where(big, zg / (n_safe * n_safe * n_safe), 0.0)
+    dz = g * scale[:, None] - z * proj[:, None]
+    tl.store(GZ + r64 * D + offs_d[None, :], dz.to(GZ.dtype.element_ty), mask=mask)
+
+
+def _lookup_configs():
+    cfgs = []
+    for bm, bk, warps, stages in [
+        (64, 128, 4, 3),
+        (128, 128, 8, 3),
+        (128, 64, 4, 3),
+        (64, 256, 8, 3),
+        (128, 256, 8, 2),
+        (256, 128, 8, 3),
+        (64, 64, 4, 4),
+    ]:
+        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=warps, num_stages=stages))
+    return cfgs
+
+
+# On CUDA the tile sizes are autotuned per (D, K, precision, dtypes) -- the first call per key compiles and times
+# every config (seconds; cached on disk afterwards); the interpreter uses the plain kernel.
+_nearest_code_fwd_tuned = triton.autotune(configs=_lookup_configs(), key=["D", "K", "INPUT_PRECISION"])(
+    _nearest_code_fwd_kernel
+)
+
+
+def nearest_code_forward(z2d, cb, cb_dot, cb_sq, normalize, eps, input_precision, out_dtype, out=None):
+    """Launch the fused lookup; returns (indices int64 [M], z_q [M, D] out_dtype, similarity [M] cb.dtype).
+
+    ``out`` optionally gives the three output buffers (the tests pass poisoned ones).
+    """
+    M, D = z2d.shape
+    K = cb.shape[0]
+    dev = z2d.device
+    if out is None:
+        idx = torch.empty(M, dtype=torch.int64, device=dev)
+        zq = torch.empty(M, D, dtype=out_dtype, device=dev)
+        sim = torch.empty(M, dtype=cb.dtype, device=dev)
+    else:
+        idx, zq, sim = out
+    assert cb.is_contiguous() and zq.stride(1) == 1
+    cb_dot_t = cb_dot.t().contiguous()  # [D, K]
+    cb_out = cb if zq.dtype == cb.dtype else cb.to(zq.dtype)
+    args = (
+        z2d,
+        cb,
+        cb_dot_t,
+        cb_out,
+        cb_sq if cb_sq is not None else cb,
+        idx,
+        zq,
+        sim,
+        M,
+        D,
+        z2d.stride(0),
+        z2d.stride(1),
+        zq.stride(0),
+        eps,
+    )
+    meta = {
+        "K": K,
+        "NORMALIZE": bool(normalize),
+        "INPUT_PRECISION": input_precision,
+        "DOT_UPCAST": _interpreting() and cb_dot.dtype == torch.bfloat16,
+        "SEPARATE_OUT": cb_out is not cb,
+        "BLOCK_D": max(16, triton.next_power_of_2(D)),
+    }
+    if _interpreting() or z2d.device.type != "cuda":
+        _nearest_code_fwd_kernel[(triton.cdiv(M, 64),)](*args, BLOCK_M=64, BLOCK_K=128, **meta)
+    else:
+        _nearest_code_fwd_tuned[lambda m: (triton.cdiv(M, m["BLOCK_M"]),)](*args, **meta)
+    return idx, zq, sim
+
+
+def nearest_code_backward(z2d, g, eps, out=None):
+    """Gradient w.r.t. z (z's dtype, contiguous) of the straight-through output, given its grad ``g``."""
+    M, D = z2d.shape
+    gz = torch.empty(M, D, dtype=z2d.dtype, device=z2d.device) if out is None else out
+    assert gz.is_contiguous()
+    block_d = triton.next_power_of_2(D)
+    block_m = max(1, min(128, 4096 // block_d))
+    _nearest_code_bwd_kernel[(triton.cdiv(M, block_m),)](
+        z2d,
+        g,
+        gz,
+        M,
+        D,
+        z2d.stride(0),
+        z2d.stride(1),
+        g.stride(0),
+        g.stride(1),
+        eps,
+        ACC_FP64=z2d.dtype == torch.float64 or g.dtype == torch.float64,
+        BLOCK_M=block_m,
+        BLOCK_D=block_d,
+        num_warps=4,
+    )
+    return gz
+
+
+# ----------------------------------------------------------------------------------------------------------
+# EMA update
+
+
+@triton.jit
+def _ema_scatter_kernel(
+    Z,
+    IDX,
+    SUMS,
+    COUNTS,
+    M,
+    D,
+    stride_zm,
+    stride_zd,
+    eps,
+    NORMALIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Scatter-add of assigned rows (no one-hot):  COUNTS[i_m] += 1,  SUMS[i_m, :] += x_m,
+    with ``x_m = z_m / max(||z_m||, eps)`` when NORMALIZE else ``z_m``.
+    Atomic adds: the fp32 rounding of the sums depends on the order of arrival.
+    """
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    rmask = rows < M
+    mask = rmask[:, None] & (offs_d < D)[None, :]
+    acc_ty = SUMS.dtype.element_ty
+    x = tl.load(
+        Z + rows[:, None].to(tl.int64) * stride_zm + offs_d[None, :] * stride_zd, mask=mask, other=0.0
+    ).to(acc_ty)
+    if NORMALIZE:
+        nrm = tl.sqrt(tl.sum(x * x, axis=1))
+        x = x / tl.maximum(nrm, eps)[:, None]
+    k = tl.load(IDX + rows, mask=rmask, other=0)
+    tl.atomic_add(SUMS + k[:, None] * D + offs_d[None, :], x, mask=mask, sem="relaxed")
+    ones = tl.full([BLOCK_M], 1.0, acc_ty)
+    tl.atomic_add(COUNTS + k, ones, mask=rmask, sem="relaxed")
+
+
+@triton.jit
+def _ema_finalize_kernel(
+    CODEBOOK,
+    CLUSTER,
+    COUNTS,
+    SUMS,
+    STEPS,
+    K,
+    D,
+    decay,
+    eps,
+    NORMALIZE: tl.constexpr,
+    HAS_STEPS: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Per code k (n = COUNTS[k], S = SUMS[k]):
+
+        CLUSTER[k] <- decay * CLUSTER[k] + (1 - decay) * n
+        n > 0:  mu = S / n;  CODEBOOK[k] <- l2n(decay * c + (1 - decay) * l2n(mu))   (NORMALIZE)
+                             CODEBOOK[k] <- decay * c + (1 - decay) * mu             (otherwise)
+        n = 0:  CODEBOOK[k] untouched;   STEPS[k] <- 0 if n > 0 else STEPS[k] + 1
+    with l2n(v) = v / max(||v||, eps), computed in fp32 (fp64 for fp64 state).
+    """
+    pid = tl.program_id(0)
+    codes = pid * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_d = tl.arange(0, BLOCK_D)
+    kmask = codes < K
+    mask = kmask[:, None] & (offs_d < D)[None, :]
+    acc_ty = SUMS.dtype.element_ty
+    n = tl.load(COUNTS + codes, mask=kmask, other=0.0).to(acc_ty)
+    cl = tl.load(CLUSTER + codes, mask=kmask, other=0.0)
+    tl.store(CLUSTER + codes, (decay * cl.to(acc_ty) + (1.0 - decay) * n).to(cl.dtype), mask=kmask)
+    used = n > 0
+    ptrs = codes[:, None].to(tl.int64) * D + offs_d[None, :]
+    s = tl.load(SUMS + ptrs, mask=mask, other=0.0).to(acc_ty)
+    c_raw = tl.load(CODEBOOK + ptrs, mask=mask, other=0.0)
+    c = c_raw.to(acc_ty)
+    mu = s / tl.maximum(n, 1.0)[:, None]
+    if NORMALIZE:
+        mu = mu / tl.maximum(tl.sqrt(tl.sum(mu * mu, axis=1)), eps)[:, None]
+        new = decay * c + (1.0 - decay) * mu
+        new = new / tl.maximum(tl.sqrt(tl.sum(new * new, axis=1)), eps)[:, None]
+    else:
+        new = decay * c + (1.0 - decay) * mu
+    tl.store(CODEBOOK + ptrs, new.to(c_raw.dtype), mask=mask & used[:, None])
+    if HAS_STEPS:
+        st = tl.load(STEPS + codes, mask=kmask, other=0)
+        tl.store(STEPS + codes, tl.where(used, 0, st + 1), mask=kmask)
+
+
+def ema_scatter(z2d, indices, sums, counts, normalize, eps):
+    """SUMS/COUNTS must be zeroed by the caller; accumulates in their dtype (fp32/fp64)."""
+    M, D = z2d.shape
+    if M == 0:
+        return
+    block_d = triton.next_power_of_2(D)
+    block_m = max(1, min(128, 4096 // block_d))
+    _ema_scatter_kernel[(triton.cdiv(M, block_m),)](
+        z2d,
+        indices,
+        sums,
+        counts,
+        M,
+        D,
+        z2d.stride(0),
+        z2d.stride(1),
+        eps,
+        NORMALIZE=bool(normalize),
+        BLOCK_M=block_m,
+        BLOCK_D=block_d,
+        num_warps=4,
+    )
+
+
+def ema_finalize(codebook, cluster_size, counts, sums, decay, eps, normalize, steps):
+    K, D = codebook.shape
+    block_d = triton.next_power_of_2(D)
+    block_k = max(1, min(128, 4096 // block_d))
+    _ema_finalize_kernel[(triton.cdiv(K, block_k),)](
+        codebook,
+        cluster_size,
+        counts,
+        sums,
+        steps if steps is not None else counts,
+        K,
+        D,
+        decay,
+        eps,
+        NORMALIZE=bool(normalize),
+        HAS_STEPS=steps is not None,
+        BLOCK_K=block_k,
+        BLOCK_D=block_d,
+        num_warps=4,
+    )
