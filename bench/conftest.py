@@ -107,6 +107,34 @@ def median_time(fn, device, repeats=10, warmup=2) -> float:
     return statistics.median(times)
 
 
+_CEILINGS: dict[str, dict] = {}
+
+
+def device_ceilings(device: torch.device) -> dict:
+    """Measured once per run and device: copy bandwidth (GB/s, read + write) and a large GEMM (TFLOP/s;
+    bf16 on CUDA, fp32 on CPU). Every kernel's achieved rate is reported as a fraction of these."""
+    key = str(device)
+    if key in _CEILINGS:
+        return _CEILINGS[key]
+    cuda = device.type == "cuda"
+    n_bytes = (1 << 30) if cuda else (1 << 26)
+    src = torch.empty(n_bytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    copy_s = median_time(lambda: dst.copy_(src), device, repeats=10 if cuda else 5)
+    n = 8192 if cuda else 1024
+    dtype = torch.bfloat16 if cuda else torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    gemm_s = median_time(lambda: a @ b, device, repeats=10 if cuda else 3)
+    _CEILINGS[key] = {
+        "copy_GBps": 2 * n_bytes / copy_s / 1e9,
+        "gemm_TFLOPs": 2 * n**3 / gemm_s / 1e12,
+        "gemm_dtype": str(dtype).replace("torch.", ""),
+    }
+    del src, dst, a, b
+    return _CEILINGS[key]
+
+
 @pytest.fixture
 def bench(benchmark, bench_device):
     def run(fn, *args, kernel, provider, shape, dtype=None, device=None, reference=None, bytes_moved=None,
@@ -131,10 +159,16 @@ def bench(benchmark, bench_device):
             info["median_s"] = med
             if reference is not None and med > 0:
                 info["speedup_vs_reference"] = info["reference_median_s"] / med
+            if bytes_moved or flops:
+                ceil = device_ceilings(dev)
+                info["ceiling_copy_GBps"] = ceil["copy_GBps"]
+                info["ceiling_gemm_TFLOPs"] = ceil["gemm_TFLOPs"]
             if bytes_moved:
                 info["achieved_GBps"] = bytes_moved / med / 1e9
+                info["fraction_of_bandwidth"] = info["achieved_GBps"] / ceil["copy_GBps"]
             if flops:
                 info["achieved_TFLOPs"] = flops / med / 1e12
+                info["fraction_of_gemm_peak"] = info["achieved_TFLOPs"] / ceil["gemm_TFLOPs"]
         return result
 
     return run

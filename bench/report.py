@@ -73,7 +73,8 @@ def rows_from_json(data: dict):
         g["providers"][info["provider"]] = b["stats"]["median"]
         if info.get("reference_median_s") is not None:
             g["reference_extra"] = info["reference_median_s"]
-        for k in ("achieved_GBps", "achieved_TFLOPs", "bytes_moved", "flops"):
+        for k in ("achieved_GBps", "achieved_TFLOPs", "bytes_moved", "flops", "fraction_of_bandwidth",
+                  "fraction_of_gemm_peak"):
             if info.get(k) is not None and info["provider"] in OURS:
                 g["extra"][k] = info[k]
         meta = {k: info.get(k) for k in ("device", "torch", "triton", "python")}
@@ -88,6 +89,8 @@ def render(groups, meta) -> str:
         f"torch {meta.get('torch')}, triton {meta.get('triton')}, python {meta.get('python')}; run {meta.get('date')}.",
         "Medians from pytest-benchmark. `vs ref` = reference time / ours (higher is better); "
         "`vs peer` = fastest peer time / ours. Variants of ours (other thread counts, modes) follow the first time.",
+        "`achieved` = bytes moved or FLOPs over our median, and its fraction of the copy bandwidth / large-GEMM rate "
+        "measured in the same run.",
         "",
         "| kernel | shape | dtype | ours | reference | peers | vs ref | vs peer | achieved |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -105,10 +108,13 @@ def render(groups, meta) -> str:
         peer_txt = ", ".join(f"{p} {_fmt_time(t)}" for p, t in peers.items()) or "-"
         ours_txt = ", ".join([_fmt_time(ours)] + [f"{p} {_fmt_time(t)}" for p, t in variants.items()])
         ach = []
-        if "achieved_GBps" in g["extra"]:
-            ach.append(f"{g['extra']['achieved_GBps']:.1f} GB/s")
-        if "achieved_TFLOPs" in g["extra"]:
-            ach.append(f"{g['extra']['achieved_TFLOPs']:.2f} TFLOP/s")
+        ex = g["extra"]
+        if "achieved_GBps" in ex:
+            frac = f" ({100 * ex['fraction_of_bandwidth']:.0f}% of copy)" if "fraction_of_bandwidth" in ex else ""
+            ach.append(f"{ex['achieved_GBps']:.1f} GB/s{frac}")
+        if "achieved_TFLOPs" in ex:
+            frac = f" ({100 * ex['fraction_of_gemm_peak']:.0f}% of GEMM)" if "fraction_of_gemm_peak" in ex else ""
+            ach.append(f"{ex['achieved_TFLOPs']:.2f} TFLOP/s{frac}")
         lines.append(
             f"| {kernel} | {shape} | {dtype} | {ours_txt} | {_fmt_time(ref)} | {peer_txt} | {vs_ref} | "
             f"{vs_peer} | {', '.join(ach) or '-'} |"
