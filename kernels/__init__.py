@@ -13,6 +13,7 @@ from kernels._backend import (
     forced_backend,
     use_backend,
 )
+from kernels.attention import MultiheadSelfAttention, RelativePositionBias, attention
 from kernels.masking import blockwise_masks, random_masks, simmim_masks, spark_masks
 from kernels.masked import (
     MaskedLMHead,
@@ -37,6 +38,9 @@ __all__ = [
     "NotSupportedError",
     "forced_backend",
     "use_backend",
+    "attention",
+    "MultiheadSelfAttention",
+    "RelativePositionBias",
     "blockwise_masks",
     "random_masks",
     "simmim_masks",

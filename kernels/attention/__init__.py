@@ -1,0 +1,17 @@
+"""Fused attention with a learnable additive bias (relative position bias) and its gradient."""
+
+from kernels.attention.function import AttentionFunction, attention, attention_op
+from kernels.attention.module import MultiheadSelfAttention
+from kernels.attention.reference import attention_probabilities, attention_reference
+from kernels.attention.relative_position import RelativePositionBias, relative_position_index
+
+__all__ = [
+    "AttentionFunction",
+    "MultiheadSelfAttention",
+    "RelativePositionBias",
+    "attention",
+    "attention_op",
+    "attention_probabilities",
+    "attention_reference",
+    "relative_position_index",
+]
