@@ -48,7 +48,7 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
     slug = report.device_slug(meta)
     merged = report.merge_into(report.RESULTS / f"{slug}.json", output_json)
     groups, meta = report.rows_from_json(merged)
-    (report.RESULTS / f"{slug}.md").write_text(report.render(groups, meta))
+    report.write_report(groups, meta, report.RESULTS / f"{slug}.md")
 
 
 def pytest_collection_modifyitems(config, items):

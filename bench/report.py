@@ -122,10 +122,62 @@ def render(groups, meta) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(groups, meta, out_dir: pathlib.Path) -> list[pathlib.Path]:
+    """One PNG per kernel: median time (log scale) per shape, one bar per provider."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_kernel: dict[str, list] = collections.OrderedDict()
+    for (kernel, shape, dtype), g in groups.items():
+        by_kernel.setdefault(kernel, []).append((f"{shape} {dtype}".strip(), g["providers"]))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for kernel, rows in by_kernel.items():
+        providers = sorted({p for _, prov in rows for p in prov}, key=lambda p: (p.split("-")[0] not in OURS, p))
+        fig, ax = plt.subplots(figsize=(max(4.0, 1.6 * len(rows) + 2), 3.2))
+        width = 0.8 / max(1, len(providers))
+        for i, provider in enumerate(providers):
+            xs = [j + i * width for j, (_, prov) in enumerate(rows) if provider in prov]
+            ys = [prov[provider] * 1e3 for _, prov in rows if provider in prov]
+            ax.bar(xs, ys, width=width, label=provider)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(rows))])
+        ax.set_xticklabels([label for label, _ in rows], rotation=20, ha="right", fontsize=7)
+        ax.set_yscale("log")
+        ax.set_ylabel("median time (ms)")
+        ax.set_title(f"{kernel} on {meta.get('device')}", fontsize=8)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out_dir / f"{re.sub(r'[^a-z0-9_]+', '-', kernel.lower())}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def write_report(groups, meta, md_path: pathlib.Path, plots: bool = True) -> list[pathlib.Path]:
+    """The markdown table and, next to it in ``<stem>-plots/``, one PNG per kernel (linked from the table)."""
+    text = render(groups, meta)
+    written = [md_path]
+    if plots:
+        try:
+            pngs = plot(groups, meta, md_path.parent / f"{md_path.stem}-plots")
+        except ImportError:  # matplotlib missing: the table alone
+            pngs = []
+        if pngs:
+            text += "\n## Plots\n\n" + "\n".join(f"![{p.stem}]({p.parent.name}/{p.name})" for p in pngs) + "\n"
+            written += pngs
+    md_path.parent.mkdir(parents=True, exist_ok=True)
+    md_path.write_text(text)
+    return written
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("json", type=pathlib.Path, help="pytest-benchmark --benchmark-json output")
     p.add_argument("--out", type=pathlib.Path, default=None, help="markdown file (default bench/results/<device>.md)")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     args = p.parse_args(argv)
     groups, meta = load_rows(args.json)
     if not groups:
@@ -133,9 +185,8 @@ def main(argv=None):
     out = args.out
     if out is None:
         out = RESULTS / f"{device_slug(meta)}.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render(groups, meta))
-    print(out)
+    for path in write_report(groups, meta, out, plots=not args.no_plots):
+        print(path)
 
 
 if __name__ == "__main__":

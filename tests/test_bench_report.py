@@ -43,4 +43,8 @@ def test_cli_writes_markdown(tmp_path):
     raw.write_text(json.dumps({"benchmarks": [_bench("op", "native", 1e-3), _bench("op", "reference", 2e-3)]}))
     out = tmp_path / "out.md"
     report.main([str(raw), "--out", str(out)])
-    assert "| op | S | float32 | 1.00 ms | 2.00 ms | - | 2.00x |" in out.read_text()
+    text = out.read_text()
+    assert "| op | S | float32 | 1.00 ms | 2.00 ms | - | 2.00x |" in text
+    png = tmp_path / "out-plots" / "op.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "![op](out-plots/op.png)" in text
