@@ -22,4 +22,5 @@ PYBIND11_MODULE(_C, m) {
 #endif
   m.attr("build_info") = info;
   register_masks(m);
+  register_sparse_conv(m);
 }

@@ -3,3 +3,4 @@
 #include <pybind11/pybind11.h>
 
 void register_masks(pybind11::module_& m);
+void register_sparse_conv(pybind11::module_& m);

@@ -15,6 +15,14 @@ from kernels._backend import (
 )
 from kernels.attention import MultiheadSelfAttention, RelativePositionBias, attention
 from kernels.masking import blockwise_masks, random_masks, simmim_masks, spark_masks
+from kernels.sparse_conv import (
+    SparseBatchNorm2d,
+    SparseConv2d,
+    SparseLayerNorm,
+    sparse_context,
+    sparse_conv2d,
+    to_sparse,
+)
 from kernels.masked import (
     MaskedLMHead,
     MaskedTokenEmbedding,
@@ -30,6 +38,8 @@ from kernels.codebook import (
     kmeans_init_codebook,
     nearest_code,
 )
+from kernels import library  # registers the torch.library custom ops (namespace ssl_kernels)
+from kernels.patch import PatchReport, patch_timm
 
 __all__ = [
     "BACKENDS",
@@ -45,6 +55,12 @@ __all__ = [
     "random_masks",
     "simmim_masks",
     "spark_masks",
+    "sparse_conv2d",
+    "SparseConv2d",
+    "SparseBatchNorm2d",
+    "SparseLayerNorm",
+    "sparse_context",
+    "to_sparse",
     "masked_token_scatter",
     "gather_masked",
     "masked_cross_entropy",
@@ -56,4 +72,7 @@ __all__ = [
     "kmeans_init_codebook",
     "codebook_usage",
     "VectorQuantizer",
+    "library",
+    "PatchReport",
+    "patch_timm",
 ]

@@ -110,6 +110,10 @@ def attention(q, k, v, bias=None, scale=None, *, deterministic: bool | None = No
     """
     _check_inputs(q, k, v, bias, scale)
     scale = default_scale(q.shape[-1]) if scale is None else float(scale)
+    if torch.compiler.is_compiling():  # one opaque custom op in the graph (kernels.library)
+        from kernels._library.attention import attention as registered
+
+        return registered(q, k, v, bias, scale, deterministic_requested(deterministic))
     return attention_op(q, k, v, bias, scale, deterministic_requested(deterministic))
 
 

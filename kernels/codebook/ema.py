@@ -152,7 +152,7 @@ def _validate(
                 f"steps_since_used must have shape [K={K}] on {codebook.device}, "
                 f"got {tuple(steps_since_used.shape)} on {steps_since_used.device}"
             )
-    if check_inputs:
+    if check_inputs and not torch.compiler.is_compiling():  # a host sync: skipped while compiling
         check_finite_tensor("z", z)
         if indices.numel() and bool(((indices < 0) | (indices >= K)).any()):
             raise ValueError(
@@ -208,14 +208,22 @@ def ema_codebook_update(
     idx = indices.reshape(-1)
     counts = torch.empty(codebook.shape[0], dtype=embed_sum.dtype, device=codebook.device)
     decay, eps, normalize = float(decay), float(eps), bool(normalize)
-    ema_scatter_op(z2d, idx, embed_sum, counts, normalize, eps)
+    compiling = torch.compiler.is_compiling()  # then the registered ops (kernels.library), mutations declared
+    if compiling:
+        torch.ops.ssl_kernels.codebook_ema_scatter(z2d, idx, embed_sum, counts, normalize, eps)
+    else:
+        ema_scatter_op(z2d, idx, embed_sum, counts, normalize, eps)
     world = _dist_group_size(process_group)
     if world > 1:
         import torch.distributed as dist
 
         dist.all_reduce(counts, group=process_group)
         dist.all_reduce(embed_sum, group=process_group)
-    ema_finalize_op(codebook, cluster_size, counts, embed_sum, decay, eps, normalize, steps_since_used)
+    if compiling:
+        torch.ops.ssl_kernels.codebook_ema_finalize(codebook, cluster_size, counts, embed_sum, decay, eps, normalize,
+                                                    steps_since_used)
+    else:
+        ema_finalize_op(codebook, cluster_size, counts, embed_sum, decay, eps, normalize, steps_since_used)
     if dead_code_threshold is not None:
         _restart_dead_codes(
             codebook,

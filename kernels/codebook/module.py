@@ -70,7 +70,10 @@ class VectorQuantizer(nn.Module):
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
-        self._init_known = False  # re-read the loaded flag on the next forward
+        # read the loaded flag now (one host read at load time) so forward needs no sync and compiles
+        # without a graph break; unknown (meta tensors) -> re-read on the next forward
+        flag = self.initialized
+        self._init_known = flag.device.type != "meta" and bool(flag)
 
     @torch.no_grad()
     def _maybe_init(self, z_n):

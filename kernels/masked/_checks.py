@@ -18,7 +18,10 @@ def debug_enabled() -> bool:
 
 
 def host_checks_enabled(t: torch.Tensor) -> bool:
-    """Data-dependent checks run on CPU tensors (no sync to pay) or everywhere under KERNELS_DEBUG=1."""
+    """Data-dependent checks run on CPU tensors (no sync to pay) or everywhere under KERNELS_DEBUG=1;
+    never while ``torch.compile`` traces (they would break the graph)."""
+    if torch.compiler.is_compiling():
+        return False
     return t.device.type == "cpu" or debug_enabled()
 
 

@@ -115,4 +115,8 @@ def gather_masked(h, mask, num_masked=None):
             None to detect (one host sync; variable counts per row are supported, M = mask.sum()).
     """
     _validate(h, mask, num_masked)
+    if torch.compiler.is_compiling():  # one opaque custom op in the graph (kernels.library)
+        from kernels._library.masked import gather_masked as registered
+
+        return registered(h, mask, num_masked)
     return gather_op(h, mask, num_masked)

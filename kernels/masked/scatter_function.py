@@ -126,4 +126,8 @@ def masked_token_scatter(x, mask, mask_token, pos_embed=None, cls_token=None):
         [B, N (+1), D] in ``x.dtype`` (parameters are cast to it; their grads come back in their own dtype).
     """
     _validate(x, mask, mask_token, pos_embed, cls_token)
+    if torch.compiler.is_compiling():  # one opaque custom op in the graph (kernels.library)
+        from kernels._library.masked import masked_token_scatter as registered
+
+        return registered(x, mask, mask_token, pos_embed, cls_token)
     return scatter_op(x, mask, mask_token, pos_embed, cls_token)

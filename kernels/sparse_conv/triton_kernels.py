@@ -1,0 +1,616 @@
+"""Triton kernels of sparse convolution: implicit GEMM over the list of active sites (NHWC, zero halos).
+
+Notation as in :mod:`kernels.sparse_conv.function`; ``p(o, k)`` is the input site read by output site ``o``
+at kernel offset ``k = kh * KW + kw``. Site lists are padded to the dense size (``active_site_index``), and a
+device-side count makes programs past the last active site exit at once, so no host sync sizes the grid.
+This file is the only one that imports triton; it is imported lazily by the triton backend.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.sparse_conv.active import active_site_index
+
+
+@triton.jit
+def _neighbour(
+    s, m_ok, act_src, H_src, W_src, H_dst, W_dst, kh, kw, SH, SW, PH, PW, DH, DW, TRANSPOSED: tl.constexpr
+):
+    """Row index (in the src grid) of the site that dst site ``s`` reads at offset (kh, kw), and its validity.
+
+    forward (dst = output grid):  q = (b, oh*SH - PH + kh*DH, ow*SW - PW + kw*DW)
+    transposed (dst = input grid, src = output grid, for dx): q = (b, (ih + PH - kh*DH)/SH, ...) when the
+    division is exact. Valid iff in range and active in ``act_src``.
+    """
+    hw = H_dst * W_dst
+    b = s // hw
+    r = s % hw
+    y = r // W_dst
+    x = r % W_dst
+    if TRANSPOSED:
+        ty = y + PH - kh * DH
+        tx = x + PW - kw * DW
+        ok = m_ok & (ty >= 0) & (tx >= 0) & ((ty % SH) == 0) & ((tx % SW) == 0)
+        qy = ty // SH
+        qx = tx // SW
+    else:
+        qy = y * SH - PH + kh * DH
+        qx = x * SW - PW + kw * DW
+        ok = m_ok & (qy >= 0) & (qx >= 0)
+    ok = ok & (qy < H_src) & (qx < W_src)
+    q = (b * H_src + qy) * W_src + qx
+    q = tl.where(ok, q, 0)
+    a = tl.load(act_src + q, mask=ok, other=0)
+    return q, ok & (a != 0)
+
+
+@triton.jit
+def _sparse_conv_fwd_kernel(
+    src,
+    act_src,
+    sites,
+    count,
+    w,
+    bias,
+    dst,
+    H_src,
+    W_src,
+    H_dst,
+    W_dst,
+    KDIM: tl.constexpr,
+    NDIM: tl.constexpr,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    SH,
+    SW,
+    PH,
+    PW,
+    DH,
+    DW,
+    TRANSPOSED: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    ACC_F64: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Implicit GEMM over a block of active dst sites x a block of dst channels.
+
+    Channel counts and kernel sizes are compile-time constants (one compile per layer shape) so the
+    channel loop has static bounds.
+
+    forward:    dst[o, n] = bias[n] + sum_k sum_c src[p(o,k), c] * w[k, c, n]    (src = x, w = W[k, ci, co])
+    transposed: dst[p, n] = sum_k sum_c src[o(p,k), c] * w[k, c, n]              (src = g, w = W[k, co, ci])
+    Halo and inactive neighbours are masked loads (zeros); a kernel offset with no valid neighbour in the
+    block is skipped.
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    n_sites = tl.load(count)
+    if pid_m * BLOCK_M >= n_sites:
+        return
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < n_sites
+    s = tl.load(sites + offs_m, mask=m_ok, other=0)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < NDIM
+    if ACC_F64:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kh in range(KH):
+        for kw in range(KW):
+            q, ok = _neighbour(
+                s, m_ok, act_src, H_src, W_src, H_dst, W_dst, kh, kw, SH, SW, PH, PW, DH, DW, TRANSPOSED
+            )
+            if tl.max(ok.to(tl.int32), axis=0) > 0:
+                k = kh * KW + kw
+                for c0 in range(0, KDIM, BLOCK_K):
+                    offs_k = c0 + tl.arange(0, BLOCK_K)
+                    k_ok = offs_k < KDIM
+                    a = tl.load(
+                        src + q[:, None].to(tl.int64) * KDIM + offs_k[None, :],
+                        mask=ok[:, None] & k_ok[None, :],
+                        other=0.0,
+                    )
+                    b = tl.load(
+                        w + (k * KDIM + offs_k[:, None]).to(tl.int64) * NDIM + offs_n[None, :],
+                        mask=k_ok[:, None] & n_ok[None, :],
+                        other=0.0,
+                    )
+                    if DOT_F32:  # the CPU interpreter miscomputes bf16 dots: upcast there only
+                        acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+                    elif USE_DOT:
+                        acc += tl.dot(a, b, input_precision="ieee")
+                    else:
+                        acc += tl.sum(a[:, :, None].to(acc.dtype) * b[None, :, :].to(acc.dtype), axis=1)
+    if HAS_BIAS:
+        acc += tl.load(bias + offs_n, mask=n_ok, other=0.0).to(acc.dtype)[None, :]
+    tl.store(
+        dst + s[:, None].to(tl.int64) * NDIM + offs_n[None, :],
+        acc.to(dst.dtype.element_ty),
+        mask=m_ok[:, None] & n_ok[None, :],
+    )
+
+
+@triton.jit
+def _sparse_dwconv_fwd_kernel(
+    src,
+    act_src,
+    sites,
+    count,
+    w,
+    bias,
+    dst,
+    H_src,
+    W_src,
+    H_dst,
+    W_dst,
+    C,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    SH,
+    SW,
+    PH,
+    PW,
+    DH,
+    DW,
+    TRANSPOSED: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACC_F64: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """Depthwise: dst[o, c] = bias[c] + sum_k src[p(o,k), c] * w[k, c] (transposed: dx[p, c] from g)."""
+    pid_m = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    n_sites = tl.load(count)
+    if pid_m * BLOCK_M >= n_sites:
+        return
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < n_sites
+    s = tl.load(sites + offs_m, mask=m_ok, other=0)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = offs_c < C
+    if ACC_F64:
+        acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float64)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+    for kh in range(KH):
+        for kw in range(KW):
+            q, ok = _neighbour(
+                s, m_ok, act_src, H_src, W_src, H_dst, W_dst, kh, kw, SH, SW, PH, PW, DH, DW, TRANSPOSED
+            )
+            k = kh * KW + kw
+            a = tl.load(
+                src + q[:, None].to(tl.int64) * C + offs_c[None, :],
+                mask=ok[:, None] & c_ok[None, :],
+                other=0.0,
+            )
+            wk = tl.load(w + k * C + offs_c, mask=c_ok, other=0.0)
+            acc += a.to(acc.dtype) * wk.to(acc.dtype)[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias + offs_c, mask=c_ok, other=0.0).to(acc.dtype)[None, :]
+    tl.store(
+        dst + s[:, None].to(tl.int64) * C + offs_c[None, :],
+        acc.to(dst.dtype.element_ty),
+        mask=m_ok[:, None] & c_ok[None, :],
+    )
+
+
+@triton.jit
+def _sparse_conv_wgrad_kernel(
+    x,
+    act_in,
+    g,
+    sites,
+    count,
+    dw_part,
+    db_part,
+    H,
+    W,
+    Ho,
+    Wo,
+    CIN,
+    COUT,
+    KW: tl.constexpr,
+    SH,
+    SW,
+    PH,
+    PW,
+    DH,
+    DW,
+    SPLIT,
+    HAS_BIAS: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    ACC_F64: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_CI: tl.constexpr,
+    BLOCK_CO: tl.constexpr,
+):
+    """dW[k, ci, co] = sum_o x[p(o,k), ci] * g[o, co] over the active o of this split (blocks pid_s, pid_s +
+    SPLIT, ...); written to dw_part[pid_s] and summed on the host side of the launch (deterministic).
+    With HAS_BIAS the (k = 0, ci-block 0) programs also write dbias partials sum_o g[o, co]."""
+    pid_kc = tl.program_id(0)
+    pid_co = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    n_ci = tl.cdiv(CIN, BLOCK_CI)
+    k = pid_kc // n_ci
+    cb = pid_kc % n_ci
+    kh = k // KW
+    kw = k % KW
+    n_sites = tl.load(count)
+    offs_ci = cb * BLOCK_CI + tl.arange(0, BLOCK_CI)
+    ci_ok = offs_ci < CIN
+    offs_co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    co_ok = offs_co < COUT
+    if ACC_F64:
+        acc = tl.zeros((BLOCK_CI, BLOCK_CO), dtype=tl.float64)
+        accb = tl.zeros((BLOCK_CO,), dtype=tl.float64)
+    else:
+        acc = tl.zeros((BLOCK_CI, BLOCK_CO), dtype=tl.float32)
+        accb = tl.zeros((BLOCK_CO,), dtype=tl.float32)
+    m0 = pid_s * BLOCK_M
+    while m0 < n_sites:  # (a while loop: the interpreter cannot range() over a loaded scalar)
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < n_sites
+        s = tl.load(sites + offs_m, mask=m_ok, other=0)
+        q, ok = _neighbour(s, m_ok, act_in, H, W, Ho, Wo, kh, kw, SH, SW, PH, PW, DH, DW, False)
+        gb = tl.load(
+            g + s[:, None].to(tl.int64) * COUT + offs_co[None, :],
+            mask=m_ok[:, None] & co_ok[None, :],
+            other=0.0,
+        )
+        xa = tl.load(
+            x + q[:, None].to(tl.int64) * CIN + offs_ci[None, :], mask=ok[:, None] & ci_ok[None, :], other=0.0
+        )
+        if DOT_F32:
+            acc += tl.dot(tl.trans(xa.to(tl.float32)), gb.to(tl.float32), input_precision="ieee")
+        elif USE_DOT:
+            acc += tl.dot(tl.trans(xa), gb, input_precision="ieee")
+        else:
+            acc += tl.sum(xa[:, :, None].to(acc.dtype) * gb[:, None, :].to(acc.dtype), axis=0)
+        if HAS_BIAS:
+            accb += tl.sum(gb.to(accb.dtype), axis=0)
+        m0 += SPLIT * BLOCK_M
+    n_k = tl.num_programs(0) // n_ci
+    base = ((pid_s.to(tl.int64) * n_k + k) * CIN + offs_ci[:, None]) * COUT + offs_co[None, :]
+    tl.store(dw_part + base, acc, mask=ci_ok[:, None] & co_ok[None, :])
+    if HAS_BIAS:  # noqa: SIM102 (constexpr guard around a runtime test)
+        if pid_kc == 0:
+            tl.store(db_part + pid_s * COUT + offs_co, accb, mask=co_ok)
+
+
+@triton.jit
+def _sparse_dwconv_wgrad_kernel(
+    x,
+    act_in,
+    g,
+    sites,
+    count,
+    dw_part,
+    db_part,
+    H,
+    W,
+    Ho,
+    Wo,
+    C,
+    KW: tl.constexpr,
+    SH,
+    SW,
+    PH,
+    PW,
+    DH,
+    DW,
+    SPLIT,
+    HAS_BIAS: tl.constexpr,
+    ACC_F64: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """Depthwise dW[k, c] = sum_o x[p(o,k), c] * g[o, c] (split over site blocks, partials per split);
+    the k = 0 programs also write dbias partials sum_o g[o, c]."""
+    k = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    kh = k // KW
+    kw = k % KW
+    n_sites = tl.load(count)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = offs_c < C
+    if ACC_F64:
+        acc = tl.zeros((BLOCK_C,), dtype=tl.float64)
+        accb = tl.zeros((BLOCK_C,), dtype=tl.float64)
+    else:
+        acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        accb = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    m0 = pid_s * BLOCK_M
+    while m0 < n_sites:  # (a while loop: the interpreter cannot range() over a loaded scalar)
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < n_sites
+        s = tl.load(sites + offs_m, mask=m_ok, other=0)
+        q, ok = _neighbour(s, m_ok, act_in, H, W, Ho, Wo, kh, kw, SH, SW, PH, PW, DH, DW, False)
+        gb = tl.load(
+            g + s[:, None].to(tl.int64) * C + offs_c[None, :], mask=m_ok[:, None] & c_ok[None, :], other=0.0
+        ).to(acc.dtype)
+        xa = tl.load(
+            x + q[:, None].to(tl.int64) * C + offs_c[None, :], mask=ok[:, None] & c_ok[None, :], other=0.0
+        ).to(acc.dtype)
+        acc += tl.sum(xa * gb, axis=0)
+        if HAS_BIAS:
+            accb += tl.sum(gb, axis=0)
+        m0 += SPLIT * BLOCK_M
+    K = tl.num_programs(0)
+    tl.store(dw_part + (pid_s.to(tl.int64) * K + k) * C + offs_c, acc, mask=c_ok)
+    if HAS_BIAS:  # noqa: SIM102 (constexpr guard around a runtime test)
+        if k == 0:
+            tl.store(db_part + pid_s * C + offs_c, accb, mask=c_ok)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# launchers (same signatures as kernels.sparse_conv.native)
+
+
+def _use_dot(dtype) -> bool:
+    return dtype != torch.float64
+
+
+def _dot_f32(t) -> bool:
+    """Upcast bf16 dot operands to fp32 under the CPU interpreter (its bf16 tl.dot is wrong); never on GPU."""
+    return t.device.type == "cpu" and t.dtype == torch.bfloat16
+
+
+def _acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _blocks(n: int, lo: int = 16, hi: int = 64) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(max(1, n))))
+
+
+def _u8(active):
+    return active.contiguous().view(torch.uint8)
+
+
+def _grid_sites(n_dense: int, block: int) -> int:
+    return max(1, triton.cdiv(n_dense, block))
+
+
+def _split(n_dense: int, block_m: int, device, partial_elems: int) -> int:
+    """Number of site splits of the weight-gradient reduction: enough programs to fill the GPU, while the
+    fp32 partials (``split x partial_elems``) stay under 64 MiB."""
+    if device.type != "cuda":
+        return 2
+    cap = max(1, (64 << 20) // (4 * max(1, partial_elems)))
+    return max(1, min(64, cap, triton.cdiv(n_dense, block_m * 4)))
+
+
+def _check_buffer(name, buf, shape, like):
+    if buf.shape != shape or buf.dtype != like.dtype or not buf.is_contiguous():
+        raise ValueError(
+            f"{name}: expected a contiguous {like.dtype} buffer of shape {tuple(shape)}, "
+            f"got {buf.dtype} {tuple(buf.shape)}"
+        )
+
+
+def _gather_gemm(src, act_src, act_dst, w, bias, out, transposed, depthwise, kdim, ndim, geom):
+    (H_src, W_src, H_dst, W_dst, KH, KW, stride, padding, dilation) = geom
+    sites, count = active_site_index(act_dst)
+    out.view(-1, ndim)[:] = 0  # inactive rows (the kernel writes every active row)
+    n_dense = sites.numel()
+    acc64 = src.dtype == torch.float64
+    common = (H_src, W_src, H_dst, W_dst)
+    conv = (stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1])
+    bias_arg = bias if bias is not None else out
+    if depthwise:
+        BM, BC = 32, _blocks(ndim, 16, 64)
+        grid = (_grid_sites(n_dense, BM), triton.cdiv(ndim, BC))
+        _sparse_dwconv_fwd_kernel[grid](
+            src,
+            _u8(act_src),
+            sites,
+            count,
+            w,
+            bias_arg,
+            out,
+            *common,
+            ndim,
+            KH,
+            KW,
+            *conv,
+            TRANSPOSED=transposed,
+            HAS_BIAS=bias is not None,
+            ACC_F64=acc64,
+            BLOCK_M=BM,
+            BLOCK_C=BC,
+        )
+    else:
+        if src.device.type == "cuda":  # standard tensor-core tile sizes
+            BM, BN, BK = 64, _blocks(ndim, 16, 128), _blocks(kdim, 16, 64)
+        else:  # interpreter: small tiles keep the emulation fast
+            BM, BN, BK = 32, _blocks(ndim, 16, 64), _blocks(kdim, 16, 32)
+        if acc64:  # fp64 runs the broadcast-multiply-sum path: keep the 3-D product small
+            BM, BN, BK = 16, 16, 16
+        grid = (_grid_sites(n_dense, BM), triton.cdiv(ndim, BN))
+        _sparse_conv_fwd_kernel[grid](
+            src,
+            _u8(act_src),
+            sites,
+            count,
+            w,
+            bias_arg,
+            out,
+            *common,
+            kdim,
+            ndim,
+            KH,
+            KW,
+            *conv,
+            TRANSPOSED=transposed,
+            HAS_BIAS=bias is not None,
+            USE_DOT=_use_dot(src.dtype),
+            DOT_F32=_dot_f32(src),
+            ACC_F64=acc64,
+            BLOCK_M=BM,
+            BLOCK_N=BN,
+            BLOCK_K=BK,
+        )
+    return out
+
+
+def forward(x_nhwc, active_in, active_out, weight, bias, stride, padding, dilation, depthwise, out=None):
+    """``out[B, Ho, Wo, Cout]`` NHWC; inactive rows zero-filled, active rows computed by the kernel."""
+    B, H, W, Cin = x_nhwc.shape
+    Ho, Wo = active_out.shape[1:]
+    Cout, cin_g, KH, KW = weight.shape
+    x_nhwc = x_nhwc.contiguous()
+    if depthwise:
+        wp = weight.reshape(Cout, KH * KW).t().contiguous()
+    else:
+        wp = weight.permute(2, 3, 1, 0).reshape(KH * KW, cin_g, Cout).contiguous()
+    shape = (B, Ho, Wo, Cout)
+    if out is None:
+        out = x_nhwc.new_empty(shape)
+    _check_buffer("out", out, shape, x_nhwc)
+    geom = (H, W, Ho, Wo, KH, KW, stride, padding, dilation)
+    return _gather_gemm(
+        x_nhwc,
+        active_in,
+        active_out,
+        wp,
+        None if bias is None else bias.contiguous(),
+        out,
+        False,
+        depthwise,
+        Cin,
+        Cout,
+        geom,
+    )
+
+
+def backward_input(g_nhwc, active_in, active_out, weight, stride, padding, dilation, depthwise, out=None):
+    """``dx[B, H, W, Cin]`` NHWC, zero at inactive input sites."""
+    B, Ho, Wo, Cout = g_nhwc.shape
+    H, W = active_in.shape[1:]
+    _, cin_g, KH, KW = weight.shape
+    Cin = Cout if depthwise else cin_g
+    g_nhwc = g_nhwc.contiguous()
+    if depthwise:
+        wp = weight.reshape(Cout, KH * KW).t().contiguous()
+    else:
+        wp = weight.permute(2, 3, 0, 1).reshape(KH * KW, Cout, cin_g).contiguous()
+    shape = (B, H, W, Cin)
+    if out is None:
+        out = g_nhwc.new_empty(shape)
+    _check_buffer("dx", out, shape, g_nhwc)
+    geom = (Ho, Wo, H, W, KH, KW, stride, padding, dilation)
+    return _gather_gemm(g_nhwc, active_out, active_in, wp, None, out, True, depthwise, Cout, Cin, geom)
+
+
+def backward_weight(
+    x_nhwc,
+    g_nhwc,
+    active_in,
+    active_out,
+    weight_shape,
+    stride,
+    padding,
+    dilation,
+    depthwise,
+    need_bias=True,
+    out=None,
+    out_bias=None,
+):
+    """``(dweight [Cout, Cin/groups, KH, KW], dbias [Cout] or None)`` (fp32/fp64 partials, summed here)."""
+    _, H, W, Cin = x_nhwc.shape
+    _, Ho, Wo, Cout = g_nhwc.shape
+    _, _, KH, KW = weight_shape
+    K = KH * KW
+    x_nhwc, g_nhwc = x_nhwc.contiguous(), g_nhwc.contiguous()
+    sites, count = active_site_index(active_out)
+    acc = _acc_dtype(x_nhwc.dtype)
+    conv = (stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1])
+    BM = 16 if acc == torch.float64 else 32
+    split = _split(sites.numel(), BM, x_nhwc.device, K * (1 if depthwise else Cin) * Cout)
+    if depthwise:
+        BC = _blocks(Cout, 16, 64)
+        dw_part = torch.zeros((split, K, Cout), device=x_nhwc.device, dtype=acc)
+        db_part = torch.zeros((split, Cout), device=x_nhwc.device, dtype=acc)
+        grid = (K, triton.cdiv(Cout, BC), split)
+        _sparse_dwconv_wgrad_kernel[grid](
+            x_nhwc,
+            _u8(active_in),
+            g_nhwc,
+            sites,
+            count,
+            dw_part,
+            db_part,
+            H,
+            W,
+            Ho,
+            Wo,
+            Cout,
+            KW,
+            *conv,
+            split,
+            HAS_BIAS=need_bias,
+            ACC_F64=acc == torch.float64,
+            BLOCK_M=BM,
+            BLOCK_C=BC,
+        )
+        dw = dw_part.sum(0).t().reshape(Cout, 1, KH, KW)
+    else:
+        BCI, BCO = _blocks(Cin, 16, 32), _blocks(Cout, 16, 64)
+        if acc == torch.float64:
+            BCI, BCO = 16, 16
+        n_ci = triton.cdiv(Cin, BCI)
+        dw_part = torch.zeros((split, K, Cin, Cout), device=x_nhwc.device, dtype=acc)
+        db_part = torch.zeros((split, Cout), device=x_nhwc.device, dtype=acc)
+        grid = (K * n_ci, triton.cdiv(Cout, BCO), split)
+        _sparse_conv_wgrad_kernel[grid](
+            x_nhwc,
+            _u8(active_in),
+            g_nhwc,
+            sites,
+            count,
+            dw_part,
+            db_part,
+            H,
+            W,
+            Ho,
+            Wo,
+            Cin,
+            Cout,
+            KW,
+            *conv,
+            split,
+            HAS_BIAS=need_bias,
+            USE_DOT=_use_dot(x_nhwc.dtype),
+            DOT_F32=_dot_f32(x_nhwc),
+            ACC_F64=acc == torch.float64,
+            BLOCK_M=BM,
+            BLOCK_CI=BCI,
+            BLOCK_CO=BCO,
+        )
+        dw = dw_part.sum(0).reshape(KH, KW, Cin, Cout).permute(3, 2, 0, 1)
+    dw = dw.to(x_nhwc.dtype)
+    if out is not None:
+        _check_buffer("dweight", out, tuple(weight_shape), dw)
+        out.copy_(dw)
+        dw = out
+    else:
+        dw = dw.contiguous()
+    db = None
+    if need_bias:
+        db = db_part.sum(0).to(x_nhwc.dtype)
+        if out_bias is not None:
+            _check_buffer("dbias", out_bias, (Cout,), db)
+            out_bias.copy_(db)
+            db = out_bias
+    return dw, db

@@ -1,0 +1,630 @@
+"""Sparse (submanifold / SparK) convolution: C++ and Triton backends vs the dense oracle, modules, to_sparse."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_close, poison
+from torch import nn
+
+from kernels import NotSupportedError, use_backend
+from kernels._backend import native_reasons
+from kernels.sparse_conv import (
+    SparseAdaptiveAvgPool2d,
+    SparseAvgPool2d,
+    SparseBatchNorm2d,
+    SparseConv2d,
+    SparseLayerNorm,
+    SparseMaxPool2d,
+    downsample_active,
+    sparse_context,
+    sparse_conv2d,
+    to_sparse,
+    upsample_active,
+)
+from kernels.sparse_conv.function import sparse_conv_op
+from kernels.sparse_conv.reference import sparse_conv2d_reference
+
+needs_native = pytest.mark.skipif(bool(native_reasons()), reason="kernels._C is not built")
+
+
+def _inputs(B, C, Cout, H, W, k, groups, density, dtype, *, noncontig=False, garbage=True):
+    if noncontig:  # channels-last storage seen through NCHW, a strided weight and a transposed map
+        x = torch.randn(B, H, W, C, dtype=dtype).permute(0, 3, 1, 2)
+        w = torch.randn(k, k, C // groups, Cout, dtype=dtype).permute(3, 2, 0, 1)
+        active = torch.rand(B, W, H).transpose(1, 2) < density
+    else:
+        x = torch.randn(B, C, H, W, dtype=dtype)
+        w = torch.randn(Cout, C // groups, k, k, dtype=dtype)
+        active = torch.rand(B, H, W) < density
+    if not garbage:
+        x = x * active.unsqueeze(1)
+    b = torch.randn(Cout, dtype=dtype)
+    return x, active, w, b
+
+
+def _check_against_reference(x, active, w, b, stride, padding, groups, dtype, backend, atol=None, rtol=None):
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
+    xs, ws, bs = (t.detach().clone().requires_grad_() for t in (x, w, b))
+    with use_backend(backend, op="sparse_conv2d"):
+        out, a_out = sparse_conv2d(xs, active, ws, bs, stride=stride, padding=padding, groups=groups)
+    ref = sparse_conv2d_reference(x64, active, a_out, w64, b64, stride, padding, 1, groups)
+    assert out.dtype == dtype
+    assert_close(out, ref, dtype=dtype, atol=atol, rtol=rtol, name="out")
+    inactive = ~a_out.unsqueeze(1).expand_as(out)
+    assert (out.detach()[inactive] == 0).all(), "inactive output sites must be exactly zero"
+    g = torch.randn(ref.shape, dtype=torch.float64)
+    gx, gw, gb = torch.autograd.grad(out, (xs, ws, bs), g.to(dtype))
+    rx, rw, rb = torch.autograd.grad(ref, (x64, w64, b64), g)
+    assert_close(gx, rx, dtype=dtype, atol=atol, rtol=rtol, name="dx")
+    assert (gx[~active.unsqueeze(1).expand_as(gx)] == 0).all(), "dx must be zero at inactive input sites"
+    assert_close(gw, rw, dtype=dtype, atol=atol, rtol=rtol, name="dweight")
+    assert_close(gb, rb, dtype=dtype, atol=atol, rtol=rtol, name="dbias")
+    return a_out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# native C++ backend
+
+
+@needs_native
+@pytest.mark.native
+@pytest.mark.parametrize("density", [0.0, 0.4, 1.0])
+@pytest.mark.parametrize("k,stride", [(1, 1), (3, 1), (7, 1), (1, 2), (3, 2), (7, 2)])
+@pytest.mark.parametrize("C,depthwise", [(3, False), (24, False), (24, True)])
+@pytest.mark.parametrize("H,W", [(13, 28), (28, 13)])
+def test_native_float64_matches_reference(H, W, C, depthwise, k, stride, density):
+    groups, Cout = (C, C) if depthwise else (1, 24 if C == 3 else 17)
+    x, active, w, b = _inputs(2, C, Cout, H, W, k, groups, density, torch.float64, noncontig=(H == 28))
+    assert sparse_conv_op.select(x, active, active, w, b, (1, 1), (0, 0), (1, 1), groups).backend == "native"
+    a_out = _check_against_reference(x, active, w, b, stride, k // 2, groups, torch.float64, "native")
+    assert torch.equal(a_out, downsample_active(active, stride, a_out.shape[1:]))
+
+
+@needs_native
+@pytest.mark.native
+@pytest.mark.parametrize(
+    "C,Cout,groups,k,stride", [(24, 40, 1, 3, 1), (3, 64, 1, 7, 2), (40, 40, 40, 7, 1), (33, 20, 1, 1, 2)]
+)
+def test_native_float32(C, Cout, groups, k, stride):
+    x, active, w, b = _inputs(2, C, Cout, 15, 11, k, groups, 0.4, torch.float32)
+    # |out| sums up to k*k*C products: scale the absolute tolerance with the reduction length
+    _check_against_reference(
+        x, active, w, b, stride, k // 2, groups, torch.float32, "native", atol=2e-6 * k * k * C, rtol=1e-4
+    )
+
+
+@needs_native
+@pytest.mark.native
+def test_native_dilation_padding_and_explicit_active_out():
+    x, active, w, b = _inputs(2, 5, 9, 12, 10, 3, 1, 0.5, torch.float64)
+    a_out = torch.rand(2, 12, 10) < 0.7
+    out, got = sparse_conv2d(x, active, w, b, stride=1, padding=2, dilation=2, active_out=a_out)
+    assert got is a_out
+    assert_close(out, sparse_conv2d_reference(x, active, a_out, w, b, 1, 2, 2, 1), name="dilated")
+    out, a2 = sparse_conv2d(x, active, w, None, stride=(2, 1), padding=(0, 1))
+    assert_close(
+        out, sparse_conv2d_reference(x, active, a2, w, None, (2, 1), (0, 1), 1, 1), name="asymmetric"
+    )
+
+
+@needs_native
+@pytest.mark.native
+@pytest.mark.parametrize("depthwise", [False, True])
+def test_native_launchers_write_every_element(depthwise):
+    from kernels.sparse_conv import native
+
+    C, Cout = (6, 6) if depthwise else (5, 19)
+    x, active, w, b = _inputs(2, C, Cout, 9, 7, 3, C if depthwise else 1, 0.5, torch.float64)
+    a_out = downsample_active(active, 2, (5, 4))
+    x_nhwc = x.permute(0, 2, 3, 1).contiguous()
+    out = poison(torch.empty(2, 5, 4, Cout, dtype=torch.float64))
+    native.forward(x_nhwc, active, a_out, w, b, (2, 2), (1, 1), (1, 1), depthwise, out=out)
+    ref = sparse_conv2d_reference(x, active, a_out, w, b, 2, 1, 1, C if depthwise else 1)
+    assert_close(out.permute(0, 3, 1, 2), ref, name="out")
+    g = torch.randn(2, 5, 4, Cout, dtype=torch.float64)
+    dx = poison(torch.empty(2, 9, 7, C, dtype=torch.float64))
+    native.backward_input(g, active, a_out, w, (2, 2), (1, 1), (1, 1), depthwise, out=dx)
+    xr, wr, br = (t.clone().requires_grad_() for t in (x, w, b))
+    ref = sparse_conv2d_reference(xr, active, a_out, wr, br, 2, 1, 1, C if depthwise else 1)
+    rx, rw, rb = torch.autograd.grad(ref, (xr, wr, br), g.permute(0, 3, 1, 2))
+    assert_close(dx.permute(0, 3, 1, 2), rx, name="dx")
+    shape = (9, Cout) if depthwise else (9, C, native._padded(Cout, torch.float64))
+    dw_buf, db_buf = (
+        poison(torch.empty(shape, dtype=torch.float64)),
+        poison(torch.empty(Cout, dtype=torch.float64)),
+    )
+    dw, db = native.backward_weight(
+        x_nhwc,
+        g,
+        active,
+        a_out,
+        tuple(w.shape),
+        (2, 2),
+        (1, 1),
+        (1, 1),
+        depthwise,
+        out=dw_buf,
+        out_bias=db_buf,
+    )
+    assert_close(dw, rw, name="dweight")
+    assert_close(db, rb, name="dbias")
+    assert torch.isfinite(dw_buf).all(), "the packed weight-gradient buffer must be fully written"
+
+
+@needs_native
+@pytest.mark.native
+def test_native_is_deterministic_and_ignores_inactive_values():
+    x, active, w, b = _inputs(2, 16, 32, 14, 14, 3, 1, 0.4, torch.float32)
+    out1, _ = sparse_conv2d(x, active, w, b, padding=1)
+    out2, _ = sparse_conv2d(x * active.unsqueeze(1), active, w, b, padding=1)
+    assert torch.equal(out1, out2)
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    grads = []
+    for _ in range(2):
+        out, _ = sparse_conv2d(xr, active, wr, b, padding=1)
+        grads.append(torch.autograd.grad(out.square().sum(), (xr, wr)))
+    assert all(torch.equal(a, c) for a, c in zip(*grads))
+
+
+@needs_native
+@pytest.mark.native
+@pytest.mark.parametrize("C,Cout,groups,k,stride", [(24, 17, 1, 3, 2), (3, 20, 1, 7, 2), (12, 12, 12, 7, 1)])
+def test_native_baseline_isa(C, Cout, groups, k, stride):
+    from kernels._backend import native
+
+    x, active, w, b = _inputs(2, C, Cout, 13, 12, k, groups, 0.6, torch.float64)
+    assert native().sparse_conv2d_set_isa("base") == "base"
+    try:
+        _check_against_reference(x, active, w, b, stride, k // 2, groups, torch.float64, "native")
+    finally:
+        native().sparse_conv2d_set_isa("auto")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Triton (interpreter on CPU; tiny shapes)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize(
+    "C,Cout,groups,k,stride,density",
+    [
+        (3, 5, 1, 3, 1, 0.4),
+        (6, 6, 6, 7, 1, 0.4),
+        (5, 3, 1, 1, 2, 1.0),
+        (6, 6, 6, 3, 2, 1.0),
+        (3, 4, 1, 3, 2, 0.0),
+        (3, 4, 1, 7, 2, 0.4),
+    ],
+)
+def test_triton_matches_reference(C, Cout, groups, k, stride, density, dtype, device):
+    x, active, w, b = _inputs(2, C, Cout, 7, 6, k, groups, density, dtype, noncontig=(k == 3))
+    x, active, w, b = (t.to(device) for t in (x, active, w, b))
+    assert (
+        sparse_conv_op.not_supported_reasons("triton", x, active, active, w, b, (1, 1), (0, 0), (1, 1), 1)
+        != []
+        or device.type == "cuda"
+    )
+    _check_against_reference(
+        x,
+        active,
+        w,
+        b,
+        stride,
+        k // 2,
+        groups,
+        dtype,
+        "triton",
+        atol=None if dtype == torch.float64 else 1e-5 * k * k * C,
+    )
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("depthwise", [False, True])
+def test_triton_launchers_write_every_active_element(depthwise, device):
+    from kernels.sparse_conv import triton_kernels as tk
+
+    C, Cout = (4, 4) if depthwise else (3, 5)
+    groups = C if depthwise else 1
+    x, active, w, b = (t.to(device) for t in _inputs(1, C, Cout, 6, 5, 3, groups, 0.5, torch.float64))
+    a_out = downsample_active(active, 1, (6, 5))
+    x_nhwc = x.permute(0, 2, 3, 1).contiguous()
+    out = poison(torch.empty(1, 6, 5, Cout, dtype=torch.float64, device=device))
+    tk.forward(x_nhwc, active, a_out, w, b, (1, 1), (1, 1), (1, 1), depthwise, out=out)
+    assert_close(
+        out.permute(0, 3, 1, 2), sparse_conv2d_reference(x, active, a_out, w, b, 1, 1, 1, groups), name="out"
+    )
+    g = torch.randn(1, 6, 5, Cout, dtype=torch.float64, device=device)
+    dx = poison(torch.empty(1, 6, 5, C, dtype=torch.float64, device=device))
+    tk.backward_input(g, active, a_out, w, (1, 1), (1, 1), (1, 1), depthwise, out=dx)
+    xr, wr, br = (t.clone().requires_grad_() for t in (x, w, b))
+    ref = sparse_conv2d_reference(xr, active, a_out, wr, br, 1, 1, 1, groups)
+    rx, rw, rb = torch.autograd.grad(ref, (xr, wr, br), g.permute(0, 3, 1, 2))
+    assert_close(dx.permute(0, 3, 1, 2), rx, name="dx")
+    dw_buf = poison(torch.empty(w.shape, dtype=torch.float64, device=device))
+    db_buf = poison(torch.empty(Cout, dtype=torch.float64, device=device))
+    dw, db = tk.backward_weight(
+        x_nhwc,
+        g,
+        active,
+        a_out,
+        tuple(w.shape),
+        (1, 1),
+        (1, 1),
+        (1, 1),
+        depthwise,
+        out=dw_buf,
+        out_bias=db_buf,
+    )
+    assert_close(dw, rw, name="dweight")
+    assert_close(db, rb, name="dbias")
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("groups", [1, 4])
+def test_triton_low_precision(dtype, groups, device):
+    x, active, w, b = (
+        t.to(device) for t in _inputs(2, 4, 4 if groups > 1 else 6, 6, 5, 3, groups, 0.6, torch.float32)
+    )
+    x, w, b = (t.to(dtype).requires_grad_() for t in (x, w, b))
+    with use_backend("triton", op="sparse_conv2d"):
+        out, a_out = sparse_conv2d(x, active, w, b, padding=1, groups=groups)
+        grads = torch.autograd.grad(out, (x, w, b), torch.ones_like(out))
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
+    ref = sparse_conv2d_reference(x64, active, a_out, w64, b64, 1, 1, 1, groups)
+    refs = torch.autograd.grad(ref, (x64, w64, b64), torch.ones_like(ref))
+    tol = {"atol": 0.1, "rtol": 2e-2} if dtype == torch.bfloat16 else {"atol": 2e-2, "rtol": 2e-3}
+    assert out.dtype == dtype and all(g.dtype == dtype for g in grads)
+    assert_close(out, ref, dtype=dtype, name="out", **tol)
+    for g, r, name in zip(grads, refs, ("dx", "dweight", "dbias")):
+        assert_close(g, r, dtype=dtype, name=name, **tol)
+
+
+_AOT_SCRIPT = r"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from kernels.sparse_conv import triton_kernels as tk
+
+P, A = "*bf16", "*fp32"
+geo = {n: "i32" for n in ("SH", "SW", "PH", "PW", "DH", "DW")}
+fwd = {"src": P, "act_src": "*u8", "sites": "*i64", "count": "*i64", "w": P, "bias": P, "dst": P,
+       "H_src": "i32", "W_src": "i32", "H_dst": "i32", "W_dst": "i32"}
+wg = {"x": P, "act_in": "*u8", "g": P, "sites": "*i64", "count": "*i64", "dw_part": A, "db_part": A,
+      "H": "i32", "W": "i32", "Ho": "i32", "Wo": "i32"}
+cases = [
+    (tk._sparse_conv_fwd_kernel, {**fwd, **geo},
+     dict(KDIM=256, NDIM=192, KH=3, KW=3, TRANSPOSED=False, HAS_BIAS=True, USE_DOT=True, DOT_F32=False,
+          ACC_F64=False, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64)),
+    (tk._sparse_conv_fwd_kernel, {**fwd, **geo},
+     dict(KDIM=192, NDIM=256, KH=3, KW=3, TRANSPOSED=True, HAS_BIAS=False, USE_DOT=True, DOT_F32=False,
+          ACC_F64=False, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64)),
+    (tk._sparse_dwconv_fwd_kernel, {**fwd, "C": "i32", **geo},
+     dict(KH=7, KW=7, TRANSPOSED=False, HAS_BIAS=True, ACC_F64=False, BLOCK_M=32, BLOCK_C=64)),
+    (tk._sparse_conv_wgrad_kernel, {**wg, "CIN": "i32", "COUT": "i32", **geo, "SPLIT": "i32"},
+     dict(KW=3, HAS_BIAS=True, USE_DOT=True, DOT_F32=False, ACC_F64=False, BLOCK_M=32, BLOCK_CI=32, BLOCK_CO=64)),
+    (tk._sparse_dwconv_wgrad_kernel, {**wg, "C": "i32", **geo, "SPLIT": "i32"},
+     dict(KW=7, HAS_BIAS=True, ACC_F64=False, BLOCK_M=32, BLOCK_C=64)),
+]
+for fn, sig, consts in cases:
+    names = fn.arg_names
+    sig = {n: sig.get(n, "constexpr") for n in names}
+    triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32))
+print("compiled", len(cases))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.interpreter
+def test_triton_kernels_compile_for_sm90():
+    """The kernels lower through the real NVIDIA backend (bf16, Hopper) even on a CPU-only machine."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.backends.nvidia")
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    out = subprocess.run(
+        [sys.executable, "-c", _AOT_SCRIPT], capture_output=True, text=True, env=env, timeout=600, check=False
+    )
+    if out.returncode != 0 and "ptxas" in out.stderr and "not found" in out.stderr:
+        pytest.skip("no ptxas available to the Triton NVIDIA backend")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "compiled 5" in out.stdout
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_triton_low_precision_cuda(dtype, device):
+    x, active, w, b = (t.to(device) for t in _inputs(4, 64, 96, 28, 28, 3, 1, 0.4, torch.float32))
+    ref = sparse_conv2d_reference(x.double(), active, active, w.double(), b.double(), 1, 1, 1, 1)
+    with use_backend("triton", op="sparse_conv2d"):
+        out, _ = sparse_conv2d(x.to(dtype), active, w.to(dtype), b.to(dtype), padding=1)
+    assert_close(out, ref, dtype=dtype, atol=0.3, rtol=5e-2, name="out")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# activity maps, dispatch, errors
+
+
+def test_downsample_active_rule():
+    a = torch.zeros(1, 5, 6, dtype=torch.bool)
+    a[0, 4, 0] = True  # bottom-left site of an odd-height map
+    d = downsample_active(a, 2)
+    assert d.shape == (1, 3, 3) and d[0, 2, 0] and d.sum() == 1
+    assert downsample_active(a, 1) is a
+    units = torch.rand(3, 7, 7) < 0.4
+    fine = upsample_active(units, 32)  # SparK: 32-px units -> any == all at every stride <= 32
+    for s in (2, 4, 8, 16, 32):
+        d = downsample_active(fine, s)
+        assert torch.equal(d, upsample_active(units, 32 // s))
+        assert torch.equal(d, ~downsample_active(~fine, s))  # any == all
+    assert torch.equal(downsample_active(downsample_active(a, 2), 2), downsample_active(a, 4))
+
+
+def test_reference_fallback_for_bfloat16_on_cpu():
+    x, active, w, b = _inputs(1, 4, 6, 9, 9, 3, 1, 0.5, torch.bfloat16)
+    out, a_out = sparse_conv2d(x, active, w, b, padding=1)
+    assert out.dtype == torch.bfloat16
+    ref = sparse_conv2d_reference(x.double(), active, a_out, w.double(), b.double(), 1, 1, 1, 1)
+    assert_close(out, ref, dtype=torch.bfloat16, atol=0.15, rtol=2e-2)
+    with use_backend("native", op="sparse_conv2d"), pytest.raises(NotSupportedError, match="float32/float64"):
+        sparse_conv2d(x, active, w, b, padding=1)
+
+
+def test_bad_inputs_raise_clear_errors():
+    x, active, w, b = _inputs(2, 4, 6, 9, 9, 3, 1, 0.5, torch.float32)
+    with pytest.raises(ValueError, match=r"active: expected shape \(2, 9, 9\)"):
+        sparse_conv2d(x, active[:, :8], w, b)
+    with pytest.raises(TypeError, match="active: expected dtype bool"):
+        sparse_conv2d(x, active.float(), w, b)
+    with pytest.raises(ValueError, match="weight: expected shape"):
+        sparse_conv2d(x, active, torch.randn(6, 5, 3, 3), b)
+    with pytest.raises(ValueError, match="groups: sparse_conv2d supports groups=1 or depthwise"):
+        sparse_conv2d(x, active, torch.randn(6, 2, 3, 3), b, groups=2)
+    with pytest.raises(ValueError, match=r"bias: expected shape \(6,\)"):
+        sparse_conv2d(x, active, w, torch.randn(5))
+    with pytest.raises(TypeError, match="weight: expected dtype float32"):
+        sparse_conv2d(x, active, w.double(), b)
+    with pytest.raises(ValueError, match="x: expected a 4-D tensor"):
+        sparse_conv2d(x[0], active, w, b)
+    with pytest.raises(ValueError, match="active_out: expected shape"):
+        sparse_conv2d(x, active, w, b, padding=1, active_out=active[:, :5])
+    with pytest.raises(ValueError, match="too small"):
+        sparse_conv2d(x[:, :, :2, :2], active[:, :2, :2], w, b)
+    with pytest.raises(TypeError, match="stride"):
+        sparse_conv2d(x, active, w, b, stride=1.5)
+    with pytest.raises(ValueError, match="padding: expected values >= 0"):
+        sparse_conv2d(x, active, w, b, padding=-1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# modules
+
+
+def test_sparse_batchnorm_statistics_over_active_sites():
+    bn = nn.BatchNorm2d(5, momentum=0.3).double()
+    nn.init.normal_(bn.weight)
+    nn.init.normal_(bn.bias)
+    sbn = SparseBatchNorm2d.from_dense(bn)
+    assert sbn.weight is bn.weight and sbn.running_mean is bn.running_mean
+    x = torch.randn(3, 5, 7, 6, dtype=torch.float64, requires_grad=True)
+    active = torch.rand(3, 7, 6) < 0.4
+    with sparse_context(active):
+        y = sbn(x)
+    rows = x.permute(0, 2, 3, 1)[active]  # [n, C] active sites only
+    mean, var = rows.mean(0), rows.var(0, unbiased=False)
+    expect = (
+        (x - mean[:, None, None]) / torch.sqrt(var[:, None, None] + bn.eps) * bn.weight[:, None, None]
+        + bn.bias[:, None, None]
+    ) * active.unsqueeze(1)
+    assert_close(y, expect, name="bn out")
+    g = torch.randn_like(y)
+    assert_close(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(expect, x, g)[0], name="bn dx")
+    assert_close(bn.running_mean, 0.3 * mean.detach(), name="running_mean")
+    assert_close(bn.running_var, 0.7 + 0.3 * rows.var(0, unbiased=True).detach(), name="running_var")
+    plain = SparseBatchNorm2d(5, affine=False).double()
+    with sparse_context(active):
+        y_plain = plain(x)
+    expect_plain = (x - mean[:, None, None]) / torch.sqrt(var[:, None, None] + bn.eps) * active.unsqueeze(1)
+    assert_close(y_plain, expect_plain, name="bn without affine")
+    sbn.eval()
+    with sparse_context(active):
+        y_eval = sbn(x)
+    dense_eval = F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+    assert_close(y_eval, dense_eval * active.unsqueeze(1), name="bn eval")
+
+
+def test_sparse_layernorm_and_pools():
+    x = torch.randn(2, 6, 9, 8, dtype=torch.float64)
+    active = torch.rand(2, 9, 8) < 0.5
+    m = active.unsqueeze(1)
+    ln = SparseLayerNorm(6, eps=1e-6).double()
+    nn.init.normal_(ln.weight)
+    with sparse_context(active):
+        y = ln(x)
+        mp = SparseMaxPool2d(3, 2, 1)(x)
+        ap = SparseAvgPool2d(2)(x)
+        gp = SparseAdaptiveAvgPool2d(1)(x)
+    ref = F.layer_norm(x.permute(0, 2, 3, 1), (6,), ln.weight, ln.bias, 1e-6).permute(0, 3, 1, 2) * m
+    assert_close(y, ref, name="layernorm")
+    a2 = downsample_active(active, 2, (5, 4))
+    mref = F.max_pool2d(x.masked_fill(~m, float("-inf")), 3, 2, 1)
+    assert_close(mp, torch.where(a2.unsqueeze(1), mref, torch.zeros(())), name="maxpool")
+    assert_close(
+        ap, F.avg_pool2d(x * m, 2) * downsample_active(active, 2, (4, 4)).unsqueeze(1), name="avgpool"
+    )
+    cnt = active.sum((1, 2)).clamp_min(1).double()
+    assert_close(gp.flatten(1), (x * m).sum((2, 3)) / cnt[:, None], name="global pool")
+
+
+# small ResNet and ConvNeXt built from plain torch modules (torchvision is not installed)
+
+
+class _Bottleneck(nn.Module):
+    def __init__(self, cin, mid, cout, stride):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(cin, mid, 1, bias=False), nn.BatchNorm2d(mid)
+        self.conv2, self.bn2 = nn.Conv2d(mid, mid, 3, stride, 1, bias=False), nn.BatchNorm2d(mid)
+        self.conv3, self.bn3 = nn.Conv2d(mid, cout, 1, bias=False), nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU()
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        y = self.relu(self.bn1(self.conv1(x)))
+        y = self.relu(self.bn2(self.conv2(y)))
+        y = self.bn3(self.conv3(y))
+        return self.relu(y + (x if self.downsample is None else self.downsample(x)))
+
+
+class _TinyResNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, 8, 7, 2, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(3, 2, 1)
+        )
+        self.layer1 = _Bottleneck(8, 4, 16, 1)
+        self.layer2 = _Bottleneck(16, 8, 24, 2)
+        self.grouped = nn.Conv2d(24, 24, 3, 1, 1, groups=2)  # unsupported: stays dense, reported
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(24, 5)
+
+    def features(self, x):
+        return self.layer2(self.layer1(self.stem(x)))
+
+    def forward(self, x):
+        return self.fc(self.pool(self.features(x)).flatten(1))
+
+
+class LayerNorm2d(nn.LayerNorm):  # the torchvision name, recognised by to_sparse
+    def forward(self, x):
+        return F.layer_norm(
+            x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps
+        ).permute(0, 3, 1, 2)
+
+
+class _ConvNeXtBlock(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.pw1, self.act, self.pw2 = nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim)
+
+    def forward(self, x):
+        y = self.dwconv(x).permute(0, 2, 3, 1)
+        y = self.pw2(self.act(self.pw1(self.norm(y)))).permute(0, 3, 1, 2)
+        return x + y
+
+
+class _TinyConvNeXt(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 4, 4), LayerNorm2d(8, eps=1e-6))
+        self.stage1 = _ConvNeXtBlock(8)
+        self.down = nn.Sequential(LayerNorm2d(8, eps=1e-6), nn.Conv2d(8, 16, 2, 2))
+        self.stage2 = _ConvNeXtBlock(16)
+
+    def forward(self, x):
+        return self.stage2(self.down(self.stage1(self.stem(x))))
+
+
+@needs_native
+@pytest.mark.native
+def test_to_sparse_resnet_all_active_equals_dense_and_masked_matches_reference_backend():
+    dense = _TinyResNet().double()
+    for m in dense.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            nn.init.normal_(m.weight, 1.0, 0.2)
+            nn.init.normal_(m.bias, 0.0, 0.2)
+    sparse = _TinyResNet().double()
+    sparse.load_state_dict(dense.state_dict())
+    report = to_sparse(sparse)
+    replaced = {n: new for n, _, new in report.replaced}
+    kept = {n: reason for n, _, reason in report.kept}
+    assert replaced["stem.0"] == "SparseConv2d" and replaced["stem.1"] == "SparseBatchNorm2d"
+    assert replaced["stem.3"] == "SparseMaxPool2d" and replaced["layer2.downsample.0"] == "SparseConv2d"
+    assert replaced["pool"] == "SparseAdaptiveAvgPool2d"
+    assert "groups=2" in kept["grouped"] and "per-site" in kept["fc"] and "per-site" in kept["layer1.relu"]
+    assert "SparseConv2d" in str(report)
+    assert sparse.stem[0].weight is not dense.stem[0].weight  # separate copies, equal values
+    x = torch.randn(2, 3, 45, 38, dtype=torch.float64)  # odd sizes
+    outside = sparse(x)  # outside a context: the dense model
+    assert_close(outside, dense(x), name="dense mode")
+    xs, xd = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with sparse_context(torch.ones(2, 45, 38, dtype=torch.bool)):
+        ys = sparse.features(xs)
+    yd = dense.features(xd)
+    assert_close(ys, yd, name="all-active features")
+    g = torch.randn_like(yd)
+    ys.backward(g)
+    yd.backward(g)
+    assert_close(xs.grad, xd.grad, name="all-active dx")
+    for (n, ps), (_, pd) in zip(sparse.named_parameters(), dense.named_parameters()):
+        if pd.grad is not None:
+            assert_close(ps.grad, pd.grad, name=f"grad {n}")
+    # SparK-style coarse mask: the native kernels inside the model agree with the dense-oracle backend
+    units = torch.rand(2, 3, 3) < 0.5
+    units[:, 0, 0] = True
+    x = torch.randn(2, 3, 48, 48, dtype=torch.float64)
+    outs = []
+    for backend in ("native", "reference"):
+        model = _TinyResNet().double()
+        model.load_state_dict(dense.state_dict())
+        to_sparse(model)
+        xr = x.clone().requires_grad_()
+        with use_backend(backend, op="sparse_conv2d"), sparse_context(units):
+            y = model.features(xr)
+        y.backward(torch.ones_like(y))
+        outs.append((y, xr.grad, model.layer1.conv2.weight.grad))
+        a6 = upsample_active(units, 2)  # 16-px units seen at layer2's stride 8: a 6 x 6 map
+        assert (y * ~a6.unsqueeze(1) == 0).all()
+    for a, b, name in zip(outs[0], outs[1], ("masked features", "masked dx", "masked dW")):
+        assert_close(a, b, name=name)
+
+
+@needs_native
+@pytest.mark.native
+def test_to_sparse_convnext_all_active_equals_dense():
+    dense = _TinyConvNeXt().double()
+    sparse = _TinyConvNeXt().double()
+    sparse.load_state_dict(dense.state_dict())
+    report = to_sparse(sparse)
+    replaced = {n: new for n, _, new in report.replaced}
+    assert replaced["stage1.dwconv"] == "SparseConv2d" and replaced["stem.1"] == "SparseLayerNorm"
+    assert replaced["down.1"] == "SparseConv2d"
+    assert {n for n, _, _ in report.kept} >= {"stage1.norm", "stage1.pw1", "stage1.act"}
+    x = torch.randn(2, 3, 36, 28, dtype=torch.float64, requires_grad=True)
+    with sparse_context(torch.ones(2, 36, 28, dtype=torch.bool)):
+        ys = sparse(x)
+    yd = dense(x)
+    assert_close(ys, yd, name="convnext")
+    gs = torch.autograd.grad(ys.sum(), (x, sparse.stage1.dwconv.weight))
+    gd = torch.autograd.grad(yd.sum(), (x, dense.stage1.dwconv.weight))
+    assert_close(gs[0], gd[0], name="convnext dx")
+    assert_close(gs[1], gd[1], name="convnext dW")
+    assert to_sparse(sparse).replaced == []  # idempotent
+
+
+def test_sparse_context_errors_and_dense_fallback():
+    conv = SparseConv2d(3, 4, 3, padding=1)
+    x = torch.randn(2, 3, 8, 8)
+    assert_close(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1))
+    with sparse_context(torch.ones(3, 8, 8, dtype=torch.bool)), pytest.raises(ValueError, match="batch 3"):
+        conv(x)
+    with (
+        sparse_context(torch.ones(2, 5, 5, dtype=torch.bool)),
+        pytest.raises(ValueError, match="no activity map"),
+    ):
+        conv(x)
+    with (
+        pytest.raises(TypeError, match="sparse_context: expected a bool tensor"),
+        sparse_context(torch.ones(2, 8, 8)),
+    ):
+        pass
+    with pytest.raises(ValueError, match="groups=2"):
+        SparseConv2d.from_dense(nn.Conv2d(4, 4, 3, groups=2))
+    with pytest.raises(TypeError, match="model: expected an nn.Module"):
+        to_sparse("resnet")
