@@ -1,0 +1,119 @@
+"""dVAE: trains BEiT's discrete image tokenizer (``--method dvae``), usable as ``--tokenizer`` of beit.
+
+Input: the single-view SimMIM recipe (RandomResizedCrop + flip, ImageNet-normalised); the view is brought
+back to [0, 1] and mapped ``x' = 0.8 x + 0.1`` -- the pixel mapping of the tokenizer view BEiT's loader
+produces. Loss (see :mod:`engine.models.dvae`)::
+
+    L = mean (sigmoid(Dec(E^T softmax((logits + g) / tau))) - x')^2 + kl_weight * KL(q || U)
+
+``tau`` follows a cosine from ``gumbel_temp`` to ``gumbel_temp_end`` over the run (DALL-E: 1 -> 1/16),
+owned by :meth:`schedules`. Also logged: the reconstruction MSE and the fraction of the vocabulary used by
+the argmax tokens of the batch (``kernels.codebook_usage``).
+
+The encoder evaluated by k-NN is the tokenizer's conv trunk (the features before the logit layer), mean
+pooled, on ImageNet-normalised images.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+import kernels
+from engine.methods import register
+from engine.methods.base import PretrainMethod
+from engine.models.dvae import DVAE, kl_to_uniform, map_pixels
+from engine.trainer.schedules import cosine_schedule
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def imagenet_to_unit(images: torch.Tensor) -> torch.Tensor:
+    """Undo the ImageNet normalisation: [0, 1] pixels (clamped)."""
+    mean = images.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = images.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (images * std + mean).clamp(0, 1)
+
+
+def dvae_from_cfg(cfg: dict) -> DVAE:
+    c = {**DVAEMethod.defaults, **{k: v for k, v in cfg.items() if v is not None}}
+    return DVAE(
+        vocab_size=int(c["vocab_size"]), hidden=int(c["tokenizer_width"]), cell=int(c["tokenizer_cell"])
+    )
+
+
+class DVAEFeatures(nn.Module):
+    """k-NN view of a dVAE: mean-pooled trunk features of ImageNet-normalised images."""
+
+    def __init__(self, dvae: DVAE):
+        super().__init__()
+        self.dvae = dvae
+        self.config = dict(dvae.config, kind="dvae")
+        self.num_features = dvae.config["hidden"]
+
+    def forward(self, x: torch.Tensor, pool: str | None = None) -> torch.Tensor:
+        h = self.dvae.encoder[:-1](map_pixels(imagenet_to_unit(x)))  # up to the logit layer
+        return h.mean(dim=(2, 3))
+
+
+@register("dvae")
+class DVAEMethod(PretrainMethod):
+    loader_method = "simmim"  # one RandomResizedCrop view is all the tokenizer needs
+    defaults = dict(
+        blr=1e-3,
+        weight_decay=1e-4,
+        clip_grad=3.0,
+        warmup_epochs=1,
+        min_lr=1e-5,
+        pool="mean",
+        vocab_size=8192,
+        tokenizer_width=256,
+        tokenizer_cell=8,
+        gumbel_temp=1.0,
+        gumbel_temp_end=1 / 16,
+        kl_weight=0.0,
+    )
+
+    def __init__(self, cfg: dict):
+        super().__init__(cfg)
+        c = {**self.defaults, **{k: v for k, v in cfg.items() if v is not None}}
+        self.c = c
+        self.tokenizer = dvae_from_cfg(c)
+        if int(c["image_size"]) % self.tokenizer.cell:
+            raise ValueError(
+                f"--image-size {c['image_size']} must be divisible by --tokenizer-cell {self.tokenizer.cell}"
+            )
+        self.kl_weight = float(c["kl_weight"])
+        self._tau = float(c["gumbel_temp"])
+
+    def schedules(self, total_steps: int, steps_per_epoch: int) -> dict[str, np.ndarray]:
+        return {
+            "gumbel_temp": cosine_schedule(
+                float(self.c["gumbel_temp"]), float(self.c["gumbel_temp_end"]), total_steps
+            )
+        }
+
+    def set_progress(self, step: int, epoch: int, values: dict[str, float]) -> None:
+        super().set_progress(step, epoch, values)
+        if "gumbel_temp" in values:
+            self._tau = float(values["gumbel_temp"])
+
+    def encoder(self) -> nn.Module:
+        return DVAEFeatures(self.tokenizer)
+
+    def forward(self, batch: dict) -> dict:
+        x = map_pixels(imagenet_to_unit(batch["images"]))
+        rec, logits = self.tokenizer.reconstruct(x, tau=self._tau)
+        mse = (rec.float() - x.float()).pow(2).mean()
+        loss = mse
+        out = {"rec_mse": mse.detach(), "gumbel_temp": torch.tensor(self._tau)}
+        if self.kl_weight > 0:
+            kl = kl_to_uniform(logits)
+            loss = loss + self.kl_weight * kl
+            out["kl"] = kl.detach()
+        with torch.no_grad():
+            usage = kernels.codebook_usage(logits.argmax(dim=1), self.tokenizer.vocab_size, check_range=False)
+        out["token_usage"] = usage["fraction_used"].float()
+        return {"loss": loss, **out}

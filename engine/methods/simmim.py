@@ -1,0 +1,87 @@
+"""SimMIM: masked image modelling by direct pixel regression.
+
+The encoder sees every patch, masked ones replaced by a learned mask token (kernels.masked_token_scatter).
+The patch tokens form a ``[B, D, S/p, S/p]`` map; a 1x1 convolution to ``p^2 * 3`` channels followed by
+``PixelShuffle(p)`` predicts the image. Loss, L1 on masked pixels only::
+
+    L = sum_{c,i,j} |x - x_hat|_{c,i,j} * M_{i,j} / (sum_{i,j} M_{i,j} + 1e-5) / 3
+
+Masks come from :func:`kernels.simmim_masks` through the loader's ``mask_fn``: ``ceil(ratio * U)`` of the
+``U = (S / mask_patch)^2`` mask units, repeated onto the model's patch grid. The official mask unit is 32 px
+at 224 px (7x7 units); for small images it is scaled down (``default_mask_patch``).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import kernels
+from engine.methods import register
+from engine.methods.base import PretrainMethod, backbone_from_cfg
+
+
+def default_mask_patch(image_size: int, patch_size: int) -> int:
+    """32 px for images >= 192 px; otherwise the largest multiple of the patch size <= image_size / 4 that
+    divides the image (a 4x4 unit grid at 32 px with patch 4 -> 8 px units)."""
+    if image_size >= 192 and image_size % 32 == 0 and 32 % patch_size == 0:
+        return 32
+    best = patch_size
+    for cand in range(patch_size, image_size // 4 + 1, patch_size):
+        if image_size % cand == 0:
+            best = cand
+    return best
+
+
+def _simmim_mask_fn(batch_size: int, seed: int, *, image_size: int, mask_patch: int, patch: int, ratio: float):
+    return {"mask": kernels.simmim_masks(batch_size, image_size, mask_patch, patch, ratio, seed=seed)}
+
+
+@register("simmim")
+class SimMIM(PretrainMethod):
+    defaults = dict(blr=5e-5, weight_decay=0.05, clip_grad=5.0, warmup_epochs=10, min_lr=5e-7, drop_path=0.1,
+                    init_values=0.1, use_abs_pos_emb=False, use_shared_rel_pos_bias=True, qv_bias=True,
+                    mask_ratio=0.6, pool="mean")
+
+    def __init__(self, cfg: dict):
+        super().__init__(cfg)
+        self.backbone = backbone_from_cfg(cfg, use_mask_token=True)
+        self.patch = self.backbone.patch_size
+        self.image_size = int(cfg["image_size"])
+        self.mask_patch = int(cfg.get("mask_patch_size") or default_mask_patch(self.image_size, self.patch))
+        self.ratio = float(cfg.get("mask_ratio", 0.6))
+        self.in_chans = 3
+        self.decoder = nn.Sequential(
+            nn.Conv2d(self.backbone.embed_dim, self.patch ** 2 * self.in_chans, kernel_size=1),
+            nn.PixelShuffle(self.patch),
+        )
+
+    def loader_kwargs(self) -> dict:
+        fn = functools.partial(_simmim_mask_fn, image_size=self.image_size, mask_patch=self.mask_patch,
+                               patch=self.patch, ratio=self.ratio)
+        return {"mask_fn": fn}
+
+    def encoder(self) -> nn.Module:
+        return self.backbone
+
+    def reconstruct(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        z = self.backbone.forward_features(images, mask=mask)[:, 1:]
+        B, N, D = z.shape
+        h, w = images.shape[2] // self.patch, images.shape[3] // self.patch
+        z = z.transpose(1, 2).reshape(B, D, h, w)
+        return self.decoder(z)
+
+    def forward(self, batch: dict) -> dict:
+        images, mask = batch["images"], batch["mask"]
+        B = images.shape[0]
+        h, w = images.shape[2] // self.patch, images.shape[3] // self.patch
+        mask = mask.reshape(B, h, w)
+        rec = self.reconstruct(images, mask)
+        pix_mask = mask.repeat_interleave(self.patch, 1).repeat_interleave(self.patch, 2).unsqueeze(1)
+        pix_mask = pix_mask.to(rec.dtype)
+        l1 = F.l1_loss(images.to(rec.dtype), rec, reduction="none")
+        loss = (l1 * pix_mask).sum() / (pix_mask.sum() + 1e-5) / self.in_chans
+        return {"loss": loss.float()}

@@ -1,0 +1,65 @@
+"""Metric logging: a progress line on stdout, JSON lines in ``output_dir/log.jsonl``, TensorBoard if present."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+
+class MetricLogger:
+    def __init__(self, output_dir: str | Path | None, enabled: bool = True, print_every: int = 10,
+                 stream=None, tensorboard: bool = True):
+        self.enabled = enabled
+        self.print_every = max(1, int(print_every))
+        self.stream = stream or sys.stdout
+        self.path = Path(output_dir) / "log.jsonl" if output_dir else None
+        self.tb = None
+        if enabled and self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if tensorboard:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+
+                    self.tb = SummaryWriter(str(self.path.parent / "tb"))
+                except Exception:  # tensorboard not installed: JSON lines only
+                    self.tb = None
+        self._t0 = time.perf_counter()
+        self._images = 0
+
+    def reset(self) -> None:
+        if self.enabled and self.path is not None and self.path.exists():
+            self.path.unlink()
+
+    def log(self, record: dict, step: int) -> None:
+        if not self.enabled:
+            return
+        if self.path is not None:
+            with open(self.path, "a") as fh:
+                fh.write(json.dumps(record, sort_keys=True) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k not in ("step", "epoch") and math.isfinite(v):
+                    self.tb.add_scalar(k, v, step)
+
+    def progress(self, step: int, total: int, epoch: int, metrics: dict, images: int) -> None:
+        """Print ``epoch e step s/T loss .. lr .. images/s ..`` every ``print_every`` steps (and the last)."""
+        self._images += images
+        if not self.enabled or (step % self.print_every and step != total):
+            return
+        now = time.perf_counter()
+        rate = self._images / max(now - self._t0, 1e-9)
+        self._t0, self._images = now, 0
+        parts = [f"epoch {epoch}", f"step {step}/{total}"]
+        for k in ("loss", "lr", "wd"):
+            if k in metrics:
+                parts.append(f"{k} {metrics[k]:.4g}")
+        parts += [f"{k} {v:.4g}" for k, v in metrics.items() if k not in ("loss", "lr", "wd") and isinstance(v, float)]
+        parts.append(f"images/s {rate:.1f}")
+        print("  ".join(parts), file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
