@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.methods import register
-from engine.methods.beit import MaskedTokenMethod
+from engine.methods.beit import BEiT, MaskedTokenMethod
 from engine.models.vit import Block, _attn_proj
 
 
@@ -34,22 +34,9 @@ def default_early_layer(depth: int) -> int:
 @register("beitv2")
 class BEiTv2(MaskedTokenMethod):
     # Paper (300-epoch recipe): batch 2048, lr 1.5e-3 absolute (blr 1.875e-4), 10 warm-up epochs, wd 0.05,
-    # clip 3.0, drop path 0, AdamW beta2 0.98, layer scale 0.1, shared relative position bias.
-    defaults = dict(
-        blr=1.5e-3 * 256 / 2048,
-        weight_decay=0.05,
-        clip_grad=3.0,
-        warmup_epochs=10,
-        min_lr=1e-5,
-        beta2=0.98,
-        drop_path=0.0,
-        init_values=0.1,
-        use_abs_pos_emb=False,
-        use_shared_rel_pos_bias=True,
-        qv_bias=True,
-        mask_ratio=0.4,
-        pool="mean",
-    )
+    # clip 3.0, drop path 0, AdamW beta2 0.98, layer scale 0.1, shared relative position bias: BEiT's recipe
+    # with beta2 0.98 and no drop path.
+    defaults = {**BEiT.defaults, "beta2": 0.98, "drop_path": 0.0}
     tokenizer_kinds = ("vqkd",)
     tokenizer_how = "--method vqkd"
 
