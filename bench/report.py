@@ -19,7 +19,7 @@ import json
 import pathlib
 import re
 
-OURS = ("ours", "native", "triton", "cpp", "cuda")
+OURS = ("ours", "native", "triton", "cpp", "cuda", "dali")
 RESULTS = pathlib.Path(__file__).parent / "results"
 
 
