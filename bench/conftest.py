@@ -131,7 +131,6 @@ def device_ceilings(device: torch.device) -> dict:
         "gemm_TFLOPs": 2 * n**3 / gemm_s / 1e12,
         "gemm_dtype": str(dtype).replace("torch.", ""),
     }
-    del src, dst, a, b
     return _CEILINGS[key]
 
 

@@ -20,7 +20,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
 
 from engine.trainer.config import ConfigError, build_parser, resolve
 

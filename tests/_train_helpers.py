@@ -23,3 +23,25 @@ def make_trainer(cfg, dist=None, backend="torch"):
                                    shard_id=dist.rank, num_shards=dist.world_size, num_threads=cfg["num_threads"],
                                    backend=backend, **method.loader_kwargs())
     return Trainer(method, loader, cfg, dist)
+
+
+def method_cfg(method, **over):
+    """A resolved config of ``method`` at CPU-test size (vit_femto, 32 px, batch 8), without a final k-NN."""
+    cli = dict(method=method, model="vit_femto", image_size=32, batch_size=8, final_knn=False)
+    cli.update(over)
+    return resolve(cli, method_defaults_fn=lambda m: get_method(m).defaults)
+
+
+def fake_checkpoint(method, path):
+    """What the trainer writes, minus optimiser/loader state (load_tokenizer reads config/method/model)."""
+    import torch
+
+    torch.save({"model": method.state_dict(), "method": method.name, "config": dict(method.cfg)}, path)
+    return path
+
+
+def random_images(b=6, s=32, seed=0):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, 3, s, s, generator=g)

@@ -15,30 +15,14 @@ from engine.methods.dvae import imagenet_to_unit
 from engine.models.dalle_encoder import DalleEncoder
 from engine.models.dvae import DVAE, kl_to_uniform, map_pixels
 from engine.tokenizers import load_tokenizer, save_tokenizer
-from engine.trainer.config import resolve
+
+from _train_helpers import fake_checkpoint, method_cfg as cfg_for, random_images as images  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def cfg_for(method, **over):
-    cli = dict(method=method, model="vit_femto", image_size=32, batch_size=8, final_knn=False)
-    cli.update(over)
-    return resolve(cli, method_defaults_fn=lambda m: get_method(m).defaults)
-
-
 def small_dvae_cfg(**over):
     return cfg_for("dvae", vocab_size=32, tokenizer_width=16, tokenizer_cell=4, **over)
-
-
-def fake_checkpoint(method, path):
-    """What the trainer writes, minus optimiser/loader state (load_tokenizer reads config/method/model)."""
-    torch.save({"model": method.state_dict(), "method": method.name, "config": dict(method.cfg)}, path)
-    return path
-
-
-def images(b=6, s=32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(b, 3, s, s, generator=g)
 
 
 # ---------------------------------------------------------------------------------------------- tokenizer

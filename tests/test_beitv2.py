@@ -9,33 +9,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.methods import build_method, get_method
+from engine.methods import build_method
 from engine.methods.beitv2 import default_early_layer
 from engine.models.vqkd import VQKD, cosine_distill_loss
 from engine.tokenizers import load_tokenizer
-from engine.trainer.config import resolve
+
+from _train_helpers import fake_checkpoint, method_cfg as cfg_for, random_images as images  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def cfg_for(method, **over):
-    cli = dict(method=method, model="vit_femto", image_size=32, batch_size=8, final_knn=False)
-    cli.update(over)
-    return resolve(cli, method_defaults_fn=lambda m: get_method(m).defaults)
-
-
 def vqkd_cfg(**over):
     return cfg_for("vqkd", vocab_size=32, codebook_dim=8, decoder_depth=1, **over)
-
-
-def fake_checkpoint(method, path):
-    torch.save({"model": method.state_dict(), "method": method.name, "config": dict(method.cfg)}, path)
-    return path
-
-
-def images(b=6, s=32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(b, 3, s, s, generator=g)
 
 
 def train(m, batch, steps, lr, params=None):
