@@ -45,3 +45,15 @@ def random_images(b=6, s=32, seed=0):
 
     g = torch.Generator().manual_seed(seed)
     return torch.randn(b, 3, s, s, generator=g)
+
+
+def run_pretrain(*args, timeout=300):
+    """``python -m engine.pretrain ARGS`` in a subprocess from the repository root (captured, not checked)."""
+    import os
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=repo)
+    return subprocess.run([sys.executable, "-m", "engine.pretrain", *args], cwd=repo, env=env,
+                          capture_output=True, text=True, timeout=timeout, check=False)

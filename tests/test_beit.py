@@ -1,9 +1,6 @@
 """BEiT and its dVAE tokenizer: tokenizer ids/grid, checkpoint round trips (engine, standalone, DALL-E),
 masks, the masked-token loss, training lowers the loss, the CLI end to end (dvae -> beit)."""
 
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,9 +13,7 @@ from engine.models.dalle_encoder import DalleEncoder
 from engine.models.dvae import DVAE, kl_to_uniform, map_pixels
 from engine.tokenizers import load_tokenizer, save_tokenizer
 
-from _train_helpers import fake_checkpoint, method_cfg as cfg_for, random_images as images  # noqa: E402
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from _train_helpers import fake_checkpoint, run_pretrain, method_cfg as cfg_for, random_images as images  # noqa: E402
 
 
 def small_dvae_cfg(**over):
@@ -193,17 +188,6 @@ def test_beit_tokenizer_grid_mismatch_is_reported(dvae_ckpt):
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-def _cli(*args, timeout=300):
-    env = dict(os.environ, PYTHONPATH=REPO)
-    return subprocess.run(
-        [sys.executable, "-m", "engine.pretrain", *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
 
 
 def test_cli_dvae_then_beit(tmp_path):
@@ -218,7 +202,7 @@ def test_cli_dvae_then_beit(tmp_path):
         "--print-every",
         "1",
     ]
-    r = _cli(
+    r = run_pretrain(
         "--method",
         "dvae",
         "--vocab-size",
@@ -233,7 +217,7 @@ def test_cli_dvae_then_beit(tmp_path):
     )
     assert r.returncode == 0, r.stderr[-2000:]
     assert (tmp_path / "dvae" / "checkpoint-last.pt").is_file()
-    r = _cli(
+    r = run_pretrain(
         "--method",
         "beit",
         "--model",
@@ -246,5 +230,5 @@ def test_cli_dvae_then_beit(tmp_path):
     )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "trained 2/2 steps" in r.stdout and "mlm_acc" in r.stdout
-    r = _cli("--method", "beit", "--output-dir", str(tmp_path / "x"), *common)
+    r = run_pretrain("--method", "beit", "--output-dir", str(tmp_path / "x"), *common)
     assert r.returncode == 2 and "--tokenizer PATH" in r.stderr and "--method dvae" in r.stderr

@@ -1,9 +1,6 @@
 """BEiT v2 and its VQ-KD tokenizer: ids/grid, codebook usage, teacher loading and the random fallback,
 training lowers the losses, the [CLS] aggregation branch, the CLI end to end (vqkd -> beitv2)."""
 
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,9 +11,7 @@ from engine.methods.beitv2 import default_early_layer
 from engine.models.vqkd import VQKD, cosine_distill_loss
 from engine.tokenizers import load_tokenizer
 
-from _train_helpers import fake_checkpoint, method_cfg as cfg_for, random_images as images  # noqa: E402
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from _train_helpers import fake_checkpoint, run_pretrain, method_cfg as cfg_for, random_images as images  # noqa: E402
 
 
 def vqkd_cfg(**over):
@@ -183,17 +178,6 @@ def test_beitv2_losses_aggregation_gradients_and_training(vqkd_ckpt):
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-def _cli(*args, timeout=300):
-    env = dict(os.environ, PYTHONPATH=REPO)
-    return subprocess.run(
-        [sys.executable, "-m", "engine.pretrain", *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
 
 
 def test_cli_vqkd_then_beitv2(tmp_path):
@@ -210,7 +194,7 @@ def test_cli_vqkd_then_beitv2(tmp_path):
         "--print-every",
         "1",
     ]
-    r = _cli(
+    r = run_pretrain(
         "--method",
         "vqkd",
         "--vocab-size",
@@ -223,7 +207,7 @@ def test_cli_vqkd_then_beitv2(tmp_path):
     )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "NOT CLIP/DINO" in r.stderr and "codebook_usage" in r.stdout
-    r = _cli(
+    r = run_pretrain(
         "--method",
         "beitv2",
         "--tokenizer",

@@ -1,9 +1,6 @@
 """SparK: convnet backbones, sparse encoder == dense encoder on an all-active mask, converted weights load
 into the dense model, masked units never leak into visible features, the loss, training lowers it, the CLI."""
 
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,7 +11,8 @@ from engine.methods.spark import build_convnet, patchify, spark_loss
 from engine.models.spark_decoder import LightDecoder
 from engine.trainer.config import resolve
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from _train_helpers import run_pretrain  # noqa: E402
+
 CPU_MODELS = ["resnet_femto", "convnext_femto"]
 
 
@@ -190,11 +188,8 @@ def test_bad_model_and_grid():
 
 
 def test_cli_smoke(tmp_path):
-    env = dict(os.environ, PYTHONPATH=REPO)
     args = "--method spark --model resnet_femto --decoder-width 64 --batch-size 8 --max-steps 2"
-    args = [*args.split(), "--num-threads", "1", "--no-final-knn", "--output-dir", str(tmp_path)]
-    cmd = [sys.executable, "-m", "engine.pretrain", *args]
-    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, check=False, timeout=300)
+    r = run_pretrain(*args.split(), "--num-threads", "1", "--no-final-knn", "--output-dir", str(tmp_path))
     assert r.returncode == 0, r.stderr[-2000:]
     assert "model resnet_femto" in r.stdout and "trained 2/2 steps" in r.stdout
     state = torch.load(tmp_path / "checkpoint-last.pt", map_location="cpu", weights_only=False)
