@@ -69,12 +69,14 @@ def rows_from_json(data: dict):
         if "kernel" not in info:
             continue
         key = (info["kernel"], info.get("shape", ""), info.get("dtype") or "")
-        g = groups.setdefault(key, {"providers": {}, "reference_extra": None, "extra": {}})
+        g = groups.setdefault(key, {"providers": {}, "reference_extra": None, "extra": {}, "peak": {}})
         g["providers"][info["provider"]] = b["stats"]["median"]
+        if info.get("peak_memory_bytes") is not None:
+            g["peak"][info["provider"]] = info["peak_memory_bytes"]
         if info.get("reference_median_s") is not None:
             g["reference_extra"] = info["reference_median_s"]
         for k in ("achieved_GBps", "achieved_TFLOPs", "bytes_moved", "flops", "fraction_of_bandwidth",
-                  "fraction_of_gemm_peak"):
+                  "fraction_of_gemm_peak", "images_per_call"):
             if info.get(k) is not None and info["provider"] in OURS:
                 g["extra"][k] = info[k]
         meta = {k: info.get(k) for k in ("device", "torch", "triton", "python")}
@@ -90,7 +92,8 @@ def render(groups, meta) -> str:
         "Medians from pytest-benchmark. `vs ref` = reference time / ours (higher is better); "
         "`vs peer` = fastest peer time / ours. Variants of ours (other thread counts, modes) follow the first time.",
         "`achieved` = bytes moved or FLOPs over our median, and its fraction of the copy bandwidth / large-GEMM rate "
-        "measured in the same run.",
+        "measured in the same run; for end-to-end steps, images/s and the peak allocated memory of one step "
+        "(CUDA; the reference's in brackets).",
         "",
         "| kernel | shape | dtype | ours | reference | peers | vs ref | vs peer | achieved |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -115,6 +118,12 @@ def render(groups, meta) -> str:
         if "achieved_TFLOPs" in ex:
             frac = f" ({100 * ex['fraction_of_gemm_peak']:.0f}% of GEMM)" if "fraction_of_gemm_peak" in ex else ""
             ach.append(f"{ex['achieved_TFLOPs']:.2f} TFLOP/s{frac}")
+        if "images_per_call" in ex and ours:
+            ach.append(f"{ex['images_per_call'] / ours:.0f} img/s")
+        peak = g.get("peak", {})
+        if ours_name in peak:
+            ref_peak = f" (ref {peak['reference'] / 2**20:.0f} MiB)" if "reference" in peak else ""
+            ach.append(f"peak {peak[ours_name] / 2**20:.0f} MiB{ref_peak}")
         lines.append(
             f"| {kernel} | {shape} | {dtype} | {ours_txt} | {_fmt_time(ref)} | {peer_txt} | {vs_ref} | "
             f"{vs_peer} | {', '.join(ach) or '-'} |"

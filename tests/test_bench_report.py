@@ -48,3 +48,15 @@ def test_cli_writes_markdown(tmp_path):
     png = tmp_path / "out-plots" / "op.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "![op](out-plots/op.png)" in text
+
+
+def test_train_step_rows_show_images_per_second_and_peak_memory():
+    data = {"benchmarks": [
+        _bench("train_step_x", "ours", 0.5, images_per_call=64, peak_memory_bytes=3 * 2**30),
+        _bench("train_step_x", "reference", 1.0, images_per_call=64, peak_memory_bytes=5 * 2**30),
+    ]}
+    text = report.render(*report.rows_from_json(data))
+    row = next(line for line in text.splitlines() if line.startswith("| train_step_x "))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[6] == "2.00x"
+    assert cells[8] == "128 img/s, peak 3072 MiB (ref 5120 MiB)"
