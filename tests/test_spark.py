@@ -188,11 +188,14 @@ def test_bad_model_and_grid():
 
 
 def test_cli_smoke(tmp_path):
-    args = "--method spark --model resnet_femto --decoder-width 64 --batch-size 8 --max-steps 2"
+    """Also runs the paper's optimiser (LAMB): its state lands in the checkpoint."""
+    args = "--method spark --model resnet_femto --decoder-width 64 --batch-size 8 --max-steps 2 --optimizer lamb"
     r = run_pretrain(*args.split(), "--num-threads", "1", "--no-final-knn", "--output-dir", str(tmp_path))
     assert r.returncode == 0, r.stderr[-2000:]
     assert "model resnet_femto" in r.stdout and "trained 2/2 steps" in r.stdout
     state = torch.load(tmp_path / "checkpoint-last.pt", map_location="cpu", weights_only=False)
     assert state["encoder_config"]["arch"] == "resnet"
+    assert state["config"]["optimizer"] == "lamb"
+    assert all(s["step"] == 2 and "exp_avg_sq" in s for s in state["optimizer"]["state"].values())
     dense = build_convnet("resnet_femto")
     dense.load_state_dict({k[len("net.") :]: v for k, v in state["model"].items() if k.startswith("net.")})

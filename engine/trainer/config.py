@@ -41,9 +41,9 @@ SPEC: dict[str, tuple] = {
     "clip_grad": (None, float, "global grad-norm clip (0 = off)"),
     "accum_steps": (1, int, "gradient accumulation micro-batches per optimizer step"),
     "precision": ("fp32", str, "fp32, bf16 or fp16 (autocast; GradScaler for fp16)"),
-    "optimizer": ("adamw", str, "adamw or sgd"),
-    "beta1": (0.9, float, "AdamW beta1"),
-    "beta2": (0.999, float, "AdamW beta2"),
+    "optimizer": ("adamw", str, "adamw, lamb (SparK's recipe) or sgd"),
+    "beta1": (0.9, float, "AdamW/LAMB beta1"),
+    "beta2": (0.999, float, "AdamW/LAMB beta2"),
     "output_dir": ("output/pretrain", str, "checkpoints, log.jsonl, tensorboard"),
     "resume": (None, str, "'auto' (last checkpoint of --output-dir, the default with a bare --resume) or a path"),
     "seed": (0, int, "random seed"),
@@ -173,6 +173,10 @@ def validate(cfg: dict) -> None:
             raise ConfigError(f"--{key.replace('_', '-')} must be >= 0, got {cfg[key]}")
     if cfg["precision"] not in ("fp32", "bf16", "fp16"):
         raise ConfigError(f"--precision must be fp32, bf16 or fp16, got {cfg['precision']!r}")
+    from engine.trainer.optim import OPTIMIZERS
+
+    if cfg.get("optimizer", "adamw") not in OPTIMIZERS:
+        raise ConfigError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {cfg['optimizer']!r}")
     for key in ("lr", "blr"):
         if cfg.get(key) is not None and cfg[key] <= 0:
             raise ConfigError(f"--{key} must be > 0, got {cfg[key]}")

@@ -1,4 +1,4 @@
-"""AdamW parameter groups: weight decay only on weight matrices.
+"""Optimisers (AdamW, LAMB, SGD) over parameter groups with weight decay only on weight matrices.
 
 Biases, normalisation weights (every parameter with ndim <= 1), position tables, class/mask tokens and
 relative-position tables get no weight decay. Groups carry ``apply_wd`` so the loop can write the scheduled
@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+OPTIMIZERS = ("adamw", "lamb", "sgd")
 NO_DECAY_NAMES = ("pos_embed", "cls_token", "mask_token", "relative_position_bias_table", "gamma", "ls1", "ls2")
 
 
@@ -42,6 +43,10 @@ def build_optimizer(module: nn.Module, name: str = "adamw", betas=(0.9, 0.999), 
     groups = param_groups(module)
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))
+    if name == "lamb":
+        from engine.trainer.lamb import Lamb
+
+        return Lamb(groups, lr=lr, betas=tuple(betas))
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=0.9)
-    raise ValueError(f"optimizer: unknown {name!r}, expected 'adamw' or 'sgd'")
+    raise ValueError(f"optimizer: unknown {name!r}, expected one of {OPTIMIZERS}")
