@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import importlib
 import importlib.util
 import os
@@ -105,7 +106,9 @@ def native_reasons() -> list[str]:
     return []
 
 
+@functools.lru_cache(maxsize=None)
 def triton_installed() -> bool:
+    """Looked up once: ``find_spec`` walks sys.path (tens of microseconds), and dispatch asks on every call."""
     return importlib.util.find_spec("triton") is not None
 
 
@@ -172,11 +175,13 @@ class Op:
         return deco
 
     def not_supported_reasons(self, backend: str, *args, **kwargs) -> list[str]:
-        backend = canonical(backend)
+        return self._reasons(canonical(backend), forced_backend(self.name), args, kwargs)
+
+    def _reasons(self, backend: str, forced: str | None, args, kwargs) -> list[str]:
         impl = self.impls.get(backend)
         if impl is None:
             return [f"{self.name} has no {backend} implementation"]
-        token = _forced_now.set(forced_backend(self.name))
+        token = _forced_now.set(forced)
         try:
             return list(impl.reasons(*args, **kwargs))
         finally:
@@ -187,7 +192,7 @@ class Op:
         order = (forced,) if forced else BACKENDS
         why: dict[str, list[str]] = {}
         for backend in order:
-            reasons = self.not_supported_reasons(backend, *args, **kwargs)
+            reasons = self._reasons(backend, forced, args, kwargs)
             if not reasons:
                 return self.impls[backend]
             why[backend] = reasons
