@@ -1,4 +1,4 @@
-"""Sparse convolution (SparK, mask ratio 0.6 on 32-px units): fwd + bwd (dx, dW, dbias) per layer shape.
+"""Sparse convolution (SparK, mask ratio 0.6 on 32-px units): fwd, and fwd + bwd (dx, dW, dbias), per layer shape.
 
 CPU (small sizes, 160-px images, batch 4, one thread): the C++ path at 40% density ("ours"), the same at 100% density
 ("ours-full": the sparse path's scaling, target ours <= 0.55 x ours-full) and ``F.conv2d`` on the masked
@@ -59,24 +59,25 @@ def _case(name, batch, image, dtype, device, density_full=False):
     return x, active, a_out, w, b, g, params, dense_flops
 
 
-def _ours(x, active, a_out, w, b, g, params, backend):
+def _ours(x, active, a_out, w, b, g, params, backend, phase="fwd+bwd"):
     inputs = [t for t in (x, w, b) if t.requires_grad]
 
     def run():
-        with use_backend(backend, op="sparse_conv2d"):
+        with use_backend(backend, op="sparse_conv2d"), torch.set_grad_enabled(phase != "fwd"):
             out, _ = sparse_conv2d(x, active, w, b, active_out=a_out, **params)
-            return torch.autograd.grad(out, inputs, g)
+            return out if phase == "fwd" else torch.autograd.grad(out, inputs, g)
 
     return run
 
 
-def _dense_remask(x, active, a_out, w, b, g, params):
+def _dense_remask(x, active, a_out, w, b, g, params, phase="fwd+bwd"):
     inputs = [t for t in (x, w, b) if t.requires_grad]
     m_in, m_out = active.unsqueeze(1).to(x.dtype), a_out.unsqueeze(1).to(x.dtype)
 
     def run():
-        out = F.conv2d(x * m_in, w, b, params["stride"], params["padding"], 1, params["groups"]) * m_out
-        return torch.autograd.grad(out, inputs, g)
+        with torch.set_grad_enabled(phase != "fwd"):
+            out = F.conv2d(x * m_in, w, b, params["stride"], params["padding"], 1, params["groups"]) * m_out
+            return out if phase == "fwd" else torch.autograd.grad(out, inputs, g)
 
     return run
 
@@ -91,29 +92,32 @@ def one_thread():
     torch.set_num_threads(old)
 
 
+@pytest.mark.parametrize("phase", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("name", CPU_LAYERS)
 @pytest.mark.parametrize("provider", ["ours", "ours-full", "reference"])
-def test_sparse_conv_cpu(bench, benchmark, one_thread, name, provider):
+def test_sparse_conv_cpu(bench, benchmark, one_thread, name, provider, phase):
     dtype, batch, image = torch.float32, 4, 160
     x, active, a_out, w, b, g, params, flops = _case(
         name, batch, image, dtype, "cpu", provider == "ours-full"
     )
     density = float(a_out.float().mean())
-    shape = f"B{batch} {image}px {name} ({x.shape[1]}->{w.shape[0]} @{x.shape[-1]}) fwd+bwd"
+    shape = f"B{batch} {image}px {name} ({x.shape[1]}->{w.shape[0]} @{x.shape[-1]}) {phase}"
+    if phase == "fwd":
+        flops //= 3
     extra = {"density": round(density, 3), "dense_flops": flops, "threads": one_thread}
     if provider == "reference":
-        fn = _dense_remask(x, active, a_out, w, b, g, params)
+        fn = _dense_remask(x, active, a_out, w, b, g, params, phase)
         bench(
             fn, kernel="sparse_conv2d", provider="reference", shape=shape, dtype=dtype, device="cpu", **extra
         )
         return
-    fn = _ours(x, active, a_out, w, b, g, params, "native")
+    fn = _ours(x, active, a_out, w, b, g, params, "native", phase)
     if provider == "ours":
         full = _case(name, batch, image, dtype, "cpu", True)
         extra["full_density_median_s"] = median_time(
-            _ours(*full[:7], "native"), torch.device("cpu"), repeats=15
+            _ours(*full[:7], "native", phase), torch.device("cpu"), repeats=15
         )
-        ref = _dense_remask(x, active, a_out, w, b, g, params)
+        ref = _dense_remask(x, active, a_out, w, b, g, params, phase)
     else:
         ref = None
     bench(
@@ -130,34 +134,37 @@ def test_sparse_conv_cpu(bench, benchmark, one_thread, name, provider):
     if provider == "ours" and info.get("median_s"):
         info["ratio_vs_full_density"] = info["median_s"] / info["full_density_median_s"]
         print(
-            f"\n{name}: density {density:.2f}: {info['median_s'] * 1e3:.2f} ms, "
+            f"\n{name} {phase}: density {density:.2f}: {info['median_s'] * 1e3:.2f} ms, "
             f"{info['ratio_vs_full_density']:.2f}x of full density (target <= 0.55), "
             f"{info['speedup_vs_reference']:.2f}x faster than dense F.conv2d + re-masking (target > 1)"
         )
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("phase", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("name", list(LAYERS))
 @pytest.mark.parametrize("provider", ["ours", "cudnn-remask", "spconv"])
-def test_sparse_conv_cuda(bench, name, provider):
+def test_sparse_conv_cuda(bench, name, provider, phase):
     dtype, batch, image, dev = torch.bfloat16, 32, 224, torch.device("cuda")
     x, active, a_out, w, b, g, params, flops = _case(name, batch, image, dtype, dev)
-    shape = f"B{batch} {image}px {name} ({x.shape[1]}->{w.shape[0]} @{x.shape[-1]}) fwd+bwd"
+    shape = f"B{batch} {image}px {name} ({x.shape[1]}->{w.shape[0]} @{x.shape[-1]}) {phase}"
+    if phase == "fwd":
+        flops //= 3
     extra = {"density": round(float(a_out.float().mean()), 3), "dense_flops": flops}
     if provider == "ours":
         bench(
-            _ours(x, active, a_out, w, b, g, params, "triton"),
+            _ours(x, active, a_out, w, b, g, params, "triton", phase),
             kernel="sparse_conv2d",
             provider="ours",
             shape=shape,
             dtype=dtype,
-            reference=_dense_remask(x, active, a_out, w, b, g, params),
+            reference=_dense_remask(x, active, a_out, w, b, g, params, phase),
             flops=flops,
             **extra,
         )
     elif provider == "cudnn-remask":
         bench(
-            _dense_remask(x, active, a_out, w, b, g, params),
+            _dense_remask(x, active, a_out, w, b, g, params, phase),
             kernel="sparse_conv2d",
             provider="cudnn-remask",
             shape=shape,
@@ -175,10 +182,11 @@ def test_sparse_conv_cuda(bench, name, provider):
 
         def run():  # map building (indices, kernel maps) included, as the target asks
             coords = active.nonzero().int()
-            feats = feats_all[active].requires_grad_()
-            st = spconv.SparseConvTensor(feats, coords, list(active.shape[1:]), active.shape[0])
-            out = conv(st).features
-            return torch.autograd.grad(out, [feats, conv.weight], torch.ones_like(out))
+            feats = feats_all[active].requires_grad_(phase != "fwd")
+            with torch.set_grad_enabled(phase != "fwd"):
+                st = spconv.SparseConvTensor(feats, coords, list(active.shape[1:]), active.shape[0])
+                out = conv(st).features
+                return out if phase == "fwd" else torch.autograd.grad(out, [feats, conv.weight], torch.ones_like(out))
 
         bench(
             run,
