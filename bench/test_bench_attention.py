@@ -4,8 +4,8 @@ Shapes: ViT-B/16 at 224 px (B=256, H=12, N=197, d=64) and ViT-S/16 DINO local cr
 N=50 at 112 px; H=6, d=64, B=1024 crops), bf16, forward and forward+backward, with a bias shared over
 the batch ([H, N, N], requires grad, as BEiT's shared relative position bias) and without.
 Peers: F.scaled_dot_product_attention restricted to each backend with ``sdpa_kernel`` (a backend that
-rejects the inputs, e.g. flash with a bias, is skipped with its reason), flash-attn and xformers when
-importable. GPU cases are marked cuda; the CPU cases compare our reference path with SDPA's math.
+rejects the inputs, e.g. flash with a bias, is skipped with its reason), ``torch.compile`` of our reference
+(``compile``), flash-attn and xformers when importable. GPU cases are marked cuda; the CPU cases compare our reference path with SDPA's math.
 
 flops: model FLOPs, 4*B*H*N^2*d forward, 3.5x that for forward+backward (no recompute counted).
 bytes_moved: the minimal traffic: q, k, v, o (+ the bias) forward; forward plus q, k, v, o, dO read,
@@ -95,6 +95,11 @@ def _peer_forward(provider, q, k, v, bias):
         return fwd
     if provider.startswith("sdpa-"):
         return _sdpa_forward(provider[5:].upper(), q, k, v, bias)
+    if provider == "compile":
+        from kernels.attention.reference import attention_reference
+
+        compiled = torch.compile(attention_reference)
+        return lambda: compiled(q, k, v, bias)
     if provider == "flash-attn":
         if bias is not None:
             pytest.skip("flash-attn has no additive bias")
@@ -123,7 +128,7 @@ def _peer_forward(provider, q, k, v, bias):
 
 
 PROVIDERS = ["ours", "ours-deterministic", "sdpa-efficient_attention", "sdpa-cudnn_attention",
-             "sdpa-flash_attention", "sdpa-math", "flash-attn", "xformers"]
+             "sdpa-flash_attention", "sdpa-math", "compile", "flash-attn", "xformers"]
 
 
 @pytest.mark.cuda
@@ -145,7 +150,7 @@ def test_attention_gpu(bench, provider, shape_name, with_bias, backward):
     try:
         fn()
         torch.cuda.synchronize()
-    except RuntimeError as exc:  # an SDPA backend that refuses these inputs
+    except Exception as exc:  # noqa: BLE001 - an SDPA backend that refuses these inputs, a failed compile
         pytest.skip(f"{provider} cannot run this case: {str(exc).splitlines()[0][:200]}")
     reference = None
     if provider == "ours":

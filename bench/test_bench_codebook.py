@@ -5,9 +5,10 @@ CPU shape: M = 4,099, K = 1,000, d = 32 (our CPU path is the chunked reference; 
 
 Lookup providers: ``ours`` (fused Triton kernel on CUDA, no [M, K] scores; float32 -> IEEE fp32 GEMM,
 bfloat16 z -> bf16 operands), ``reference`` = the unilm norm_ema_quantizer way (full [M, K] fp32 distance
-matrix + argmin + gather), ``faiss`` (exact inner-product search) when importable.
+matrix + argmin + gather), ``compile`` (``torch.compile`` of that anchor; CUDA only), ``faiss`` (exact
+inner-product search) when importable.
 EMA providers: ``ours`` (scatter-add + fused finalize), ``reference`` = unilm's one-hot [M, K] matrix + dense
-GEMM, ``torch-index_add`` (our pure-PyTorch path).
+GEMM, ``compile`` (``torch.compile`` of it; CUDA only), ``torch-index_add`` (our pure-PyTorch path).
 
 flops: lookup 2*M*K*d (score GEMM); EMA: the minimal arithmetic 4*M*d + 12*K*d (normalise + scatter,
 finalize),
@@ -65,6 +66,19 @@ def _unilm_ema(codebook, cluster_size, z, indices, decay=0.99):
     codebook.copy_(F.normalize(codebook, dim=-1))
 
 
+def _compiled(fn, dev, *args):
+    """``torch.compile`` of an anchor, warmed up; CUDA only (compiling on a 2-core CPU takes minutes), skipped
+    with the compiler's error if it fails."""
+    if dev != "cuda":
+        pytest.skip("torch.compile provider is benchmarked on CUDA only")
+    compiled = torch.compile(fn)
+    try:
+        compiled(*args)
+    except Exception as exc:  # noqa: BLE001 - reported as a skip, not a failure of our kernels
+        pytest.skip(f"torch.compile failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+    return lambda: compiled(*args)
+
+
 def _inputs(M, K, d, dtype, device):
     g = torch.Generator(device="cpu").manual_seed(0)
     codebook = F.normalize(torch.randn(K, d, generator=g), dim=-1).to(device)
@@ -81,7 +95,7 @@ def _lookup_cases():
 
 
 @pytest.mark.parametrize("shape,dtype,dev", _lookup_cases())
-@pytest.mark.parametrize("provider", ["ours", "ours-bf16ops", "reference", "faiss"])
+@pytest.mark.parametrize("provider", ["ours", "ours-bf16ops", "reference", "compile", "faiss"])
 def test_bench_nearest_code(bench, shape, dtype, dev, provider):
     M, K, d = shape
     dtype = getattr(torch, dtype)  # parametrised by name: pytest-benchmark stores params as JSON
@@ -129,6 +143,9 @@ def test_bench_nearest_code(bench, shape, dtype, dev, provider):
         )
     elif provider == "reference":
         bench(anchor, provider="reference", peak_mem=_peak_mem(anchor, device), **common)
+    elif provider == "compile":
+        fn = _compiled(_unilm_lookup, dev, z, codebook)
+        bench(fn, provider="compile", peak_mem=_peak_mem(fn, device), **common)
     else:
         if importlib.util.find_spec("faiss") is None:
             pytest.skip("faiss is not installed")
@@ -156,7 +173,7 @@ def _ema_cases():
 
 
 @pytest.mark.parametrize("shape,dev", _ema_cases())
-@pytest.mark.parametrize("provider", ["ours", "reference", "torch-index_add"])
+@pytest.mark.parametrize("provider", ["ours", "reference", "compile", "torch-index_add"])
 def test_bench_ema_update(bench, shape, dev, provider):
     M, K, d = shape
     device = torch.device(dev)
@@ -192,6 +209,9 @@ def test_bench_ema_update(bench, shape, dev, provider):
         )
     elif provider == "reference":
         bench(anchor, provider="reference", peak_mem=_peak_mem(anchor, device), **common)
+    elif provider == "compile":
+        fn = _compiled(_unilm_ema, dev, cb_anchor, cl_anchor, z, indices)
+        bench(fn, provider="compile", peak_mem=_peak_mem(fn, device), **common)
     else:
         cb2, cl2 = codebook.clone(), cluster.clone()
         es2 = torch.zeros_like(embed_sum)

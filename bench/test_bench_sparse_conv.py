@@ -3,7 +3,8 @@
 CPU (small sizes, 160-px images, batch 4, one thread): the C++ path at 40% density ("ours"), the same at 100% density
 ("ours-full": the sparse path's scaling, target ours <= 0.55 x ours-full) and ``F.conv2d`` on the masked
 input re-masked ("reference": what SparK runs; target: beat it).
-CUDA (224 px, batch 32): Triton at 40% in bf16 vs cuDNN channels_last bf16 dense conv with re-masking, and
+CUDA (224 px, batch 32): Triton at 40% in bf16 vs cuDNN channels_last bf16 dense conv with re-masking (also
+under ``torch.compile``), and
 spconv's SubMConv2d (map building included) when spconv is importable.
 """
 
@@ -70,13 +71,19 @@ def _ours(x, active, a_out, w, b, g, params, backend, phase="fwd+bwd"):
     return run
 
 
-def _dense_remask(x, active, a_out, w, b, g, params, phase="fwd+bwd"):
+def _dense_remask(x, active, a_out, w, b, g, params, phase="fwd+bwd", compile=False):
     inputs = [t for t in (x, w, b) if t.requires_grad]
     m_in, m_out = active.unsqueeze(1).to(x.dtype), a_out.unsqueeze(1).to(x.dtype)
 
+    def forward(x, w, b):
+        return F.conv2d(x * m_in, w, b, params["stride"], params["padding"], 1, params["groups"]) * m_out
+
+    if compile:
+        forward = torch.compile(forward)
+
     def run():
         with torch.set_grad_enabled(phase != "fwd"):
-            out = F.conv2d(x * m_in, w, b, params["stride"], params["padding"], 1, params["groups"]) * m_out
+            out = forward(x, w, b)
             return out if phase == "fwd" else torch.autograd.grad(out, inputs, g)
 
     return run
@@ -143,7 +150,7 @@ def test_sparse_conv_cpu(bench, benchmark, one_thread, name, provider, phase):
 @pytest.mark.cuda
 @pytest.mark.parametrize("phase", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("name", list(LAYERS))
-@pytest.mark.parametrize("provider", ["ours", "cudnn-remask", "spconv"])
+@pytest.mark.parametrize("provider", ["ours", "cudnn-remask", "compile", "spconv"])
 def test_sparse_conv_cuda(bench, name, provider, phase):
     dtype, batch, image, dev = torch.bfloat16, 32, 224, torch.device("cuda")
     x, active, a_out, w, b, g, params, flops = _case(name, batch, image, dtype, dev)
@@ -172,6 +179,13 @@ def test_sparse_conv_cuda(bench, name, provider, phase):
             flops=flops,
             **extra,
         )
+    elif provider == "compile":
+        fn = _dense_remask(x, active, a_out, w, b, g, params, phase, compile=True)
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001 - a failed compile is reported, not fatal
+            pytest.skip(f"torch.compile failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+        bench(fn, kernel="sparse_conv2d", provider="compile", shape=shape, dtype=dtype, flops=flops, **extra)
     else:
         spconv = pytest.importorskip("spconv.pytorch")
         if params["stride"] != 1 or params["groups"] != 1:
