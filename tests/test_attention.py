@@ -431,6 +431,7 @@ import sys
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
+SMEM_LIMIT = {80: 166912, 90: 232448}  # max shared memory per block (bytes, opt-in): A100, H100
 from triton.compiler import ASTSource
 from kernels.attention import triton_kernels as tk
 
@@ -463,7 +464,8 @@ for name, sm, d, n in [("bf16", 90, 64, 197), ("fp16", 90, 32, 197), ("bf16", 90
                     sig[a] = "*" + name
                 else:
                     sig[a] = "fp32" if a in FLOATS else "i32"
-            triton.compile(ASTSource(fn, sig, const), target=GPUTarget("cuda", sm, 32), options=opts)
+            ck = triton.compile(ASTSource(fn, sig, const), target=GPUTarget("cuda", sm, 32), options=opts)
+            assert ck.metadata.shared <= SMEM_LIMIT[sm], (fn.__name__, name, d, sm, ck.metadata.shared)
             cases.append(f"{fn.__name__}:{name}:d{d}:sm{sm}")
 print(len(cases), "compiled")
 """

@@ -555,6 +555,7 @@ import os
 os.environ["TRITON_INTERPRET"] = "0"
 import triton
 from triton.backends.compiler import GPUTarget
+SMEM_LIMIT = {80: 166912, 90: 232448}  # max shared memory per block (bytes, opt-in): A100, H100
 from triton.compiler import ASTSource
 from kernels.codebook import triton_kernels as tk
 
@@ -568,7 +569,8 @@ def build(kernel, ptrs, consts):
             sig[name] = "*" + ptrs[name]
         else:
             sig[name] = "fp32" if name in ("eps", "decay") else "i32"
-    triton.compile(ASTSource(kernel, sig, consts), target=GPUTarget("cuda", 90, 32))
+    ck = triton.compile(ASTSource(kernel, sig, consts), target=GPUTarget("cuda", 90, 32))
+    assert ck.metadata.shared <= SMEM_LIMIT[90], (kernel.__name__, ck.metadata.shared)
 
 f32 = "fp32"
 for dt, prec in (("bf16", "ieee"), ("fp32", "tf32")):

@@ -537,6 +537,7 @@ def test_cuda_fast_paths_do_not_sync(device):
 COMPILE_SCRIPT = r"""
 import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
+SMEM_LIMIT = {80: 166912, 90: 232448}  # max shared memory per block (bytes, opt-in): A100, H100
 from triton.compiler import ASTSource
 from kernels.masked import triton_ce as C, triton_gather as G, triton_scatter as S
 
@@ -544,7 +545,8 @@ def comp(kernel, types, consts, num_warps=4):
     names = kernel.arg_names
     sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in names}
     src = ASTSource(kernel, sig, constexprs={(names.index(k),): v for k, v in consts.items()})
-    triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    ck = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    assert ck.metadata.shared <= SMEM_LIMIT[90], (kernel.__name__, ck.metadata.shared)
 
 for dt in ("bf16", "fp32"):
     comp(S._masked_token_scatter_fwd_kernel,

@@ -284,6 +284,7 @@ def test_triton_low_precision(dtype, groups, device):
 _AOT_SCRIPT = r"""
 import triton
 from triton.backends.compiler import GPUTarget
+SMEM_LIMIT = {80: 166912, 90: 232448}  # max shared memory per block (bytes, opt-in): A100, H100
 from triton.compiler import ASTSource
 from kernels.sparse_conv import triton_kernels as tk
 
@@ -310,7 +311,8 @@ cases = [
 for fn, sig, consts in cases:
     names = fn.arg_names
     sig = {n: sig.get(n, "constexpr") for n in names}
-    triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32))
+    ck = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32))
+    assert ck.metadata.shared <= SMEM_LIMIT[90], (fn.__name__, ck.metadata.shared)
 print("compiled", len(cases))
 """
 
