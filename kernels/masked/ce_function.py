@@ -68,10 +68,11 @@ def _validate(h, weight, bias, targets, mask, ignore_index, num_masked):
     if mask is not None:
         _validate_gather(h, mask, num_masked)
     if host_checks_enabled(targets) and targets.numel():
-        sel = targets if mask is None else targets[mask]
-        bad = (sel != ignore_index) & ((sel < 0) | (sel >= V))
+        bad = (targets != ignore_index) & ((targets < 0) | (targets >= V))
+        if mask is not None:
+            bad &= mask
         if bad.any():
-            v = int(sel[bad][0])
+            v = int(targets[bad][0])
             raise ValueError(f"targets: expected values in [0, {V}) or ignore_index={ignore_index}, got {v}")
 
 
