@@ -142,6 +142,27 @@ def same_device_reasons(**tensors: torch.Tensor | None) -> list[str]:
     return []
 
 
+def launches_on_input_device(fn: Callable) -> Callable:
+    """Decorator for Triton launchers: launch on the CUDA device of the first tensor argument.
+
+    Triton launches on the *current* CUDA device and its current stream, whatever device the pointers live
+    on; a tensor on ``cuda:1`` while ``cuda:0`` is current would fault. CPU tensors (the interpreter) pass
+    through untouched.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        for a in (*args, *kwargs.values()):
+            if isinstance(a, torch.Tensor):
+                if a.device.type == "cuda":
+                    with torch.cuda.device(a.device):
+                        return fn(*args, **kwargs)
+                break
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
 # ----------------------------------------------------------------------------------------------------------
 # ops
 

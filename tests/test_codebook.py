@@ -277,7 +277,8 @@ def test_ema_update_matches_onehot_float64(backend, dtype, normalize, device):
     K, d, M = 1000, 13, 777
     codebook, cluster = (t.to(device) for t in _ema_state(K, d, dtype, normalize))
     z = torch.randn(M, 2 * d, dtype=dtype, device=device)[:, ::2]  # non-contiguous
-    indices = torch.randint(0, K // 2, (M,), device=device)  # half the codes unused: they keep their value
+    # half the codes unused (they keep their value); a strided view, as a column of a larger index tensor
+    indices = torch.randint(0, K // 2, (M, 3), device=device)[:, 1]
     indices[:50] = 3  # a heavily used code (many atomic adds on one row)
     expected_cb, expected_cluster = ref.ema_update_onehot_reference(
         codebook, cluster, z, indices, 0.9, 1e-5, normalize
@@ -560,13 +561,16 @@ from triton.compiler import ASTSource
 from kernels.codebook import triton_kernels as tk
 
 def build(kernel, ptrs, consts):
-    # pointers from `ptrs`, constexprs from `consts`, the float scalars fp32, every other scalar i32
+    # pointers from `ptrs`, constexprs from `consts`, float scalars as annotated (fp64) or fp32, others i32
     sig = {}
-    for name in kernel.arg_names:
+    for p in kernel.params:
+        name = p.name
         if name in consts:
             sig[name] = "constexpr"
         elif name in ptrs:
             sig[name] = "*" + ptrs[name]
+        elif p.annotation_type:
+            sig[name] = p.annotation_type
         else:
             sig[name] = "fp32" if name in ("eps", "decay") else "i32"
     ck = triton.compile(ASTSource(kernel, sig, consts), target=GPUTarget("cuda", 90, 32))
@@ -583,8 +587,9 @@ build(tk._nearest_code_bwd_kernel, dict(Z="bf16", G=f32, GZ="bf16"),
       dict(ACC_FP64=False, BLOCK_M=128, BLOCK_D=32))
 build(tk._ema_scatter_kernel, dict(Z=f32, IDX="i64", SUMS=f32, COUNTS=f32),
       dict(NORMALIZE=True, BLOCK_M=128, BLOCK_D=32))
-build(tk._ema_finalize_kernel, dict(CODEBOOK=f32, CLUSTER=f32, COUNTS=f32, SUMS=f32, STEPS="i64"),
-      dict(NORMALIZE=True, HAS_STEPS=True, BLOCK_K=128, BLOCK_D=32))
+for st in ("fp32", "fp64"):
+    build(tk._ema_finalize_kernel, dict(CODEBOOK=st, CLUSTER=st, COUNTS=st, SUMS=st, STEPS="i64"),
+          dict(NORMALIZE=True, HAS_STEPS=True, BLOCK_K=128, BLOCK_D=32))
 print("compiled")
 """
 

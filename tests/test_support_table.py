@@ -6,6 +6,8 @@ import re
 import subprocess
 import sys
 
+import torch
+
 import kernels  # noqa: F401  (registers every op)
 from kernels import _backend, info
 
@@ -57,3 +59,53 @@ def test_readme_names_every_registered_custom_op():
         for name in names:
             stem = name.rsplit("_", 1)[0] if name.endswith(("_fwd", "_bwd")) else name
             assert stem in text, f"README does not mention the registered op {name}"
+
+
+def test_triton_launchers_run_on_the_device_of_their_inputs(monkeypatch):
+    """Triton launches on the *current* CUDA device: every launcher switches to its inputs' device first."""
+    import contextlib
+
+    from kernels import _backend
+
+    entered = []
+
+    @contextlib.contextmanager
+    def fake_device(d):
+        entered.append(torch.device(d))
+        yield
+
+    monkeypatch.setattr(torch.cuda, "device", fake_device)
+
+    class OnCuda1(torch.Tensor):
+        @property
+        def device(self):
+            return torch.device("cuda", 1)
+
+    seen = []
+    launch = _backend.launches_on_input_device(lambda *a, **k: seen.append((a, k)) or "ran")
+    cuda_t = torch.Tensor._make_subclass(OnCuda1, torch.zeros(2))
+    assert launch(3, cuda_t, torch.zeros(1), flag=True) == "ran" and entered == [torch.device("cuda", 1)]
+    entered.clear()
+    assert launch(torch.zeros(1), x=cuda_t) == "ran" and entered == []  # the first tensor decides: CPU
+    assert launch(block=4) == "ran" and entered == [] and len(seen) == 3
+
+
+def test_every_triton_launcher_is_device_guarded():
+    """Each public launcher that launches a kernel (``kernel[grid](...)``) carries the device guard."""
+    import importlib
+    import inspect
+
+    modules = ["kernels.masked.triton_scatter", "kernels.masked.triton_gather", "kernels.masked.triton_ce",
+               "kernels.attention.triton_kernels", "kernels.codebook.triton_kernels",
+               "kernels.sparse_conv.triton_kernels"]
+    checked = 0
+    for module in modules:
+        mod = importlib.import_module(module)
+        for name, fn in vars(mod).items():
+            if name.startswith("_") or not inspect.isfunction(fn) or fn.__module__ != module:
+                continue
+            body = inspect.getsource(inspect.unwrap(fn))
+            if re.search(r"\]\(", body) or "_gather_gemm(" in body:
+                assert hasattr(fn, "__wrapped__"), f"{module}.{name} launches Triton without the device guard"
+                checked += 1
+    assert checked >= 14

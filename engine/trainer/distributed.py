@@ -50,6 +50,8 @@ def init_distributed(device: str | None = None) -> DistInfo:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     dev = resolve_device(device)
     if world <= 1:
+        if dev.type == "cuda" and dev.index is not None:
+            torch.cuda.set_device(dev)  # so that everything launched on "the current device" uses it
         return DistInfo(device=dev)
     rank = int(os.environ["RANK"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))

@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels._backend import launches_on_input_device
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
@@ -409,6 +411,7 @@ def _bias_view(bias: torch.Tensor | None, B: int, H: int):
     return b4, (sb, sh, b4.stride(2), b4.stride(3))
 
 
+@launches_on_input_device
 def attention_forward(q, k, v, bias, scale: float):
     """Launch the forward kernel. Returns ``(out, lse2)``: out [B, H, Nq, d] viewed over a
     [B, Nq, H, d]-contiguous buffer; lse2 [B, H, Nq] float32, base-2 log-sum-exp of the scaled scores."""
@@ -438,6 +441,7 @@ def _dbias_groups(n_tiles: int, B: int, device: torch.device) -> int:
     return max(1, min(B, math.ceil(target / max(1, n_tiles))))
 
 
+@launches_on_input_device
 def attention_backward(grad_out, q, k, v, bias, out, lse2, scale: float, need_dbias: bool, deterministic: bool):
     """Launch the backward kernels. Returns ``(dq, dk, dv, dbias)`` (dbias None unless ``need_dbias``),
     dbias in the bias's shape and dtype."""

@@ -39,6 +39,8 @@ def _triton_scatter_reasons(z2d, indices, sums, counts, normalize, eps):
     reasons += same_device_reasons(z=z2d, indices=indices, embed_sum=sums)
     if sums.dtype not in (torch.float32, torch.float64):
         reasons.append(f"embed_sum must be float32/float64 for atomic adds, got {sums.dtype}")
+    if not sums.is_contiguous() or not counts.is_contiguous() or not indices.is_contiguous():
+        reasons.append("embed_sum, counts and indices must be contiguous for the Triton scatter-add")
     if z2d.shape[1] > 1024:
         reasons.append(f"d={z2d.shape[1]} > 1024")
     if torch.are_deterministic_algorithms_enabled():
@@ -64,8 +66,10 @@ def _scatter_reference(z2d, indices, sums, counts, normalize, eps):
 
 def _triton_finalize_reasons(codebook, cluster_size, counts, sums, decay, eps, normalize, steps):
     reasons = triton_reasons(codebook, cluster_size, counts, sums, steps)
-    if not codebook.is_contiguous() or not cluster_size.is_contiguous():
-        reasons.append("codebook and cluster_size must be contiguous for the in-place Triton update")
+    state = (codebook, cluster_size, counts, sums) + (() if steps is None else (steps,))
+    if not all(t.is_contiguous() for t in state):
+        reasons.append("codebook, cluster_size, counts, embed_sum and steps_since_used must be contiguous for the "
+                       "in-place Triton update")
     if codebook.shape[1] > 1024:
         reasons.append(f"d={codebook.shape[1]} > 1024")
     return reasons
@@ -205,7 +209,7 @@ def ema_codebook_update(
     )
     d = codebook.shape[1]
     z2d = z.detach().reshape(-1, d)
-    idx = indices.reshape(-1)
+    idx = indices.reshape(-1).contiguous()  # a strided 1-D view stays strided after reshape
     counts = torch.empty(codebook.shape[0], dtype=embed_sum.dtype, device=codebook.device)
     decay, eps, normalize = float(decay), float(eps), bool(normalize)
     compiling = torch.compiler.is_compiling()  # then the registered ops (kernels.library), mutations declared

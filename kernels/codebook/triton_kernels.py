@@ -9,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels._backend import launches_on_input_device
+
 
 def _interpreting() -> bool:
     import os
@@ -181,6 +183,7 @@ _nearest_code_fwd_tuned = triton.autotune(configs=_lookup_configs(), key=["D", "
 )
 
 
+@launches_on_input_device
 def nearest_code_forward(z2d, cb, cb_dot, cb_sq, normalize, eps, input_precision, out_dtype, out=None):
     """Launch the fused lookup; returns (indices int64 [M], z_q [M, D] out_dtype, similarity [M] cb.dtype).
 
@@ -229,6 +232,7 @@ def nearest_code_forward(z2d, cb, cb_dot, cb_sq, normalize, eps, input_precision
     return idx, zq, sim
 
 
+@launches_on_input_device
 def nearest_code_backward(z2d, g, eps, out=None):
     """Gradient w.r.t. z (z's dtype, contiguous) of the straight-through output, given its grad ``g``."""
     M, D = z2d.shape
@@ -305,8 +309,9 @@ def _ema_finalize_kernel(
     STEPS,
     K,
     D,
-    decay,
-    eps,
+    decay: tl.float64,
+    one_minus_decay: tl.float64,
+    eps: tl.float64,
     NORMALIZE: tl.constexpr,
     HAS_STEPS: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -318,7 +323,9 @@ def _ema_finalize_kernel(
         n > 0:  mu = S / n;  CODEBOOK[k] <- l2n(decay * c + (1 - decay) * l2n(mu))   (NORMALIZE)
                              CODEBOOK[k] <- decay * c + (1 - decay) * mu             (otherwise)
         n = 0:  CODEBOOK[k] untouched;   STEPS[k] <- 0 if n > 0 else STEPS[k] + 1
-    with l2n(v) = v / max(||v||, eps), computed in fp32 (fp64 for fp64 state).
+    with l2n(v) = v / max(||v||, eps), computed in fp32 (fp64 for fp64 state). The scalars arrive as fp64
+    (Triton would round a Python float argument to fp32) and are rounded to the state's precision here, as
+    torch does with a Python scalar; ``1 - decay`` is computed on the host in double precision.
     """
     pid = tl.program_id(0)
     codes = pid * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -326,9 +333,12 @@ def _ema_finalize_kernel(
     kmask = codes < K
     mask = kmask[:, None] & (offs_d < D)[None, :]
     acc_ty = SUMS.dtype.element_ty
+    dec = tl.full([], decay, tl.float64).to(acc_ty)
+    omd = tl.full([], one_minus_decay, tl.float64).to(acc_ty)
+    eps_acc = tl.full([], eps, tl.float64).to(acc_ty)
     n = tl.load(COUNTS + codes, mask=kmask, other=0.0).to(acc_ty)
     cl = tl.load(CLUSTER + codes, mask=kmask, other=0.0)
-    tl.store(CLUSTER + codes, (decay * cl.to(acc_ty) + (1.0 - decay) * n).to(cl.dtype), mask=kmask)
+    tl.store(CLUSTER + codes, (dec * cl.to(acc_ty) + omd * n).to(cl.dtype), mask=kmask)
     used = n > 0
     ptrs = codes[:, None].to(tl.int64) * D + offs_d[None, :]
     s = tl.load(SUMS + ptrs, mask=mask, other=0.0).to(acc_ty)
@@ -336,17 +346,18 @@ def _ema_finalize_kernel(
     c = c_raw.to(acc_ty)
     mu = s / tl.maximum(n, 1.0)[:, None]
     if NORMALIZE:
-        mu = mu / tl.maximum(tl.sqrt(tl.sum(mu * mu, axis=1)), eps)[:, None]
-        new = decay * c + (1.0 - decay) * mu
-        new = new / tl.maximum(tl.sqrt(tl.sum(new * new, axis=1)), eps)[:, None]
+        mu = mu / tl.maximum(tl.sqrt(tl.sum(mu * mu, axis=1)), eps_acc)[:, None]
+        new = dec * c + omd * mu
+        new = new / tl.maximum(tl.sqrt(tl.sum(new * new, axis=1)), eps_acc)[:, None]
     else:
-        new = decay * c + (1.0 - decay) * mu
+        new = dec * c + omd * mu
     tl.store(CODEBOOK + ptrs, new.to(c_raw.dtype), mask=mask & used[:, None])
     if HAS_STEPS:
         st = tl.load(STEPS + codes, mask=kmask, other=0)
         tl.store(STEPS + codes, tl.where(used, 0, st + 1), mask=kmask)
 
 
+@launches_on_input_device
 def ema_scatter(z2d, indices, sums, counts, normalize, eps):
     """SUMS/COUNTS must be zeroed by the caller; accumulates in their dtype (fp32/fp64)."""
     M, D = z2d.shape
@@ -371,6 +382,7 @@ def ema_scatter(z2d, indices, sums, counts, normalize, eps):
     )
 
 
+@launches_on_input_device
 def ema_finalize(codebook, cluster_size, counts, sums, decay, eps, normalize, steps):
     K, D = codebook.shape
     block_d = triton.next_power_of_2(D)
@@ -383,8 +395,9 @@ def ema_finalize(codebook, cluster_size, counts, sums, decay, eps, normalize, st
         steps if steps is not None else counts,
         K,
         D,
-        decay,
-        eps,
+        float(decay),
+        1.0 - float(decay),
+        float(eps),
         NORMALIZE=bool(normalize),
         HAS_STEPS=steps is not None,
         BLOCK_K=block_k,

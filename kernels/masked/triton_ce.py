@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels._backend import launches_on_input_device
+
 
 def _alloc(shape, dtype, device):
     """Every output buffer comes from here (tests swap it for a NaN-poisoning allocator)."""
@@ -116,6 +118,7 @@ def default_chunk_rows(M, V, budget_elems=1 << 25):
     return triton.cdiv(triton.cdiv(M, n_chunks), 64) * 64
 
 
+@launches_on_input_device
 def linear_cross_entropy_forward(
     h,
     weight,

@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels._backend import launches_on_input_device
+
 
 def _alloc(shape, dtype, device):
     """Every output buffer comes from here (tests swap it for a NaN-poisoning allocator)."""
@@ -121,6 +123,7 @@ def _blocks(N, D):
     return min(triton.next_power_of_2(max(N, 1)), 64), min(triton.next_power_of_2(max(D, 1)), 128)
 
 
+@launches_on_input_device
 def gather_masked_forward(h, mask, k=None, offsets=None, total=None):
     """[B, N, D] -> [total, D]. Fixed path: k given (total = B*k). Variable path: offsets [B] int64, total."""
     B, N, D = h.shape
@@ -153,6 +156,7 @@ def gather_masked_forward(h, mask, k=None, offsets=None, total=None):
     return out
 
 
+@launches_on_input_device
 def gather_masked_backward(grad_out, mask, k=None, offsets=None):
     """[M, D] -> [B, N, D]: the rows scattered back to their masked positions, zeros elsewhere."""
     B, N = mask.shape

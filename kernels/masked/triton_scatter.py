@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels._backend import launches_on_input_device
+
 
 def _alloc(shape, dtype, device):
     """Every output buffer comes from here (tests swap it for a NaN-poisoning allocator)."""
@@ -185,6 +187,7 @@ def _num_splits(B, tiles, device, split=None):
     return max(1, min(B, triton.cdiv(target, tiles)))
 
 
+@launches_on_input_device
 def masked_token_scatter_forward(x, mask, mask_token, pos_embed=None, cls_token=None):
     """Launch the forward kernel. mask_token/cls_token [D], pos_embed [P, D] with P in (N, N + C)."""
     B, N, D = x.shape
@@ -231,6 +234,7 @@ def masked_token_scatter_forward(x, mask, mask_token, pos_embed=None, cls_token=
     return out
 
 
+@launches_on_input_device
 def masked_token_scatter_backward(
     grad_out, mask, pos_rows, has_cls, need_x=True, need_tok=True, need_pos=True, need_cls=True, split=None
 ):
