@@ -134,7 +134,9 @@ def render(groups, meta) -> str:
             f"| {kernel} | {shape} | {dtype} | {ours_txt} | {_fmt_time(ref)} | {peer_txt} | {vs_ref} | "
             f"{vs_peer} | {', '.join(ach) or '-'} |"
         )
-    return "\n".join(lines) + "\n"
+    from bench import targets
+
+    return "\n".join(lines) + "\n\n" + targets.render(groups, meta, OURS)
 
 
 def plot(groups, meta, out_dir: pathlib.Path) -> list[pathlib.Path]:

@@ -1,4 +1,4 @@
-"""Data-loading throughput: DALI pipelines vs the torch DataLoader fallback on the same cores.
+"""Data-loading throughput: DALI pipelines vs the torch DataLoader fallback (and torchvision) on the same cores.
 
 A folder of JPEGs (random colour fields, ~256 px, made by ``engine.data.synthetic_dataset``) is read for one
 epoch per timed round. Two recipes: decode + RandomResizedCrop + flip + normalise at 224 px (SimMIM/SparK),
@@ -6,6 +6,8 @@ and DINO multi-crop (2 x 224 + 8 x 96 with jitter/grayscale/blur/solarise). ``ex
 images / median epoch time. DALI uses ``num_threads`` CPU threads (or the GPU decoder and operators on a
 CUDA machine), the fallback ``num_workers`` = the same number. Loaders are built and run once (index scan,
 pipeline build, worker start-up) before timing, so the rounds measure steady-state epochs.
+``torchvision`` (when importable): ``ImageFolder`` + torchvision transforms of the same recipe in a
+``DataLoader`` with the same number of workers -- the loader most codebases use (issue 3's 3x target).
 """
 
 import os
@@ -65,19 +67,70 @@ def _run(bench, benchmark, folder, method, backend, device, rounds):
     benchmark.extra_info["images_per_s"] = seen / benchmark.extra_info["median_s"]
 
 
-@pytest.mark.parametrize("backend", ["dali", "torch"])
+def _torchvision_loader(folder, method):
+    """The common torchvision recipe of ``method`` (the same crops, flips, jitter, blur and solarisation)."""
+    pytest.importorskip("torchvision", reason="torchvision is not installed")
+    from torchvision import datasets
+    from torchvision import transforms as T
+
+    norm = T.Compose([T.ToTensor(), T.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)])
+    if method != "dino":
+        transform = T.Compose([T.RandomResizedCrop(224, scale=(0.67, 1.0)), T.RandomHorizontalFlip(), norm])
+    else:
+        def view(size, scale, blur_p, solarize_p=0.0):
+            return T.Compose([
+                T.RandomResizedCrop(size, scale=scale), T.RandomHorizontalFlip(),
+                T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8), T.RandomGrayscale(p=0.2),
+                T.RandomApply([T.GaussianBlur(23, sigma=(0.1, 2.0))], p=blur_p),
+                T.RandomSolarize(128, p=solarize_p), norm,
+            ])
+
+        g1, g2, loc = view(224, (0.4, 1.0), 1.0), view(224, (0.4, 1.0), 0.1, 0.2), view(96, (0.05, 0.4), 0.5)
+
+        def transform(img):
+            return [g1(img), g2(img)] + [loc(img) for _ in range(8)]
+
+    dataset = datasets.ImageFolder(str(folder), transform=transform)
+    return torch.utils.data.DataLoader(dataset, batch_size=BATCH, shuffle=True, num_workers=THREADS,
+                                       drop_last=True, persistent_workers=THREADS > 0)
+
+
+def _run_torchvision(bench, benchmark, folder, method, rounds):
+    loader = _torchvision_loader(folder, method)
+
+    def epoch():
+        return sum(len(labels) for _, labels in loader)
+
+    seen = epoch()
+    recipe = "RRC(0.67,1)+flip+norm 224" if method != "dino" else "2x224+8x96 multi-crop"
+    bench(epoch, kernel=f"data_{method}", provider="torchvision",
+          shape=f"{NUM_IMAGES} JPEG ~256px, {recipe}, B{BATCH}, {THREADS} threads/workers", rounds=rounds,
+          images=seen)
+    benchmark.extra_info["images_per_s"] = seen / benchmark.extra_info["median_s"]
+
+
+@pytest.mark.parametrize("backend", ["dali", "torch", "torchvision"])
 def test_bench_rrc_flip_normalise(bench, benchmark, jpeg_folder, backend):
-    _run(bench, benchmark, jpeg_folder, "simmim", backend, "cpu", rounds=3)
+    if backend == "torchvision":
+        _run_torchvision(bench, benchmark, jpeg_folder, "simmim", rounds=3)
+    else:
+        _run(bench, benchmark, jpeg_folder, "simmim", backend, "cpu", rounds=3)
 
 
-@pytest.mark.parametrize("backend", ["dali", "torch"])
+@pytest.mark.parametrize("backend", ["dali", "torch", "torchvision"])
 def test_bench_dino_multicrop(bench, benchmark, jpeg_folder, backend):
-    _run(bench, benchmark, jpeg_folder, "dino", backend, "cpu", rounds=2)
+    if backend == "torchvision":
+        _run_torchvision(bench, benchmark, jpeg_folder, "dino", rounds=2)
+    else:
+        _run(bench, benchmark, jpeg_folder, "dino", backend, "cpu", rounds=2)
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("method", ["simmim", "dino"])
-@pytest.mark.parametrize("backend", ["dali", "torch"])
+@pytest.mark.parametrize("backend", ["dali", "torch", "torchvision"])
 def test_bench_gpu(bench, benchmark, jpeg_folder, method, backend):
     assert torch.cuda.is_available()
-    _run(bench, benchmark, jpeg_folder, method, backend, "cuda", rounds=3)
+    if backend == "torchvision":  # a CPU loader: the GPU run compares DALI's GPU path with it
+        _run_torchvision(bench, benchmark, jpeg_folder, method, rounds=3)
+    else:
+        _run(bench, benchmark, jpeg_folder, method, backend, "cuda", rounds=3)

@@ -60,3 +60,24 @@ def test_train_step_rows_show_images_per_second_and_peak_memory():
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[6] == "2.00x"
     assert cells[8] == "128 img/s, peak 3072 MiB (ref 5120 MiB)"
+
+
+def test_targets_met_missed_and_not_measured():
+    from bench import targets
+
+    shape_cpu = "B4 160px rn50_l1_3x3 (64->64 @40) fwd"
+    data = {"benchmarks": [
+        _bench("sparse_conv2d", "ours", 1.0, shape=shape_cpu),
+        _bench("sparse_conv2d", "ours-full", 1.6, shape=shape_cpu),  # 0.625x of full density: missed (<= 0.55)
+        _bench("sparse_conv2d", "reference", 3.0, shape=shape_cpu),  # 3x faster than dense: met
+        _bench("blockwise_masks", "native", 1.0, shape="B2048 14x14 75 masked"),
+        _bench("blockwise_masks", "reference", 10.0, shape="B2048 14x14 75 masked"),  # 10x < 20x: missed
+    ]}
+    groups, meta = report.rows_from_json(data)
+    rows = {(r["target"].issue, r["target"].metric, r["shape"].split(" float")[0]): r
+            for r in targets.evaluate(groups, meta, report.OURS)}
+    assert rows[(8, "variant:ours-full", shape_cpu)]["status"].startswith("MISSED (at 88%")
+    assert rows[(8, "speedup", shape_cpu)]["status"] == "met"
+    assert rows[(2, "speedup", "B2048 14x14 75 masked")]["status"] == "MISSED (at 50% of the target)"
+    assert rows[(7, "time", "-")]["status"].startswith("not measured here (H100 target")
+    assert "## Targets of the kernel issues" in report.render(groups, meta)
