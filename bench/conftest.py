@@ -34,8 +34,13 @@ def pytest_cmdline_main(config):
         config.option.benchmark_json = open(path, "wb")  # noqa: SIM115 - closed by pytest-benchmark
 
 
+# ``torch.compile`` providers compile for tens of seconds each on a GPU: ``-m "not compile"`` skips them all
+COMPILE = pytest.param("compile", marks=pytest.mark.compile, id="compile")
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA device")
+    config.addinivalue_line("markers", "compile: a torch.compile provider (slow to build; deselect with -m 'not compile')")
 
 
 def pytest_benchmark_update_json(config, benchmarks, output_json):

@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bench.conftest import COMPILE
 from kernels import RelativePositionBias, attention, use_backend
 
 GPU_SHAPES = {
@@ -128,7 +129,7 @@ def _peer_forward(provider, q, k, v, bias):
 
 
 PROVIDERS = ["ours", "ours-deterministic", "sdpa-efficient_attention", "sdpa-cudnn_attention",
-             "sdpa-flash_attention", "sdpa-math", "compile", "flash-attn", "xformers"]
+             "sdpa-flash_attention", "sdpa-math", COMPILE, "flash-attn", "xformers"]
 
 
 @pytest.mark.cuda

@@ -25,6 +25,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bench.conftest import COMPILE
 from kernels import ema_codebook_update, nearest_code
 from kernels.codebook import reference as ref
 
@@ -95,7 +96,7 @@ def _lookup_cases():
 
 
 @pytest.mark.parametrize("shape,dtype,dev", _lookup_cases())
-@pytest.mark.parametrize("provider", ["ours", "ours-bf16ops", "reference", "compile", "faiss"])
+@pytest.mark.parametrize("provider", ["ours", "ours-bf16ops", "reference", COMPILE, "faiss"])
 def test_bench_nearest_code(bench, shape, dtype, dev, provider):
     M, K, d = shape
     dtype = getattr(torch, dtype)  # parametrised by name: pytest-benchmark stores params as JSON
@@ -173,7 +174,7 @@ def _ema_cases():
 
 
 @pytest.mark.parametrize("shape,dev", _ema_cases())
-@pytest.mark.parametrize("provider", ["ours", "reference", "compile", "torch-index_add"])
+@pytest.mark.parametrize("provider", ["ours", "reference", COMPILE, "torch-index_add"])
 def test_bench_ema_update(bench, shape, dev, provider):
     M, K, d = shape
     device = torch.device(dev)

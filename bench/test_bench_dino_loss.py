@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bench.conftest import COMPILE
 from engine.methods.dino import dino_loss
 
 GPU = {"B": 128, "crops": 10, "K": 65536, "device": "cuda"}
@@ -38,7 +39,7 @@ def per_pair_loss(student_out, teacher_out, center, n_crops, n_global, student_t
 
 
 @pytest.mark.parametrize("phase", ["fwd", "fwd+bwd"])
-@pytest.mark.parametrize("provider", ["ours", "reference", "compile"])
+@pytest.mark.parametrize("provider", ["ours", "reference", COMPILE])
 @pytest.mark.parametrize("case", CASES)
 def test_bench_dino_loss(bench, case, provider, phase):
     B, n, K, dev = case["B"], case["crops"], case["K"], torch.device(case["device"])

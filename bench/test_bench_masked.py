@@ -19,6 +19,7 @@ extra_info ``peak_mem_bytes`` (CUDA): allocator peak above the inputs during one
 import pytest
 import torch
 
+from bench.conftest import COMPILE
 import kernels
 from kernels.masked.reference import (
     gather_masked_reference,
@@ -33,7 +34,7 @@ CASES = [
     pytest.param(GPU, marks=pytest.mark.cuda, id="beit-vitb-bf16"),
     pytest.param(CPU, id="cpu-small-fp32"),
 ]
-PROVIDERS = ["ours", "reference", "compile"]
+PROVIDERS = ["ours", "reference", COMPILE]
 
 
 def _shape(c):

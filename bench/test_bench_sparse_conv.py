@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from bench.conftest import median_time
+from bench.conftest import COMPILE, median_time
 from kernels import use_backend
 from kernels.sparse_conv import downsample_active, sparse_conv2d, upsample_active
 
@@ -150,7 +150,7 @@ def test_sparse_conv_cpu(bench, benchmark, one_thread, name, provider, phase):
 @pytest.mark.cuda
 @pytest.mark.parametrize("phase", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("name", list(LAYERS))
-@pytest.mark.parametrize("provider", ["ours", "cudnn-remask", "compile", "spconv"])
+@pytest.mark.parametrize("provider", ["ours", "cudnn-remask", COMPILE, "spconv"])
 def test_sparse_conv_cuda(bench, name, provider, phase):
     dtype, batch, image, dev = torch.bfloat16, 32, 224, torch.device("cuda")
     x, active, a_out, w, b, g, params, flops = _case(name, batch, image, dtype, dev)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from bench.conftest import COMPILE
 from engine.methods import build_method, get_method
 from engine.tokenizers import save_tokenizer
 from engine.trainer import Trainer
@@ -155,7 +156,7 @@ def test_train_step_cpu(bench, method, provider, tmp_path):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("provider", ["ours", "reference", "compile"])
+@pytest.mark.parametrize("provider", ["ours", "reference", COMPILE])
 @pytest.mark.parametrize("method", METHODS)
 def test_train_step_cuda(bench, method, provider, tmp_path):
     _run(bench, method, provider, True, tmp_path, rounds=10)
