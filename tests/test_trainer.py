@@ -86,9 +86,17 @@ def test_checkpoint_is_atomic(tmp_path, monkeypatch):
     assert torch.equal(ckpt.load(path)["a"], torch.arange(5))
 
 
-@pytest.mark.parametrize("method,accum", [("simmim", 1), ("dino", 2)])
+RESUME_EXTRA = {
+    "simmim": {},
+    "dino": dict(out_dim=64, head_hidden_dim=32, bottleneck_dim=16, local_crops=2, drop_path=0.1),
+    # BatchNorm running statistics in the model state, LAMB state in the optimizer
+    "spark": dict(model="resnet_femto", decoder_width=32, optimizer="lamb"),
+}
+
+
+@pytest.mark.parametrize("method,accum", [("simmim", 1), ("dino", 2), ("spark", 1)])
 def test_resume_reproduces_uninterrupted_run_exactly(tmp_path, method, accum):
-    extra = dict(out_dim=64, head_hidden_dim=32, bottleneck_dim=16, local_crops=2, drop_path=0.1) if method == "dino" else {}
+    extra = RESUME_EXTRA[method]
     full = make_trainer(make_cfg(tmp_path / "full", method=method, max_steps=5, accum_steps=accum, **extra))
     ref = full.fit()["history"]
     assert len(ref) == 5
