@@ -458,6 +458,32 @@ def test_ce_autocast_bf16(device):
     assert_close(loss, ref, atol=5e-2, rtol=2e-2, name="autocast loss")
 
 
+@pytest.mark.parametrize("need", [(1, 1, 1), (1, 0, 0), (0, 1, 0), (0, 0, 1), (0, 1, 1), (1, 0, 1), (1, 1, 0)])
+def test_ce_launcher_gradient_subsets_over_chunks(device, need):
+    """grad_b rides along grad_W's GEMM (ones column): every subset of needed grads, several chunks, fp64."""
+    from kernels.masked.reference import linear_cross_entropy_reference
+
+    need_h, need_w, need_b = (bool(n) for n in need)
+    h = torch.randn(29, 12, dtype=torch.float64, device=device)
+    w = torch.randn(37, 12, dtype=torch.float64, device=device)
+    b = torch.randn(37, dtype=torch.float64, device=device)
+    t = torch.randint(0, 37, (29,), device=device)
+    t[3] = -100
+    loss, _acc, gh, gw, gb, inv_n = triton_ce.linear_cross_entropy_forward(
+        h, w, b, t, chunk_rows=8, need_h=need_h, need_w=need_w, need_b=need_b
+    )
+    hr, wr, br = (x.clone().requires_grad_() for x in (h, w, b))
+    ref = linear_cross_entropy_reference(hr, wr, br, t)
+    ref.backward()
+    assert_close(loss, ref.detach(), name="loss")
+    for got, want, on, name in ((gh, hr.grad, need_h, "grad_h"), (gw, wr.grad, need_w, "grad_w"),
+                                (gb, br.grad, need_b, "grad_b")):
+        if on:
+            assert_close(got * inv_n, want, name=name)
+        else:
+            assert got is None, name
+
+
 def test_ce_kernel_poisons_out_of_range_target(device):
     h = torch.randn(4, 8, device=device)
     w = torch.randn(5, 8, device=device)

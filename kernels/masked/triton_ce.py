@@ -7,7 +7,9 @@ For each chunk of c rows (c*V logits live at a time, never [M, V]):
            loss_i = valid_i ? lse_i - z_i[t_i] : 0      (NaN if t_i is outside [0, V) and not ignored)
            hit_i  = valid_i and argmax_j z_ij == t_i   (first index among ties, like torch.argmax)
            z_ij  <- valid_i ? exp(z_ij - lse_i) - [j == t_i] : 0        (written in place)
-    grad_h_c = dz W;   grad_W += dz^T h_c (fp32 accumulator);   grad_b += sum_i dz_i (fp32)
+    grad_h_c = dz W;   [grad_W | grad_b] += dz^T [h_c | 1] (one GEMM, fp32 accumulator)
+grad_b rides along grad_W's GEMM as an extra column of ones next to h (padded to 8 columns), which saves a
+separate pass over the chunk's logits; h_c is copied once into that padded buffer and GEMM 1 reads it there.
 The 1/n_valid factor is not folded into dz (it would underflow fp16); the caller applies
 grad_output / max(n_valid, 1) to the three gradients in the backward.
 """
@@ -151,14 +153,24 @@ def linear_cross_entropy_forward(
     loss_rows = _alloc((M,), acc_t, dev)
     hits = _alloc((M,), torch.int32, dev)
     gh = _alloc((M, D), h.dtype, dev) if need_h else None
-    gw = torch.zeros((V, D), dtype=acc_t, device=dev) if need_w else None
-    gb = torch.zeros(V, dtype=acc_t, device=dev) if need_b else None
     c = int(chunk_rows) if chunk_rows else default_chunk_rows(M, V)
+    # [h_c | 1 | 0 ...]: D columns of h (when grad_W is needed), then a ones column for grad_b, padded to 8
+    h_cols = D if need_w else 0
+    cols = h_cols + (8 if need_b else 0)
+    gwb = torch.zeros((V, cols), dtype=acc_t, device=dev) if cols else None
+    h_aug = None
+    if need_b:
+        h_aug = torch.zeros((min(c, M), cols), dtype=dtype, device=dev)
+        h_aug[:, h_cols] = 1
     BLOCK_V = triton.next_power_of_2(V) if V <= MAX_SINGLE_PASS_V else MULTI_PASS_BLOCK_V
     num_warps = 8 if BLOCK_V >= 2048 else 4
     for s in range(0, M, c):
         e = min(s + c, M)
-        hc = h[s:e].to(dtype)
+        if need_b and need_w:
+            h_aug[: e - s, :D].copy_(h[s:e])
+            hc = h_aug[: e - s, :D]
+        else:
+            hc = h[s:e].to(dtype)
         z = torch.addmm(b, hc, w.t()) if b is not None else torch.mm(hc, w.t())
         _masked_ce_fwd_kernel[(e - s,)](
             z,
@@ -178,10 +190,12 @@ def linear_cross_entropy_forward(
                 torch.mm(z, w, out=gh[s:e])
             else:
                 gh[s:e] = torch.mm(z, w)
-        if need_w:
-            gw = _accumulate_mm(gw, z.t(), hc)
         if need_b:
-            gb += z.sum(dim=0, dtype=acc_t)
+            gwb = _accumulate_mm(gwb, z.t(), h_aug[: e - s])
+        elif need_w:
+            gwb = _accumulate_mm(gwb, z.t(), hc)
+    gw = gwb[:, :D] if need_w else None
+    gb = gwb[:, h_cols] if need_b else None
     loss = loss_rows.sum(dtype=acc_t) / n_valid
     acc = hits.sum().to(acc_t) / n_valid
     return loss, acc, gh, gw, gb, 1.0 / n_valid
