@@ -79,15 +79,14 @@ class Lamb(torch.optim.Optimizer):
             if wd != 0:
                 torch._foreach_add_(update, params, alpha=wd)
             if wd != 0 or group["always_adapt"]:
-                w_norm = torch._foreach_norm(params)
-                u_norm = torch._foreach_norm(update)
-                ratios = []
-                for wn, un in zip(w_norm, u_norm):
-                    r = torch.where((wn > 0) & (un > 0), wn / un.clamp_min(torch.finfo(un.dtype).tiny),
-                                    torch.ones_like(wn))
-                    if group["trust_clip"] is not None:
-                        r = r.clamp(max=group["trust_clip"])
-                    ratios.append(r)
-                torch._foreach_mul_(update, ratios)
+                # all trust ratios in a few vector ops (no per-tensor Python loop, no host sync)
+                nd = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+                w_norm = torch.stack([n.to(nd) for n in torch._foreach_norm(params)])
+                u_norm = torch.stack([n.to(nd) for n in torch._foreach_norm(update)])
+                ratio = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm.clamp_min(torch.finfo(nd).tiny),
+                                    torch.ones_like(w_norm))
+                if group["trust_clip"] is not None:
+                    ratio = ratio.clamp(max=group["trust_clip"])
+                torch._foreach_mul_(update, list(ratio.unbind(0)))
             torch._foreach_add_(params, update, alpha=-lr)
         return loss
