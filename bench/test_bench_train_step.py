@@ -14,7 +14,8 @@ CPU cases: the CPU presets of ``engine/configs/default.yaml`` (vit_pico / resnet
 CUDA cases: the paper-sized presets (ViT-B/16 for SimMIM/BEiT/BEiT v2, ViT-S/16 with 2x224 + 8x96 crops and a
 65536-d head for DINO, ResNet-50 for SparK, 224 px) in bf16, batch 64; the tokenizers of BEiT / BEiT v2 are
 randomly initialised DALL-E-sized dVAE / ViT-B VQ-KD (their cost, not their quality, matters here).
-Recorded: median step time, images/s and, on CUDA, peak allocated memory of one step.
+Recorded: median step time, images/s and, on CUDA, peak allocated memory of one step. With timm installed,
+the CUDA run adds a peer row per method: the same-sized timm backbone's own training step (see TIMM_PEERS).
 """
 
 from __future__ import annotations
@@ -160,3 +161,48 @@ def test_train_step_cpu(bench, method, provider, tmp_path):
 @pytest.mark.parametrize("method", METHODS)
 def test_train_step_cuda(bench, method, provider, tmp_path):
     _run(bench, method, provider, True, tmp_path, rounds=10)
+
+
+# timm peers: the same-sized public backbone (fused SDPA attention; BEiT's with its shared relative position
+# bias as the attention mask) doing forward + backward + AdamW on the same images, with a trivial loss.
+# Backbone only: no tokenizer, no MIM head, no mask token, no teacher -- a lower bound for a method built on it.
+_BEIT_PT = dict(use_abs_pos_emb=False, use_rel_pos_bias=False, use_shared_rel_pos_bias=True)  # pre-training layout
+TIMM_PEERS = {
+    "simmim": ("beit_base_patch16_224", _BEIT_PT),
+    "beit": ("beit_base_patch16_224", _BEIT_PT),
+    "beitv2": ("beit_base_patch16_224", _BEIT_PT),
+    "dino": ("vit_small_patch16_224", dict(dynamic_img_size=True)),
+    "spark": ("resnet50", {}),  # dense convs on the masked image: what SparK's official code computes
+}
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("method", METHODS)
+def test_train_step_cuda_timm_backbone(bench, method, tmp_path):
+    timm = pytest.importorskip("timm", reason="timm is not installed")
+    device = torch.device("cuda")
+    cfg = _cfg(method, True, str(tmp_path / "run"))
+    name, kwargs = TIMM_PEERS[method]
+    net = timm.create_model(name, pretrained=False, num_classes=0, **kwargs).to(device)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    B, S = int(cfg["batch_size"]), int(cfg["image_size"])
+    if method == "dino":
+        from engine.data import default_local_size
+
+        ls = int(cfg.get("local_size") or default_local_size(S))
+        views = [torch.randn(2 * B, 3, S, S, device=device),
+                 torch.randn(int(cfg["local_crops"]) * B, 3, ls, ls, device=device)]
+    else:
+        views = [torch.randn(B, 3, S, S, device=device)]
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = sum(net(v).float().square().mean() for v in views)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    step()
+    peak = _peak_memory(step, device)
+    bench(step, kernel=f"train_step_{method}", provider=f"timm-{name}-backbone", shape=_shape(cfg),
+          dtype=torch.bfloat16, device=device, rounds=10, images_per_call=B, peak_memory_bytes=peak)
