@@ -308,6 +308,15 @@ cases = [
     (tk._sparse_dwconv_wgrad_kernel, {**wg, "C": "i32", **geo, "SPLIT": "i32"},
      dict(KW=7, HAS_BIAS=True, ACC_F64=False, BLOCK_M=32, BLOCK_C=64)),
 ]
+from kernels.sparse_conv import triton_bn as tb
+strides = {n: "i32" for n in ("s_xb", "s_xc", "s_xs", "s_db", "s_dc", "s_ds", "s_ob", "s_oc", "s_os")}
+bn = {"X": P, "DY": P, "MASK": "*u8", "R": "i32", "S": "i32", "C": "i32", **strides}
+for mode in (0, 1, 2):
+    cases.append((tb._masked_bn_partial_kernel, {**bn, "MEAN": A, "RSTD": A, "P1": A, "P2": A},
+                  dict(MODE=mode, ACC_F64=False, BLOCK_R=64, BLOCK_C=64)))
+for mode in (0, 1):
+    cases.append((tb._masked_bn_apply_kernel, {**bn, "K0": A, "K1": A, "K2": A, "K3": A, "OUT": P},
+                  dict(MODE=mode, ACC_F64=False, BLOCK_R=32, BLOCK_C=64)))
 import os, pathlib, re, subprocess, tempfile
 ptxas = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
 for fn, sig, consts in cases:
@@ -342,7 +351,7 @@ def test_triton_kernels_compile_for_sm90():
     if out.returncode != 0 and "ptxas" in out.stderr and "not found" in out.stderr:
         pytest.skip("no ptxas available to the Triton NVIDIA backend")
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "compiled 5" in out.stdout
+    assert "compiled 10" in out.stdout
 
 
 @pytest.mark.cuda

@@ -5,6 +5,7 @@ ResNet/ConvNeXt sparsely inside ``with sparse_context(active):``.
 """
 
 from kernels.sparse_conv.active import active_site_index, conv_output_size, downsample_active, upsample_active
+from kernels.sparse_conv.batch_norm import MaskedBatchNormFunction, masked_batch_norm, masked_batch_norm_reference
 from kernels.sparse_conv.context import ActivityMaps, current_maps, sparse_context
 from kernels.sparse_conv.convert import SparseReport, to_sparse
 from kernels.sparse_conv.function import SparseConv2dFunction, sparse_conv2d
@@ -19,6 +20,7 @@ from kernels.sparse_conv.modules import (
 
 __all__ = [
     "ActivityMaps",
+    "MaskedBatchNormFunction",
     "SparseAdaptiveAvgPool2d",
     "SparseAvgPool2d",
     "SparseBatchNorm2d",
@@ -31,6 +33,8 @@ __all__ = [
     "conv_output_size",
     "current_maps",
     "downsample_active",
+    "masked_batch_norm",
+    "masked_batch_norm_reference",
     "sparse_context",
     "sparse_conv2d",
     "to_sparse",

@@ -5,7 +5,8 @@ and writes exact zeros elsewhere, outside it behaves exactly like the dense pare
 * :class:`SparseConv2d`: :func:`kernels.sparse_conv2d` (active inputs only; output map by the cell rule,
   recorded in the context for the next layers).
 * :class:`SparseBatchNorm2d`: batch statistics over active sites only (``mean = sum(a x) / sum(a)``, biased
-  variance for normalising, unbiased ``n / (n - 1)`` for the running estimate, like ``nn.BatchNorm2d``).
+  variance for normalising, unbiased ``n / (n - 1)`` for the running estimate, like ``nn.BatchNorm2d``),
+  through :func:`kernels.masked_batch_norm` (fused Triton reductions on CUDA).
 * :class:`SparseLayerNorm`: layer norm over channels at each active site (``channels_first`` NCHW, the
   ConvNeXt ``LayerNorm2d``; or ``channels_last`` NHWC).
 * :class:`SparseMaxPool2d`: max over the active inputs of each window; :class:`SparseAvgPool2d`: dense
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.sparse_conv.active import _pair, conv_output_size, downsample_active
+from kernels.sparse_conv.batch_norm import masked_batch_norm
 from kernels.sparse_conv.context import current_maps
 from kernels.sparse_conv.function import groups_supported, sparse_conv2d
 
@@ -131,29 +133,13 @@ class SparseBatchNorm2d(nn.BatchNorm2d):
         if x.dim() != 4:
             raise ValueError(f"x: expected a 4-D [B, C, H, W] tensor, got shape {tuple(x.shape)}")
         a = maps.get(x.shape[-2:], x.shape[0])
-        m = _mask(a, x)
         use_batch = self.training or not self.track_running_stats
         if not use_batch:
             y = F.batch_norm(
                 x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
             )
-            return y * m
-        cdt = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-        xs, ms = x.to(cdt), m.to(cdt)
-        n = ms.sum()
-        n_safe = n.clamp_min(1.0)
-        mean = (xs * ms).sum(dim=(0, 2, 3)) / n_safe
-        centred = (xs - mean[None, :, None, None]) * ms
-        var = (centred * centred).sum(dim=(0, 2, 3)) / n_safe
-        # centred is already zero at inactive sites: only the shift needs the mask (two passes in all)
-        scale = torch.rsqrt(var + self.eps)
-        if self.affine:
-            scale = scale * self.weight.to(cdt)
-            y = torch.addcmul(
-                self.bias.to(cdt)[None, :, None, None] * ms, centred, scale[None, :, None, None]
-            )
-        else:
-            y = centred * scale[None, :, None, None]
+            return y * _mask(a, x)
+        y, mean, var, n = masked_batch_norm(x, a, self.weight, self.bias, self.eps)
         if self.training and self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
@@ -172,7 +158,7 @@ class SparseBatchNorm2d(nn.BatchNorm2d):
                 )
                 self.running_mean.copy_(rm)
                 self.running_var.copy_(rv)
-        return y.to(x.dtype)
+        return y
 
 
 class SparseLayerNorm(nn.LayerNorm):

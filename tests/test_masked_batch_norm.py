@@ -1,0 +1,145 @@
+"""masked_batch_norm (SparK's sparse BatchNorm): the Triton kernels vs the float64 reference, forward and all
+gradients, NCHW and channels_last, densities 0 / 40% / 100%, odd shapes, garbage at inactive sites, half
+precisions, poisoned outputs, the module's running statistics, bad input."""
+
+import pytest
+import torch
+from conftest import assert_close, poison
+
+import kernels
+from kernels import use_backend
+from kernels.sparse_conv import SparseBatchNorm2d, masked_batch_norm, masked_batch_norm_reference, sparse_context
+from kernels.sparse_conv import triton_bn
+
+pytestmark = pytest.mark.interpreter
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    monkeypatch.setattr(triton_bn, "_alloc_like", lambda t: poison(torch.empty_like(t)))
+
+
+def _case(B, C, H, W, density, dtype, device, fmt=torch.contiguous_format, garbage=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    active = (torch.rand(B, H, W, generator=g) < density).to(device)
+    x = (torch.randn(B, C, H, W, generator=g) * 2 + 0.5).to(device=device, dtype=dtype)
+    if not garbage:  # SparK's invariant: zeros at inactive sites; the op must not rely on it
+        x = x * active[:, None].to(dtype)
+    x = x.contiguous(memory_format=fmt).requires_grad_()
+    w = (torch.rand(C, generator=g) + 0.5).to(device=device, dtype=dtype).requires_grad_()
+    b = torch.randn(C, generator=g).to(device=device, dtype=dtype).requires_grad_()
+    dy = torch.randn(B, C, H, W, generator=g).to(device=device, dtype=dtype)
+    return x, active, w, b, dy
+
+
+def _run(fn, x, active, w, b, dy, backend=None):
+    inputs = [t for t in (x, w, b) if t is not None]
+    if backend is None:
+        y, mean, var, n = fn(x, active, w, b)
+    else:
+        with use_backend(backend, op="masked_batch_norm"):
+            y, mean, var, n = fn(x, active, w, b)
+    grads = torch.autograd.grad(y, inputs, dy)
+    return y, mean, var, n, grads
+
+
+def _f64(*ts):
+    return [None if t is None else t.detach().double().requires_grad_(t.requires_grad) for t in ts]
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("density", [0.0, 0.4, 1.0])
+@pytest.mark.parametrize("shape", [(3, 37, 13, 11), (2, 3, 28, 5), (1, 64, 1, 9)])
+@pytest.mark.parametrize("affine", [True, False])
+def test_float64_matches_reference(device, poisoned, fmt, density, shape, affine):
+    x, active, w, b, dy = _case(*shape, density, torch.float64, device, fmt)
+    if not affine:
+        w = b = None
+    y, mean, var, n, grads = _run(masked_batch_norm, x, active, w, b, dy, "triton")
+    yr, mr, vr, nr, grads_r = _run(masked_batch_norm_reference, x, active, w, b, dy)
+    assert y.is_contiguous(memory_format=fmt) and y.dtype == x.dtype
+    assert_close(y, yr, name="y")
+    assert_close(mean, mr, name="mean")
+    assert_close(var, vr, name="var")
+    assert float(n) == float(nr) == float(active.sum())
+    for got, want, name in zip(grads, grads_r, ("dx", "dweight", "dbias")):
+        assert_close(got, want, name=name)
+    inactive = ~active[:, None].expand_as(y)
+    assert torch.all(y[inactive] == 0) and torch.all(grads[0][inactive] == 0)
+
+
+def test_reference_is_batch_norm_of_the_active_sites(device):
+    """The oracle itself: nn.functional.batch_norm on the gathered active sites, scattered back."""
+    x, active, w, b, _ = _case(2, 5, 7, 6, 0.5, torch.float64, device)
+    y, mean, var, _n = masked_batch_norm_reference(x, active, w, b, 1e-5)
+    rows = x.detach().permute(0, 2, 3, 1)[active]  # [n, C]
+    want = torch.nn.functional.batch_norm(rows, None, None, w.detach(), b.detach(), True, 0.0, 1e-5)
+    assert_close(y.detach().permute(0, 2, 3, 1)[active], want, name="y at active sites")
+    assert_close(mean, rows.mean(0), name="mean")
+    assert_close(var, rows.var(0, unbiased=False), name="var")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_low_precision_against_float64(device, poisoned, dtype):
+    x, active, w, b, dy = _case(2, 24, 13, 13, 0.4, dtype, device, torch.channels_last)
+    y, mean, _var, _n, grads = _run(masked_batch_norm, x, active, w, b, dy, "triton")
+    yr, mr, _vr, _nr, grads_r = _run(masked_batch_norm_reference, *_f64(x), active, *_f64(w, b), dy.double())
+    assert y.dtype == dtype and grads[0].dtype == dtype and grads[1].dtype == dtype
+    assert_close(y, yr, dtype=dtype, name="y")
+    assert_close(mean, mr, dtype=torch.float32, name="mean")
+    for got, want, name in zip(grads, grads_r, ("dx", "dweight", "dbias")):
+        assert_close(got, want, dtype=dtype, name=name, atol=5e-2 if dtype != torch.float32 else None)
+
+
+def test_non_contiguous_input_and_grad(device):
+    x, active, w, b, dy = _case(2, 9, 11, 14, 0.5, torch.float64, device)
+    xv = x.detach()[:, :, :, 1:13].requires_grad_()  # neither NCHW- nor channels_last-contiguous
+    av = active[:, :, 1:13]
+    dyv = dy.transpose(2, 3).contiguous().transpose(2, 3)[:, :, :, 1:13]
+    y, _m, _v, _n, grads = _run(masked_batch_norm, xv, av, w, b, dyv, "triton")
+    yr, _mr, _vr, _nr, grads_r = _run(masked_batch_norm_reference, xv, av, w, b, dyv)
+    assert_close(y, yr, name="y")
+    for got, want, name in zip(grads, grads_r, ("dx", "dweight", "dbias")):
+        assert_close(got, want, name=name)
+
+
+def test_module_running_stats_agree_across_backends(device):
+    torch.manual_seed(0)
+    x, active, *_ = _case(4, 6, 9, 9, 0.5, torch.float64, device, garbage=False)
+    mods = {name: SparseBatchNorm2d(6).double().to(device).train() for name in ("triton", "reference")}
+    outs = {}
+    for name, mod in mods.items():
+        with use_backend(name, op="masked_batch_norm"), sparse_context(active):
+            for _ in range(3):
+                outs[name] = mod(x)
+    assert_close(outs["triton"], outs["reference"], name="y")
+    for buf in ("running_mean", "running_var"):
+        assert_close(getattr(mods["triton"], buf), getattr(mods["reference"], buf), name=buf)
+    assert int(mods["triton"].num_batches_tracked) == 3
+    rows = x.detach().permute(0, 2, 3, 1)[active]
+    m = 0.1
+    want_mean = sum(m * (1 - m) ** i for i in range(3)) * rows.mean(0)  # from zeros, 3 EMA steps of the same batch
+    assert_close(mods["triton"].running_mean, want_mean, name="running_mean vs closed form")
+
+
+def test_cpu_default_is_the_reference():
+    x, active, w, b, _ = _case(1, 3, 4, 4, 0.5, torch.float32, "cpu")
+    assert kernels.REGISTRY["masked_batch_norm"].select(x, active, w, b, 1e-5).backend == "reference"
+
+
+def test_bad_inputs(device):
+    x, active, w, b, _ = _case(2, 4, 5, 6, 0.5, torch.float32, device)
+    with pytest.raises(ValueError, match=r"active: expected a bool tensor of shape \(2, 5, 6\)"):
+        masked_batch_norm(x, active[:, :4], w, b)
+    with pytest.raises(ValueError, match="active"):
+        masked_batch_norm(x, active.float(), w, b)
+    with pytest.raises(ValueError, match=r"weight: expected shape \(4,\)"):
+        masked_batch_norm(x, active, w[:3], b)
+    with pytest.raises(ValueError, match=r"bias: expected shape \(4,\)"):
+        masked_batch_norm(x, active, w, torch.zeros(5, device=device))
+    with pytest.raises(TypeError, match="x: expected a floating"):
+        masked_batch_norm(x.long(), active, w, b)
+    with pytest.raises(TypeError, match="x: expected a floating"):
+        masked_batch_norm(x[0], active, w, b)
+    with pytest.raises(ValueError, match="eps"):
+        masked_batch_norm(x, active, w, b, eps=0.0)
