@@ -211,3 +211,62 @@ def test_sparse_conv_cuda(bench, name, provider, phase):
             flops=flops,
             **extra,
         )
+
+
+# ------------------------------------------------------------------------------------------------------------
+# masked batch norm (SparseBatchNorm2d's training-mode op): statistics over active sites only
+
+
+def _bn_case(batch, image, channels, in_stride, dtype, device):
+    units = image // 32
+    keep = ~kernels.spark_masks(batch, units, units, RATIO, seed=0)
+    res = image // in_stride
+    active = upsample_active(keep, res // units).to(device)
+    x = torch.randn(batch, channels, res, res, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    x = (x * active.unsqueeze(1)).requires_grad_()
+    w = torch.ones(channels, device=device, dtype=dtype, requires_grad=True)
+    b = torch.zeros(channels, device=device, dtype=dtype, requires_grad=True)
+    g = torch.randn_like(x)
+    return x, active, w, b, g
+
+
+def _bn_fn(provider, x, active, w, b, g, phase):
+    from kernels.sparse_conv import masked_batch_norm, masked_batch_norm_reference
+
+    def ours():
+        with use_backend("triton" if x.is_cuda else "reference", op="masked_batch_norm"):
+            return masked_batch_norm(x, active, w, b)[0]
+
+    forward = {
+        "ours": ours,
+        "reference": lambda: masked_batch_norm_reference(x, active, w, b)[0],
+        # the dense op SparK's official code runs (over every site, masked ones included), then re-masks
+        "dense-bn-remask": lambda: F.batch_norm(x, None, None, w, b, True, 0.0, 1e-5) * active.unsqueeze(1),
+    }[provider]
+
+    def run():
+        with torch.set_grad_enabled(phase != "fwd"):
+            y = forward()
+            return y if phase == "fwd" else torch.autograd.grad(y, [x, w, b], g)
+
+    return run
+
+
+@pytest.mark.parametrize("phase", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("provider", ["ours", "reference", "dense-bn-remask"])
+def test_masked_batch_norm_cpu(bench, one_thread, provider, phase):
+    x, active, w, b, g = _bn_case(4, 160, 64, 4, torch.float32, "cpu")
+    bench(_bn_fn(provider, x, active, w, b, g, phase), kernel="masked_batch_norm", provider=provider,
+          shape=f"B4 160px 64ch @40 channels_last {phase}", dtype=torch.float32, device="cpu", threads=one_thread)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("phase", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("provider", ["ours", "reference", "dense-bn-remask"])
+def test_masked_batch_norm_cuda(bench, provider, phase):
+    """ResNet-50 stage 1 (256 channels at 56 x 56, batch 32, bf16, channels_last), 60% masked."""
+    x, active, w, b, g = _bn_case(32, 224, 256, 4, torch.bfloat16, "cuda")
+    elems = x.numel()
+    nbytes = (3 if phase == "fwd" else 8) * elems * x.element_size()  # see kernels/sparse_conv/triton_bn.py
+    bench(_bn_fn(provider, x, active, w, b, g, phase), kernel="masked_batch_norm", provider=provider,
+          shape=f"B32 224px 256ch @56 channels_last {phase}", dtype=torch.bfloat16, bytes_moved=nbytes)
