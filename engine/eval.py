@@ -117,7 +117,9 @@ def feature_sets(encoder: nn.Module, data_dir, image_size: int, device="cpu", po
 
 
 def _loader_device(device) -> str:
-    return "gpu" if torch.device(device).type == "cuda" else "cpu"
+    """The loader's device string, keeping a CUDA index (``cuda:1`` decodes on GPU 1, not the current one)."""
+    dev = torch.device(device)
+    return str(dev) if dev.type == "cuda" else "cpu"
 
 
 def knn_eval(encoder: nn.Module, data_dir, image_size: int, device="cpu", pool: str | None = None, k: int = 20,

@@ -725,3 +725,32 @@ def test_import_does_not_import_dali():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+@needs_dali
+def test_exif_rotated_jpeg_decodes_as_pil_sees_it(tmp_path):
+    """Crop windows come from PIL's (un-rotated) sizes, so DALI must not apply the EXIF orientation either."""
+    root = tmp_path / "exif" / "val" / "0"
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        img = Image.fromarray(rng.integers(0, 255, (20, 40, 3), dtype=np.uint8).repeat(2, 0).repeat(2, 1))
+        exif = Image.Exif()
+        exif[0x0112] = 6  # "rotate 90 CW" orientation tag
+        img.save(root / f"{i}.jpg", exif=exif, quality=95)
+    kw = dict(batch_size=4, image_size=24, num_threads=1)
+    a = next(iter(data.build_eval_loader(tmp_path / "exif", "val", backend="dali", **kw)))
+    b = next(iter(data.build_eval_loader(tmp_path / "exif", "val", backend="torch", **kw)))
+    assert (a["images"] - b["images"]).abs().mean() < 0.05
+
+
+def test_fallback_worker_path_returns_cpu_tensors(digits):
+    """The torch fallback builds batches inside DataLoader workers: they must stay on the CPU even when the
+    loader targets a GPU (a forked worker cannot touch CUDA); the main process moves them."""
+    loader = data.build_pretrain_loader("simmim", digits, batch_size=8, image_size=S, backend="torch",
+                                        num_threads=0, mask_fn=lambda n, seed: {"mask": torch.zeros(n, 4, 4)})
+    loader._kind, loader.device = "gpu", torch.device("meta")  # pretend; "meta" makes any transfer visible
+    batch = loader._torch_batch(0, np.arange(8))
+    assert all(t.device.type == "cpu" for t in (batch["images"], batch["labels"], batch["mask"]))
+    moved = loader._assemble([batch["images"]], dict(labels=batch["labels"], masks={"mask": batch["mask"]}))
+    assert moved["labels"].device.type == "meta" and moved["mask"].device.type == "meta"

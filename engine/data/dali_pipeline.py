@@ -25,6 +25,16 @@ from __future__ import annotations
 from .augment import IMAGENET_MEAN, IMAGENET_STD, Recipe, View, eval_resize
 
 
+def _decode(encoded, dec_device):
+    """RGB decode as PIL (and the torch fallback) sees the file: EXIF orientation NOT applied (crop windows are
+    drawn from PIL's sizes), and fancy chroma upsampling as libjpeg-turbo does it (the mixed/nvJPEG decoder
+    otherwise defaults to plain upsampling, so GPU batches would differ slightly from CPU ones)."""
+    from nvidia.dali import fn, types
+
+    return fn.decoders.image(encoded, device=dec_device, output_type=types.RGB, adjust_orientation=False,
+                             jpeg_fancy_upsampling=True)
+
+
 def _interp(types, name: str):
     return {"bicubic": types.INTERP_CUBIC, "bilinear": types.INTERP_LINEAR, "lanczos": types.INTERP_LANCZOS3}[
         name
@@ -101,7 +111,7 @@ def build_pretrain_pipeline(
     @pipeline_def(enable_conditionals=True)
     def graph():
         encoded = fn.external_source(name="encoded", batch=True)
-        image = fn.decoders.image(encoded, device=dec_device, output_type=types.RGB)
+        image = _decode(encoded, dec_device)
         outs = []
         for j, view in enumerate(views):
             args = {k: fn.external_source(name=f"v{j}_{k}", batch=True) for k in view_inputs(view)}
@@ -169,7 +179,7 @@ def build_eval_pipeline(
     @pipeline_def
     def graph():
         enc = fn.external_source(name="encoded", batch=True)
-        image = fn.decoders.image(enc, device=dec_device, output_type=types.RGB)
+        image = _decode(enc, dec_device)
         x = fn.resize(
             image, resize_shorter=eval_resize(image_size), interp_type=types.INTERP_CUBIC, antialias=True
         )

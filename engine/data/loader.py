@@ -211,8 +211,16 @@ class _Loader(abc.ABC):
 
     def close(self) -> None:
         """Release the DALI pipeline (its threads and, on GPU, its memory); a later pass builds a new one."""
+        had_gpu_pipe = self._pipe is not None and self._kind == "gpu"
         self._pipe, self._primed = None, False
         self._inflight.clear()
+        if had_gpu_pipe:  # DALI keeps freed device memory in its own pool, out of torch's reach: hand it back
+            try:
+                from nvidia.dali.backend import ReleaseUnusedMemory
+
+                ReleaseUnusedMemory()
+            except (ImportError, AttributeError, RuntimeError):  # older DALI: the pool is kept
+                pass
 
     def __getstate__(self):  # DataLoader workers started by spawn/forkserver get no DALI state
         state = self.__dict__.copy()
@@ -233,8 +241,9 @@ class _Loader(abc.ABC):
         """``{external_source name: per-sample list}`` of one prepared step."""
 
     @abc.abstractmethod
-    def _assemble(self, outputs: list[torch.Tensor], item: dict) -> dict:
-        """The batch dict from the view tensors (pipeline output order) and the prepared step."""
+    def _assemble(self, outputs: list[torch.Tensor], item: dict, to_device: bool = True) -> dict:
+        """The batch dict from the view tensors (pipeline output order) and the prepared step; labels and
+        masks are moved to the loader's GPU when ``to_device`` (never inside a DataLoader worker)."""
 
     @abc.abstractmethod
     def _torch_sample(self, img: torch.Tensor, item: dict, i: int) -> list[torch.Tensor]:
@@ -354,6 +363,7 @@ class _Loader(abc.ABC):
                     continue
                 item = inflight.popleft()
                 tensors = [_dali_to_torch(o, self._kind, self.device) for o in outs]
+                del outs  # DALI's output buffers go back to its pool now, not after the consumer's step
                 if taken < total:
                     fill(pipe, inflight)
                 done += 1
@@ -388,9 +398,12 @@ class _Loader(abc.ABC):
     def _torch_batch(self, step: int, idx: np.ndarray) -> dict:
         item = self._prepare(step, idx)
         item["idx"] = idx
-        return self._torch_from_item(item)[0]
+        # runs in a DataLoader worker (or its fetch): CPU tensors only; _iter_torch pins and moves them
+        return self._torch_from_item(item, to_device=False)[0]
 
-    def _torch_from_item(self, item: dict, dali_error: Exception | None = None) -> tuple[dict, int]:
+    def _torch_from_item(
+        self, item: dict, dali_error: Exception | None = None, to_device: bool = True
+    ) -> tuple[dict, int]:
         """The batch of a prepared step through the torch transforms, and its number of undecodable samples.
 
         Decodes ``item["encoded"]`` when present (bytes the DALI producer already read), else the files. A
@@ -430,9 +443,9 @@ class _Loader(abc.ABC):
             )
         per_sample = [self._torch_sample(img, item, i) for i, img in enumerate(images)]
         outputs = [torch.stack([s_[k] for s_ in per_sample]) for k in range(len(per_sample[0]))]
-        if self._kind == "gpu":
+        if self._kind == "gpu" and to_device:
             outputs = [o.to(self.device, non_blocking=True) for o in outputs]
-        return self._assemble(outputs, item), len(bad)
+        return self._assemble(outputs, item, to_device), len(bad)
 
 
 def _worker_init(_):
@@ -564,7 +577,8 @@ class PretrainLoader(_Loader):
             out += apply_view(img, view, params, i)
         return out
 
-    def _assemble(self, outputs, item):
+    def _assemble(self, outputs, item, to_device: bool = True):
+        move = to_device and self._kind == "gpu"
         batch: dict = {}
         pos = 0
         for view, key in zip(self.recipe.views, self.recipe.keys):
@@ -578,13 +592,11 @@ class PretrainLoader(_Loader):
                 batch[view.twin.key] = outputs[pos]
                 pos += 1
         labels = item["labels"]
-        batch["labels"] = labels.to(self.device, non_blocking=True) if self._kind == "gpu" else labels
+        batch["labels"] = labels.to(self.device, non_blocking=True) if move else labels
         for k, v in item.get("masks", {}).items():
             if k in batch:
                 raise ValueError(f"mask_fn output key {k!r} collides with a batch key")
-            batch[k] = (
-                v.to(self.device, non_blocking=True) if self._kind == "gpu" and torch.is_tensor(v) else v
-            )
+            batch[k] = v.to(self.device, non_blocking=True) if move and torch.is_tensor(v) else v
         return batch
 
 
@@ -648,11 +660,11 @@ class EvalLoader(_Loader):
 
         return [eval_transform(img, self.image_size)]
 
-    def _assemble(self, outputs, item):
+    def _assemble(self, outputs, item, to_device: bool = True):
         labels = item["labels"]
         return {
             "images": outputs[0],
-            "labels": labels.to(self.device, non_blocking=True) if self._kind == "gpu" else labels,
+            "labels": labels.to(self.device, non_blocking=True) if to_device and self._kind == "gpu" else labels,
         }
 
 
