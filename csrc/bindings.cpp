@@ -23,4 +23,5 @@ PYBIND11_MODULE(_C, m) {
   m.attr("build_info") = info;
   register_masks(m);
   register_sparse_conv(m);
+  register_masked_bn(m);
 }

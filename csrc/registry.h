@@ -4,3 +4,4 @@
 
 void register_masks(pybind11::module_& m);
 void register_sparse_conv(pybind11::module_& m);
+void register_masked_bn(pybind11::module_& m);

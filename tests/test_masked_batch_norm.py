@@ -1,6 +1,6 @@
 """masked_batch_norm (SparK's sparse BatchNorm): the Triton kernels vs the float64 reference, forward and all
 gradients, NCHW and channels_last, densities 0 / 40% / 100%, odd shapes, garbage at inactive sites, half
-precisions, poisoned outputs, the module's running statistics, bad input."""
+precisions, poisoned outputs, the module's running statistics, bad input; the C++ kernels the same way."""
 
 import pytest
 import torch
@@ -9,14 +9,21 @@ from conftest import assert_close, poison
 import kernels
 from kernels import use_backend
 from kernels.sparse_conv import SparseBatchNorm2d, masked_batch_norm, masked_batch_norm_reference, sparse_context
-from kernels.sparse_conv import triton_bn
+from kernels.sparse_conv import native_bn, triton_bn
 
 pytestmark = pytest.mark.interpreter
+BACKENDS = ["triton", "native"]  # native: the C++ kernels (CPU only)
 
 
 @pytest.fixture
 def poisoned(monkeypatch):
-    monkeypatch.setattr(triton_bn, "_alloc_like", lambda t: poison(torch.empty_like(t)))
+    for mod in (triton_bn, native_bn):
+        monkeypatch.setattr(mod, "_alloc_like", lambda t: poison(torch.empty_like(t)))
+
+
+def _skip_unsupported(backend, device, dtype=torch.float32):
+    if backend == "native" and (device.type != "cpu" or dtype not in (torch.float32, torch.float64)):
+        pytest.skip("the native masked batch norm runs float32/float64 CPU tensors")
 
 
 def _case(B, C, H, W, density, dtype, device, fmt=torch.contiguous_format, garbage=True, seed=0):
@@ -51,11 +58,13 @@ def _f64(*ts):
 @pytest.mark.parametrize("density", [0.0, 0.4, 1.0])
 @pytest.mark.parametrize("shape", [(3, 37, 13, 11), (2, 3, 28, 5), (1, 64, 1, 9)])
 @pytest.mark.parametrize("affine", [True, False])
-def test_float64_matches_reference(device, poisoned, fmt, density, shape, affine):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float64_matches_reference(device, poisoned, backend, fmt, density, shape, affine):
+    _skip_unsupported(backend, device)
     x, active, w, b, dy = _case(*shape, density, torch.float64, device, fmt)
     if not affine:
         w = b = None
-    y, mean, var, n, grads = _run(masked_batch_norm, x, active, w, b, dy, "triton")
+    y, mean, var, n, grads = _run(masked_batch_norm, x, active, w, b, dy, backend)
     yr, mr, vr, nr, grads_r = _run(masked_batch_norm_reference, x, active, w, b, dy)
     assert y.is_contiguous(memory_format=fmt) and y.dtype == x.dtype
     assert_close(y, yr, name="y")
@@ -80,9 +89,11 @@ def test_reference_is_batch_norm_of_the_active_sites(device):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_low_precision_against_float64(device, poisoned, dtype):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_low_precision_against_float64(device, poisoned, backend, dtype):
+    _skip_unsupported(backend, device, dtype)
     x, active, w, b, dy = _case(2, 24, 13, 13, 0.4, dtype, device, torch.channels_last)
-    y, mean, _var, _n, grads = _run(masked_batch_norm, x, active, w, b, dy, "triton")
+    y, mean, _var, _n, grads = _run(masked_batch_norm, x, active, w, b, dy, backend)
     yr, mr, _vr, _nr, grads_r = _run(masked_batch_norm_reference, *_f64(x), active, *_f64(w, b), dy.double())
     assert y.dtype == dtype and grads[0].dtype == dtype and grads[1].dtype == dtype
     assert_close(y, yr, dtype=dtype, name="y")
@@ -91,12 +102,14 @@ def test_low_precision_against_float64(device, poisoned, dtype):
         assert_close(got, want, dtype=dtype, name=name, atol=5e-2 if dtype != torch.float32 else None)
 
 
-def test_non_contiguous_input_and_grad(device):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_input_and_grad(device, backend):
+    _skip_unsupported(backend, device)
     x, active, w, b, dy = _case(2, 9, 11, 14, 0.5, torch.float64, device)
     xv = x.detach()[:, :, :, 1:13].requires_grad_()  # neither NCHW- nor channels_last-contiguous
     av = active[:, :, 1:13]
     dyv = dy.transpose(2, 3).contiguous().transpose(2, 3)[:, :, :, 1:13]
-    y, _m, _v, _n, grads = _run(masked_batch_norm, xv, av, w, b, dyv, "triton")
+    y, _m, _v, _n, grads = _run(masked_batch_norm, xv, av, w, b, dyv, backend)
     yr, _mr, _vr, _nr, grads_r = _run(masked_batch_norm_reference, xv, av, w, b, dyv)
     assert_close(y, yr, name="y")
     for got, want, name in zip(grads, grads_r, ("dx", "dweight", "dbias")):
@@ -106,15 +119,17 @@ def test_non_contiguous_input_and_grad(device):
 def test_module_running_stats_agree_across_backends(device):
     torch.manual_seed(0)
     x, active, *_ = _case(4, 6, 9, 9, 0.5, torch.float64, device, garbage=False)
-    mods = {name: SparseBatchNorm2d(6).double().to(device).train() for name in ("triton", "reference")}
+    names = ["triton", "reference"] + (["native"] if device.type == "cpu" else [])
+    mods = {name: SparseBatchNorm2d(6).double().to(device).train() for name in names}
     outs = {}
     for name, mod in mods.items():
         with use_backend(name, op="masked_batch_norm"), sparse_context(active):
             for _ in range(3):
                 outs[name] = mod(x)
-    assert_close(outs["triton"], outs["reference"], name="y")
-    for buf in ("running_mean", "running_var"):
-        assert_close(getattr(mods["triton"], buf), getattr(mods["reference"], buf), name=buf)
+    for name in names:
+        assert_close(outs[name], outs["reference"], name=f"y ({name})")
+        for buf in ("running_mean", "running_var"):
+            assert_close(getattr(mods[name], buf), getattr(mods["reference"], buf), name=f"{buf} ({name})")
     assert int(mods["triton"].num_batches_tracked) == 3
     rows = x.detach().permute(0, 2, 3, 1)[active]
     m = 0.1
@@ -122,9 +137,12 @@ def test_module_running_stats_agree_across_backends(device):
     assert_close(mods["triton"].running_mean, want_mean, name="running_mean vs closed form")
 
 
-def test_cpu_default_is_the_reference():
+def test_cpu_dispatch_native_for_fp32_reference_for_half():
+    op = kernels.REGISTRY["masked_batch_norm"]
     x, active, w, b, _ = _case(1, 3, 4, 4, 0.5, torch.float32, "cpu")
-    assert kernels.REGISTRY["masked_batch_norm"].select(x, active, w, b, 1e-5).backend == "reference"
+    assert op.select(x, active, w, b, 1e-5).backend == "native"
+    xh = x.detach().bfloat16()
+    assert op.select(xh, active, w.detach().bfloat16(), b.detach().bfloat16(), 1e-5).backend == "reference"
 
 
 def test_bad_inputs(device):

@@ -7,8 +7,9 @@ With ``m = active[b, h, w]`` and ``n = sum m`` (the statistics are per channel c
 
 Gradients flow to x (active sites only), weight and bias. ``n = 0`` gives y = 0 and zero gradients. Returns
 ``(y, mean, var, n)``; the last three (no gradient) let :class:`SparseBatchNorm2d` update its running
-estimates. Backends: Triton on CUDA (fused partial reductions, no atomics: see ``triton_bn.py``), the
-pure-PyTorch reference elsewhere; under ``torch.compile`` the reference is traced (inductor fuses it).
+estimates. Backends: C++/OpenMP on CPU (``csrc/masked_bn.cpp``, float32/float64), Triton on CUDA (fused
+partial reductions, no atomics: ``triton_bn.py``), the pure-PyTorch reference otherwise (half precision on
+CPU); under ``torch.compile`` the reference is traced (inductor fuses it).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from kernels._backend import define_op, triton_reasons
+from kernels._backend import define_op, native_reasons, triton_reasons
 
 masked_bn_op = define_op("masked_batch_norm", doc="batch-norm statistics and normalisation over active sites")
 
@@ -42,42 +43,62 @@ def masked_batch_norm_reference(x, active, weight=None, bias=None, eps=1e-5):
 
 
 class MaskedBatchNormFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, active, weight, bias, eps):
-        from kernels.sparse_conv import triton_bn
+    """Over the launchers of ``impl`` (:mod:`~kernels.sparse_conv.triton_bn` or
+    :mod:`~kernels.sparse_conv.native_bn`, same signatures)."""
 
-        x = triton_bn.mergeable(x)
+    @staticmethod
+    def forward(ctx, x, active, weight, bias, eps, impl):
+        from kernels.sparse_conv.triton_bn import mergeable
+
+        x = mergeable(x)
         mask_u8 = active.contiguous().view(torch.uint8)
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         n = active.sum().to(acc)
-        y, mean, var, rstd = triton_bn.masked_batch_norm_forward(x, mask_u8, n, weight, bias, eps)
+        y, mean, var, rstd = impl.masked_batch_norm_forward(x, mask_u8, n, weight, bias, eps)
         ctx.save_for_backward(x, mask_u8, n, mean, rstd, weight)
         ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.impl = impl
         ctx.mark_non_differentiable(mean, var, n)
         return y, mean, var, n
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy, _dmean, _dvar, _dn):
-        from kernels.sparse_conv import triton_bn
+        from kernels.sparse_conv.triton_bn import mergeable
 
         x, mask_u8, n, mean, rstd, weight = ctx.saved_tensors
-        need_x, _, need_w, need_b, _ = ctx.needs_input_grad
-        dx, g_w, g_b = triton_bn.masked_batch_norm_backward(
-            triton_bn.mergeable(dy), x, mask_u8, n, mean, rstd, weight, need_x
-        )
+        need_x, _, need_w, need_b, _, _ = ctx.needs_input_grad
+        dx, g_w, g_b = ctx.impl.masked_batch_norm_backward(mergeable(dy), x, mask_u8, n, mean, rstd, weight, need_x)
         dw = g_w.to(weight.dtype) if need_w else None
         db = g_b.to(ctx.bias_dtype) if need_b else None
-        return dx, None, dw, db, None
+        return dx, None, dw, db, None, None
+
+
+def _native_reasons(x, active, weight, bias, eps):
+    devices = {t.device.type for t in (x, active, weight, bias) if t is not None}
+    if devices != {"cpu"}:
+        return [f"native masked_batch_norm runs on CPU tensors only, got {sorted(devices)}"]
+    if x.dtype not in (torch.float32, torch.float64):
+        return [f"native masked_batch_norm supports float32/float64, got {str(x.dtype).replace('torch.', '')}"]
+    return native_reasons()
 
 
 def _triton_reasons(x, active, weight, bias, eps):
     return triton_reasons(x, active, weight, bias)
 
 
+@masked_bn_op.register("native", _native_reasons, note="C++/OpenMP, two-pass statistics (CPU)")
+def _masked_bn_native(x, active, weight, bias, eps):
+    from kernels.sparse_conv import native_bn
+
+    return MaskedBatchNormFunction.apply(x, active, weight, bias, eps, native_bn)
+
+
 @masked_bn_op.register("triton", _triton_reasons, note="fused partial reductions, no atomics")
 def _masked_bn_triton(x, active, weight, bias, eps):
-    return MaskedBatchNormFunction.apply(x, active, weight, bias, eps)
+    from kernels.sparse_conv import triton_bn
+
+    return MaskedBatchNormFunction.apply(x, active, weight, bias, eps, triton_bn)
 
 
 @masked_bn_op.register("reference", note="masked torch reductions")

@@ -1,0 +1,280 @@
+// Masked (sparse) batch norm on the CPU: statistics and gradients over active sites only (SparK).
+//
+// x is read as [B, C, S] (S = H*W) through strides, so NCHW (sxs == 1) and NHWC (sxc == 1) run in place;
+// m[B*S] is the uint8 activity map. With n = sum m (per call), per channel c:
+//   mean = sum m x / n        var = sum m (x - mean)^2 / n                    (two passes, double accumulators)
+//   y    = m ? x * a[c] + s[c] : 0                                             (a, s precomputed by the caller)
+//   g_b  = sum m dy           g_w = sum m dy (x - mean) rstd
+//   dx   = m ? k0 (dy - k2 - (x - k1) k3) : 0
+// Layout decides the loop order: channel-parallel with contiguous spatial runs for NCHW, row-parallel with
+// per-thread channel accumulators for NHWC (contiguous channels); the backward sums g_b and g_w in one pass.
+// No torch headers: raw pointers only.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <stdexcept>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "registry.h"
+
+namespace py = pybind11;
+
+namespace {
+
+struct Layout {
+  int64_t B, C, S, sb, sc, ss;
+  int64_t at(int64_t b, int64_t c, int64_t s) const { return b * sb + c * sc + s * ss; }
+};
+
+Layout make_layout(const std::vector<int64_t>& v) {
+  if (v.size() != 6) throw std::invalid_argument("masked_bn: layout must be [B, C, S, stride_b, stride_c, stride_s]");
+  Layout l{v[0], v[1], v[2], v[3], v[4], v[5]};
+  if (l.B < 0 || l.C < 0 || l.S < 0) throw std::invalid_argument("masked_bn: negative size");
+  return l;
+}
+
+// Thread-local per-channel double accumulators, summed at the end (deterministic for a fixed thread count).
+struct ChannelAcc {
+  int nt;
+  int64_t C;
+  std::vector<double> part;
+  ChannelAcc(int nthreads, int64_t C_) : nt(std::max(1, nthreads)), C(C_), part(size_t(nt) * size_t(C_), 0.0) {}
+  double* mine() {
+#ifdef _OPENMP
+    return part.data() + size_t(omp_get_thread_num()) * size_t(C);
+#else
+    return part.data();
+#endif
+  }
+  std::vector<double> total() const {
+    std::vector<double> out(size_t(C), 0.0);
+    for (int t = 0; t < nt; ++t)
+      for (int64_t c = 0; c < C; ++c) out[size_t(c)] += part[size_t(t) * size_t(C) + size_t(c)];
+    return out;
+  }
+};
+
+bool nhwc(const Layout& l) { return l.sc == 1 && l.C > 1; }
+
+// Sums over active sites of  x  (pass 0),  (x - mean)^2  (pass 1),  or  dy  and  dy (x - mean)  (pass 2).
+// NHWC: row-parallel, a contiguous channel loop per active row. NCHW: channel-parallel, a contiguous spatial
+// loop per (b, c) with a select on the mask (inactive values may be garbage, even NaN: never multiplied in).
+template <typename T>
+void reduce_t(int pass, const T* x, const T* dy, const uint8_t* m, const Layout& l, const Layout& ld,
+              const double* mean, int nthreads, std::vector<double>& s1, std::vector<double>& s2) {
+  const int64_t C = l.C, S = l.S, rows = l.B * l.S;
+  if (nhwc(l) && (dy == nullptr || ld.sc == 1)) {
+    ChannelAcc a1(nthreads, C), a2(nthreads, C);
+#pragma omp parallel num_threads(a1.nt)
+    {
+      double* acc1 = a1.mine();
+      double* acc2 = a2.mine();
+#pragma omp for schedule(static)
+      for (int64_t r = 0; r < rows; ++r) {
+        if (!m[r]) continue;
+        const int64_t b = r / S, s = r % S;
+        const T* px = x + b * l.sb + s * l.ss;
+        if (pass == 0) {
+          for (int64_t c = 0; c < C; ++c) acc1[c] += double(px[c]);
+        } else if (pass == 1) {
+          for (int64_t c = 0; c < C; ++c) {
+            const double d = double(px[c]) - mean[c];
+            acc1[c] += d * d;
+          }
+        } else {
+          const T* pd = dy + b * ld.sb + s * ld.ss;
+          for (int64_t c = 0; c < C; ++c) {
+            const double g = double(pd[c]);
+            acc1[c] += g;
+            acc2[c] += g * (double(px[c]) - mean[c]);
+          }
+        }
+      }
+    }
+    s1 = a1.total();
+    s2 = a2.total();
+    return;
+  }
+  s1.assign(size_t(C), 0.0);
+  s2.assign(size_t(C), 0.0);
+#pragma omp parallel for num_threads(std::max(1, nthreads)) schedule(static)
+  for (int64_t c = 0; c < C; ++c) {
+    double t1 = 0.0, t2 = 0.0;
+    const double mu = mean != nullptr ? mean[c] : 0.0;
+    for (int64_t b = 0; b < l.B; ++b) {
+      const uint8_t* mb = m + b * S;
+      const T* px = x + b * l.sb + c * l.sc;
+      if (pass == 0) {
+        for (int64_t s = 0; s < S; ++s) t1 += mb[s] ? double(px[s * l.ss]) : 0.0;
+      } else if (pass == 1) {
+        for (int64_t s = 0; s < S; ++s) {
+          const double d = mb[s] ? double(px[s * l.ss]) - mu : 0.0;
+          t1 += d * d;
+        }
+      } else {
+        const T* pd = dy + b * ld.sb + c * ld.sc;
+        for (int64_t s = 0; s < S; ++s) {
+          const double g = mb[s] ? double(pd[s * ld.ss]) : 0.0;
+          t1 += g;
+          t2 += mb[s] ? g * (double(px[s * l.ss]) - mu) : 0.0;
+        }
+      }
+    }
+    s1[size_t(c)] = t1;
+    s2[size_t(c)] = t2;
+  }
+}
+
+// out = m ? (dy == null ? x * k0 + k1 : k0 (dy - k2 - (x - k1) k3)) : 0 over every site.
+template <typename T>
+void elementwise_t(const T* x, const T* dy, const uint8_t* m, const Layout& l, const Layout& ld, const Layout& lo,
+                   const T* k0, const T* k1, const T* k2, const T* k3, T* out, int nthreads) {
+  const int64_t C = l.C, S = l.S, rows = l.B * l.S;
+  if (nhwc(l) && lo.sc == 1 && (dy == nullptr || ld.sc == 1)) {
+#pragma omp parallel for num_threads(std::max(1, nthreads)) schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t b = r / S, s = r % S;
+      T* po = out + b * lo.sb + s * lo.ss;
+      if (!m[r]) {
+        for (int64_t c = 0; c < C; ++c) po[c] = T(0);
+        continue;
+      }
+      const T* px = x + b * l.sb + s * l.ss;
+      if (dy == nullptr) {
+        for (int64_t c = 0; c < C; ++c) po[c] = px[c] * k0[c] + k1[c];
+      } else {
+        const T* pd = dy + b * ld.sb + s * ld.ss;
+        for (int64_t c = 0; c < C; ++c) po[c] = k0[c] * (pd[c] - k2[c] - (px[c] - k1[c]) * k3[c]);
+      }
+    }
+    return;
+  }
+#pragma omp parallel for collapse(2) num_threads(std::max(1, nthreads)) schedule(static)
+  for (int64_t b = 0; b < l.B; ++b)
+    for (int64_t c = 0; c < C; ++c) {
+      const uint8_t* mb = m + b * S;
+      const T* px = x + b * l.sb + c * l.sc;
+      T* po = out + b * lo.sb + c * lo.sc;
+      if (dy == nullptr) {
+        const T a = k0[c], sh = k1[c];
+        for (int64_t s = 0; s < S; ++s) po[s * lo.ss] = mb[s] ? px[s * l.ss] * a + sh : T(0);
+      } else {
+        const T* pd = dy + b * ld.sb + c * ld.sc;
+        const T a = k0[c], mu = k1[c], g = k2[c], w = k3[c];
+        for (int64_t s = 0; s < S; ++s) po[s * lo.ss] = mb[s] ? a * (pd[s * ld.ss] - g - (px[s * l.ss] - mu) * w) : T(0);
+      }
+    }
+}
+
+template <typename T>
+void stats_t(uintptr_t xp, uintptr_t mp, const Layout& l, double n, uintptr_t meanp, uintptr_t varp, int nthreads) {
+  const T* x = reinterpret_cast<const T*>(xp);
+  const uint8_t* m = reinterpret_cast<const uint8_t*>(mp);
+  const double inv = 1.0 / std::max(n, 1.0);
+  std::vector<double> s1, s2, unused;
+  reduce_t<T>(0, x, nullptr, m, l, l, nullptr, nthreads, s1, unused);
+  for (auto& v : s1) v *= inv;
+  reduce_t<T>(1, x, nullptr, m, l, l, s1.data(), nthreads, s2, unused);
+  T* mean = reinterpret_cast<T*>(meanp);
+  T* var = reinterpret_cast<T*>(varp);
+  for (int64_t c = 0; c < l.C; ++c) {
+    mean[c] = T(s1[size_t(c)]);
+    var[c] = T(s2[size_t(c)] * inv);
+  }
+}
+
+template <typename T>
+void backward_reduce_t(uintptr_t dyp, uintptr_t xp, uintptr_t mp, const Layout& ld, const Layout& l, uintptr_t meanp,
+                       uintptr_t rstdp, uintptr_t gbp, uintptr_t gwp, int nthreads) {
+  const T* mean = reinterpret_cast<const T*>(meanp);
+  const T* rstd = reinterpret_cast<const T*>(rstdp);
+  std::vector<double> mu(size_t(l.C)), gb, gw;
+  for (int64_t c = 0; c < l.C; ++c) mu[size_t(c)] = double(mean[c]);
+  reduce_t<T>(2, reinterpret_cast<const T*>(xp), reinterpret_cast<const T*>(dyp),
+              reinterpret_cast<const uint8_t*>(mp), l, ld, mu.data(), nthreads, gb, gw);
+  T* gbo = reinterpret_cast<T*>(gbp);
+  T* gwo = reinterpret_cast<T*>(gwp);
+  for (int64_t c = 0; c < l.C; ++c) {
+    gbo[c] = T(gb[size_t(c)]);
+    gwo[c] = T(gw[size_t(c)] * double(rstd[c]));
+  }
+}
+
+template <typename T>
+void apply_t(uintptr_t xp, uintptr_t mp, const Layout& l, const Layout& lo, uintptr_t ap, uintptr_t sp, uintptr_t outp,
+             int nthreads) {
+  elementwise_t<T>(reinterpret_cast<const T*>(xp), nullptr, reinterpret_cast<const uint8_t*>(mp), l, l, lo,
+                   reinterpret_cast<const T*>(ap), reinterpret_cast<const T*>(sp), nullptr, nullptr,
+                   reinterpret_cast<T*>(outp), nthreads);
+}
+
+template <typename T>
+void backward_dx_t(uintptr_t dyp, uintptr_t xp, uintptr_t mp, const Layout& ld, const Layout& l, const Layout& lo,
+                   uintptr_t k0p, uintptr_t k1p, uintptr_t k2p, uintptr_t k3p, uintptr_t dxp, int nthreads) {
+  elementwise_t<T>(reinterpret_cast<const T*>(xp), reinterpret_cast<const T*>(dyp),
+                   reinterpret_cast<const uint8_t*>(mp), l, ld, lo, reinterpret_cast<const T*>(k0p),
+                   reinterpret_cast<const T*>(k1p), reinterpret_cast<const T*>(k2p), reinterpret_cast<const T*>(k3p),
+                   reinterpret_cast<T*>(dxp), nthreads);
+}
+
+}  // namespace
+
+void register_masked_bn(py::module_& m) {
+  m.def(
+      "masked_bn_stats",
+      [](uintptr_t x, uintptr_t mask, const std::vector<int64_t>& layout, double n, uintptr_t mean, uintptr_t var,
+         bool is_double, int nthreads) {
+        const Layout l = make_layout(layout);
+        py::gil_scoped_release release;
+        if (is_double)
+          stats_t<double>(x, mask, l, n, mean, var, nthreads);
+        else
+          stats_t<float>(x, mask, l, n, mean, var, nthreads);
+      },
+      "Per-channel mean and biased variance of x over active sites (two passes, double accumulators). "
+      "layout = [B, C, S, stride_b, stride_c, stride_s] of x read as [B, C, H*W]; mask uint8 [B*S].");
+  m.def(
+      "masked_bn_apply",
+      [](uintptr_t x, uintptr_t mask, const std::vector<int64_t>& layout, const std::vector<int64_t>& out_layout,
+         uintptr_t scale, uintptr_t shift, uintptr_t out, bool is_double, int nthreads) {
+        const Layout l = make_layout(layout), lo = make_layout(out_layout);
+        py::gil_scoped_release release;
+        if (is_double)
+          apply_t<double>(x, mask, l, lo, scale, shift, out, nthreads);
+        else
+          apply_t<float>(x, mask, l, lo, scale, shift, out, nthreads);
+      },
+      "out = mask ? x * scale[c] + shift[c] : 0 over every site.");
+  m.def(
+      "masked_bn_backward_reduce",
+      [](uintptr_t dy, uintptr_t x, uintptr_t mask, const std::vector<int64_t>& dy_layout,
+         const std::vector<int64_t>& layout, uintptr_t mean, uintptr_t rstd, uintptr_t g_b, uintptr_t g_w,
+         bool is_double, int nthreads) {
+        const Layout ld = make_layout(dy_layout), l = make_layout(layout);
+        py::gil_scoped_release release;
+        if (is_double)
+          backward_reduce_t<double>(dy, x, mask, ld, l, mean, rstd, g_b, g_w, nthreads);
+        else
+          backward_reduce_t<float>(dy, x, mask, ld, l, mean, rstd, g_b, g_w, nthreads);
+      },
+      "g_b = sum_active dy, g_w = sum_active dy (x - mean) rstd, per channel.");
+  m.def(
+      "masked_bn_backward_dx",
+      [](uintptr_t dy, uintptr_t x, uintptr_t mask, const std::vector<int64_t>& dy_layout,
+         const std::vector<int64_t>& layout, const std::vector<int64_t>& out_layout, uintptr_t k0, uintptr_t k1,
+         uintptr_t k2, uintptr_t k3, uintptr_t dx, bool is_double, int nthreads) {
+        const Layout ld = make_layout(dy_layout), l = make_layout(layout), lo = make_layout(out_layout);
+        py::gil_scoped_release release;
+        if (is_double)
+          backward_dx_t<double>(dy, x, mask, ld, l, lo, k0, k1, k2, k3, dx, nthreads);
+        else
+          backward_dx_t<float>(dy, x, mask, ld, l, lo, k0, k1, k2, k3, dx, nthreads);
+      },
+      "dx = mask ? k0[c] (dy - k2[c] - (x - k1[c]) k3[c]) : 0 over every site.");
+}

@@ -1,0 +1,66 @@
+"""Launchers of the C++ (OpenMP) masked batch norm in ``kernels._C`` (CPU, float32/float64).
+
+Same signatures as :mod:`kernels.sparse_conv.triton_bn` (the autograd Function takes either module); the
+maths is in ``csrc/masked_bn.cpp``. x and dy are read in place (NCHW or channels_last), outputs keep x's
+memory format.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels import _backend
+from kernels.sparse_conv.triton_bn import mergeable  # noqa: F401  (re-exported: the Function calls impl.mergeable)
+
+
+def _threads() -> int:
+    return max(1, torch.get_num_threads())
+
+
+def _layout(t: torch.Tensor) -> list[int]:
+    B, C, H, W = t.shape
+    return [B, C, H * W, t.stride(0), t.stride(1), t.stride(3) if W > 1 else t.stride(2)]
+
+
+def _alloc_like(t: torch.Tensor) -> torch.Tensor:
+    """Every output buffer comes from here (the tests swap it for a NaN-poisoning allocator)."""
+    return torch.empty_like(t)
+
+
+def masked_batch_norm_forward(x, mask_u8, n, weight, bias, eps):
+    """``(y, mean, var, rstd)`` with statistics in x's dtype (fp32 or fp64)."""
+    C = x.shape[1]
+    lib = _backend.native()
+    mean, var = x.new_empty(C), x.new_empty(C)
+    is64 = x.dtype == torch.float64
+    lib.masked_bn_stats(x.data_ptr(), mask_u8.data_ptr(), _layout(x), float(n), mean.data_ptr(), var.data_ptr(),
+                        is64, _threads())
+    rstd = torch.rsqrt(var + eps)
+    scale = (rstd * weight.to(rstd.dtype) if weight is not None else rstd).contiguous()
+    shift = ((bias.to(rstd.dtype) if bias is not None else 0.0) - mean * scale).contiguous()
+    y = _alloc_like(x)
+    lib.masked_bn_apply(x.data_ptr(), mask_u8.data_ptr(), _layout(x), _layout(y), scale.data_ptr(),
+                        shift.data_ptr(), y.data_ptr(), is64, _threads())
+    return y, mean, var, rstd
+
+
+def masked_batch_norm_backward(dy, x, mask_u8, n, mean, rstd, weight, need_x):
+    """``(dx or None, g_w, g_b)``."""
+    C = x.shape[1]
+    lib = _backend.native()
+    is64 = x.dtype == torch.float64
+    dy = dy.to(x.dtype)
+    g_b, g_w = x.new_empty(C), x.new_empty(C)
+    lib.masked_bn_backward_reduce(dy.data_ptr(), x.data_ptr(), mask_u8.data_ptr(), _layout(dy), _layout(x),
+                                  mean.data_ptr(), rstd.data_ptr(), g_b.data_ptr(), g_w.data_ptr(), is64, _threads())
+    dx = None
+    if need_x:
+        n_safe = max(float(n), 1.0)
+        k0 = (rstd * weight.to(rstd.dtype) if weight is not None else rstd).contiguous()
+        k2 = (g_b / n_safe).contiguous()
+        k3 = (rstd * g_w / n_safe).contiguous()
+        dx = _alloc_like(x)
+        lib.masked_bn_backward_dx(dy.data_ptr(), x.data_ptr(), mask_u8.data_ptr(), _layout(dy), _layout(x),
+                                  _layout(dx), k0.data_ptr(), mean.contiguous().data_ptr(), k2.data_ptr(),
+                                  k3.data_ptr(), dx.data_ptr(), is64, _threads())
+    return dx, g_w, g_b
