@@ -161,3 +161,20 @@ def test_bad_inputs(device):
         masked_batch_norm(x[0], active, w, b)
     with pytest.raises(ValueError, match="eps"):
         masked_batch_norm(x, active, w, b, eps=0.0)
+
+
+def test_torch_compile_traces_the_reference():
+    """Under torch.compile the op traces its pure-PyTorch form: same loss and input gradient as eager."""
+    torch._dynamo.reset()
+    x, active, *_ = _case(2, 5, 6, 6, 0.5, torch.float32, "cpu", garbage=False)
+    bn = SparseBatchNorm2d(5).train()
+
+    def loss(inp):
+        with sparse_context(active):
+            return bn(inp).square().sum()
+
+    compiled = torch.compile(loss, backend="aot_eager")
+    (g_compiled,) = torch.autograd.grad(compiled(x), [x])
+    (g_eager,) = torch.autograd.grad(loss(x), [x])
+    assert_close(g_compiled, g_eager, name="dx under compile")
+    torch._dynamo.reset()
