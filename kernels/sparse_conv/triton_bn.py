@@ -24,6 +24,28 @@ from kernels._backend import launches_on_input_device
 
 
 @triton.jit
+def _load_tile(X, MASK, pid_r, pid_c, R, S, C, s_xb, s_xc, s_xs, ACC_F64: tl.constexpr, BLOCK_R: tl.constexpr,
+               BLOCK_C: tl.constexpr):
+    """One BLOCK_R x BLOCK_C tile of x (rows r = (b, s)), zero where inactive or out of range, in the
+    accumulation dtype; with the row/channel indices and validity masks the callers need."""
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    r_ok = rows < R
+    c_ok = cols < C
+    act = tl.load(MASK + rows, mask=r_ok, other=0) != 0
+    ok = act[:, None] & c_ok[None, :]
+    b = (rows // S).to(tl.int64)
+    s = (rows % S).to(tl.int64)
+    c64 = cols.to(tl.int64)
+    x = tl.load(X + b[:, None] * s_xb + c64[None, :] * s_xc + s[:, None] * s_xs, mask=ok, other=0.0)
+    if ACC_F64:
+        x = x.to(tl.float64)
+    else:
+        x = x.to(tl.float32)
+    return r_ok, cols, c_ok, ok, b, s, c64, x
+
+
+@triton.jit
 def _masked_bn_partial_kernel(
     X, DY, MASK, MEAN, RSTD, P1, P2,
     R, S, C,
@@ -39,21 +61,9 @@ def _masked_bn_partial_kernel(
     MODE 0: P1 = sum m x;   MODE 1: P1 = sum m (x - mean)^2;   MODE 2: P1 = sum m dy, P2 = sum m dy xhat.
     """
     pid_r = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    r_ok = rows < R
-    c_ok = cols < C
-    act = tl.load(MASK + rows, mask=r_ok, other=0) != 0
-    ok = act[:, None] & c_ok[None, :]
-    b = (rows // S).to(tl.int64)
-    s = (rows % S).to(tl.int64)
-    c64 = cols.to(tl.int64)
-    x = tl.load(X + b[:, None] * s_xb + c64[None, :] * s_xc + s[:, None] * s_xs, mask=ok, other=0.0)
-    if ACC_F64:
-        x = x.to(tl.float64)
-    else:
-        x = x.to(tl.float32)
+    r_ok, cols, c_ok, ok, b, s, c64, x = _load_tile(
+        X, MASK, pid_r, tl.program_id(1), R, S, C, s_xb, s_xc, s_xs, ACC_F64, BLOCK_R, BLOCK_C
+    )
     out = P1 + pid_r.to(tl.int64) * C + cols
     if MODE == 0:
         tl.store(out, tl.sum(x, axis=0), mask=c_ok)
@@ -89,21 +99,9 @@ def _masked_bn_apply_kernel(
                                                            K3 = rstd * g_w / n)
     """
     pid_r = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    r_ok = rows < R
-    c_ok = cols < C
-    act = tl.load(MASK + rows, mask=r_ok, other=0) != 0
-    ok = act[:, None] & c_ok[None, :]
-    b = (rows // S).to(tl.int64)
-    s = (rows % S).to(tl.int64)
-    c64 = cols.to(tl.int64)
-    x = tl.load(X + b[:, None] * s_xb + c64[None, :] * s_xc + s[:, None] * s_xs, mask=ok, other=0.0)
-    if ACC_F64:
-        x = x.to(tl.float64)
-    else:
-        x = x.to(tl.float32)
+    r_ok, cols, c_ok, ok, b, s, c64, x = _load_tile(
+        X, MASK, pid_r, tl.program_id(1), R, S, C, s_xb, s_xc, s_xs, ACC_F64, BLOCK_R, BLOCK_C
+    )
     k0 = tl.load(K0 + cols, mask=c_ok, other=0.0).to(x.dtype)
     k1 = tl.load(K1 + cols, mask=c_ok, other=0.0).to(x.dtype)
     if MODE == 0:
