@@ -270,3 +270,56 @@ def test_masked_batch_norm_cuda(bench, provider, phase):
     nbytes = (3 if phase == "fwd" else 8) * elems * x.element_size()  # see kernels/sparse_conv/triton_bn.py
     bench(_bn_fn(provider, x, active, w, b, g, phase), kernel="masked_batch_norm", provider=provider,
           shape=f"B32 224px 256ch @56 channels_last {phase}", dtype=torch.bfloat16, bytes_moved=nbytes)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# whole SparK encoders: every conv / BN / LN / pool sparse (ours) vs the same layers dense + re-masked (reference)
+
+
+def _encoder_step(name, batch, image, dtype, device, backend):
+    from engine.methods.spark import build_convnet
+    from kernels.sparse_conv import sparse_context
+
+    torch.manual_seed(0)
+    net = build_convnet(name).to(device=device, dtype=dtype).train()
+    kernels.to_sparse(net)
+    net = net.to(memory_format=torch.channels_last)
+    units = image // 32
+    keep = (~kernels.spark_masks(batch, units, units, RATIO, seed=0)).to(device)
+    x = torch.randn(batch, 3, image, image, device=device, dtype=dtype)
+    x = (x * upsample_active(keep, 32).unsqueeze(1)).contiguous(memory_format=torch.channels_last)
+
+    def run():
+        with use_backend(backend) if backend else _nullcontext(), sparse_context(keep):
+            feats = net.forward_features(x)
+            loss = sum(f.float().square().mean() for f in feats)
+        loss.backward()
+
+    return run
+
+
+def _nullcontext():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+@pytest.mark.parametrize("name", ["resnet50", "convnext_tiny"])
+@pytest.mark.parametrize("provider", ["ours", "reference"])
+def test_sparse_encoder_cpu(bench, one_thread, name, provider):
+    """fwd + bwd of the whole encoder (all four feature scales), B2 at 160 px, 60% of the units masked."""
+    run = _encoder_step(name, 2, 160, torch.float32, "cpu", None if provider == "ours" else "reference")
+    run()
+    bench(run, kernel="spark_encoder", provider=provider, shape=f"{name} B2 160px fwd+bwd", dtype=torch.float32,
+          device="cpu", rounds=3, threads=one_thread)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ["resnet50", "convnext_tiny"])
+@pytest.mark.parametrize("provider", ["ours", "reference"])
+def test_sparse_encoder_cuda(bench, name, provider):
+    """The issue's headline: the SparK encoder at 224 px, batch 32, bf16, 60% masked, vs dense + re-masking."""
+    run = _encoder_step(name, 32, 224, torch.bfloat16, "cuda", None if provider == "ours" else "reference")
+    run()
+    bench(run, kernel="spark_encoder", provider=provider, shape=f"{name} B32 224px fwd+bwd", dtype=torch.bfloat16,
+          rounds=10)
