@@ -52,8 +52,7 @@ def _triton_scatter_reasons(z2d, indices, sums, counts, normalize, eps):
 def _scatter_triton(z2d, indices, sums, counts, normalize, eps):
     from kernels.codebook import triton_kernels as tk
 
-    sums.zero_()
-    counts.zero_()
+    torch._foreach_zero_([sums, counts])  # one multi-tensor launch on CUDA instead of two fills
     tk.ema_scatter(z2d, indices, sums, counts, normalize, eps)
 
 
