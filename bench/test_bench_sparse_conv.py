@@ -282,8 +282,7 @@ def _encoder_step(name, batch, image, dtype, device, backend):
 
     torch.manual_seed(0)
     net = build_convnet(name).to(device=device, dtype=dtype).train()
-    kernels.to_sparse(net)
-    net = net.to(memory_format=torch.channels_last)
+    kernels.to_sparse(net)  # weights stay NCHW (as SparK keeps them); activations are channels_last
     units = image // 32
     keep = (~kernels.spark_masks(batch, units, units, RATIO, seed=0)).to(device)
     x = torch.randn(batch, 3, image, image, device=device, dtype=dtype)
