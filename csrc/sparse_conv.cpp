@@ -780,41 +780,49 @@ void depthwise_wgrad(const T* x, const T* gr, const uint8_t* ain, const uint8_t*
 // weight (re)packing: blocked transposes (torch's strided permute-copy is slow for these layouts)
 
 // dst[r * d_r + c * d_c] = src[r * s_r + c * s_c] for rows r0 <= r < r1 and all c < C, in 16 x 16 blocks.
-template <typename T>
-void transpose_rows(const T* src, int64_t s_r, int64_t s_c, T* dst, int64_t d_r, int64_t d_c, int64_t C, int64_t r0,
-                    int64_t r1) {
-  constexpr int64_t BS = 16;
-  for (int64_t cb = 0; cb < C; cb += BS) {
-    const int64_t ce = std::min(cb + BS, C);
-    for (int64_t r = r0; r < r1; ++r)
-      for (int64_t c = cb; c < ce; ++c) dst[r * d_r + c * d_c] = src[r * s_r + c * s_c];
-  }
-}
-
 // mode 0: dst[k][ci][co (npad)] = w[co][ci][k]   (forward)
 // mode 1: dst[k][co][ci (npad)] = w[co][ci][k]   (input gradient)
 // mode 2: dst[co][ci][k] = src[k][ci][co (npad)] (weight gradient back to torch's layout)
-// One blocked 2-D transpose per tap k, parallel over (k, 16-row blocks); padding columns are zero-filled.
+// Tiled 16 x 16 over (ci, co), all K taps of a tile before the next: the tile's source lines (16 x 16 x K
+// values) stay in L1 across the taps, where a per-tap transpose over whole rows re-reads each source line K
+// times from memory; parallel over row tiles; padding columns are zero-filled.
 template <typename T>
 void pack_t(const T* src, T* dst, int64_t Cout, int64_t Cin, int64_t K, int64_t npad, int mode, int nthreads) {
-  const int64_t R = mode == 1 ? Cout : Cin;  // rows: ci (modes 0, 2) or co (mode 1)
-  const int64_t C = mode == 1 ? Cin : Cout;  // columns
-  const int64_t blocks = (R + 15) / 16;
-#pragma omp parallel for collapse(2) schedule(static) num_threads(nthreads)
-  for (int64_t k = 0; k < K; ++k)
-    for (int64_t b = 0; b < blocks; ++b) {
-      const int64_t r0 = b * 16, r1 = std::min(R, r0 + 16);
-      if (mode == 2) {
-        transpose_rows(src + k * Cin * npad, npad, 1, dst + k, K, Cin * K, C, r0, r1);
-        continue;
+  constexpr int64_t TB = 16;
+  if (mode == 2) {
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t cib = 0; cib < Cin; cib += TB) {
+      const int64_t cie = std::min(Cin, cib + TB);
+      for (int64_t cob = 0; cob < Cout; cob += TB) {
+        const int64_t coe = std::min(Cout, cob + TB);
+        for (int64_t k = 0; k < K; ++k)
+          for (int64_t ci = cib; ci < cie; ++ci) {
+            const T* sr = src + (k * Cin + ci) * npad;
+            for (int64_t co = cob; co < coe; ++co) dst[(co * Cin + ci) * K + k] = sr[co];
+          }
       }
-      T* d = dst + k * R * npad;
-      if (mode == 0)
-        transpose_rows(src + k, K, Cin * K, d, npad, 1, C, r0, r1);
-      else
-        transpose_rows(src + k, Cin * K, K, d, npad, 1, C, r0, r1);
-      for (int64_t r = r0; r < r1; ++r) std::fill(d + r * npad + C, d + (r + 1) * npad, T(0));
     }
+    return;
+  }
+  const int64_t R = mode == 1 ? Cout : Cin;  // destination rows: ci (mode 0) or co (mode 1)
+  const int64_t C = mode == 1 ? Cin : Cout;  // destination columns (padded to npad)
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+  for (int64_t rb = 0; rb < R; rb += TB) {
+    const int64_t re = std::min(R, rb + TB);
+    for (int64_t cb = 0; cb < C; cb += TB) {
+      const int64_t ce = std::min(C, cb + TB);
+      for (int64_t k = 0; k < K; ++k)
+        for (int64_t r = rb; r < re; ++r) {
+          T* d = dst + (k * R + r) * npad;
+          if (mode == 1)
+            for (int64_t c = cb; c < ce; ++c) d[c] = src[(r * Cin + c) * K + k];
+          else
+            for (int64_t c = cb; c < ce; ++c) d[c] = src[(c * Cin + r) * K + k];
+        }
+    }
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t r = rb; r < re; ++r) std::fill(dst + (k * R + r) * npad + C, dst + (k * R + r + 1) * npad, T(0));
+  }
 }
 
 // ------------------------------------------------------------------------------------------------------
