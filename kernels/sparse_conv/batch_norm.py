@@ -24,6 +24,19 @@ masked_bn_op = define_op("masked_batch_norm", doc="batch-norm statistics and nor
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
+def mergeable(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when NCHW- or channels_last-contiguous (H and W then merge into one stride, so the kernels
+    read ``[B, C, H*W]`` in place), else an NCHW-contiguous copy."""
+    if t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last):
+        return t
+    return t.contiguous()
+
+
+def bcs_strides(t: torch.Tensor) -> tuple[int, int, int]:
+    """Strides of a :func:`mergeable` ``t [B, C, H, W]`` read as ``[B, C, H*W]``."""
+    return t.stride(0), t.stride(1), t.stride(3) if t.shape[3] > 1 else t.stride(2)
+
+
 def masked_batch_norm_reference(x, active, weight=None, bias=None, eps=1e-5):
     """Pure PyTorch (differentiable by autograd); statistics in fp32 for half inputs (fp64 for fp64)."""
     cdt = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
@@ -48,8 +61,6 @@ class MaskedBatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, active, weight, bias, eps, impl):
-        from kernels.sparse_conv.triton_bn import mergeable
-
         x = mergeable(x)
         mask_u8 = active.contiguous().view(torch.uint8)
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -64,8 +75,6 @@ class MaskedBatchNormFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dy, _dmean, _dvar, _dn):
-        from kernels.sparse_conv.triton_bn import mergeable
-
         x, mask_u8, n, mean, rstd, weight = ctx.saved_tensors
         need_x, _, need_w, need_b, _, _ = ctx.needs_input_grad
         dx, g_w, g_b = ctx.impl.masked_batch_norm_backward(mergeable(dy), x, mask_u8, n, mean, rstd, weight, need_x)

@@ -10,16 +10,13 @@ from __future__ import annotations
 import torch
 
 from kernels import _backend
-from kernels.sparse_conv.triton_bn import mergeable  # noqa: F401  (re-exported: the Function calls impl.mergeable)
-
-
-def _threads() -> int:
-    return max(1, torch.get_num_threads())
+from kernels.sparse_conv.batch_norm import bcs_strides
+from kernels.sparse_conv.native import _threads
 
 
 def _layout(t: torch.Tensor) -> list[int]:
     B, C, H, W = t.shape
-    return [B, C, H * W, t.stride(0), t.stride(1), t.stride(3) if W > 1 else t.stride(2)]
+    return [B, C, H * W, *bcs_strides(t)]
 
 
 def _alloc_like(t: torch.Tensor) -> torch.Tensor:

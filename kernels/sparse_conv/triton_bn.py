@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from kernels._backend import launches_on_input_device
+from kernels.sparse_conv.batch_norm import bcs_strides
 
 
 @triton.jit
@@ -129,19 +130,6 @@ def _blocks(C: int, device: torch.device, apply: bool = False) -> tuple[int, int
     return block_r, block_c
 
 
-def _view3(t: torch.Tensor) -> tuple[int, int, int]:
-    """Strides of ``t [B, C, H, W]`` read as ``[B, C, H*W]``; ``t`` is NCHW- or channels_last-contiguous
-    (see :func:`mergeable`), so H and W merge into one stride."""
-    return t.stride(0), t.stride(1), t.stride(3) if t.shape[3] > 1 else t.stride(2)
-
-
-def mergeable(t: torch.Tensor) -> torch.Tensor:
-    """``t`` itself when NCHW- or channels_last-contiguous, else an NCHW-contiguous copy."""
-    if t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last):
-        return t
-    return t.contiguous()
-
-
 def _partials(x, dy, mask_u8, mean, rstd, mode):
     B, C, H, W = x.shape
     R, S = B * H * W, H * W
@@ -153,7 +141,7 @@ def _partials(x, dy, mask_u8, mean, rstd, mode):
     dy_arg = dy if dy is not None else x
     _masked_bn_partial_kernel[(n_tiles, triton.cdiv(C, block_c))](
         x, dy_arg, mask_u8, mean if mean is not None else p1, rstd if rstd is not None else p1, p1, p2,
-        R, S, C, *_view3(x), *_view3(dy_arg),
+        R, S, C, *bcs_strides(x), *bcs_strides(dy_arg),
         MODE=mode, ACC_F64=acc == torch.float64, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
     )
     return (p1.sum(0), p2.sum(0)) if mode == 2 else p1.sum(0)
@@ -167,7 +155,7 @@ def _apply(x, dy, mask_u8, k0, k1, k2, k3, mode):
     dy_arg = dy if dy is not None else x
     _masked_bn_apply_kernel[(triton.cdiv(R, block_r), triton.cdiv(C, block_c))](
         x, dy_arg, mask_u8, k0, k1, k2 if k2 is not None else k0, k3 if k3 is not None else k0, out,
-        R, S, C, *_view3(x), *_view3(dy_arg), *_view3(out),
+        R, S, C, *bcs_strides(x), *bcs_strides(dy_arg), *bcs_strides(out),
         MODE=mode, ACC_F64=x.dtype == torch.float64, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
     )
     return out
