@@ -112,6 +112,19 @@ def median_time(fn, device, repeats=10, warmup=2) -> float:
     return statistics.median(times)
 
 
+def peak_memory(fn, device, above_baseline: bool = True) -> int | None:
+    """CUDA allocator peak of one ``fn()`` in bytes: above what was allocated before the call (a kernel's
+    temporaries and outputs), or the absolute peak (a whole training step). None off CUDA."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device) if above_baseline else 0
+    fn()
+    torch.cuda.synchronize(device)
+    return int(torch.cuda.max_memory_allocated(device) - base)
+
+
 _CEILINGS: dict[str, dict] = {}
 
 

@@ -21,9 +21,6 @@ import re
 
 OURS = ("ours", "native", "triton", "cpp", "cuda", "dali")
 RESULTS = pathlib.Path(__file__).parent / "results"
-# where benches record a provider's peak CUDA memory: end-to-end steps (allocated peak of one step), kernels
-# (allocator peak above the inputs during one call; codebook benches record ours and the anchor in one row)
-PEAK_KEYS = ("peak_memory_bytes", "peak_mem_bytes", "peak_mem", "peak_mem_ours")
 
 
 def _fmt_time(s: float | None) -> str:
@@ -74,11 +71,8 @@ def rows_from_json(data: dict):
         key = (info["kernel"], info.get("shape", ""), info.get("dtype") or "")
         g = groups.setdefault(key, {"providers": {}, "reference_extra": None, "extra": {}, "peak": {}})
         g["providers"][info["provider"]] = b["stats"]["median"]
-        peak = next((info[k] for k in PEAK_KEYS if info.get(k) is not None), None)
-        if peak is not None:
-            g["peak"][info["provider"]] = peak
-        if info.get("peak_mem_reference") is not None:
-            g["peak"].setdefault("reference", info["peak_mem_reference"])
+        if info.get("peak_memory_bytes") is not None:  # bench.conftest.peak_memory of this provider's call
+            g["peak"][info["provider"]] = info["peak_memory_bytes"]
         if info.get("reference_median_s") is not None:
             g["reference_extra"] = info["reference_median_s"]
         for k in ("achieved_GBps", "achieved_TFLOPs", "bytes_moved", "flops", "fraction_of_bandwidth",

@@ -15,8 +15,8 @@ finalize),
 with the anchor's one-hot GEMM work 2*M*K*d in extra_info (anchor_flops). ``ours-bf16ops``: float32 z with
 ``precision="bf16"`` (bf16 GEMM operands, fp32 accumulation, exact fp32 similarity of the pick).
 bytes_moved: the minimal traffic: z, codebook, indices, z_q, similarity (lookup); z, indices, codebook read +
-written, sums, counts (EMA). extra_info carries peak_mem_* (CUDA: bytes above the inputs) for ours and the
-anchor.
+written, sums, counts (EMA). extra_info ``peak_memory_bytes`` (CUDA: bytes above the inputs) for every
+provider.
 """
 
 import importlib.util
@@ -25,23 +25,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.conftest import COMPILE
+from bench.conftest import COMPILE, peak_memory
 from kernels import ema_codebook_update, nearest_code
 from kernels.codebook import reference as ref
 
 GPU = (50_176, 8192, 32)
 CPU = (4_099, 1_000, 32)
-
-
-def _peak_mem(fn, device):
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
-    fn()
-    torch.cuda.synchronize(device)
-    return torch.cuda.max_memory_allocated(device) - base
 
 
 def _unilm_lookup(z, codebook):
@@ -138,15 +127,14 @@ def test_bench_nearest_code(bench, shape, dtype, dev, provider):
             ours,
             provider="ours",
             reference=anchor,
-            peak_mem_ours=_peak_mem(ours, device),
-            peak_mem_reference=_peak_mem(anchor, device),
+            peak_memory_bytes=peak_memory(ours, device),
             **common,
         )
     elif provider == "reference":
-        bench(anchor, provider="reference", peak_mem=_peak_mem(anchor, device), **common)
+        bench(anchor, provider="reference", peak_memory_bytes=peak_memory(anchor, device), **common)
     elif provider == "compile":
         fn = _compiled(_unilm_lookup, dev, z, codebook)
-        bench(fn, provider="compile", peak_mem=_peak_mem(fn, device), **common)
+        bench(fn, provider="compile", peak_memory_bytes=peak_memory(fn, device), **common)
     else:
         if importlib.util.find_spec("faiss") is None:
             pytest.skip("faiss is not installed")
@@ -204,15 +192,14 @@ def test_bench_ema_update(bench, shape, dev, provider):
             ours,
             provider="ours",
             reference=anchor,
-            peak_mem_ours=_peak_mem(ours, device),
-            peak_mem_reference=_peak_mem(anchor, device),
+            peak_memory_bytes=peak_memory(ours, device),
             **common,
         )
     elif provider == "reference":
-        bench(anchor, provider="reference", peak_mem=_peak_mem(anchor, device), **common)
+        bench(anchor, provider="reference", peak_memory_bytes=peak_memory(anchor, device), **common)
     elif provider == "compile":
         fn = _compiled(_unilm_ema, dev, cb_anchor, cl_anchor, z, indices)
-        bench(fn, provider="compile", peak_mem=_peak_mem(fn, device), **common)
+        bench(fn, provider="compile", peak_memory_bytes=peak_memory(fn, device), **common)
     else:
         cb2, cl2 = codebook.clone(), cluster.clone()
         es2 = torch.zeros_like(embed_sum)
@@ -222,4 +209,4 @@ def test_bench_ema_update(bench, shape, dev, provider):
             es2.copy_(sums)
             ref.ema_finalize_reference(cb2, cl2, counts, es2, 0.99, 1e-5, True)
 
-        bench(index_add, provider="torch-index_add", peak_mem=_peak_mem(index_add, device), **common)
+        bench(index_add, provider="torch-index_add", peak_memory_bytes=peak_memory(index_add, device), **common)

@@ -13,13 +13,13 @@ bytes_moved is the minimal traffic the op must do (reads of its inputs once, wri
     gather   fwd  2 * B*k*D;                    fwd+bwd  + B*k*D read + B*N*D grad_h written
     CE       h_masked + W (+ grad_h + grad_W writes for fwd+bwd)
 flops: CE 2*M*V*D forward (loss only), 6*M*V*D forward+backward; the others are memory-bound (None).
-extra_info ``peak_mem_bytes`` (CUDA): allocator peak above the inputs during one call.
+extra_info ``peak_memory_bytes`` (CUDA): allocator peak above the inputs during one call.
 """
 
 import pytest
 import torch
 
-from bench.conftest import COMPILE
+from bench.conftest import COMPILE, peak_memory
 import kernels
 from kernels.masked.reference import (
     gather_masked_reference,
@@ -39,17 +39,6 @@ PROVIDERS = ["ours", "reference", COMPILE]
 
 def _shape(c):
     return f"B{c['B']} N{c['N']} D{c['D']} k{c['k']}" + (f" V{c['V']}" if "V" in c else "")
-
-
-def _peak_mem(fn, device):
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
-    fn()
-    torch.cuda.synchronize(device)
-    return torch.cuda.max_memory_allocated(device) - base
 
 
 def _mask(B, N, k, device):
@@ -91,7 +80,7 @@ def _run(bench, case, provider, kernel, phase, ours, ref, inputs, args, kwargs, 
     else:
         call = _grad_call(fn, inputs, *args, **kwargs)
     call()  # warm up (compile, autotune, allocator)
-    peak = _peak_mem(call, device)
+    peak = peak_memory(call, device)
     reference = (
         (_grad_call(ref, inputs, *args, **kwargs) if phase != "fwd" else (lambda: ref(*args, **kwargs)))
         if provider != "reference"
@@ -114,7 +103,7 @@ def _run(bench, case, provider, kernel, phase, ours, ref, inputs, args, kwargs, 
         reference=reference,
         bytes_moved=bytes_moved,
         flops=flops,
-        peak_mem_bytes=peak,
+        peak_memory_bytes=peak,
         backend=kernels.REGISTRY[kernel].select(*args, **kwargs).backend if provider == "ours" else None,
     )
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.conftest import COMPILE
+from bench.conftest import COMPILE, peak_memory
 from engine.methods import build_method, get_method
 from engine.tokenizers import save_tokenizer
 from engine.trainer import Trainer
@@ -122,16 +122,6 @@ def _shape(cfg: dict) -> str:
     return f"{cfg['model']} B{cfg['batch_size']} S{cfg['image_size']}{extra}"
 
 
-def _peak_memory(step, device) -> int | None:
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    step()
-    torch.cuda.synchronize(device)
-    return int(torch.cuda.max_memory_allocated(device))
-
-
 def _run(bench, method, provider, cuda, tmp_path, rounds):
     step, cfg = _train_step(method, provider, cuda, tmp_path)
     device = torch.device("cuda" if cuda else "cpu")
@@ -141,7 +131,7 @@ def _run(bench, method, provider, cuda, tmp_path, rounds):
         if provider == "compile":
             pytest.skip(f"torch.compile failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
         raise
-    peak = _peak_memory(step, device)
+    peak = peak_memory(step, device, above_baseline=False)
     dtype = torch.bfloat16 if cuda else torch.float32
     bench(step, kernel=f"train_step_{method}", provider=provider, shape=_shape(cfg), dtype=dtype, device=device,
           rounds=rounds, images_per_call=int(cfg["batch_size"]), peak_memory_bytes=peak)
@@ -203,6 +193,6 @@ def test_train_step_cuda_timm_backbone(bench, method, tmp_path):
         opt.step()
 
     step()
-    peak = _peak_memory(step, device)
+    peak = peak_memory(step, device, above_baseline=False)
     bench(step, kernel=f"train_step_{method}", provider=f"timm-{name}-backbone", shape=_shape(cfg),
           dtype=torch.bfloat16, device=device, rounds=10, images_per_call=B, peak_memory_bytes=peak)
