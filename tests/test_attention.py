@@ -427,12 +427,7 @@ def test_multihead_self_attention_api_errors_and_dropout():
 
 
 _AOT_SCRIPT = r"""
-import sys
 import torch
-import triton
-from triton.backends.compiler import GPUTarget
-SMEM_LIMIT = {80: 166912, 90: 232448}  # max shared memory per block (bytes, opt-in): A100, H100
-from triton.compiler import ASTSource
 from kernels.attention import triton_kernels as tk
 
 FLOATS = {"scale", "qk_scale2"}
@@ -465,7 +460,7 @@ for name, sm, d, n in [("bf16", 90, 64, 197), ("fp16", 90, 32, 197), ("bf16", 90
                 else:
                     sig[a] = "fp32" if a in FLOATS else "i32"
             ck = triton.compile(ASTSource(fn, sig, const), target=GPUTarget("cuda", sm, 32), options=opts)
-            assert ck.metadata.shared <= SMEM_LIMIT[sm], (fn.__name__, name, d, sm, ck.metadata.shared)
+            check_resources(ck, (fn.__name__, name, d), sm)
             cases.append(f"{fn.__name__}:{name}:d{d}:sm{sm}")
 print(len(cases), "compiled")
 """
@@ -474,21 +469,10 @@ print(len(cases), "compiled")
 @pytest.mark.slow
 def test_triton_kernels_compile_for_gpu_targets():
     """Every kernel and launch config lowers through Triton + ptxas for sm_80/sm_90 (no GPU needed)."""
-    import os
-    import pathlib
-    import subprocess
-    import sys
+    from _aot import run_aot
 
-    triton = pytest.importorskip("triton")
-    ptxas = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-    if not ptxas.exists():
-        pytest.skip("triton's bundled ptxas is not available")
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    root = pathlib.Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], capture_output=True, text=True, env=env, cwd=root,
-                         timeout=600, check=False)
-    assert out.returncode == 0, out.stderr[-4000:]
-    assert out.stdout.strip().endswith("compiled") and int(out.stdout.split()[0]) == 6 * 6
+    out = run_aot(_AOT_SCRIPT)
+    assert out.strip().endswith("compiled") and int(out.split()[0]) == 6 * 6
 
 
 @interpreter

@@ -552,12 +552,6 @@ def test_vector_quantizer_triton_step_matches_reference(device):
 
 
 _AOT_SCRIPT = r"""
-import os
-os.environ["TRITON_INTERPRET"] = "0"
-import triton
-from triton.backends.compiler import GPUTarget
-SMEM_LIMIT = {80: 166912, 90: 232448}  # max shared memory per block (bytes, opt-in): A100, H100
-from triton.compiler import ASTSource
 from kernels.codebook import triton_kernels as tk
 
 def build(kernel, ptrs, consts):
@@ -574,7 +568,7 @@ def build(kernel, ptrs, consts):
         else:
             sig[name] = "fp32" if name in ("eps", "decay") else "i32"
     ck = triton.compile(ASTSource(kernel, sig, consts), target=GPUTarget("cuda", 90, 32))
-    assert ck.metadata.shared <= SMEM_LIMIT[90], (kernel.__name__, ck.metadata.shared)
+    check_resources(ck, kernel.__name__)
 
 f32 = "fp32"
 for dt, prec in (("bf16", "ieee"), ("fp32", "tf32")):
@@ -597,26 +591,6 @@ print("compiled")
 def test_kernels_compile_for_sm90_without_a_gpu():
     """Ahead-of-time compile (TTIR -> PTX -> cubin with the bundled ptxas) for an H100 target: catches typing
     and lowering errors of the real GPU path that the interpreter cannot see."""
-    import importlib.util
-    import pathlib
-    import subprocess
-    import sys
+    from _aot import run_aot
 
-    spec = importlib.util.find_spec("triton")
-    if spec is None:
-        pytest.skip("triton is not installed")
-    ptxas = pathlib.Path(spec.origin).parent / "backends" / "nvidia" / "bin" / "ptxas"
-    if not ptxas.exists():
-        pytest.skip("triton's bundled ptxas is missing")
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    root = pathlib.Path(__file__).resolve().parents[1]
-    out = subprocess.run(
-        [sys.executable, "-c", _AOT_SCRIPT],
-        check=False,
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=root,
-        timeout=600,
-    )
-    assert out.returncode == 0 and "compiled" in out.stdout, out.stderr[-3000:]
+    assert "compiled" in run_aot(_AOT_SCRIPT)

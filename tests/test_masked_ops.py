@@ -561,10 +561,6 @@ def test_cuda_fast_paths_do_not_sync(device):
 # the interpreter does not type-check like the compiler: build every kernel for sm_90 (no GPU needed)
 
 COMPILE_SCRIPT = r"""
-import triton, triton.language as tl
-from triton.backends.compiler import GPUTarget
-SMEM_LIMIT = {80: 166912, 90: 232448}  # max shared memory per block (bytes, opt-in): A100, H100
-from triton.compiler import ASTSource
 from kernels.masked import triton_ce as C, triton_gather as G, triton_scatter as S
 
 def comp(kernel, types, consts, num_warps=4):
@@ -572,7 +568,7 @@ def comp(kernel, types, consts, num_warps=4):
     sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in names}
     src = ASTSource(kernel, sig, constexprs={(names.index(k),): v for k, v in consts.items()})
     ck = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
-    assert ck.metadata.shared <= SMEM_LIMIT[90], (kernel.__name__, ck.metadata.shared)
+    check_resources(ck, kernel.__name__)
 
 for dt in ("bf16", "fp32"):
     comp(S._masked_token_scatter_fwd_kernel,
@@ -599,23 +595,6 @@ print("compiled")
 
 @pytest.mark.slow
 def test_kernels_compile_for_sm90():
-    import importlib.util
-    import os
-    import subprocess
-    import sys
+    from _aot import run_aot
 
-    spec = importlib.util.find_spec("triton.backends.nvidia")
-    if spec is None:
-        pytest.skip("triton has no NVIDIA backend here")
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run(
-        [sys.executable, "-c", COMPILE_SCRIPT],
-        check=False,
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=root,
-        timeout=600,
-    )
-    assert out.returncode == 0 and "compiled" in out.stdout, out.stderr[-3000:]
+    assert "compiled" in run_aot(COMPILE_SCRIPT)
