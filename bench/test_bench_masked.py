@@ -19,8 +19,8 @@ extra_info ``peak_memory_bytes`` (CUDA): allocator peak above the inputs during 
 import pytest
 import torch
 
-from bench.conftest import COMPILE, peak_memory
 import kernels
+from bench.conftest import COMPILE, peak_memory
 from kernels.masked.reference import (
     gather_masked_reference,
     masked_cross_entropy_reference,

@@ -5,7 +5,11 @@ ResNet/ConvNeXt sparsely inside ``with sparse_context(active):``.
 """
 
 from kernels.sparse_conv.active import active_site_index, conv_output_size, downsample_active, upsample_active
-from kernels.sparse_conv.batch_norm import MaskedBatchNormFunction, masked_batch_norm, masked_batch_norm_reference
+from kernels.sparse_conv.batch_norm import (
+    MaskedBatchNormFunction,
+    masked_batch_norm,
+    masked_batch_norm_reference,
+)
 from kernels.sparse_conv.context import ActivityMaps, current_maps, sparse_context
 from kernels.sparse_conv.convert import SparseReport, to_sparse
 from kernels.sparse_conv.function import SparseConv2dFunction, sparse_conv2d

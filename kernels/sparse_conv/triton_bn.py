@@ -62,7 +62,7 @@ def _masked_bn_partial_kernel(
     MODE 0: P1 = sum m x;   MODE 1: P1 = sum m (x - mean)^2;   MODE 2: P1 = sum m dy, P2 = sum m dy xhat.
     """
     pid_r = tl.program_id(0)
-    r_ok, cols, c_ok, ok, b, s, c64, x = _load_tile(
+    _r_ok, cols, c_ok, ok, b, s, c64, x = _load_tile(
         X, MASK, pid_r, tl.program_id(1), R, S, C, s_xb, s_xc, s_xs, ACC_F64, BLOCK_R, BLOCK_C
     )
     out = P1 + pid_r.to(tl.int64) * C + cols
