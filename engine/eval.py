@@ -128,15 +128,29 @@ def knn_eval(encoder: nn.Module, data_dir, image_size: int, device="cpu", pool: 
     return knn_classify(trf, trl, tef, tel, k=k, temperature=temperature)
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    from engine.trainer.checkpoint import LAST, load
+def load_checkpoint(path: str | Path, check_finite: bool = True) -> dict:
+    """A pre-training checkpoint (file or output folder), checksum-verified; with ``check_finite`` its
+    weights must be finite. Raises FileNotFoundError, or CheckpointError (one line naming the file)."""
+    from engine.trainer import checkpoint as ckpt
 
     path = Path(path)
     if path.is_dir():
-        path = path / LAST
+        path = path / ckpt.LAST
     if not path.is_file():
         raise FileNotFoundError(f"--checkpoint: no checkpoint at {path}")
-    return load(path)
+    try:
+        state = ckpt.load(path)
+    except ckpt.CheckpointError as exc:
+        raise ckpt.CheckpointError(f"--checkpoint {exc}") from None
+    if "config" not in state or "model" not in state:
+        raise ckpt.CheckpointError(f"--checkpoint {path}: not a checkpoint of engine.pretrain (no 'config'/'model' "
+                                   "entries)")
+    if check_finite:
+        try:
+            ckpt.check_finite(state, path)
+        except ckpt.CheckpointError as exc:
+            raise ckpt.CheckpointError(f"--checkpoint {exc}") from None
+    return state
 
 
 def encoder_from_checkpoint(state: dict, random_init: bool = False, seed: int = 0) -> tuple[nn.Module, dict]:
@@ -190,12 +204,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from engine import exit_codes
+    from engine.trainer.checkpoint import CheckpointError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         state = load_checkpoint(args.checkpoint)
     except FileNotFoundError as exc:
         parser.error(str(exc))
+    except CheckpointError as exc:
+        parser.exit(exit_codes.CHECKPOINT, f"{parser.prog}: error: {exc}\n")
     if args.batch_size < 1:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
     from engine.trainer.distributed import resolve_device

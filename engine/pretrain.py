@@ -11,17 +11,23 @@ Learning rate: ``--lr`` (absolute) or ``--blr`` with the linear scaling rule
 ``lr = blr * batch_size * world_size * accum_steps / 256``.
 Distributed: ``torchrun --nproc_per_node N -m engine.pretrain ...`` (DDP; NCCL on GPU, gloo on CPU).
 Resume: ``--resume`` (the output folder's last checkpoint) or ``--resume PATH``; the run continues exactly.
-Exit status: 0 success, 1 training stopped (non-finite loss), 2 bad command-line values.
+Output folder: a folder that holds a checkpoint is only reused with ``--resume`` (continue) or ``--overwrite``.
+Pre-emption: SIGTERM/SIGINT save a checkpoint at the next step boundary and exit with status 75.
+Exit status (``engine/exit_codes.py``): 0 success, 1 internal error, 2 bad arguments/configuration, 3 stopped
+on non-finite values, 4 data error, 5 checkpoint error, 6 a peer rank stopped answering, 75 pre-empted.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from pathlib import Path
 
-
-from engine.trainer.config import ConfigError, build_parser, resolve
+from engine import exit_codes as codes
+from engine.trainer.config import ConfigError, build_parser, dump_config, resolve
+from engine.trainer.loop import OutputDirError
 
 
 class CLIError(Exception):
@@ -61,6 +67,45 @@ def final_knn(cfg: dict, method, data_dir, device) -> dict[str, float]:
     return {"pretrained": pre["knn_top1"], "random_init": rnd["knn_top1"]}
 
 
+def check_output_dir(cfg: dict, resume) -> None:
+    """Refuse (ConfigError) to start a new run over a folder that holds a checkpoint, without --overwrite."""
+    from engine.trainer.checkpoint import checkpoints_in
+    from engine.trainer.loop import refuse_reuse_message
+
+    out = Path(cfg["output_dir"])
+    if cfg.get("overwrite") or not checkpoints_in(out):
+        return
+    if resume is not None and Path(resume).resolve().parent == out.resolve():
+        return
+    if resume is not None:
+        raise ConfigError(f"--output-dir {out} holds another run's checkpoint while resuming from {resume}: give the "
+                          "resumed run its own --output-dir, or --overwrite")
+    raise ConfigError(refuse_reuse_message(out))
+
+
+def check_method_options(method) -> None:
+    """Build one mask of the method's recipe now, so that a bad mask option fails before any training."""
+    fn = method.loader_kwargs().get("mask_fn")
+    if fn is not None:
+        fn(1, 0)
+
+
+def _install_stop_handlers(trainer) -> None:
+    """SIGTERM/SIGINT (how SLURM, Kubernetes and Ctrl-C stop a job): checkpoint at the next step boundary and
+    exit with status 75; a second SIGINT aborts at once."""
+    def handler(signum, frame):
+        name = signal.Signals(signum).name
+        if trainer._stop_reason is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        trainer.request_stop(name)
+        if trainer.dist.is_main:
+            print(f"{name} received: saving a checkpoint at the end of this step (Ctrl-C again aborts)", flush=True)
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, handler)
+
+
 def main(argv=None) -> int:
     parser = _one_line_errors(build_parser())
     prog = parser.prog
@@ -71,27 +116,45 @@ def main(argv=None) -> int:
         cfg = resolve(args, method_defaults_fn=lambda m: get_method(m).defaults)
     except (ConfigError, UnknownMethodError) as exc:
         _fail(prog, str(exc))
+    if args.get("print_config"):
+        print(dump_config(cfg), end="")
+        return codes.OK
     from engine.trainer import Trainer, NonFiniteLossError, find_resume, init_distributed, seed_everything
-    from engine.trainer.distributed import barrier, cleanup
+    from engine.trainer.checkpoint import CheckpointError
+    from engine.trainer.distributed import barrier, cleanup, is_timeout_error
 
     try:
-        dist = init_distributed(cfg["device"])
+        resume = find_resume(cfg["resume"], cfg["output_dir"])
+        check_output_dir(cfg, resume)
+    except FileNotFoundError as exc:
+        _fail(prog, str(exc), codes.CHECKPOINT)
+    except ConfigError as exc:
+        _fail(prog, str(exc))
+    try:
+        dist = init_distributed(cfg["device"], timeout_s=cfg["dist_timeout"])
     except ValueError as exc:
         _fail(prog, str(exc))
     seed_everything(cfg["seed"] + dist.rank)
-    if cfg["data"] is None:
-        from engine.data import builtin_dataset
+    try:
+        if cfg["data"] is None:
+            from engine.data import builtin_dataset
 
-        data_dir = builtin_dataset(image_size=cfg["image_size"]) if dist.is_main else None
-        barrier()
-        data_dir = builtin_dataset(image_size=cfg["image_size"])
-    else:
-        data_dir = Path(cfg["data"])
+            data_dir = builtin_dataset(image_size=cfg["image_size"]) if dist.is_main else None
+            barrier()
+            data_dir = builtin_dataset(image_size=cfg["image_size"])
+        else:
+            data_dir = Path(cfg["data"])
+    except OSError as exc:
+        _fail(prog, f"data: {exc}", codes.DATA)
     try:
         method = build_method(cfg["method"], cfg)
-    except ValueError as exc:
-        _fail(prog, str(exc))
-    loader = build_loader(cfg, method, data_dir, dist)
+        check_method_options(method)
+    except (ValueError, TypeError) as exc:
+        _fail(prog, f"--method {cfg['method']}: {exc}")
+    try:
+        loader = build_loader(cfg, method, data_dir, dist)
+    except (ValueError, OSError) as exc:
+        _fail(prog, f"data: {exc}", codes.DATA)
     eval_fn = None
     if cfg["eval_every"] and (Path(data_dir) / "val").is_dir():
         from engine.eval import knn_eval
@@ -99,20 +162,41 @@ def main(argv=None) -> int:
         def eval_fn(encoder):
             return knn_eval(encoder, data_dir, image_size=cfg["image_size"], device=dist.device,
                             pool=cfg.get("pool"), k=cfg["knn_k"], temperature=cfg["knn_t"])
-    trainer = Trainer(method, loader, cfg, dist, eval_fn=eval_fn)
     try:
-        resume = find_resume(cfg["resume"], cfg["output_dir"])
-    except FileNotFoundError as exc:
+        trainer = Trainer(method, loader, cfg, dist, eval_fn=eval_fn)
+    except ValueError as exc:
         _fail(prog, str(exc))
     if dist.is_main:
         print(f"method {cfg['method']}  model {cfg['model']}  data {data_dir}  steps {trainer.total_steps} "
               f"({trainer.steps_per_epoch}/epoch)  lr {trainer.lr:.3g}  batch {cfg['batch_size']}x"
               f"{dist.world_size}x{cfg['accum_steps']}  precision {cfg['precision']}  device {dist.device}"
               + (f"  resume {resume}" if resume else ""), flush=True)
+        out_dir = Path(cfg["output_dir"])
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.yaml").write_text(dump_config(cfg))
+    _install_stop_handlers(trainer)
     try:
         summary = trainer.fit(resume=resume)
     except NonFiniteLossError as exc:
-        _fail(prog, str(exc), code=1)
+        _fail(prog, str(exc), codes.NON_FINITE)
+    except CheckpointError as exc:
+        _fail(prog, str(exc), codes.CHECKPOINT)
+    except OutputDirError as exc:
+        _fail(prog, str(exc))
+    except RuntimeError as exc:
+        if dist.enabled and is_timeout_error(exc):
+            first = str(exc).strip().splitlines()[0][:200]
+            _fail(prog, f"rank {dist.rank}: a peer rank stopped answering for --dist-timeout "
+                        f"{cfg['dist_timeout']:g} s ({first}); the last checkpoint is "
+                        f"{trainer._last_finite_text()}; restart the job with --resume", codes.DISTRIBUTED)
+        raise
+    if summary.get("preempted"):
+        if dist.is_main:
+            print(f"pre-empted ({summary['preempted']}) at step {summary['step']}/{summary['total_steps']}: "
+                  f"checkpoint {trainer.last_checkpoint} saved; continue with the same command and --resume",
+                  flush=True)
+        cleanup()
+        return codes.PREEMPTED
     if dist.is_main:
         print(f"trained {summary['step']}/{summary['total_steps']} steps in {summary['seconds']:.1f}s; "
               f"checkpoint {trainer.last_checkpoint}", flush=True)
@@ -128,7 +212,7 @@ def main(argv=None) -> int:
         print(f"knn_top1 pretrained={res['pretrained']:.1f} random_init={res['random_init']:.1f}", flush=True)
     barrier()
     cleanup()
-    return 0
+    return codes.OK
 
 
 if __name__ == "__main__":

@@ -104,7 +104,12 @@ def load_tokenizer(
         p = p / LAST
     if not p.is_file():
         raise FileNotFoundError(f"--tokenizer: no tokenizer checkpoint at {p}")
-    state = torch.load(p, map_location=map_location, weights_only=False)
+    from engine.trainer.checkpoint import CheckpointError, load
+
+    try:
+        state = load(p, map_location=map_location)
+    except CheckpointError as exc:
+        raise ValueError(f"--tokenizer {exc}") from None
     if not isinstance(state, dict):
         raise ValueError(f"--tokenizer {p}: expected a checkpoint dict, got {type(state).__name__}")
     if "model" in state and "method" in state:  # a pre-training checkpoint of this engine

@@ -53,6 +53,8 @@ def _default_out(source) -> Path:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from engine import exit_codes
+    from engine.trainer.checkpoint import CheckpointError
     from engine.viz import VizError, render
     from engine.viz.curves import render as render_curves
 
@@ -80,6 +82,8 @@ def main(argv=None) -> int:
                 parser.error(str(exc))
             paths = render(args.kind, ckpt, args.out or _default_out(ckpt), data_dir=args.data,
                            num_images=args.num_images, device=device, seed=args.seed)
+    except CheckpointError as exc:
+        parser.exit(exit_codes.CHECKPOINT, f"{parser.prog}: error: {exc}\n")
     except VizError as exc:
         parser.error(str(exc).replace("\n", " "))
     for p in paths:

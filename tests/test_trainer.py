@@ -135,7 +135,7 @@ def test_nan_loss_stops_with_message_and_keeps_last_checkpoint(tmp_path):
         return out
 
     tr.method.forward = poisoned
-    with pytest.raises(NonFiniteLossError, match=r"non-finite loss \(nan\) at step 3 .*checkpoint-last.pt \(intact\)"):
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss \(nan\) at step 3 .*Last finite checkpoint: .*checkpoint-last.pt \(step 3\)"):
         tr.fit()
     state = ckpt.load(tmp_path / ckpt.LAST)
     assert state["step"] == 3 and all(np.isfinite(state["history"]))

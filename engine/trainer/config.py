@@ -11,6 +11,8 @@ Learning rate: ``--lr`` is absolute; otherwise ``lr = blr * batch_size * world_s
 from __future__ import annotations
 
 import argparse
+import difflib
+import math
 from pathlib import Path
 
 import yaml
@@ -46,6 +48,11 @@ SPEC: dict[str, tuple] = {
     "beta2": (0.999, float, "AdamW/LAMB beta2"),
     "output_dir": ("output/pretrain", str, "checkpoints, log.jsonl, tensorboard"),
     "resume": (None, str, "'auto' (last checkpoint of --output-dir, the default with a bare --resume) or a path"),
+    "overwrite": (False, bool, "start a new run in an --output-dir that holds a checkpoint (replaced at the first "
+                               "save; the old log is dropped after the first good step)"),
+    "skip_nonfinite": (0, int, "skip up to N optimizer steps whose loss or gradient norm is NaN/Inf (logged) "
+                               "instead of stopping at the first"),
+    "dist_timeout": (300.0, float, "seconds a collective may wait for a peer rank before the job fails (DDP)"),
     "seed": (0, int, "random seed"),
     "save_every": (0, int, "also checkpoint every N optimizer steps (0: at epoch ends only)"),
     "eval_every": (0, int, "k-NN evaluation every N epochs (0: off)"),
@@ -104,13 +111,52 @@ GENERAL_FALLBACK = dict(blr=1.5e-4, warmup_epochs=1.0, min_lr=1e-6, weight_decay
                         pool="cls")
 
 
+_RANGES: dict[str, str] = {
+    # floats: interval notation
+    "mask_ratio": "(0,1)", "drop_path": "[0,1)", "momentum_teacher": "[0,1]", "center_momentum": "[0,1]",
+    "beta1": "[0,1)", "beta2": "[0,1)", "warmup_teacher_temp": "(0,inf)", "teacher_temp": "(0,inf)",
+    "student_temp": "(0,inf)", "gumbel_temp": "(0,inf)", "gumbel_temp_end": "(0,inf)", "kl_weight": "[0,inf)",
+    "min_lr": "[0,inf)", "weight_decay": "[0,inf)", "weight_decay_end": "[0,inf)", "clip_grad": "[0,inf)",
+    "warmup_epochs": "[0,inf)", "warmup_teacher_temp_epochs": "[0,inf)", "init_values": "[0,inf)",
+    "knn_t": "(0,inf)", "dist_timeout": "(0,inf)", "lr": "(0,inf)", "blr": "(0,inf)",
+    # integers
+    "batch_size": ">=1", "epochs": ">=1", "accum_steps": ">=1", "image_size": ">=1", "num_threads": ">=1",
+    "patch_size": ">=1", "out_dim": ">=1", "head_hidden_dim": ">=1", "bottleneck_dim": ">=1", "local_size": ">=1",
+    "vocab_size": ">=2", "codebook_dim": ">=1", "tokenizer_width": ">=1", "tokenizer_cell": ">=1",
+    "decoder_depth": ">=1", "num_mask_patches": ">=1", "early_layer": ">=1", "decoder_width": ">=1",
+    "knn_k": ">=1", "mask_patch_size": ">=1", "tokenizer_size": ">=1", "print_every": ">=1",
+    "max_steps": ">=0", "stop_after": ">=0", "save_every": ">=0", "eval_every": ">=0", "local_crops": ">=0",
+    "freeze_last_layer": ">=0", "skip_nonfinite": ">=0", "seed": ">=0",
+}
+_CHOICES = {"precision": ("fp32", "bf16", "fp16"), "pool": ("cls", "mean")}
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def help_defaults() -> dict:
+    """Defaults as a bare ``python -m engine.pretrain`` sees them: SPEC < the default preset's top level."""
+    out = {k: v[0] for k, v in SPEC.items()}
+    try:
+        with open(DEFAULT_PRESET) as fh:
+            preset = yaml.safe_load(fh) or {}
+        out.update({k: v for k, v in preset.items() if k in SPEC and not isinstance(v, dict)})
+    except (OSError, yaml.YAMLError):
+        pass
+    return out
+
+
 def build_parser(prog: str = "python -m engine.pretrain") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description="Self-supervised pre-training of a ViT.",
+    p = argparse.ArgumentParser(prog=prog, description="Self-supervised pre-training of a vision backbone.",
                                 argument_default=argparse.SUPPRESS)
     p.add_argument("--config", help=f"YAML preset (name in {CONFIG_DIR} or a path); default: default.yaml")
-    for key, (default, typ, help_) in SPEC.items():
-        flag = "--" + key.replace("_", "-")
-        h = f"{help_} (default: {default})"
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved configuration and exit")
+    shown = help_defaults()
+    for key, (_, typ, help_) in SPEC.items():
+        flag = _flag(key)
+        h = f"{help_} (default: {shown[key]})"
         if typ is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, help=h)
         elif key == "resume":
@@ -120,7 +166,7 @@ def build_parser(prog: str = "python -m engine.pretrain") -> argparse.ArgumentPa
     return p
 
 
-def load_preset(name: str | None) -> dict:
+def load_preset(name: str | None) -> tuple[dict, Path]:
     if name is None:
         path = DEFAULT_PRESET
     else:
@@ -131,65 +177,178 @@ def load_preset(name: str | None) -> dict:
                 have = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
                 raise ConfigError(f"--config: no preset or file {name!r} (presets: {have})")
             path = cand
-    with open(path) as fh:
-        data = yaml.safe_load(fh) or {}
+    try:
+        with open(path) as fh:
+            data = yaml.safe_load(fh) or {}
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        at = f" at line {where.line + 1}" if where is not None else ""
+        raise ConfigError(f"--config {path}: not valid YAML{at} ({getattr(exc, 'problem', None) or exc})") from None
+    except OSError as exc:
+        raise ConfigError(f"--config {path}: cannot be read ({exc.strerror or exc})") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"--config {path}: expected a mapping at the top level")
-    return data
+        raise ConfigError(f"--config {path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data, path
 
 
-def resolve(cli: dict, method_defaults_fn=None) -> dict:
-    """Merge defaults, method defaults, preset and CLI values (CLI keys present only when given)."""
-    preset = load_preset(cli.get("config"))
+def _did_you_mean(word: str, choices) -> str:
+    close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _coerce(key: str, value, where: str):
+    """``value`` of ``key`` in SPEC's type, or a ConfigError naming the key and where it came from."""
+    default, typ, _ = SPEC[key]
+    name = f"{where}{key}" if where else _flag(key)
+
+    def bad(expected: str):
+        return ConfigError(f"{name}: expected {expected}, got {value!r} ({type(value).__name__})")
+
+    if value is None:
+        if default is None or key in ("resume",):
+            return None
+        raise bad("a value (it has no 'unset' state)")
+    if key == "crop_scale" and isinstance(value, (list, tuple)):
+        if len(value) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            raise bad("'lo,hi' or a list of two numbers")
+        return tuple(float(v) for v in value)
+    if typ is bool:
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("an integer")
+        return value
+    if typ is float:
+        if isinstance(value, bool):
+            raise bad("a number")
+        if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise bad("a number") from None
+        if not isinstance(value, (int, float)):
+            raise bad("a number")
+        value = float(value)
+        if not math.isfinite(value):
+            raise ConfigError(f"{name}: expected a finite number, got {value}")
+        return value
+    if not isinstance(value, str):
+        raise bad("a string")
+    return value
+
+
+def resolve(cli: dict, method_defaults_fn=None, known_methods=None) -> dict:
+    """Merge defaults, method defaults, preset and CLI values (CLI keys present only when given); every key
+    is checked (unknown keys and sections, types, ranges) and its source recorded in ``cfg["_sources"]``."""
+    if known_methods is None:
+        from engine.methods import KNOWN_METHODS, available_methods
+
+        known_methods = sorted(set(KNOWN_METHODS) | set(available_methods()))
+    preset, preset_path = load_preset(cli.get("config"))
     cfg = {k: v[0] for k, v in SPEC.items()}
+    sources = {k: "default" for k in cfg}
     method = cli.get("method", preset.get("method", cfg["method"]))
     cfg.update(GENERAL_FALLBACK)
     if method_defaults_fn is not None:
-        cfg.update(method_defaults_fn(method))
-    sections = {k: v for k, v in preset.items() if isinstance(v, dict)}
-    unknown = [k for k in preset if k not in SPEC and k not in sections]
-    if unknown:
-        raise ConfigError(f"--config: unknown keys {unknown}")
-    cfg.update({k: v for k, v in preset.items() if k not in sections})
-    cfg.update(sections.get(method, {}))
-    cfg.update({k: v for k, v in cli.items() if k != "config"})
+        defaults = method_defaults_fn(method)
+        cfg.update(defaults)
+        sources.update({k: f"method {method}" for k in defaults})
+    sections = {}
+    for k, v in preset.items():
+        if isinstance(v, dict):
+            if k not in known_methods:
+                hint = _did_you_mean(k, known_methods) or (f" ({k!r} is an option, not a section)" if k in SPEC else "")
+                raise ConfigError(f"--config {preset_path}: unknown section {k!r}{hint}; sections are method "
+                                  f"names: {', '.join(known_methods)}")
+            sections[k] = v
+        elif k not in SPEC:
+            raise ConfigError(f"--config {preset_path}: unknown key {k!r}{_did_you_mean(k, SPEC)}")
+    for sec, values in sections.items():
+        for k in values:
+            if k not in SPEC or k == "method":
+                raise ConfigError(f"--config {preset_path}: unknown key {k!r} in section {sec!r}"
+                                  f"{_did_you_mean(k, SPEC)}")
+    for k, v in preset.items():
+        if k not in sections:
+            cfg[k] = _coerce(k, v, f"--config {preset_path}: ")
+            sources[k] = f"preset {preset_path.name}"
+    for k, v in sections.get(method, {}).items():
+        cfg[k] = _coerce(k, v, f"--config {preset_path}: {method}.")
+        sources[k] = f"preset {preset_path.name} ({method}:)"
+    for k, v in cli.items():
+        if k in ("config", "print_config"):
+            continue
+        if k not in SPEC:
+            raise ConfigError(f"unknown option {k!r}{_did_you_mean(k, SPEC)}")
+        cfg[k] = _coerce(k, v, "")
+        sources[k] = "command line"
     cfg["method"] = method
     cfg["config"] = cli.get("config") or str(DEFAULT_PRESET.name)
     if cfg.get("weight_decay_end") is None:
         cfg["weight_decay_end"] = cfg["weight_decay"]
+        sources["weight_decay_end"] = "= weight_decay"
     validate(cfg)
+    cfg["_sources"] = sources
     return cfg
 
 
-def validate(cfg: dict) -> None:
-    def positive(key):
-        if not isinstance(cfg.get(key), int) or cfg[key] < 1:
-            raise ConfigError(f"--{key.replace('_', '-')} must be an integer >= 1, got {cfg.get(key)!r}")
+def _check_range(key: str, value) -> None:
+    rule = _RANGES.get(key)
+    if rule is None or value is None:
+        return
+    if rule.startswith(">="):
+        lo = int(rule[2:])
+        if value < lo:
+            raise ConfigError(f"{_flag(key)} must be an integer >= {lo}, got {value!r}")
+        return
+    lo_open, hi_open = rule[0] == "(", rule[-1] == ")"
+    lo, hi = (float(x) for x in rule[1:-1].split(","))
+    ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+    if not ok:
+        raise ConfigError(f"{_flag(key)} must be in {rule.replace('inf', '∞')}, got {value!r}")
 
-    for key in ("batch_size", "epochs", "accum_steps", "image_size", "num_threads"):
-        positive(key)
-    for key in ("max_steps", "stop_after", "save_every", "eval_every"):
-        if cfg[key] < 0:
-            raise ConfigError(f"--{key.replace('_', '-')} must be >= 0, got {cfg[key]}")
-    if cfg["precision"] not in ("fp32", "bf16", "fp16"):
-        raise ConfigError(f"--precision must be fp32, bf16 or fp16, got {cfg['precision']!r}")
+
+def validate(cfg: dict) -> None:
+    for key, value in cfg.items():
+        if key in SPEC:
+            _check_range(key, value)
+    for key, allowed in _CHOICES.items():
+        if cfg.get(key) is not None and cfg[key] not in allowed:
+            raise ConfigError(f"{_flag(key)} must be {', '.join(allowed)}, got {cfg[key]!r}")
     from engine.trainer.optim import OPTIMIZERS
 
     if cfg.get("optimizer", "adamw") not in OPTIMIZERS:
         raise ConfigError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {cfg['optimizer']!r}")
-    for key in ("lr", "blr"):
-        if cfg.get(key) is not None and cfg[key] <= 0:
-            raise ConfigError(f"--{key} must be > 0, got {cfg[key]}")
     if cfg["data"] is not None and not Path(cfg["data"]).is_dir():
         raise ConfigError(f"--data: no such folder {cfg['data']}")
-    if cfg["data"] is not None and not (Path(cfg["data"]) / "train").is_dir():
-        raise ConfigError(f"--data: {cfg['data']} has no train/ sub-folder")
     if cfg.get("crop_scale") is not None and not isinstance(cfg["crop_scale"], (list, tuple)):
         try:
             lo, hi = (float(v) for v in str(cfg["crop_scale"]).split(","))
         except ValueError:
             raise ConfigError(f"--crop-scale: expected 'lo,hi', got {cfg['crop_scale']!r}") from None
         cfg["crop_scale"] = (lo, hi)
+    if cfg.get("crop_scale") is not None:
+        lo, hi = cfg["crop_scale"]
+        if not (0 < lo <= hi <= 1):
+            raise ConfigError(f"--crop-scale: expected 0 < lo <= hi <= 1, got {lo},{hi}")
+
+
+def dump_config(cfg: dict) -> str:
+    """The resolved configuration as YAML, each value commented with its source."""
+    sources = cfg.get("_sources", {})
+    lines = ["# resolved configuration of python -m engine.pretrain (value  # source)"]
+    for key in sorted(k for k in cfg if not k.startswith("_")):
+        value = cfg[key]
+        if isinstance(value, tuple):
+            value = list(value)
+        text = yaml.safe_dump({key: value}, default_flow_style=True, sort_keys=False).strip()
+        if text.startswith("{") and text.endswith("}"):
+            text = text[1:-1]
+        src = sources.get(key)
+        lines.append(f"{text}" + (f"  # {src}" if src else ""))
+    return "\n".join(lines) + "\n"
 
 
 def peak_lr(cfg: dict, world_size: int = 1) -> float:

@@ -45,8 +45,18 @@ def resolve_device(name: str | None) -> torch.device:
     return dev
 
 
-def init_distributed(device: str | None = None) -> DistInfo:
-    """Initialise the process group when launched by torchrun (WORLD_SIZE > 1), else a single process."""
+DEFAULT_TIMEOUT_S = 300.0
+
+
+class PeerTimeoutError(RuntimeError):
+    """A collective did not complete within ``--dist-timeout``: a peer rank died, hung or was stopped."""
+
+
+def init_distributed(device: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> DistInfo:
+    """Initialise the process group when launched by torchrun (WORLD_SIZE > 1), else a single process.
+
+    ``timeout_s`` bounds every collective (``--dist-timeout``): a rank that stops answering (killed, hung,
+    SIGSTOP'ed) makes the others fail after that many seconds instead of waiting forever."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     dev = resolve_device(device)
     if world <= 1:
@@ -60,7 +70,7 @@ def init_distributed(device: str | None = None) -> DistInfo:
         dev = torch.device("cuda", local_rank)
     if not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=10))
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=float(timeout_s)))
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev)
 
 
@@ -88,6 +98,23 @@ def all_reduce_(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
     if is_dist():
         dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
     return t
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's ``obj`` (a list in rank order); ``[obj]`` when not distributed."""
+    if not is_dist():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def is_timeout_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective's timeout / lost peer (gloo and NCCL word it differently)."""
+    text = f"{type(exc).__name__}: {exc}".lower()
+    return isinstance(exc, PeerTimeoutError) or any(
+        w in text for w in ("timed out", "timeout", "connection closed by peer", "connection reset by peer",
+                            "broken pipe", "dist_backend_error", "distbackenderror"))
 
 
 def barrier() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -32,6 +33,25 @@ class MetricLogger:
     def reset(self) -> None:
         if self.enabled and self.path is not None and self.path.exists():
             self.path.unlink()
+
+    def truncate(self, step: int) -> None:
+        """Keep only the records of steps <= ``step`` (a resumed run re-logs the steps after its checkpoint);
+        rewritten atomically."""
+        if not self.enabled or self.path is None or not self.path.exists():
+            return
+        kept = []
+        with open(self.path) as fh:
+            for line in fh:
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue  # a line cut short by a kill
+                if int(rec.get("step", 0)) <= step:
+                    kept.append(json.dumps(rec, sort_keys=True) + "\n")
+        tmp = self.path.with_name(self.path.name + f".tmp-{os.getpid()}")
+        with open(tmp, "w") as fh:
+            fh.writelines(kept)
+        os.replace(tmp, self.path)
 
     def log(self, record: dict, step: int) -> None:
         if not self.enabled:

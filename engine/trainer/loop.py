@@ -5,11 +5,23 @@ decay, method schedules such as EMA momentum) are read at index ``step`` and wri
 param groups and the method. A step is::
 
     forward under autocast -> loss / accum -> (scaled) backward          x accum_steps (DDP no_sync between)
-    all-ranks finite-loss check -> method.after_backward -> unscale + clip -> optimizer step -> method.after_step
+    method.after_backward -> unscale -> gradient norm -> all-ranks check: loss and gradient norm finite,
+    stop requested -> clip -> optimizer step -> method.after_step
 
-A non-finite loss raises :class:`NonFiniteLossError` before the optimizer step, so parameters and the last
-checkpoint on disk stay good. Checkpoints (rank 0, atomic) hold everything needed to continue the exact same
-run: model, optimizer, grad scaler, step (= schedule position), RNG states and the data loader position.
+Non-finite values: a NaN/Inf loss or gradient norm (any rank) stops the run *before* the optimizer step with
+:class:`NonFiniteLossError`, whose message names the last checkpoint that is really finite; with
+``skip_nonfinite = N`` up to N such steps are skipped (no update, logged) first. Under fp16 a finite loss with
+overflowing gradients is the GradScaler's normal scale search: the step is skipped and the scale lowered, not
+counted, as long as the scale stays >= 1. A checkpoint is never written from non-finite parameters or
+optimizer state (:class:`NonFiniteLossError` instead).
+
+Output folder: nothing in it is deleted or replaced before the first optimizer step of the run has succeeded
+(a fresh run's old ``log.jsonl`` is dropped then; a resumed run's log is cut back to the resumed step).
+
+Checkpoints (rank 0, atomic, checksummed) hold everything needed to continue the exact same run: model,
+optimizer, grad scaler, step (= schedule position), every rank's RNG states and the data loader position.
+:meth:`Trainer.request_stop` (called by the CLI's SIGTERM/SIGINT handler) makes the run save a checkpoint at
+the next step boundary and return with ``summary["preempted"]`` set; all ranks agree on it.
 """
 
 from __future__ import annotations
@@ -26,7 +38,7 @@ from torch import nn
 
 from engine.trainer import checkpoint as ckpt
 from engine.trainer.config import peak_lr
-from engine.trainer.distributed import DistInfo, all_reduce_, all_reduce_mean
+from engine.trainer.distributed import DistInfo, all_gather_object, all_reduce_, all_reduce_mean
 from engine.trainer.logging import MetricLogger
 from engine.trainer.optim import build_optimizer
 from engine.trainer.schedules import cosine_schedule
@@ -99,13 +111,24 @@ class Trainer:
                                              print_every=cfg.get("print_every", 10))
         self.step = 0
         self.history: list[float] = []  # local loss per optimizer step of this process
+        self.skipped_nonfinite = 0
+        self.last_finite: tuple[Path, int] | None = None  # (checkpoint, step) known to hold finite state
+        self._stop_reason: str | None = None
+        self._stop_agreed = False
 
     # ------------------------------------------------------------------------------------------ checkpoints
     @property
     def last_checkpoint(self) -> Path:
         return self.output_dir / ckpt.LAST
 
+    def _last_finite_text(self) -> str:
+        if self.last_finite is None:
+            return "none written yet"
+        path, step = self.last_finite
+        return f"{path} (step {step})"
+
     def state_dict(self) -> dict:
+        rng = ckpt.rng_state()
         return {
             "model": self.method.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -113,31 +136,86 @@ class Trainer:
             "step": self.step,
             "epoch": self.step // self.steps_per_epoch,
             "total_steps": self.total_steps,
-            "rng": ckpt.rng_state(),
+            "rng": rng,
+            "rng_per_rank": all_gather_object(rng),
+            "world_size": self.dist.world_size,
             "loader": self.loader.state_dict(),
-            "config": dict(self.cfg),
+            "config": {k: v for k, v in self.cfg.items() if not k.startswith("_")},
             "method": self.cfg.get("method"),
             "encoder_config": dict(getattr(self.method.encoder(), "config", {})),
             "history": list(self.history),
         }
 
+    def _check_state_finite(self) -> None:
+        bad = ckpt.non_finite_tensors(self.method.state_dict())
+        bad += ckpt.optimizer_non_finite(self.optimizer.state_dict())
+        if bad:
+            shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+            raise NonFiniteLossError(
+                f"non-finite parameters or optimizer state at step {self.step} ({shown}); no checkpoint written. "
+                f"Last finite checkpoint: {self._last_finite_text()}. Try a lower --lr/--blr, --clip-grad, or "
+                "--precision bf16/fp32, then --resume from that checkpoint.")
+
     def save(self) -> Path | None:
+        """Checkpoint (every rank takes part: RNG states are gathered); written by rank 0 only."""
+        self._check_state_finite()
+        state = self.state_dict()
         if not self.dist.is_main:
             return None
-        return ckpt.save_atomic(self.state_dict(), self.last_checkpoint)
+        path = ckpt.save_atomic(state, self.last_checkpoint)
+        self.last_finite = (path, self.step)
+        return path
 
     def load(self, path: str | Path) -> None:
-        state = ckpt.load(path, map_location="cpu")
+        try:
+            state = ckpt.load(path, map_location="cpu")
+        except ckpt.CheckpointError as exc:
+            raise ckpt.CheckpointError(f"--resume {exc}") from None
+        for key in ("model", "optimizer", "step"):
+            if key not in state:
+                raise ckpt.CheckpointError(f"--resume {path}: not a training checkpoint of engine.pretrain "
+                                           f"(no {key!r} entry)")
+        self._check_same_run(state, path)
         if state.get("total_steps") != self.total_steps:
-            raise ValueError(f"--resume {path}: checkpoint plans {state.get('total_steps')} steps, this run "
-                             f"{self.total_steps}; resume with the same --epochs/--max-steps/--batch-size")
-        self.method.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+            raise ckpt.CheckpointError(
+                f"--resume {path}: checkpoint plans {state.get('total_steps')} steps, this run "
+                f"{self.total_steps}; resume with the same --epochs/--max-steps/--batch-size")
+        try:
+            self.method.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            first = str(exc).strip().splitlines()[0][:300]
+            raise ckpt.CheckpointError(f"--resume {path}: its weights do not fit this run's model ({first})") from None
         self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
-        self.history = list(state.get("history", []))
+        self.history = list(state.get("history", []))[: self.step]
         self.loader.load_state_dict(state["loader"])
-        ckpt.set_rng_state(state["rng"])
+        per_rank = state.get("rng_per_rank")
+        if per_rank and len(per_rank) == self.dist.world_size:
+            ckpt.set_rng_state(per_rank[self.dist.rank])
+        else:
+            if self.dist.world_size > 1 and self.dist.is_main:
+                print(f"warning: {path} was written by {len(per_rank or [0])} rank(s), this run has "
+                      f"{self.dist.world_size}: every rank continues from rank 0's RNG state (not bitwise "
+                      "the same run)", flush=True)
+            ckpt.set_rng_state(state["rng"])
+        self.last_finite = (Path(path), self.step) if not ckpt.non_finite_tensors(state["model"]) else None
+        self.logger.truncate(self.step)
+
+    def _check_same_run(self, state: dict, path) -> None:
+        diffs = []
+        method = self.cfg.get("method")
+        if state.get("method") not in (None, method):
+            diffs.append(f"--method {state.get('method')} (this run: {method})")
+        theirs = state.get("encoder_config") or {}
+        ours = dict(getattr(self.method.encoder(), "config", {}))
+        for key in sorted(set(theirs) | set(ours)):
+            if key in theirs and key in ours and theirs[key] != ours[key]:
+                diffs.append(f"{key}={theirs[key]} (this run: {ours[key]})")
+        if diffs:
+            raise ckpt.CheckpointError(f"--resume {path}: the checkpoint is of another run: " + ", ".join(diffs)
+                                       + "; resume with the run's own options, or start a new run in another "
+                                         "--output-dir")
 
     # ------------------------------------------------------------------------------------------ one step
     def _autocast(self):
@@ -152,6 +230,16 @@ class Trainer:
             g["weight_decay"] = values["wd"] if g.get("apply_wd", True) else 0.0
         self.method.set_progress(self.step, epoch, values)
         return values
+
+    def request_stop(self, reason: str = "SIGTERM") -> None:
+        """Ask the run to checkpoint and return at the next step boundary (safe from a signal handler)."""
+        self._stop_reason = reason
+
+    def _grad_norm(self) -> torch.Tensor:
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if not grads:
+            return torch.zeros((), device=self.device)
+        return torch.nn.utils.get_total_norm(grads, 2.0, error_if_nonfinite=False, foreach=None)
 
     def train_step(self, batches, epoch: int) -> dict[str, float]:
         values = self._apply_schedules(epoch)
@@ -172,29 +260,48 @@ class Trainer:
             for k, v in out.items():
                 v = v.detach().float() if isinstance(v, torch.Tensor) else torch.tensor(float(v))
                 metrics_sum[k] = metrics_sum.get(k, 0) + v / len(batches)
-        bad = torch.tensor([0.0 if torch.isfinite(metrics_sum["loss"]) else 1.0], device=self.device)
-        all_reduce_(bad)
-        if bad.item() > 0:
-            raise NonFiniteLossError(
-                f"non-finite loss ({metrics_sum['loss'].item()}) at step {self.step} (epoch {epoch}); stopping "
-                f"before the optimizer step. Last good checkpoint: "
-                f"{self.last_checkpoint if self.last_checkpoint.exists() else 'none yet'} (intact). "
-                "Try a lower --lr/--blr, --clip-grad, or --precision bf16/fp32.")
         self.method.after_backward()
+        self.scaler.unscale_(self.optimizer)  # a no-op without fp16
+        grad_norm = self._grad_norm()
+        # one all-reduce: [loss or grad norm non-finite, gradients overflowed (fp16), stop requested]
+        loss_bad = not bool(torch.isfinite(metrics_sum["loss"]))
+        flags = torch.tensor([float(loss_bad), float(not bool(torch.isfinite(grad_norm))),
+                              float(self._stop_reason is not None)], device=self.device)
+        all_reduce_(flags, op="max")
+        loss_bad, grad_bad, stop = (bool(f) for f in flags.tolist())
+        self._stop_agreed = stop
+        metrics = {k: float(v) for k, v in metrics_sum.items()}
+        metrics["lr"], metrics["wd"] = values["lr"], values["wd"]
+        metrics["grad_norm"] = float(grad_norm)
+        metrics["_images"] = images * self.dist.world_size
+        if loss_bad or grad_bad:
+            fp16_overflow = (self.scaler.is_enabled() and not loss_bad and self.scaler.get_scale() >= 1.0)
+            what = (f"non-finite loss ({metrics['loss']})" if loss_bad
+                    else f"non-finite gradient norm ({metrics['grad_norm']}; loss {metrics['loss']:.4g})")
+            if fp16_overflow or self.skipped_nonfinite < int(self.cfg.get("skip_nonfinite") or 0):
+                if not fp16_overflow:
+                    self.skipped_nonfinite += 1
+                if self.scaler.is_enabled():
+                    self.scaler.update()  # lowers the scale after an overflow
+                self.optimizer.zero_grad(set_to_none=True)
+                if self.dist.is_main:
+                    note = ("fp16 overflow, loss scale now "
+                            f"{self.scaler.get_scale():g}" if fp16_overflow else
+                            f"skipped {self.skipped_nonfinite}/{self.cfg.get('skip_nonfinite')} (--skip-nonfinite)")
+                    print(f"warning: {what} at step {self.step}: optimizer step skipped ({note})", flush=True)
+                metrics["skipped"] = 1.0
+                return metrics
+            raise NonFiniteLossError(
+                f"{what} at step {self.step} (epoch {epoch}); stopped before the optimizer step. Last finite "
+                f"checkpoint: {self._last_finite_text()}. Try a lower --lr/--blr, --clip-grad, "
+                "--precision bf16/fp32, or --skip-nonfinite N to skip a few such steps.")
         clip = float(self.cfg.get("clip_grad") or 0.0)
-        grad_norm = None
         if clip > 0:
-            self.scaler.unscale_(self.optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
+            torch.nn.utils.clip_grads_with_norm_(self.params, clip, grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.method.after_step()
-        metrics = {k: float(v) for k, v in metrics_sum.items()}
-        metrics["lr"], metrics["wd"] = values["lr"], values["wd"]
-        if grad_norm is not None:
-            metrics["grad_norm"] = float(grad_norm)
-        metrics["_images"] = images * self.dist.world_size
         return metrics
 
     # ------------------------------------------------------------------------------------------ the run
@@ -212,8 +319,11 @@ class Trainer:
     def fit(self, resume: str | Path | None = None) -> dict:
         if resume is not None:
             self.load(resume)
-        else:
-            self.logger.reset()  # a fresh run starts a fresh log.jsonl
+        elif not self.cfg.get("overwrite") and ckpt.checkpoints_in(self.output_dir):
+            raise OutputDirError(refuse_reuse_message(self.output_dir))
+        if self.dist.is_main:
+            ckpt.remove_stale_temps(self.output_dir)
+        fresh_log = resume is None  # the old log.jsonl goes only once the first step has succeeded
         stop_after = int(self.cfg.get("stop_after") or 0)
         done_here = 0
         eval_every = int(self.cfg.get("eval_every") or 0)
@@ -229,6 +339,9 @@ class Trainer:
                 t_step = time.perf_counter()  # data + compute of this step: the logged images_per_s
                 batches = [self._next_batch(it) for _ in range(self.accum)]
                 metrics = self.train_step(batches, epoch)
+                if fresh_log:
+                    self.logger.reset()
+                    fresh_log = False
                 images = metrics.pop("_images")
                 self.history.append(metrics["loss"])
                 self.step += 1
@@ -238,6 +351,9 @@ class Trainer:
                 rate = images / max(time.perf_counter() - t_step, 1e-9)
                 self.logger.log({"step": self.step, "epoch": epoch, **shared, "images_per_s": rate}, self.step)
                 self.logger.progress(self.step, self.total_steps, epoch, shared, images)
+                if self._stop_agreed:
+                    self.save()
+                    return self._summary(t_start, stopped=True, preempted=self._stop_reason or "peer rank")
                 if save_every and self.step % save_every == 0:
                     self.save()
                 if stop_after and done_here >= stop_after:
@@ -251,6 +367,16 @@ class Trainer:
                 print("eval " + "  ".join(f"{k} {v:.2f}" for k, v in result.items()), flush=True)
         return self._summary(t_start, stopped=False)
 
-    def _summary(self, t_start: float, stopped: bool) -> dict:
-        return {"step": self.step, "total_steps": self.total_steps, "stopped": stopped,
+    def _summary(self, t_start: float, stopped: bool, preempted: str | None = None) -> dict:
+        return {"step": self.step, "total_steps": self.total_steps, "stopped": stopped, "preempted": preempted,
                 "seconds": time.perf_counter() - t_start, "history": list(self.history)}
+
+
+class OutputDirError(ValueError):
+    """The output folder holds another run's checkpoint and neither --resume nor --overwrite was given."""
+
+
+def refuse_reuse_message(output_dir) -> str:
+    found = ", ".join(p.name for p in ckpt.checkpoints_in(output_dir)[:3])
+    return (f"--output-dir {output_dir} already holds a run ({found}); continue it with --resume, start over with "
+            "--overwrite (the checkpoint is replaced at the first save), or choose another --output-dir")

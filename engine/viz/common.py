@@ -28,7 +28,7 @@ class VizError(ValueError):
 def load_run(checkpoint) -> tuple[dict, dict, Path]:
     """``(state, config, checkpoint file)`` of a file or output folder written by ``engine.pretrain``."""
     from engine.eval import load_checkpoint
-    from engine.trainer.checkpoint import LAST
+    from engine.trainer.checkpoint import LAST, CheckpointError
 
     path = Path(checkpoint)
     file = path / LAST if path.is_dir() else path
@@ -36,6 +36,8 @@ def load_run(checkpoint) -> tuple[dict, dict, Path]:
         state = load_checkpoint(path)
     except FileNotFoundError as exc:
         raise VizError(str(exc)) from None
+    except CheckpointError:
+        raise
     except Exception as exc:  # noqa: BLE001 - not a torch file, a truncated file, ...
         raise VizError(f"--checkpoint {file}: cannot be read ({type(exc).__name__}: {exc})") from None
     if not isinstance(state, dict) or "config" not in state or "model" not in state:
