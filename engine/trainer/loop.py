@@ -129,6 +129,7 @@ class Trainer:
 
     def state_dict(self) -> dict:
         rng = ckpt.rng_state()
+        per_rank = all_gather_object({"rng": rng, "history": list(self.history)})
         return {
             "model": self.method.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -137,7 +138,8 @@ class Trainer:
             "epoch": self.step // self.steps_per_epoch,
             "total_steps": self.total_steps,
             "rng": rng,
-            "rng_per_rank": all_gather_object(rng),
+            "rng_per_rank": [r["rng"] for r in per_rank],
+            "history_per_rank": [r["history"] for r in per_rank],
             "world_size": self.dist.world_size,
             "loader": self.loader.state_dict(),
             "config": {k: v for k, v in self.cfg.items() if not k.startswith("_")},
@@ -193,6 +195,7 @@ class Trainer:
         per_rank = state.get("rng_per_rank")
         if per_rank and len(per_rank) == self.dist.world_size:
             ckpt.set_rng_state(per_rank[self.dist.rank])
+            self.history = list(state.get("history_per_rank", [self.history] * len(per_rank))[self.dist.rank])
         else:
             if self.dist.world_size > 1 and self.dist.is_main:
                 print(f"warning: {path} was written by {len(per_rank or [0])} rank(s), this run has "
