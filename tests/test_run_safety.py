@@ -385,3 +385,24 @@ def test_a_stopped_rank_ends_the_job_within_the_dist_timeout(tmp_path):
         proc.wait()
     assert elapsed < 60, elapsed
     assert "--dist-timeout 5 s" in line and "--resume" in line
+
+
+def test_unreadable_class_folder_is_named_not_reported_empty(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from engine.data import folder as folder_mod
+
+    for cls in ("a", "b"):
+        (tmp_path / cls).mkdir()
+        Image.new("RGB", (8, 8)).save(tmp_path / cls / "x.png")
+    real_walk = os.walk
+
+    def walk(top, onerror=None, **kw):  # root reads every folder: simulate a chmod 000 class folder
+        if str(top).endswith("b"):
+            onerror(PermissionError(13, "Permission denied", str(top)))
+            return iter(())
+        return real_walk(top, onerror=onerror, **kw)
+
+    monkeypatch.setattr(folder_mod.os, "walk", walk)
+    with pytest.raises(PermissionError, match=r"1 sub-folder\(s\) cannot be read .*b: Permission denied"):
+        folder_mod.ImageFolder.scan(tmp_path, cache=False)

@@ -168,12 +168,20 @@ class ImageFolder:
         root = pathlib.Path(root)
         if not root.is_dir():
             raise FileNotFoundError(f"image folder {str(root)!r} does not exist or is not a directory")
-        subdirs = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
+        try:
+            subdirs = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
+        except OSError as exc:
+            raise PermissionError(f"image folder {str(root)!r} cannot be read ({exc.strerror or exc})") from None
         entries: list[tuple[str, int]] = []
         classes: list[str] = []
+        unreadable: list[str] = []
+
+        def walk_error(exc: OSError) -> None:
+            unreadable.append(f"{exc.filename}: {exc.strerror or exc}")
+
         for name in subdirs:
             found = []
-            for dirpath, dirnames, filenames in os.walk(root / name):
+            for dirpath, dirnames, filenames in os.walk(root / name, onerror=walk_error):
                 dirnames.sort()
                 found += [os.path.join(dirpath, f) for f in sorted(filenames) if _is_image(f)]
             if found:
@@ -186,6 +194,10 @@ class ImageFolder:
             warnings.warn(
                 f"{root}: {len(top)} images at the top level ignored (class-folder layout)", stacklevel=2
             )
+        if unreadable:
+            shown = "; ".join(unreadable[:3]) + (" ..." if len(unreadable) > 3 else "")
+            raise PermissionError(f"image folder {str(root)!r}: {len(unreadable)} sub-folder(s) cannot be read "
+                                  f"({shown}); fix their permissions or remove them")
         if not entries:
             raise ValueError(f"image folder {str(root)!r} contains no images ({', '.join(EXTENSIONS)})")
         paths = [p for p, _ in entries]
