@@ -3,6 +3,11 @@
 All return ``torch.bool`` masks with ``True`` = masked, generated for a whole batch in one call.
 ``seed=None`` draws the seed from torch's global generator, so ``torch.manual_seed`` makes runs
 reproducible; an explicit seed gives the same masks on every machine and thread count (per backend).
+
+Sizes are bounded: at most ``MAX_CELLS`` (2**24, e.g. a 4096 x 4096 grid) cells per sample and
+``MAX_TOTAL_CELLS`` (2**30) cells per call (``batch_size * cells``); larger requests raise a
+``ValueError`` naming the argument and the limit instead of exhausting memory (which used to abort the
+process from inside the C++ generators' OpenMP region).
 """
 
 from __future__ import annotations
@@ -21,6 +26,12 @@ _shuffle = _backend.define_op("shuffle_masks", "MAE per-row shuffle: ids_keep, i
 
 def _native_reasons(*args, **kwargs):
     return _backend.native_reasons()
+
+
+MAX_CELLS = 2**24
+"""Largest number of cells (grid_h * grid_w, num_tokens, ...) of one sample."""
+MAX_TOTAL_CELLS = 2**30
+"""Largest batch_size * cells of one call."""
 
 
 def _threads() -> int:
@@ -77,8 +88,20 @@ def _positive_int(name, value):
     return value
 
 
+def _cells(batch_size, cells, what):
+    """Bound the per-sample cell count ``cells`` (described by ``what``) and the total of one call."""
+    if cells > MAX_CELLS:
+        raise ValueError(f"{what} = {cells} is too large: at most MAX_CELLS = 2**24 = {MAX_CELLS} cells per sample")
+    if batch_size * cells > MAX_TOTAL_CELLS:
+        raise ValueError(
+            f"batch_size * ({what}) = {batch_size} * {cells} = {batch_size * cells} is too large: at most "
+            f"MAX_TOTAL_CELLS = 2**30 = {MAX_TOTAL_CELLS} cells per call (split the batch)"
+        )
+    return cells
+
+
 def _ratio(value, name="ratio"):
-    if not isinstance(value, (int, float)) or not 0.0 < float(value) < 1.0:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) < 1.0:
         raise ValueError(f"{name} must be in the open interval (0, 1), got {value!r}")
     return float(value)
 
@@ -108,11 +131,12 @@ def blockwise_masks(batch_size, grid_h, grid_w, num_masked, min_block=16, seed=N
     _positive_int("batch_size", batch_size)
     _positive_int("grid_h", grid_h)
     _positive_int("grid_w", grid_w)
+    _cells(batch_size, grid_h * grid_w, "grid_h * grid_w")
     if isinstance(num_masked, bool) or not isinstance(num_masked, int) or not 0 <= num_masked <= grid_h * grid_w:
         raise ValueError(f"num_masked must be an int in [0, grid_h*grid_w={grid_h * grid_w}], got {num_masked!r}")
     _positive_int("min_block", min_block)
     max_block = num_masked if max_block is None else _positive_int("max_block", max_block)
-    if not 0.0 < min_aspect <= 1.0:
+    if isinstance(min_aspect, bool) or not isinstance(min_aspect, (int, float)) or not 0.0 < min_aspect <= 1.0:
         raise ValueError(f"min_aspect must be in (0, 1], got {min_aspect!r}")
     return _blockwise(batch_size, grid_h, grid_w, num_masked, min_block, max_block, float(min_aspect), _seed(seed))
 
@@ -134,6 +158,7 @@ def simmim_masks(batch_size, image_size, mask_patch_size=32, model_patch_size=16
         raise ValueError(f"mask_patch_size ({mask_patch_size}) must be divisible by model_patch_size ({model_patch_size})")
     units = image_size // mask_patch_size
     scale = mask_patch_size // model_patch_size
+    _cells(batch_size, (image_size // model_patch_size) ** 2, "(image_size / model_patch_size)**2")
     k = math.ceil(ratio * units * units)
     mask = _choose_k(batch_size, units * units, k, _seed(seed)).view(batch_size, units, units)
     return mask.repeat_interleave(scale, 1).repeat_interleave(scale, 2) if scale > 1 else mask
@@ -146,7 +171,7 @@ def spark_masks(batch_size, grid_h, grid_w, ratio=0.6, seed=None):
     _positive_int("grid_h", grid_h)
     _positive_int("grid_w", grid_w)
     ratio = _ratio(ratio)
-    n = grid_h * grid_w
+    n = _cells(batch_size, grid_h * grid_w, "grid_h * grid_w")
     visible = round((1.0 - ratio) * n)
     return _choose_k(batch_size, n, n - visible, _seed(seed)).view(batch_size, grid_h, grid_w)
 
@@ -156,6 +181,7 @@ def random_masks(batch_size, num_tokens, ratio=0.75, seed=None):
     with ``L = int(N * (1 - ratio))`` kept tokens; ``mask`` is True at dropped tokens (original order)."""
     _positive_int("batch_size", batch_size)
     _positive_int("num_tokens", num_tokens)
+    _cells(batch_size, num_tokens, "num_tokens")
     ratio = _ratio(ratio)
     keep = int(num_tokens * (1.0 - ratio))
     return _shuffle(batch_size, num_tokens, keep, _seed(seed))
