@@ -10,6 +10,10 @@ For one batch of vectors ``z [M, d]`` assigned to codes ``i [M]`` (``l2n(x) = x 
     for n_k = 0:  c_k unchanged (bit-exact)
     embed_sum <- S        (the all-reduced batch sums; a state buffer so no [K, d] allocation per step)
 
+Rows of ``z`` holding a NaN or inf are skipped: they count for no code and add nothing to ``S`` (both
+backends, no host sync), so one bad batch cannot poison a codebook row; ``check_inputs=True`` raises a
+``ValueError`` on them instead. Dead-code restarts draw only finite rows.
+
 The Triton scatter uses atomic adds (fp32 rounding depends on arrival order); with
 ``torch.use_deterministic_algorithms(True)`` the scatter falls back to ``index_add_`` (deterministic there).
 
@@ -190,7 +194,8 @@ def ema_codebook_update(
         normalize: norm-EMA (BEiT v2) when True, plain mean-EMA when False.
         dead_code_threshold, steps_since_used, generator: dead-code restarts (see module docstring).
         process_group: the DDP group for the all-reduce (default group when torch.distributed is initialised).
-        check_inputs: check z is finite and indices in range (one host sync).
+        check_inputs: check z is finite and indices in range (one host sync); without it, rows of ``z`` with a
+            NaN or inf are skipped (not counted, not summed) so they never reach the codebook.
 
     Returns the per-code counts of this batch ``[K]`` (all-reduced), e.g. for usage logs.
     """
@@ -244,15 +249,17 @@ def ema_codebook_update(
 
 def _restart_dead_codes(codebook, z2d, steps, threshold, normalize, eps, generator, process_group, world):
     dead = (steps >= threshold).nonzero().flatten()  # host sync; only when restarts are enabled
-    if dead.numel() == 0 or z2d.shape[0] == 0:
+    if dead.numel() == 0:  # the same on every rank (counts are all-reduced)
         return
-    gdev = generator.device if generator is not None else z2d.device
-    pick = torch.randint(z2d.shape[0], (dead.numel(),), generator=generator, device=gdev).to(z2d.device)
-    new = z2d[pick].to(ref.compute_dtype(codebook.dtype))
-    if normalize:
-        new = ref.l2n(new, eps)
-    codebook.data[dead] = new.to(codebook.dtype)
-    steps[dead] = 0
+    rows = torch.isfinite(z2d).all(dim=-1).nonzero().flatten()  # restart from finite rows only
+    if rows.numel():  # else (an empty or all-NaN batch) keep the dead rows for now, but join the broadcast
+        gdev = generator.device if generator is not None else z2d.device
+        pick = torch.randint(rows.numel(), (dead.numel(),), generator=generator, device=gdev).to(z2d.device)
+        new = z2d[rows[pick]].to(ref.compute_dtype(codebook.dtype))
+        if normalize:
+            new = ref.l2n(new, eps)
+        codebook.data[dead] = new.to(codebook.dtype)
+    steps[dead] = 0  # on every rank alike, so that the ranks keep agreeing on the dead set
     if world > 1:
         import torch.distributed as dist
 

@@ -21,6 +21,9 @@
   near-tie can pick a code whose exact similarity is below the best by up to the rounding error.
 * ``check_finite`` (default True) raises ``ValueError`` on NaN/inf in ``z`` or the codebook; it costs one
   reduction and a host sync, pass False in a hot loop once the inputs are known to be finite.
+* Huge values (``|z|`` or ``|c|`` beyond ~1e19, where ``||x||^2`` overflows float32) give the right codes:
+  rows are rescaled before squaring (cosine), and ``z`` and the codebook by one common power of two (L2);
+  the L2 ``best_similarity`` is scaled back and is ``+-inf`` where its true value is beyond the dtype's range.
 
 Memory: the Triton kernel never materialises the ``[M, K]`` scores, O(M*d + K*d).
 """

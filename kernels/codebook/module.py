@@ -8,6 +8,12 @@ forward(z [..., d]) -> (z_q_st [..., d], indices [...], loss_commit)::
               then ema_codebook_update(z_n, i)
 
 The codebook is a buffer (no gradient): it moves only by the EMA update.
+
+Non-finite inputs: rows of ``z`` holding a NaN or inf never reach the codebook. The EMA update skips them
+(they count for no code and add nothing to the sums, without a host sync), the k-means init uses only the
+finite rows (and waits for a batch that has some), and dead-code restarts draw only finite rows. Their
+outputs (``z_q``, the index, the loss) are whatever the lookup gives for them, so the loss of such a batch is
+NaN as usual; pass ``check_inputs=True`` to raise a ``ValueError`` on them instead (one host sync per step).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.codebook import reference as ref
 from kernels.codebook.ema import ema_codebook_update
 from kernels.codebook.function import commitment_loss, nearest_code
 from kernels.codebook.kmeans import kmeans_init_codebook
@@ -82,6 +89,10 @@ class VectorQuantizer(nn.Module):
         if bool(self.initialized):
             self._init_known = True
             return
+        z_n = z_n.reshape(-1, z_n.shape[-1])
+        z_n = z_n[torch.isfinite(z_n).all(dim=-1)]  # NaN/inf rows must not seed the codebook (host sync, once)
+        if z_n.shape[0] == 0:
+            return  # no finite vector in this batch: initialise on a later one
         cb, counts = kmeans_init_codebook(
             z_n, self.num_codes, iters=self.kmeans_iters, normalize=self.normalize, return_counts=True
         )
@@ -98,7 +109,7 @@ class VectorQuantizer(nn.Module):
     def forward(self, z):
         if z.shape[-1] != self.dim:
             raise ValueError(f"z must have shape [..., {self.dim}], got {tuple(z.shape)}")
-        z_n = F.normalize(z, dim=-1, eps=1e-12) if self.normalize else z
+        z_n = ref.l2n(z, 1e-12) if self.normalize else z  # F.normalize, without overflow for huge rows
         if self.training:
             self._maybe_init(z_n.detach())
         indices, z_q, _ = nearest_code(

@@ -18,6 +18,16 @@ EMA update (BEiT v2 norm-EMA), for one batch of assigned vectors ``z`` with indi
 
 The similarity is computed in float32 (float64 when an input is float64), chunked over rows so that
 at most ``chunk_elems`` scores exist at once; this path is the oracle in the tests and the CPU default.
+
+Huge values: ``||x||^2`` overflows float32 once ``|x|`` reaches ~1e19, which used to turn every normalised
+row into zeros (cosine: index 0 everywhere) and every L2 score into ``-inf``/NaN. ``l2n`` therefore divides
+a row by its largest magnitude first when that exceeds ``SAFE_MAX`` (2**32; rows below it are computed
+exactly as before, bit for bit), and the L2 lookup scales ``z`` and the codebook by one common power of two
+(the argmax is invariant to it) and scales the similarity back in float64 (it is ``inf`` when the true
+value is beyond the output dtype's range).
+
+Non-finite rows (NaN or inf in a row of ``z``) are left out of the EMA statistics: they count for no code
+and add nothing to the sums (``ema_scatter_reference``), so one bad batch cannot poison a codebook row.
 """
 
 from __future__ import annotations
@@ -32,9 +42,44 @@ def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
+SAFE_MAX = 2.0**32
+"""Rows (l2n) or inputs (L2 lookup) whose largest magnitude exceeds this are rescaled before squaring."""
+
+
+def _row_scale(x: torch.Tensor) -> torch.Tensor:
+    """``1 / max|x_row|`` for rows whose largest magnitude exceeds ``SAFE_MAX``, else 1 (``[..., 1]``)."""
+    amax = x.detach().abs().amax(dim=-1, keepdim=True)
+    return torch.where(amax > SAFE_MAX, amax.reciprocal(), torch.ones_like(amax))
+
+
 def l2n(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """Row-wise ``x / max(||x||_2, eps)`` (same rule as ``F.normalize``)."""
-    return x / x.norm(dim=-1, keepdim=True).clamp_min(eps)
+    """Row-wise ``x / max(||x||_2, eps)`` (same rule as ``F.normalize``), without overflow of ``||x||^2``.
+
+    A row whose largest magnitude exceeds ``SAFE_MAX`` is divided by it first (``x / ||x||`` is scale
+    invariant; such a row's norm is far above any eps); other rows are computed as ``F.normalize`` does.
+    Differentiable (the scale is treated as a constant, which is exact for the scale-invariant result).
+    """
+    s = _row_scale(x)
+    xs = x * s
+    return xs / xs.norm(dim=-1, keepdim=True).clamp_min(eps * s)
+
+
+def l2_scale(z2d: torch.Tensor, codebook: torch.Tensor, dtype: torch.dtype, max_exponent: int = 32) -> torch.Tensor:
+    """0-d ``dtype`` power of two ``t`` so that ``t * z`` and ``t * codebook`` stay below ``2**max_exponent``
+    (``SAFE_MAX`` by default): 1 unless their largest magnitude exceeds it (no host sync).
+    ``argmax_k 2 <tz, tc_k> - ||tc_k||^2`` is the unscaled argmax; the scores are ``t^2`` times the unscaled ones."""
+    amax = codebook.detach().abs().amax().to(torch.float64)
+    if z2d.numel():
+        amax = torch.maximum(amax, z2d.detach().abs().amax().to(torch.float64))
+    _, exponent = torch.frexp(amax)  # amax = m * 2**exponent, m in [0.5, 1)
+    shift = (exponent - max_exponent).clamp_min(0).to(torch.float64)
+    return torch.exp2(-shift).to(dtype)
+
+
+def unscale_scores(scores: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``scores / t^2``, computed in float64 (a score beyond the range of ``scores``' dtype becomes +-inf)."""
+    inv = t.to(torch.float64).reciprocal()
+    return (scores.to(torch.float64) * inv * inv).to(scores.dtype)
 
 
 def prepare_codebook(codebook: torch.Tensor, normalize: bool, eps: float, dtype: torch.dtype) -> torch.Tensor:
@@ -50,7 +95,10 @@ def nearest_code_scores_reference(z2d, codebook, normalize=True, eps=1e-12, chun
     M, K = z2d.shape[0], cb.shape[0]
     idx = torch.empty(M, dtype=torch.int64, device=z2d.device)
     best = torch.empty(M, dtype=cdt, device=z2d.device)
-    c_sq = (cb * cb).sum(-1) if not normalize else None
+    if not normalize:  # a common power-of-two scale t (1 unless huge values): same argmax, no overflow
+        t = l2_scale(z2d, cb, cdt)
+        cb_s = cb * t
+        c_sq = (cb_s * cb_s).sum(-1)
     rows = max(1, chunk_elems // max(K, 1))
     for start in range(0, M, rows):
         zc = z2d[start : start + rows].detach().to(cdt)
@@ -58,10 +106,12 @@ def nearest_code_scores_reference(z2d, codebook, normalize=True, eps=1e-12, chun
             zc = l2n(zc, eps)
             scores = zc @ cb.t()
         else:
-            scores = 2.0 * (zc @ cb.t()) - c_sq
+            scores = 2.0 * ((zc * t) @ cb_s.t()) - c_sq
         best_c, idx_c = scores.max(dim=1)  # first maximal index on ties (documented by torch)
         best[start : start + rows] = best_c
         idx[start : start + rows] = idx_c
+    if not normalize:
+        best = unscale_scores(best, t)
     return idx, cb[idx], best
 
 
@@ -74,7 +124,7 @@ def nearest_code_reference(z2d, codebook, normalize=True, eps=1e-12, chunk_elems
     out_dtype = torch.promote_types(z2d.dtype, codebook.dtype)
     idx, zq, best = nearest_code_scores_reference(z2d, codebook, normalize, eps, chunk_elems)
     zx = z2d.to(out_dtype)
-    z_n = F.normalize(zx, dim=-1, eps=eps) if normalize else zx
+    z_n = l2n(zx, eps) if normalize else zx
     # same gradient as z_n + (z_q - z_n).detach(), but the value is bit-exactly z_q (z_n - z_n.detach() == 0)
     z_q_st = zq.to(out_dtype) + (z_n - z_n.detach())
     return idx, z_q_st, best.to(compute_dtype(out_dtype))
@@ -85,14 +135,18 @@ def nearest_code_reference(z2d, codebook, normalize=True, eps=1e-12, chunk_elems
 
 
 def ema_scatter_reference(z2d, indices, num_codes, normalize=True, eps=1e-5, sum_dtype=torch.float32):
-    """Per-code counts [K] and sums [K, d] (of l2-normalised rows when ``normalize``) via index_add_."""
+    """Per-code counts [K] and sums [K, d] (of l2-normalised rows when ``normalize``) via index_add_.
+
+    Rows of ``z2d`` holding a NaN or inf are skipped (no count, nothing added), without a host sync."""
     zz = z2d.detach().to(sum_dtype)
+    finite = torch.isfinite(zz).all(dim=-1)
+    zz = torch.where(finite[:, None], zz, torch.zeros((), dtype=sum_dtype, device=zz.device))
     if normalize:
         zz = l2n(zz, eps)
     sums = torch.zeros(num_codes, z2d.shape[1], dtype=sum_dtype, device=z2d.device)
     sums.index_add_(0, indices, zz)
     counts = torch.zeros(num_codes, dtype=sum_dtype, device=z2d.device)
-    counts.index_add_(0, indices, torch.ones_like(indices, dtype=sum_dtype))
+    counts.index_add_(0, indices, finite.to(sum_dtype))
     return counts, sums
 
 

@@ -19,6 +19,19 @@ def _interpreting() -> bool:
 
 
 @triton.jit
+def _l2n_rows(x, eps):
+    """Row-wise ``x / max(||x||, eps)`` without overflow of ``||x||^2``: a row whose largest magnitude exceeds
+    2**32 is divided by it first (the result is scale invariant and such a row's norm is far above eps);
+    other rows are computed exactly as ``x / max(sqrt(sum x^2), eps)``."""
+    amax = tl.max(tl.abs(x), axis=1)
+    big = amax > 4294967296.0
+    s = tl.where(big, 1.0 / tl.maximum(amax, 1.0), 1.0)
+    xs = x * s[:, None]
+    nrm = tl.sqrt(tl.sum(xs * xs, axis=1))
+    return xs / tl.maximum(nrm, eps * s)[:, None]
+
+
+@triton.jit
 def _nearest_code_fwd_kernel(
     Z,
     CB,
@@ -50,7 +63,7 @@ def _nearest_code_fwd_kernel(
     loads along K); ``CB_OUT [K, D]`` the rows in the output dtype (rounded once by torch, so z_q is
     bit-exact on every platform); ``CB_SQ [K] = ||c_k||^2``.
 
-        x_m = z_m / max(||z_m||, eps)   (NORMALIZE)   else  x_m = z_m
+        x_m = z_m / max(||z_m||, eps)   (NORMALIZE, overflow-safe: _l2n_rows)   else  x_m = z_m
         s_mk = <x_m, c_k>               (NORMALIZE)   else  s_mk = 2 <x_m, c_k> - ||c_k||^2
         i_m  = argmax_k s_mk     element-wise running max over the tiles (a later tile replaces a
                                  position only if strictly greater), then the lowest index among the
@@ -72,8 +85,7 @@ def _nearest_code_fwd_kernel(
     z_ptrs = Z + rows[:, None].to(tl.int64) * stride_zm + offs_d[None, :] * stride_zd
     x = tl.load(z_ptrs, mask=zmask, other=0.0).to(acc_ty)
     if NORMALIZE:
-        nrm = tl.sqrt(tl.sum(x * x, axis=1))
-        x = x / tl.maximum(nrm, eps)[:, None]
+        x = _l2n_rows(x, eps)
     xd = x.to(CB_DOT.dtype.element_ty)
     if DOT_UPCAST:  # interpreter: its bf16 tl.dot is wrong; exact emulation (rounded operands, fp32 products)
         xd = xd.to(tl.float32)
@@ -141,7 +153,9 @@ def _nearest_code_bwd_kernel(
 
         n = ||z||;   n > eps:  dz = g / n - z <z, g> / n^3;   n <= eps:  dz = g / eps
 
-    (computed in fp32, fp64 for fp64 inputs; stored in z's dtype).
+    (computed in fp32, fp64 for fp64 inputs; stored in z's dtype). Without overflow: with ``s = 1 / max|z|``
+    for rows whose largest magnitude exceeds 2**32 (else 1), ``zs = s z``, ``n_s = ||zs||``:
+    ``dz = s (g / n_s - zs <zs, g> / n_s^3)`` (the same value; bit for bit the formula above when s = 1).
     """
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -151,12 +165,15 @@ def _nearest_code_bwd_kernel(
     acc_ty = tl.float64 if ACC_FP64 else tl.float32
     z = tl.load(Z + r64 * stride_zm + offs_d[None, :] * stride_zd, mask=mask, other=0.0).to(acc_ty)
     g = tl.load(G + r64 * stride_gm + offs_d[None, :] * stride_gd, mask=mask, other=0.0).to(acc_ty)
+    amax = tl.max(tl.abs(z), axis=1)
+    s = tl.where(amax > 4294967296.0, 1.0 / tl.maximum(amax, 1.0), 1.0)
+    z = z * s[:, None]
     n = tl.sqrt(tl.sum(z * z, axis=1))
     zg = tl.sum(z * g, axis=1)
-    big = n > eps
+    big = n > eps * s
     n_safe = tl.where(big, n, 1.0)
-    scale = tl.where(big, 1.0 / n_safe, 1.0 / eps)
-    proj = tl.where(big, zg / (n_safe * n_safe * n_safe), 0.0)
+    scale = tl.where(big, s / n_safe, 1.0 / eps)
+    proj = tl.where(big, s * zg / (n_safe * n_safe * n_safe), 0.0)
     dz = g * scale[:, None] - z * proj[:, None]
     tl.store(GZ + r64 * D + offs_d[None, :], dz.to(GZ.dtype.element_ty), mask=mask)
 
@@ -192,10 +209,27 @@ def nearest_code_forward(z2d, cb, cb_dot, cb_sq, normalize, eps, input_precision
     """Launch the fused lookup; returns (indices int64 [M], z_q [M, D] out_dtype, similarity [M] cb.dtype).
 
     ``out`` optionally gives the three output buffers (the tests pass poisoned ones).
+
+    L2 (``normalize=False``): ``z`` and the codebook are multiplied by one power of two ``t``
+    (``reference.l2_scale``: 1 unless a magnitude exceeds 2**32) so that neither ``2 <z, c>`` nor ``||c||^2``
+    overflows (2**14 for float16 operands); the argmax does not change, ``cb_sq`` is recomputed from the scaled codebook, ``z_q`` is read
+    from the unscaled rows and the similarity is scaled back by ``1 / t^2`` in float64 afterwards.
     """
+    from kernels.codebook import reference as ref
+
     M, D = z2d.shape
     K = cb.shape[0]
     dev = z2d.device
+    cb_out = cb if out_dtype == cb.dtype else cb.to(out_dtype)
+    t = None
+    if not normalize:
+        # fp16 GEMM operands overflow at 65504: keep them below 2**14 there (4 * d * 2**28 fits fp32 sums)
+        t = ref.l2_scale(z2d, cb, cb.dtype, max_exponent=14 if cb_dot.dtype == torch.float16 else 32)
+        z2d = z2d * t  # a 0-d tensor: z keeps its dtype; a power of two, so exact
+        scaled = cb * t
+        cb_dot = scaled if cb_dot is cb else scaled.to(cb_dot.dtype)
+        cb = scaled
+        cb_sq = (cb * cb).sum(-1)
     if out is None:
         idx = torch.empty(M, dtype=torch.int64, device=dev)
         zq = torch.empty(M, D, dtype=out_dtype, device=dev)
@@ -204,7 +238,8 @@ def nearest_code_forward(z2d, cb, cb_dot, cb_sq, normalize, eps, input_precision
         idx, zq, sim = out
     assert cb.is_contiguous() and zq.stride(1) == 1
     cb_dot_t = cb_dot.t().contiguous()  # [D, K]
-    cb_out = cb if zq.dtype == cb.dtype else cb.to(zq.dtype)
+    if zq.dtype != cb_out.dtype:
+        cb_out = cb_out.to(zq.dtype)
     args = (
         z2d,
         cb,
@@ -233,6 +268,8 @@ def nearest_code_forward(z2d, cb, cb_dot, cb_sq, normalize, eps, input_precision
         _nearest_code_fwd_kernel[(triton.cdiv(M, 64),)](*args, BLOCK_M=64, BLOCK_K=128, **meta)
     else:
         _nearest_code_fwd_tuned[lambda m: (triton.cdiv(M, m["BLOCK_M"]),)](*args, **meta)
+    if t is not None:
+        sim.copy_(ref.unscale_scores(sim, t))
     return idx, zq, sim
 
 
@@ -283,7 +320,8 @@ def _ema_scatter_kernel(
     BLOCK_D: tl.constexpr,
 ):
     """Scatter-add of assigned rows (no one-hot):  COUNTS[i_m] += 1,  SUMS[i_m, :] += x_m,
-    with ``x_m = z_m / max(||z_m||, eps)`` when NORMALIZE else ``z_m``.
+    with ``x_m = z_m / max(||z_m||, eps)`` (overflow-safe) when NORMALIZE else ``z_m``; rows holding a NaN
+    or inf are skipped (neither counted nor added).
     Atomic adds: the fp32 rounding of the sums depends on the order of arrival.
     """
     pid = tl.program_id(0)
@@ -295,13 +333,15 @@ def _ema_scatter_kernel(
     x = tl.load(
         Z + rows[:, None].to(tl.int64) * stride_zm + offs_d[None, :] * stride_zd, mask=mask, other=0.0
     ).to(acc_ty)
+    finite = (x == x) & (tl.abs(x) != float("inf"))
+    ok = rmask & (tl.sum(tl.where(finite, 0, 1), axis=1) == 0)
+    x = tl.where(ok[:, None], x, 0.0)
     if NORMALIZE:
-        nrm = tl.sqrt(tl.sum(x * x, axis=1))
-        x = x / tl.maximum(nrm, eps)[:, None]
+        x = _l2n_rows(x, eps)
     k = tl.load(IDX + rows, mask=rmask, other=0)
-    tl.atomic_add(SUMS + k[:, None] * D + offs_d[None, :], x, mask=mask, sem="relaxed")
+    tl.atomic_add(SUMS + k[:, None] * D + offs_d[None, :], x, mask=mask & ok[:, None], sem="relaxed")
     ones = tl.full([BLOCK_M], 1.0, acc_ty)
-    tl.atomic_add(COUNTS + k, ones, mask=rmask, sem="relaxed")
+    tl.atomic_add(COUNTS + k, ones, mask=ok, sem="relaxed")
 
 
 @triton.jit
@@ -350,9 +390,9 @@ def _ema_finalize_kernel(
     c = c_raw.to(acc_ty)
     mu = s / tl.maximum(n, 1.0)[:, None]
     if NORMALIZE:
-        mu = mu / tl.maximum(tl.sqrt(tl.sum(mu * mu, axis=1)), eps_acc)[:, None]
+        mu = _l2n_rows(mu, eps_acc)
         new = dec * c + omd * mu
-        new = new / tl.maximum(tl.sqrt(tl.sum(new * new, axis=1)), eps_acc)[:, None]
+        new = _l2n_rows(new, eps_acc)
     else:
         new = dec * c + omd * mu
     tl.store(CODEBOOK + ptrs, new.to(c_raw.dtype), mask=mask & used[:, None])

@@ -1,0 +1,230 @@
+"""Hostile inputs (issue 16): sizes, values and argument mixes that used to abort the process, return a
+silently wrong answer or fail with a raw traceback from deep inside an op. Each must now give the right
+answer or a clear error naming the argument and what was expected."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels
+from kernels import use_backend
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run_isolated(code: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter, so an abort (SIGABRT) fails the test instead of killing pytest."""
+    env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=REPO)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 5. mask generators: huge sizes abort the process from inside the C++ OpenMP region
+
+
+HUGE_MASK_CALLS = [
+    ("kernels.spark_masks(1, 2**16, 2**16, seed=0)", "grid_h \\* grid_w"),
+    ("kernels.blockwise_masks(1, 2**31, 2, 1, seed=0)", "grid_h \\* grid_w"),
+    ("kernels.blockwise_masks(2**20, 64, 64, 1, seed=0)", "batch_size"),
+    ("kernels.simmim_masks(1, 2**20, 2**16, 1, seed=0)", "image_size"),
+    ("kernels.simmim_masks(2**16, 2**14, 2**14, 2**4, seed=0)", "batch_size"),
+    ("kernels.random_masks(1, 2**33, seed=0)", "num_tokens"),
+    ("kernels.random_masks(2**20, 2**11, seed=0)", "batch_size"),
+]
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_huge_masks_raise_a_clear_error_not_abort(backend):
+    """One fresh interpreter per backend runs every case (an abort there fails this test, not pytest)."""
+    proc = _run_isolated(f"""
+        import re, kernels
+        cases = {HUGE_MASK_CALLS!r}
+        with kernels.use_backend({backend!r}):
+            for call, arg in cases:
+                try:
+                    eval(call)
+                except ValueError as exc:
+                    msg = str(exc)
+                    assert re.search(arg, msg) and "at most" in msg, (call, msg)
+                    print("OK", call, "->", msg)
+                else:
+                    raise SystemExit("no error from " + call)
+        """)
+    assert proc.returncode == 0, f"rc={proc.returncode}\nstdout={proc.stdout}\nstderr={proc.stderr[-2000:]}"
+    assert proc.stdout.count("OK") == len(HUGE_MASK_CALLS), proc.stdout
+
+
+def test_native_mask_entry_points_raise_python_errors():
+    """The raw C++ entry points (bypassing the Python checks) raise Python errors, never abort: allocation
+    failures happen before the OpenMP region (MemoryError) and bad arguments are ValueErrors."""
+    proc = _run_isolated("""
+        from kernels import _backend
+        C = _backend.native()
+        calls = {
+            "choose_k_huge": lambda: C.choose_k_masks(0, 1, 2**40, 0, 0, 2),
+            "blockwise_huge": lambda: C.blockwise_masks(0, 1, 2**31, 2, 1, 1, 1, 0.3, 0, 2),
+            "shuffle_huge": lambda: C.shuffle_masks(0, 0, 0, 1, 2**40, 1, 0, 2),
+            "choose_k_bad_k": lambda: C.choose_k_masks(0, 1, 4, 5, 0, 1),
+            "blockwise_overflow": lambda: C.blockwise_masks(0, 1, 2**40, 2**40, 1, 1, 1, 0.3, 0, 1),
+            "shuffle_negative_batch": lambda: C.shuffle_masks(0, 0, 0, -1, 4, 1, 0, 1),
+        }
+        for name, call in calls.items():
+            try:
+                call()
+            except (MemoryError, ValueError) as exc:
+                print(name, type(exc).__name__)
+            else:
+                raise SystemExit(name + ": no error")
+        print("OK")
+        """)
+    assert proc.returncode == 0, f"rc={proc.returncode}\nstdout={proc.stdout}\nstderr={proc.stderr[-2000:]}"
+    assert proc.stdout.strip().endswith("OK")
+
+
+@pytest.mark.parametrize("call,arg", [
+    (lambda: kernels.blockwise_masks(2, 14, 14, 75, min_aspect="0.3"), "min_aspect"),
+    (lambda: kernels.spark_masks(2, 7, 7, True), "ratio"),
+    (lambda: kernels.random_masks(2, 10, float("nan")), "ratio"),
+    (lambda: kernels.blockwise_masks(2, 14, 14, 75, min_aspect=float("nan")), "min_aspect"),
+])
+def test_mask_bad_argument_types(call, arg):
+    with pytest.raises(ValueError, match=arg):
+        call()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 6a. nearest_code on huge values: ||z||^2 overflowed float32 (cosine: index 0 everywhere; L2: -inf / NaN)
+
+
+def _nearest_code_float64(z, codebook, normalize):
+    """Exact-range oracle: scale z and the codebook by 2**-70 in float64 (never overflows, same argmax)."""
+    zd, cd = z.double() * 2.0**-70, codebook.double() * 2.0**-70
+    if normalize:
+        zn, cn = zd / zd.norm(dim=-1, keepdim=True), cd / cd.norm(dim=-1, keepdim=True)
+        scores = zn @ cn.t()
+        return scores.argmax(1), scores.max(1).values
+    scores = 2 * zd @ cd.t() - (cd * cd).sum(-1)
+    return scores.argmax(1), scores.max(1).values * 2.0**140
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("normalize", [True, False], ids=["cos", "l2"])
+@pytest.mark.parametrize("scale", [(1e20, 1.0), (1e20, 1e20), (1e30, 1e-3), (1.0, 1e25)], ids=str)
+def test_nearest_code_huge_values(backend, normalize, scale):
+    torch.manual_seed(0)
+    zs, cs = scale
+    z = torch.randn(37, 8) * zs
+    codebook = torch.randn(40, 8) * cs
+    expected_idx, expected_sim = _nearest_code_float64(z, codebook, normalize)
+    zr = z.clone().requires_grad_(True)
+    with use_backend(backend, op="nearest_code"):
+        idx, z_q, sim = kernels.nearest_code(zr, codebook, normalize=normalize)
+        (z_q * torch.arange(8.0)).sum().backward()
+    # near-ties in fp32 may legitimately differ; the chosen code must be as good as the best within rounding
+    agree = (idx == expected_idx).float().mean().item()
+    assert agree > 0.9, (agree, idx.tolist(), expected_idx.tolist())
+    if normalize:
+        assert torch.isfinite(sim).all()
+        torch.testing.assert_close(sim.double(), expected_sim, atol=1e-5, rtol=1e-4)
+        assert torch.equal(z_q.detach(), kernels.codebook.reference.l2n(codebook, 1e-12)[idx])
+        # gradient of l2n(z) at z = a * z0 is that at z0 divided by a: finite, tiny, never NaN
+        z0 = (z.double() * 2.0**-70).requires_grad_(True)
+        (z0 / z0.norm(dim=-1, keepdim=True) * torch.arange(8.0, dtype=torch.float64)).sum().backward()
+        expected_grad = z0.grad * 2.0**-70
+        assert torch.isfinite(zr.grad).all()
+        torch.testing.assert_close(zr.grad.double(), expected_grad, atol=0.0, rtol=1e-3)
+    else:
+        assert not torch.isnan(sim).any()
+        fits = expected_sim.abs() < torch.finfo(torch.float32).max
+        torch.testing.assert_close(sim.double()[fits], expected_sim[fits], atol=0.0, rtol=1e-4)
+        assert torch.equal(sim[~fits], torch.sign(expected_sim[~fits]).float() * float("inf"))
+        assert torch.equal(z_q.detach(), codebook[idx])
+        assert torch.equal(zr.grad, torch.arange(8.0).expand(37, 8))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 6c. a NaN batch must not poison the VQ codebook (EMA sums) forever
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("normalize", [True, False], ids=["norm_ema", "mean_ema"])
+def test_ema_update_skips_non_finite_rows(backend, normalize):
+    from kernels.codebook import reference as ref
+
+    torch.manual_seed(0)
+    K, d, M = 16, 8, 64
+    codebook = F.normalize(torch.randn(K, d), dim=-1)
+    z = torch.randn(M, d)
+    indices = torch.randint(0, K, (M,))
+    bad = torch.zeros(M, dtype=torch.bool)
+    bad[[0, 5, 6, 40]] = True
+    z_bad = z.clone()
+    z_bad[0, 3] = float("nan")
+    z_bad[5] = float("nan")
+    z_bad[6, 0] = float("inf")
+    z_bad[40, 7] = -float("inf")
+    expected_cb, expected_cluster = ref.ema_update_onehot_reference(
+        codebook, torch.zeros(K), z[~bad], indices[~bad], 0.9, 1e-5, normalize
+    )
+    cb, cl, es = codebook.clone(), torch.zeros(K), torch.zeros(K, d)
+    with use_backend(backend):
+        counts = kernels.ema_codebook_update(cb, cl, es, z_bad, indices, decay=0.9, normalize=normalize,
+                                             check_inputs=False)
+    assert torch.isfinite(cb).all() and torch.isfinite(cl).all() and torch.isfinite(es).all()
+    assert torch.equal(counts, torch.bincount(indices[~bad], minlength=K).float())
+    torch.testing.assert_close(cb.double(), expected_cb, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(cl.double(), expected_cluster, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="z contains 11 non-finite"):
+        kernels.ema_codebook_update(cb, cl, es, z_bad, indices, check_inputs=True)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_vector_quantizer_survives_a_nan_batch(backend):
+    torch.manual_seed(0)
+    with use_backend(backend):
+        vq = kernels.VectorQuantizer(num_codes=16, dim=8, dead_code_threshold=1).train()
+        first = torch.randn(2, 16, 8)
+        first[0, :5] = float("nan")  # k-means init on the finite rows only
+        vq(first)
+        assert bool(vq.initialized) and torch.isfinite(vq.codebook).all()
+        bad = torch.randn(2, 16, 8)
+        bad[0, 3] = float("nan")
+        bad[1] = float("inf")
+        _, _, loss = vq(bad)
+        assert torch.isfinite(vq.codebook).all() and torch.isfinite(vq.cluster_size).all()
+        assert torch.isfinite(vq.embed_sum).all()
+        vq(torch.full((1, 4, 8), float("nan")))  # nothing finite: dead codes keep their rows
+        assert torch.isfinite(vq.codebook).all()
+        good = torch.randn(2, 16, 8)
+        _, ids, loss = vq(good)
+        assert torch.isfinite(loss) and torch.isfinite(vq.codebook).all()
+        assert (vq.codebook.norm(dim=-1) - 1).abs().max() < 1e-5
+
+
+def test_vector_quantizer_waits_for_a_finite_batch_to_initialise():
+    vq = kernels.VectorQuantizer(num_codes=8, dim=4).train()
+    vq(torch.full((3, 4), float("nan")))
+    assert not bool(vq.initialized) and torch.isfinite(vq.codebook).all()
+    vq(torch.randn(32, 4))
+    assert bool(vq.initialized) and torch.isfinite(vq.codebook).all()
+
+
+def test_vector_quantizer_huge_inputs():
+    torch.manual_seed(0)
+    vq = kernels.VectorQuantizer(num_codes=8, dim=4).train()
+    x = torch.randn(32, 4)
+    vq(x)
+    vq.eval()
+    _, ids_small, loss_small = vq(x)
+    _, ids_huge, loss_huge = vq(x * 1e25)  # cosine: the scale does not matter
+    assert torch.equal(ids_small, ids_huge)
+    torch.testing.assert_close(loss_huge, loss_small, atol=1e-6, rtol=1e-5)
