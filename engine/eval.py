@@ -11,6 +11,10 @@ CLI::
 
     python -m engine.eval knn    --checkpoint PATH [--data DIR] [--pool cls|mean] [--k 20] [--temperature 0.07]
     python -m engine.eval linear --checkpoint PATH [--data DIR] [--epochs 100] [--lr 0.1]
+    python -m engine.eval all    --checkpoint PATH [PATH ...]      # both, one table row per checkpoint
+
+Each result is also merged into ``eval.json`` next to the checkpoint (key ``pretrained/<pool>`` or
+``random_init/<pool>``), unless ``--no-save``.
 
 ``--checkpoint`` is a file written by ``engine.pretrain`` (or its output folder). ``--random-init`` evaluates
 a randomly initialised encoder of the same architecture instead.
@@ -184,42 +188,71 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m engine.eval", description="k-NN / linear-probe evaluation of a pre-trained encoder")
     sub = p.add_subparsers(dest="protocol", required=True, parser_class=_Parser)
-    for name in ("knn", "linear"):
-        s = sub.add_parser(name)
-        s.add_argument("--checkpoint", required=True, help="checkpoint file or output folder of engine.pretrain")
+    for name in ("knn", "linear", "all"):
+        s = sub.add_parser(name, help={"all": "k-NN and linear probe, one table"}.get(name))
+        s.add_argument("--checkpoint", required=True, nargs="+",
+                       help="checkpoint file(s) or output folder(s) of engine.pretrain")
         s.add_argument("--data", help="image folder with train/ and val/ (default: the run's data or built-in)")
         s.add_argument("--pool", choices=("cls", "mean"), help="feature pooling (default: the run's)")
         s.add_argument("--device", default=None)
         s.add_argument("--batch-size", type=int, default=128)
         s.add_argument("--num-threads", type=int, default=2)
         s.add_argument("--random-init", action="store_true", help="evaluate a randomly initialised encoder")
-        if name == "knn":
+        s.add_argument("--no-save", action="store_true", help="do not write eval.json next to the checkpoint")
+        if name in ("knn", "all"):
             s.add_argument("--k", type=int, default=20)
             s.add_argument("--temperature", type=float, default=0.07)
-        else:
+        if name in ("linear", "all"):
             s.add_argument("--epochs", type=int, default=100)
             s.add_argument("--lr", type=float, default=0.1)
             s.add_argument("--weight-decay", type=float, default=0.0)
     return p
 
 
-def main(argv=None) -> int:
+def results_file(checkpoint: str | Path) -> Path:
+    """``eval.json`` beside the checkpoint (in its output folder)."""
+    p = Path(checkpoint)
+    return (p if p.is_dir() else p.parent) / "eval.json"
+
+
+def save_results(checkpoint, key: str, results: dict) -> Path:
+    """Merge ``{key: results}`` into the checkpoint's eval.json (atomic rewrite; other keys kept)."""
+    import json
+    import os
+
+    path = results_file(checkpoint)
+    data = {}
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text())
+        except ValueError:
+            data = {}
+    data[key] = results
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def format_table(rows: list[dict]) -> str:
+    """A plain-text table: one row per checkpoint, one column per metric."""
+    cols = ["checkpoint"] + sorted({k for r in rows for k in r if k != "checkpoint"})
+    cells = [[str(r.get(c, "")) if not isinstance(r.get(c), float) else f"{r[c]:.2f}" for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, widths))  # noqa: E731
+    return "\n".join([line(cols), line(["-" * w for w in widths])] + [line(r) for r in cells])
+
+
+def evaluate_checkpoint(args, checkpoint, device, parser) -> dict:
     from engine import exit_codes
     from engine.trainer.checkpoint import CheckpointError
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
     try:
-        state = load_checkpoint(args.checkpoint)
+        state = load_checkpoint(checkpoint)
     except FileNotFoundError as exc:
         parser.error(str(exc))
     except CheckpointError as exc:
         parser.exit(exit_codes.CHECKPOINT, f"{parser.prog}: error: {exc}\n")
-    if args.batch_size < 1:
-        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
-    from engine.trainer.distributed import resolve_device
-
-    device = resolve_device(args.device)
     encoder, cfg = encoder_from_checkpoint(state, random_init=args.random_init)
     encoder = encoder.to(device)
     data = args.data or cfg.get("data")
@@ -229,14 +262,56 @@ def main(argv=None) -> int:
         data = builtin_dataset(image_size=int(cfg["image_size"]))
     if not Path(data).is_dir():
         parser.error(f"--data: no such folder {data}")
+    if not (Path(data) / "val").is_dir():
+        parser.error(f"--data {data}: evaluation needs a val/ sub-folder (and train/)")
     pool = args.pool or cfg.get("pool") or "cls"
-    trf, trl, tef, tel = feature_sets(encoder, data, int(cfg["image_size"]), device, pool, args.batch_size,
-                                      args.num_threads)
-    if args.protocol == "knn":
-        res = knn_classify(trf, trl, tef, tel, k=args.k, temperature=args.temperature)
-    else:
-        res = linear_probe(trf, trl, tef, tel, epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay)
-    print(" ".join(f"{k}={v:.2f}" for k, v in res.items()))
+    try:
+        trf, trl, tef, tel = feature_sets(encoder, data, int(cfg["image_size"]), device, pool, args.batch_size,
+                                          args.num_threads)
+    except (OSError, ValueError) as exc:
+        parser.exit(exit_codes.DATA, f"{parser.prog}: error: data: {exc}\n")
+    res: dict = {}
+    if args.protocol in ("knn", "all"):
+        res.update(knn_classify(trf, trl, tef, tel, k=args.k, temperature=args.temperature))
+    if args.protocol in ("linear", "all"):
+        res.update(linear_probe(trf, trl, tef, tel, epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay))
+    res["step"] = int(state.get("step", 0))
+    if not args.no_save:
+        key = ("random_init" if args.random_init else "pretrained") + f"/{pool}"
+        old = {}
+        f = results_file(checkpoint)
+        if f.is_file():
+            import json
+
+            try:
+                old = json.loads(f.read_text()).get(key, {})
+            except ValueError:
+                old = {}
+        save_results(checkpoint, key, {**old, **res, "data": str(data)})
+    return res
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    from engine.trainer.distributed import resolve_device
+
+    try:
+        device = resolve_device(args.device)
+    except ValueError as exc:
+        parser.error(str(exc))
+    rows = []
+    for checkpoint in args.checkpoint:
+        res = evaluate_checkpoint(args, checkpoint, device, parser)
+        rows.append({"checkpoint": str(checkpoint), **res})
+        if not args.no_save:
+            print(f"results {results_file(checkpoint)}")
+    if len(rows) > 1 or args.protocol == "all":
+        print(format_table(rows))
+    else:  # one line, last: what scripts parse
+        print(" ".join(f"{k}={v:.2f}" for k, v in rows[0].items() if isinstance(v, float)))
     return 0
 
 

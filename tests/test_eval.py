@@ -1,5 +1,6 @@
 """Evaluation: weighted k-NN against a direct implementation, linear probe, feature extraction, CLI."""
 
+import json
 import subprocess
 import sys
 
@@ -81,7 +82,15 @@ def test_eval_cli_knn_and_linear(tmp_path):
     assert line.startswith("knn_top1=") and 10 < top1 <= 100
     out = subprocess.run([sys.executable, "-m", "engine.eval", "linear", "--checkpoint", str(tmp_path), "--epochs", "5"],
                          capture_output=True, text=True)
-    assert out.returncode == 0 and out.stdout.strip().startswith("linear_top1="), out.stderr
+    assert out.returncode == 0 and out.stdout.strip().splitlines()[-1].startswith("linear_top1="), out.stderr
+    saved = json.loads((tmp_path / "eval.json").read_text())["pretrained/mean"]
+    assert saved["knn_top1"] == pytest.approx(top1, abs=0.006) and "linear_top1" in saved and saved["step"] == 2
+    out = subprocess.run([sys.executable, "-m", "engine.eval", "all", "--checkpoint", str(tmp_path), str(tmp_path),
+                          "--epochs", "2", "--k", "5", "--no-save"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    header, rule, *rows = out.stdout.strip().splitlines()
+    assert header.split() == ["checkpoint", "knn_top1", "knn_top5", "linear_top1", "step"] and len(rows) == 2
+    assert float(rows[0].split()[1]) == pytest.approx(top1, abs=0.006)
     bad = subprocess.run([sys.executable, "-m", "engine.eval", "knn", "--checkpoint", str(tmp_path / "nope")],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "no checkpoint" in bad.stderr

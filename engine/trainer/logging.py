@@ -10,6 +10,21 @@ import time
 from pathlib import Path
 
 
+_TIMING = ("data_s", "compute_s", "step_s", "eta_s", "max_mem_gib", "images_per_s")
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}"
+
+
+def _bar(step: int, total: int, width: int) -> str:
+    filled = int(width * step / max(total, 1))
+    return "[" + "#" * filled + "." * (width - filled) + "]"
+
+
 class MetricLogger:
     def __init__(self, output_dir: str | Path | None, enabled: bool = True, print_every: int = 10,
                  stream=None, tensorboard: bool = True):
@@ -29,6 +44,7 @@ class MetricLogger:
                     self.tb = None
         self._t0 = time.perf_counter()
         self._images = 0
+        self._last_len = 0
 
     def reset(self) -> None:
         if self.enabled and self.path is not None and self.path.exists():
@@ -65,20 +81,40 @@ class MetricLogger:
                     self.tb.add_scalar(k, v, step)
 
     def progress(self, step: int, total: int, epoch: int, metrics: dict, images: int) -> None:
-        """Print ``epoch e step s/T loss .. lr .. images/s ..`` every ``print_every`` steps (and the last)."""
+        """``epoch e step s/T loss .. lr .. | images/s .. data ..s compute ..s eta h:mm:ss [mem .. GiB]`` every
+        ``print_every`` steps (and the last); on a terminal the line is also redrawn in place every step."""
         self._images += images
-        if not self.enabled or (step % self.print_every and step != total):
+        if not self.enabled:
+            return
+        tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        due = not (step % self.print_every and step != total)
+        if not due and not tty:
             return
         now = time.perf_counter()
         rate = self._images / max(now - self._t0, 1e-9)
-        self._t0, self._images = now, 0
+        if due:
+            self._t0, self._images = now, 0
         parts = [f"epoch {epoch}", f"step {step}/{total}"]
         for k in ("loss", "lr", "wd"):
             if k in metrics:
                 parts.append(f"{k} {metrics[k]:.4g}")
-        parts += [f"{k} {v:.4g}" for k, v in metrics.items() if k not in ("loss", "lr", "wd") and isinstance(v, float)]
+        parts += [f"{k} {v:.4g}" for k, v in metrics.items()
+                  if k not in ("loss", "lr", "wd") + _TIMING and isinstance(v, float)]
         parts.append(f"images/s {rate:.1f}")
-        print("  ".join(parts), file=self.stream, flush=True)
+        if "data_s" in metrics:
+            parts.append(f"data {metrics['data_s']:.3f}s compute {metrics['compute_s']:.3f}s")
+        if "eta_s" in metrics:
+            parts.append(f"eta {format_seconds(metrics['eta_s'])}")
+        if "max_mem_gib" in metrics:
+            parts.append(f"mem {metrics['max_mem_gib']:.2f} GiB")
+        line = "  ".join(parts)
+        if tty:  # redraw in place; keep a line every print_every steps
+            text = f"{_bar(step, total, 20)} {line}"
+            pad = max(0, self._last_len - len(text))
+            self._last_len = 0 if due else len(text)
+            print("\r" + text + " " * pad, end="\n" if due else "", file=self.stream, flush=True)
+        else:
+            print(line, file=self.stream, flush=True)
 
     def close(self) -> None:
         if self.tb is not None:

@@ -115,6 +115,7 @@ class Trainer:
         self.last_finite: tuple[Path, int] | None = None  # (checkpoint, step) known to hold finite state
         self._stop_reason: str | None = None
         self._stop_agreed = False
+        self._step_time = 0.0
 
     # ------------------------------------------------------------------------------------------ checkpoints
     @property
@@ -341,7 +342,9 @@ class Trainer:
             while in_epoch < self.steps_per_epoch and self.step < self.total_steps:
                 t_step = time.perf_counter()  # data + compute of this step: the logged images_per_s
                 batches = [self._next_batch(it) for _ in range(self.accum)]
-                metrics = self.train_step(batches, epoch)
+                t_data = time.perf_counter()
+                metrics = self.train_step(batches, epoch)  # ends with a host sync (the finite check)
+                t_done = time.perf_counter()
                 if fresh_log:
                     self.logger.reset()
                     fresh_log = False
@@ -350,10 +353,13 @@ class Trainer:
                 self.step += 1
                 in_epoch += 1
                 done_here += 1
+                metrics["data_s"], metrics["compute_s"] = t_data - t_step, t_done - t_data
                 shared = all_reduce_mean(metrics, self.device)
+                timing = self._timing(t_step, done_here)
                 rate = images / max(time.perf_counter() - t_step, 1e-9)
-                self.logger.log({"step": self.step, "epoch": epoch, **shared, "images_per_s": rate}, self.step)
-                self.logger.progress(self.step, self.total_steps, epoch, shared, images)
+                self.logger.log({"step": self.step, "epoch": epoch, **shared, **timing, "images_per_s": rate},
+                                self.step)
+                self.logger.progress(self.step, self.total_steps, epoch, {**shared, **timing}, images)
                 if self._stop_agreed:
                     self.save()
                     return self._summary(t_start, stopped=True, preempted=self._stop_reason or "peer rank")
@@ -369,6 +375,17 @@ class Trainer:
                 self.logger.log({"step": self.step, "epoch": epoch, **result}, self.step)
                 print("eval " + "  ".join(f"{k} {v:.2f}" for k, v in result.items()), flush=True)
         return self._summary(t_start, stopped=False)
+
+    def _timing(self, t_step: float, done_here: int) -> dict[str, float]:
+        """ETA from a running mean of this run's step times (the first step, with its warm-up, weighs less
+        after a few steps) and the peak accelerator memory."""
+        now = time.perf_counter()
+        dt = now - t_step
+        self._step_time = dt if done_here <= 1 else 0.9 * self._step_time + 0.1 * dt
+        out = {"step_s": dt, "eta_s": self._step_time * (self.total_steps - self.step)}
+        if self.device.type == "cuda":
+            out["max_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        return out
 
     def _summary(self, t_start: float, stopped: bool, preempted: str | None = None) -> dict:
         return {"step": self.step, "total_steps": self.total_steps, "stopped": stopped, "preempted": preempted,
