@@ -9,6 +9,15 @@ and optionally hooks into the loop: ``set_progress`` (before the forward: step, 
 ``encoder()`` returns the backbone evaluated by k-NN / linear probing and exported.
 ``loader_kwargs()`` are the method-specific arguments of :func:`engine.data.build_pretrain_loader`.
 ``defaults`` are the method's hyper-parameter defaults (below the YAML preset and the CLI).
+
+Two hooks follow what each original code base does rather than one engine-wide choice:
+
+* ``clip_gradients(params, max_norm, total_norm)``: gradient clipping (``--clip-grad``). The default clips the
+  global norm of all gradients (``torch.nn.utils.clip_grad_norm_``, as BEiT, BEiT v2, SimMIM and SparK do);
+  DINO overrides it to clip each parameter's gradient to ``max_norm`` on its own (its ``utils.clip_gradients``).
+* ``sync_batchnorm`` (class flag) and ``convert_sync_batchnorm()``: under DDP the trainer converts the
+  method's batch norms to synchronised ones before wrapping it (SparK's ``sbn=True``, DINO's
+  ``convert_sync_batchnorm`` of student and teacher); see :mod:`engine.methods.sync_bn`.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ from torch import nn
 class PretrainMethod(nn.Module):
     name: str = ""
     defaults: dict = {}
+    sync_batchnorm: bool = False  # convert BatchNorm to synchronised batch norm under DDP
 
     def __init__(self, cfg: dict):
         super().__init__()
@@ -45,6 +55,20 @@ class PretrainMethod(nn.Module):
 
     def loader_kwargs(self) -> dict:
         return {}
+
+    @torch.no_grad()
+    def clip_gradients(self, params: list[torch.Tensor], max_norm: float, total_norm: torch.Tensor) -> None:
+        """Clip the gradients of ``params`` (``--clip-grad``); ``total_norm`` is their global L2 norm, already
+        computed (and checked finite) by the trainer. Default: scale all by ``max_norm / total_norm`` if > 1."""
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total_norm)
+
+    def convert_sync_batchnorm(self) -> int:
+        """Replace every batch norm of the method, in place and keeping its parameters and buffers, by its
+        synchronised version (the trainer calls this under DDP when ``sync_batchnorm`` is set). Returns the
+        number of modules converted."""
+        from engine.methods.sync_bn import convert_sync_batchnorm
+
+        return convert_sync_batchnorm(self)
 
     def encoder(self) -> nn.Module:
         raise NotImplementedError

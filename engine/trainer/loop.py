@@ -90,6 +90,8 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids = [self.device.index] if self.device.type == "cuda" else None
+            if getattr(self.method, "sync_batchnorm", False):  # before DDP and the optimizer: SyncBN
+                self.method.convert_sync_batchnorm()
             self.model = DDP(self.method, device_ids=ids,
                              find_unused_parameters=bool(getattr(method, "ddp_find_unused_parameters", False)))
         else:
@@ -300,8 +302,12 @@ class Trainer:
                 f"checkpoint: {self._last_finite_text()}. Try a lower --lr/--blr, --clip-grad, "
                 "--precision bf16/fp32, or --skip-nonfinite N to skip a few such steps.")
         clip = float(self.cfg.get("clip_grad") or 0.0)
-        if clip > 0:
-            torch.nn.utils.clip_grads_with_norm_(self.params, clip, grad_norm)
+        if clip > 0:  # the method's own rule (global norm by default, per parameter for DINO)
+            clip_fn = getattr(self.method, "clip_gradients", None)
+            if clip_fn is None:
+                torch.nn.utils.clip_grads_with_norm_(self.params, clip, grad_norm)
+            else:
+                clip_fn(self.params, clip, grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
