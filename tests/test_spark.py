@@ -67,6 +67,37 @@ def test_decoder_levels():
         LightDecoder(24, 64)
 
 
+def test_decoder_block_is_the_official_one():
+    """conv-BN-ReLU6-conv-BN: no activation after the last BN, so levels carry signed, unclipped values."""
+    from engine.models.spark_decoder import Densifier, UNetBlock
+
+    blk = UNetBlock(8, 4)
+    kinds = [type(m) for m in blk.conv]
+    assert kinds == [torch.nn.Conv2d, torch.nn.BatchNorm2d, torch.nn.ReLU6, torch.nn.Conv2d, torch.nn.BatchNorm2d]
+    y = blk(torch.randn(2, 8, 4, 4) * 10)
+    assert y.min() < 0 and y.max() > 0
+    torch.manual_seed(0)
+    dec = LightDecoder(8, 64)
+    for m in dec.modules():
+        if isinstance(m, torch.nn.ConvTranspose2d):  # Kaiming normal (fan_out = in * k * k), as official
+            assert abs(float(m.weight.detach().std()) - (2 / (m.weight.shape[0] * 16)) ** 0.5) < 0.2 * (2 / (m.weight.shape[0] * 16)) ** 0.5
+        elif isinstance(m, torch.nn.Conv2d):
+            assert abs(float(m.weight.detach().std()) - 0.02) < 0.004
+    d = Densifier([16, 8], [8, 4], "bn")
+    assert all(float(t.abs().max()) <= 0.02 for t in d.mask_tokens)  # trunc-normal cut at +-1 std
+
+
+def test_convnext_tiny_preset_drop_path_and_sync_bn():
+    from engine.trainer.config import load_preset
+
+    assert load_preset("spark_convnext_tiny")[0]["drop_path"] == 0.0
+    assert load_preset("spark_resnet50")[0]["drop_path"] == 0.05
+    assert get_method("spark").sync_batchnorm
+    net = build_convnet("resnet_femto", drop_path=0.1)
+    rates = [m.drop_prob for m in net.modules() if type(m).__name__ == "DropPath"]
+    assert rates[-1] == pytest.approx(0.1) and rates == sorted(rates)
+
+
 @pytest.mark.parametrize("name", CPU_MODELS)
 @pytest.mark.parametrize("train_mode", [True, False])
 def test_sparse_encoder_all_active_equals_dense(name, train_mode):

@@ -9,7 +9,7 @@ ResNet/ConvNeXt, 8 for the CPU variants ``resnet_femto`` / ``convnext_femto``), 
                                                                kernels.to_sparse: only active sites computed,
                                                                BN/LN statistics over active sites)
     d_i    = Proj_i(where(a_i, Norm_i(f_i), m_i))      smallest scale first (engine.models.spark_decoder)
-    x^     = LightDecoder(d)                           UNet: ConvTranspose k4 s2 + 2 x [conv3x3, BN, ReLU6]
+    x^     = LightDecoder(d)                           UNet: ConvTranspose k4 s2, conv3x3-BN-ReLU6-conv3x3-BN
     L      = sum_{masked p} mean_j (P(x^)_pj - T_pj)^2 / #masked,  T_p = (P(x)_p - mu_p) / sqrt(var_p + 1e-6)
 
 ``P`` patchifies at r px. ``encoder()`` is the converted encoder: outside a ``sparse_context`` it computes
@@ -17,7 +17,9 @@ exactly the dense model (global-average-pooled features for k-NN) and its ``stat
 model's names, so the weights load into :func:`build_convnet` models unchanged.
 
 Paper: batch 4096, blr 2e-4, LAMB (beta2 0.95 ResNet / 0.999 ConvNeXt), wd cosine 0.04 -> 0.2, 40 warm-up
-epochs, clip 5, RRC (0.67, 1) + flip. LAMB is not in this trainer: AdamW with the same schedules is used.
+epochs, clip 5 (global norm), RRC (0.67, 1) + flip; ``--optimizer lamb`` (the paper presets) runs it, the
+CPU preset uses AdamW. Under DDP every batch norm (encoder, densify, decoder) is synchronised, as the
+official ``sbn=True`` (``sync_batchnorm``; :mod:`engine.methods.sync_bn`).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ def convnet_names() -> list[str]:
 def build_convnet(name: str, drop_path: float | None = None) -> nn.Module:
     """A dense ResNet or ConvNeXt by name."""
     if name in RESNET_CONFIGS:
-        return build_resnet(name)
+        return build_resnet(name, drop_path_rate=drop_path)
     if name in CONVNEXT_CONFIGS:
         return build_convnext(name, drop_path_rate=drop_path)
     raise ValueError(f"--method spark needs a convnet --model ({', '.join(convnet_names())}), got {name!r}")
@@ -75,6 +77,7 @@ def _spark_mask_fn(batch_size: int, seed: int, *, grid: int, ratio: float):
 
 @register("spark")
 class SparK(PretrainMethod):
+    sync_batchnorm = True  # official sbn=True: encoder, densify and decoder batch norms synchronised
     defaults = dict(
         blr=2e-4,
         weight_decay=0.04,

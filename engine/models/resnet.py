@@ -6,7 +6,9 @@ Stem ``conv7x7/2 - BN - ReLU - maxpool3x3/2`` then four stages of residual block
     basic:       y = ReLU(x' + BN(conv3x3(ReLU(BN(conv3x3(x))))))
     bottleneck:  y = ReLU(x' + BN(conv1x1(ReLU(BN(conv3x3(ReLU(BN(conv1x1(x)))))))))     (expansion 4)
 
-``x'`` is ``x`` or ``BN(conv1x1/s(x))`` when the shape changes. ``forward(x)`` returns globally average
+``x'`` is ``x`` or ``BN(conv1x1/s(x))`` when the shape changes. ``drop_path_rate`` (timm's ResNet option, which
+SparK's ResNet-50 recipe sets to 0.05) drops the residual branch per sample before the sum, the rate growing
+linearly from 0 at the first block to ``drop_path_rate`` at the last (timm's ``block_dpr``). ``forward(x)`` returns globally average
 pooled features ``[B, C]`` (no classifier); ``forward_features(x)`` the four stage outputs (strides 4, 8, 16,
 32 of the input). The CPU variant ``resnet_femto`` uses a CIFAR stem (``conv3x3/1 - BN - ReLU``, no
 max-pool), so its stages sit at strides 1, 2, 4, 8 (``downsample_ratio`` 8: a 4 x 4 SparK grid at 32 px).
@@ -19,6 +21,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from engine.models.vit import DropPath
 
 RESNET_CONFIGS: dict[str, dict] = {
     "resnet_femto": dict(block="basic", layers=(1, 1, 1, 1), widths=(16, 32, 64, 128), stem="cifar"),
@@ -36,8 +40,9 @@ def _conv(cin, cout, k, stride=1):
 class BasicBlock(nn.Module):
     expansion = 1
 
-    def __init__(self, cin: int, width: int, stride: int = 1):
+    def __init__(self, cin: int, width: int, stride: int = 1, drop_path: float = 0.0):
         super().__init__()
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         cout = width * self.expansion
         self.conv1, self.bn1 = _conv(cin, width, 3, stride), nn.BatchNorm2d(width)
         self.conv2, self.bn2 = _conv(width, cout, 3), nn.BatchNorm2d(cout)
@@ -51,14 +56,15 @@ class BasicBlock(nn.Module):
     def forward(self, x):
         idt = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
-        return self.relu(self.bn2(self.conv2(out)) + idt)
+        return self.relu(self.drop_path(self.bn2(self.conv2(out))) + idt)
 
 
 class Bottleneck(nn.Module):
     expansion = 4
 
-    def __init__(self, cin: int, width: int, stride: int = 1):
+    def __init__(self, cin: int, width: int, stride: int = 1, drop_path: float = 0.0):
         super().__init__()
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         cout = width * self.expansion
         self.conv1, self.bn1 = _conv(cin, width, 1), nn.BatchNorm2d(width)
         self.conv2, self.bn2 = _conv(width, width, 3, stride), nn.BatchNorm2d(width)
@@ -74,7 +80,7 @@ class Bottleneck(nn.Module):
         idt = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
-        return self.relu(self.bn3(self.conv3(out)) + idt)
+        return self.relu(self.drop_path(self.bn3(self.conv3(out))) + idt)
 
 
 class ResNet(nn.Module):
@@ -86,6 +92,7 @@ class ResNet(nn.Module):
         stem: str = "imagenet",
         in_chans: int = 3,
         zero_init_residual: bool = False,
+        drop_path_rate: float = 0.0,
         name: str = "",
     ):
         super().__init__()
@@ -104,6 +111,7 @@ class ResNet(nn.Module):
             stem=stem,
             in_chans=in_chans,
             zero_init_residual=zero_init_residual,
+            drop_path_rate=float(drop_path_rate),
         )
         B = BasicBlock if block == "basic" else Bottleneck
         w0 = widths[0]
@@ -117,10 +125,13 @@ class ResNet(nn.Module):
         self.relu = nn.ReLU(inplace=False)
         cin = w0
         self.feature_channels: list[int] = []
+        total, k = sum(layers), 0
         for i, (n, w) in enumerate(zip(layers, widths)):
             blocks = []
             for j in range(n):
-                blocks.append(B(cin, w, stride=(1 if i == 0 else 2) if j == 0 else 1))
+                dpr = float(drop_path_rate) * k / max(total - 1, 1)
+                k += 1
+                blocks.append(B(cin, w, stride=(1 if i == 0 else 2) if j == 0 else 1, drop_path=dpr))
                 cin = w * B.expansion
             setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
             self.feature_channels.append(cin)

@@ -9,11 +9,24 @@ Densify (one per encoder scale, smallest first; ``a_i`` the activity map at that
 Decoder with ``n = log2(downsample_ratio)`` UNet blocks, widths ``w_i = width / 2^i``::
 
     x = 0;  for i in 0..n:  x = x + d_i (if scale i exists);  x = Block_i(x) (if i < n)
-    Block_i = ConvTranspose2d(w_i, w_i, k4, s2) -> [conv3x3, BN, ReLU6](w_i -> w_i)
-              -> [conv3x3, BN, ReLU6](w_i -> w_{i+1})
+    Block_i = ConvTranspose2d(w_i, w_i, k4, s2) -> conv3x3(w_i -> w_i) -> BN -> ReLU6
+              -> conv3x3(w_i -> w_{i+1}) -> BN                      (no activation after the last BN)
     out = conv1x1(w_n -> 3)
 
 At ratio 32 with 4 scales this is SparK's decoder (5 blocks, densified features added at the first 4 levels).
+The block ends with a BatchNorm, as the official ``UNetBlock``: the sum with the next densified feature and
+the 1x1 projection see signed, unclipped values. (An earlier version of this file ended each block with a
+second ReLU6, clipping every level to [0, 6].) At ratio 8 (the CPU variants, 4 scales, 3 blocks) the feature
+of the finest scale is added after the last block, before the projection; the official decoder has no such
+level.
+
+Init as the official ``LightDecoder.initialize`` / ``SparK.__init__``: Conv2d weights trunc-normal std 0.02
+cut at +-2 (timm's absolute default, i.e. practically untruncated), ConvTranspose2d weights Kaiming-normal
+(fan_out, ReLU), zero biases, unit BN; mask tokens trunc-normal std 0.02 cut at +-0.02.
+
+Batch norms are plain ``nn.BatchNorm2d`` / :class:`kernels.SparseBatchNorm2d`; under DDP the SparK method
+converts them (and the encoder's) to synchronised ones (the official ``sbn=True``; see
+:mod:`engine.methods.sync_bn`).
 """
 
 from __future__ import annotations
@@ -36,7 +49,6 @@ class UNetBlock(nn.Module):
             nn.ReLU6(inplace=True),
             nn.Conv2d(cin, cout, 3, padding=1, bias=False),
             nn.BatchNorm2d(cout),
-            nn.ReLU6(inplace=True),
         )
 
     def forward(self, x):
@@ -91,7 +103,7 @@ class Densifier(nn.Module):
             ]
         )
         for t in self.mask_tokens:
-            nn.init.trunc_normal_(t, std=0.02, a=-0.04, b=0.04)
+            nn.init.trunc_normal_(t, std=0.02, a=-0.02, b=0.02)
         _init(self)
 
     def normalise(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -108,8 +120,12 @@ class Densifier(nn.Module):
 
 def _init(module: nn.Module) -> None:
     for m in module.modules():
-        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
-            nn.init.trunc_normal_(m.weight, std=0.02, a=-0.04, b=0.04)
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.trunc_normal_(m.weight, std=0.02, a=-2.0, b=2.0)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.ConvTranspose2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, (nn.BatchNorm2d, nn.LayerNorm)):
