@@ -44,3 +44,18 @@ def test_progress_bar_only_on_a_terminal():
     assert plain.getvalue().count("\n") == 2 and "\r" not in plain.getvalue()
     assert tty.getvalue().count("\r") == 4 and tty.getvalue().count("\n") == 2 and "[#####" in tty.getvalue()
     assert "eta 1:02:05" in plain.getvalue() and format_seconds(59.6) == "0:01:00"
+
+
+def test_best_checkpoint_follows_the_best_evaluation(tmp_path):
+    from _train_helpers import make_cfg, make_trainer
+    from engine.trainer import checkpoint as ckpt
+
+    cfg = make_cfg(tmp_path, batch_size=256, max_steps=0, epochs=3, eval_every=1, best_metric="top1")
+    tr = make_trainer(cfg)
+    scores = iter([50.0, 70.0, 60.0])
+    tr.eval_fn = lambda encoder: {"top1": next(scores)}
+    tr.fit()
+    best = json.loads((tmp_path / "best.json").read_text())
+    assert best["value"] == 70.0 and best["epoch"] == 1
+    assert ckpt.load(tmp_path / "checkpoint-best.pt")["step"] == 2 * tr.steps_per_epoch
+    assert ckpt.load(tmp_path / ckpt.LAST)["step"] == 3 * tr.steps_per_epoch

@@ -56,6 +56,7 @@ SPEC: dict[str, tuple] = {
     "seed": (0, int, "random seed"),
     "save_every": (0, int, "also checkpoint every N optimizer steps (0: at epoch ends only)"),
     "eval_every": (0, int, "k-NN evaluation every N epochs (0: off)"),
+    "best_metric": (None, str, "keep checkpoint-best.pt of the evaluation with the highest value of this key"),
     "device": (None, str, "cpu, cuda, cuda:1 (default: cuda when available)"),
     "max_steps": (0, int, "stop after N optimizer steps; schedules are shortened to N (0: epochs x steps)"),
     "stop_after": (0, int, "simulate a pre-emption: exit after N steps of this run, schedules unchanged"),

@@ -27,7 +27,10 @@ the next step boundary and return with ``summary["preempted"]`` set; all ranks a
 from __future__ import annotations
 
 import contextlib
+import json
 import math
+import os
+import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -96,8 +99,10 @@ class Trainer:
                              find_unused_parameters=bool(getattr(method, "ddp_find_unused_parameters", False)))
         else:
             self.model = self.method
+        # a method may define its own parameter groups (e.g. fine-tuning's layer-wise lr decay: "lr_scale")
+        groups = self.method.optimizer_groups() if hasattr(self.method, "optimizer_groups") else None
         self.optimizer = build_optimizer(self.method, cfg.get("optimizer", "adamw"),
-                                         (cfg.get("beta1", 0.9), cfg.get("beta2", 0.999)))
+                                         (cfg.get("beta1", 0.9), cfg.get("beta2", 0.999)), groups=groups)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.precision = cfg.get("precision", "fp32")
         self.amp_dtype = PRECISIONS[self.precision]
@@ -380,7 +385,35 @@ class Trainer:
                 result = self.eval_fn(self.method.encoder())
                 self.logger.log({"step": self.step, "epoch": epoch, **result}, self.step)
                 print("eval " + "  ".join(f"{k} {v:.2f}" for k, v in result.items()), flush=True)
+                self._keep_best(result, epoch)
         return self._summary(t_start, stopped=False)
+
+    BEST = "checkpoint-best.pt"
+
+    def _keep_best(self, result: dict, epoch: int) -> None:
+        """With ``cfg["best_metric"]`` (higher is better): when an evaluation beats the best so far, the
+        epoch's checkpoint (just saved, so it holds exactly the evaluated weights) is copied atomically to
+        ``checkpoint-best.pt`` and ``best.json`` records the value (read back on resume)."""
+        key = self.cfg.get("best_metric")
+        if not key or key not in result:
+            return
+        record = self.output_dir / "best.json"
+        best = None
+        if record.is_file():
+            try:
+                best = float(json.loads(record.read_text())["value"])
+            except (ValueError, KeyError, TypeError):
+                best = None
+        value = float(result[key])
+        if best is not None and not value > best:
+            return
+        tmp = self.output_dir / f"{self.BEST}.tmp-{os.getpid()}"
+        shutil.copyfile(self.last_checkpoint, tmp)
+        os.replace(tmp, self.output_dir / self.BEST)
+        tmp = record.with_name(f"{record.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps({"metric": key, "value": value, "epoch": epoch, "step": self.step}) + "\n")
+        os.replace(tmp, record)
+        print(f"best {key} {value:.2f} (epoch {epoch}): {self.output_dir / self.BEST}", flush=True)
 
     def _timing(self, t_step: float, done_here: int) -> dict[str, float]:
         """ETA from a running mean of this run's step times (the first step, with its warm-up, weighs less

@@ -39,8 +39,11 @@ def param_groups(module: nn.Module) -> list[dict]:
     return groups
 
 
-def build_optimizer(module: nn.Module, name: str = "adamw", betas=(0.9, 0.999), lr: float = 1e-3) -> torch.optim.Optimizer:
-    groups = param_groups(module)
+def build_optimizer(module: nn.Module, name: str = "adamw", betas=(0.9, 0.999), lr: float = 1e-3,
+                    groups: list[dict] | None = None) -> torch.optim.Optimizer:
+    """The optimizer over ``groups`` (default: :func:`param_groups` of ``module``); a group's ``lr_scale``
+    multiplies the scheduled lr, ``apply_wd`` says whether the scheduled weight decay applies."""
+    groups = param_groups(module) if groups is None else groups
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))
     if name == "lamb":
