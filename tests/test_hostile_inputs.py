@@ -228,3 +228,60 @@ def test_vector_quantizer_huge_inputs():
     _, ids_huge, loss_huge = vq(x * 1e25)  # cosine: the scale does not matter
     assert torch.equal(ids_small, ids_huge)
     torch.testing.assert_close(loss_huge, loss_small, atol=1e-6, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 6b. attention on huge inputs: q k^T * scale overflowed (inf - inf, or inf + -inf inside the dot) -> NaN
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize(
+    "dtype,sq,sv,bias_scale",
+    [(torch.float32, 1e30, 1.0, 0.0), (torch.float32, 1e30, 1e30, 1.0), (torch.float32, 1e19, 1.0, 0.0),
+     (torch.bfloat16, 1e20, 1.0, 0.0), (torch.float16, 120.0, 1.0, 0.0)],
+    ids=["fp32_1e30", "fp32_1e30_v_bias", "fp32_1e19", "bf16_1e20", "fp16_120"],
+)
+def test_attention_huge_inputs_match_float64(backend, dtype, sq, sv, bias_scale):
+    torch.manual_seed(0)
+    B, H, N, d = 2, 2, 11, 64
+    q, k = ((torch.randn(B, H, N, d) * sq).to(dtype) for _ in range(2))
+    v = (torch.randn(B, H, N, d) * sv).to(dtype)
+    bias = torch.randn(H, N, N) * bias_scale if bias_scale else None
+    q64, k64, v64 = (t.double().requires_grad_(True) for t in (q, k, v))
+    s = q64 @ k64.transpose(-1, -2) * d**-0.5 + (0 if bias is None else bias.double())
+    expected = torch.softmax(s, -1) @ v64
+    grad = torch.randn(B, H, N, d, dtype=torch.float64)
+    expected_grads = torch.autograd.grad(expected, (q64, k64, v64), grad)
+    qr, kr, vr = (t.clone().requires_grad_(True) for t in (q, k, v))
+    with use_backend(backend, op="attention"):
+        out = kernels.attention(qr, kr, vr, bias=bias)
+        out.backward(grad.to(dtype))
+    assert out.dtype == dtype and not torch.isnan(out).any()
+    tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
+    torch.testing.assert_close(out.double(), expected, atol=tol * max(sv, 1.0), rtol=tol)
+    for name, g, e in zip("qkv", (qr.grad, kr.grad, vr.grad), expected_grads):
+        assert torch.isfinite(g).all(), name
+        if dtype == torch.float16 and backend == "triton":
+            continue  # no overflow there (fp32 scores); near-one-hot P makes fp16 dq/dk rounding-bound (delta)
+        torch.testing.assert_close(g.double(), e.to(dtype).double(), atol=tol * max(1.0, e.abs().max().item()),
+                                   rtol=tol, msg=f"d{name}")
+
+
+def test_attention_float64_overflow_raises_a_clear_error():
+    q = torch.randn(1, 1, 4, 8, dtype=torch.float64) * 1e160
+    with pytest.raises(ValueError, match="overflows float64"):
+        kernels.attention(q, q, q)
+
+
+def test_attention_keeps_nan_inputs_and_masked_rows_as_they_were():
+    q = torch.randn(1, 1, 4, 8)
+    q[0, 0, 1, 2] = float("nan")
+    out = kernels.attention(q, q, q)
+    assert torch.isnan(out).any()  # NaN in, NaN out (no float64 detour)
+    bias = torch.zeros(1, 4, 4)
+    bias[0, 2] = float("-inf")  # a fully masked row: unchanged behaviour of the math path
+    q = torch.randn(1, 1, 4, 8)
+    out = kernels.attention(q, q, q, bias=bias)
+    expected = torch.softmax(q @ q.transpose(-1, -2) * 8**-0.5 + bias, -1) @ q
+    assert torch.equal(torch.isnan(out), torch.isnan(expected))

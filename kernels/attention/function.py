@@ -16,6 +16,12 @@ dq, dk, dv never use atomics. A per-batch bias ([B,H,N,N]) is written without at
 
 float32 inputs: the Triton dots use TF32 when ``torch.get_float32_matmul_precision()`` is ``"high"``
 or ``"medium"`` and full IEEE float32 otherwise (the PyTorch default, "highest").
+
+Huge inputs: when ``q k^T * scale`` overflows float32 (``|q|, |k|`` ~ 1e19 and beyond) the fused kernel
+and the math path give NaN rows (``inf - inf`` in the softmax). In eager mode both backends then recompute
+the call in float64 (exact, autograd included) and round back; float64 inputs whose scores overflow raise a
+``ValueError``. The check is one sum over the output and one host sync per eager call, skipped
+under ``torch.compile`` and CUDA graph capture (see :func:`kernels.attention.reference.recompute_if_overflowed`).
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import os
 import torch
 
 from kernels import _backend
-from kernels.attention.reference import attention_reference, default_scale
+from kernels.attention.reference import attention_reference, default_scale, recompute_if_overflowed
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -164,8 +170,10 @@ def _attention_triton(q, k, v, bias, scale, deterministic):
         # inference (e.g. the DINO teacher): no autograd node, nothing saved for a backward
         from kernels.attention import triton_kernels
 
-        return triton_kernels.attention_forward(q, k, v, bias, scale)[0]
-    return AttentionFunction.apply(q, k, v, bias, scale, deterministic)
+        out = triton_kernels.attention_forward(q, k, v, bias, scale)[0]
+    else:
+        out = AttentionFunction.apply(q, k, v, bias, scale, deterministic)
+    return recompute_if_overflowed(out, q, k, v, bias, scale)
 
 
 @attention_op.register("reference", note="math path")
