@@ -1,11 +1,12 @@
-"""Turn pytest-benchmark JSON into a markdown table.
+"""Turn bench JSON (ours, or pytest-benchmark's ``--benchmark-json``) into a markdown table.
 
-    pytest bench/ --benchmark-only --benchmark-json=bench/results/raw.json
-    python -m bench.report bench/results/raw.json            # writes bench/results/<device>.md
+    pytest bench/ --benchmark-only --save-results          # merges into bench/results/<device>.{json,md}
+    pytest bench/ --benchmark-only --results-dir OUT       # the same two files in OUT
+    python -m bench.report FILE.json [--out X.md] [--plots-tar plots.tar]
 
-``pytest bench/ --benchmark-only`` does this by itself: bench/conftest.py merges each run into
-``bench/results/<device>.json`` (rows keyed by kernel, shape, dtype, provider) and renders
-``bench/results/<device>.md`` from it, so a partial run updates only its own rows.
+With ``--save-results`` bench/conftest.py merges each run into ``bench/results/<device>.json`` (rows keyed by
+kernel, shape, dtype, provider) and renders ``bench/results/<device>.md`` from it, so a partial run updates
+only its own rows; without it a bench run writes nothing into the repository.
 
 Rows are grouped by (kernel, shape, dtype); each provider's median is a column; ratios are given vs
 the ``reference`` provider (or the reference time recorded in extra_info) and vs the fastest peer.
@@ -20,6 +21,7 @@ import pathlib
 import re
 
 OURS = ("ours", "native", "triton", "cpp", "cuda", "dali")
+FLOORS = ("three-gemms",)  # lower bounds shown beside the peers, not counted as the fastest peer
 RESULTS = pathlib.Path(__file__).parent / "results"
 
 
@@ -69,8 +71,15 @@ def rows_from_json(data: dict):
         if "kernel" not in info:
             continue
         key = (info["kernel"], info.get("shape", ""), info.get("dtype") or "")
-        g = groups.setdefault(key, {"providers": {}, "reference_extra": None, "extra": {}, "peak": {}})
+        g = groups.setdefault(key, {"providers": {}, "reference_extra": None, "extra": {}, "peak": {}, "call": {},
+                                    "graph": {}, "notes": {}})
         g["providers"][info["provider"]] = b["stats"]["median"]
+        if info.get("kernel_s") is not None and info.get("call_s") is not None:  # CUDA rows: end-to-end call
+            g["call"][info["provider"]] = info["call_s"]
+        if info.get("graph_s") is not None:
+            g["graph"][info["provider"]] = info["graph_s"]
+        if info.get("note"):
+            g["notes"][info["provider"]] = info["note"]
         if info.get("peak_memory_bytes") is not None:  # bench.conftest.peak_memory of this provider's call
             g["peak"][info["provider"]] = info["peak_memory_bytes"]
         if info.get("reference_median_s") is not None:
@@ -80,6 +89,7 @@ def rows_from_json(data: dict):
             if info.get(k) is not None and info["provider"] in OURS:
                 g["extra"][k] = info[k]
         meta = {k: info.get(k) for k in ("device", "torch", "triton", "python")}
+        meta["timing"] = info.get("timing") or meta.get("timing")
     meta["date"] = data.get("datetime", "")
     return groups, meta
 
@@ -94,10 +104,12 @@ def render(groups, meta) -> str:
         "`achieved` = bytes moved or FLOPs over our median, and its fraction of the copy bandwidth / large-GEMM rate "
         "measured in the same run; images/s for end-to-end steps; `peak` = CUDA allocator peak of one call (above "
         "the inputs for kernels, whole step for training steps), the reference's in brackets.",
+        _timing_note(meta),
         "",
-        "| kernel | shape | dtype | ours | reference | peers | vs ref | vs peer | achieved |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| kernel | shape | dtype | ours | ours end-to-end | reference | peers | vs ref | vs peer | achieved |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    notes = []
     for (kernel, shape, dtype), g in groups.items():
         prov = g["providers"]
         ours_name = next((p for p in OURS if p in prov), None)
@@ -105,7 +117,8 @@ def render(groups, meta) -> str:
         ref = prov.get("reference", g["reference_extra"])
         variants = {p: t for p, t in prov.items() if p != ours_name and p.split("-")[0] in OURS}
         peers = {p: t for p, t in prov.items() if p.split("-")[0] not in OURS and p != "reference"}
-        best_peer = min(peers.values()) if peers else None
+        rivals = [t for p, t in peers.items() if p not in FLOORS]
+        best_peer = min(rivals) if rivals else None
         vs_ref = f"{ref / ours:.2f}x" if ours and ref else "-"
         vs_peer = f"{best_peer / ours:.2f}x" if ours and best_peer else "-"
         peer_txt = ", ".join(f"{p} {_fmt_time(t)}" for p, t in peers.items()) or "-"
@@ -124,13 +137,31 @@ def render(groups, meta) -> str:
         if ours_name in peak:
             ref_peak = f" (ref {peak['reference'] / 2**20:.0f} MiB)" if "reference" in peak else ""
             ach.append(f"peak {peak[ours_name] / 2**20:.0f} MiB{ref_peak}")
+        e2e = []
+        if ours_name in g.get("call", {}):
+            e2e.append(f"call {_fmt_time(g['call'][ours_name])}")
+        if ours_name in g.get("graph", {}):
+            e2e.append(f"graph {_fmt_time(g['graph'][ours_name])}")
         lines.append(
-            f"| {kernel} | {shape} | {dtype} | {ours_txt} | {_fmt_time(ref)} | {peer_txt} | {vs_ref} | "
-            f"{vs_peer} | {', '.join(ach) or '-'} |"
+            f"| {kernel} | {shape} | {dtype} | {ours_txt} | {', '.join(e2e) or '-'} | {_fmt_time(ref)} | {peer_txt} | "
+            f"{vs_ref} | {vs_peer} | {', '.join(ach) or '-'} |"
         )
+        for p, note in g.get("notes", {}).items():
+            notes.append(f"* {kernel} {shape} {dtype}, {p}: {note}")
     from bench import targets
 
-    return "\n".join(lines) + "\n\n" + targets.render(groups, meta, OURS)
+    text = "\n".join(lines) + "\n"
+    if notes:
+        text += "\nNotes on the peers:\n\n" + "\n".join(dict.fromkeys(notes)) + "\n"
+    return text + "\n" + targets.render(groups, meta, OURS)
+
+
+def _timing_note(meta) -> str:
+    if str(meta.get("device", "")).lower().startswith("cpu"):
+        return "CPU rows: wall-clock medians of synchronous calls (`ours end-to-end` is the same there)."
+    return ("CUDA rows: `ours`, reference and peers are device times (CUDA events over many calls after warm-up, L2 "
+            "flushed before each call, as `triton.testing.do_bench`); `ours end-to-end` is one synchronous call as a "
+            "Python caller sees it (`call`) and, for launch-bound calls, the CUDA-graph replay time (`graph`).")
 
 
 def plot(groups, meta, out_dir: pathlib.Path) -> list[pathlib.Path]:
@@ -189,6 +220,8 @@ def main(argv=None):
     p.add_argument("json", type=pathlib.Path, help="pytest-benchmark --benchmark-json output")
     p.add_argument("--out", type=pathlib.Path, default=None, help="markdown file (default bench/results/<device>.md)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--plots-tar", type=pathlib.Path, default=None,
+                   help="also pack the plots into this .tar (one file instead of a folder of PNGs)")
     args = p.parse_args(argv)
     groups, meta = load_rows(args.json)
     if not groups:
@@ -196,8 +229,17 @@ def main(argv=None):
     out = args.out
     if out is None:
         out = RESULTS / f"{device_slug(meta)}.md"
-    for path in write_report(groups, meta, out, plots=not args.no_plots):
+    written = write_report(groups, meta, out, plots=not args.no_plots)
+    for path in written:
         print(path)
+    pngs = [w for w in written if w.suffix == ".png"]
+    if args.plots_tar is not None and pngs:
+        import tarfile
+
+        with tarfile.open(args.plots_tar, "w") as tar:
+            for png in pngs:
+                tar.add(png, arcname=f"{png.parent.name}/{png.name}")
+        print(args.plots_tar)
 
 
 if __name__ == "__main__":
