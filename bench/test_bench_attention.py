@@ -1,7 +1,7 @@
 """Attention with a learnable relative position bias: ours (Triton) vs SDPA backends and peers.
 
-Shapes: ViT-B/16 at 224 px (B=256, H=12, N=197, d=64) and ViT-S/16 DINO local crops (N=37 at 96 px,
-N=50 at 112 px; H=6, d=64, B=1024 crops), bf16, forward and forward+backward, with a bias shared over
+Shapes: ViT-B/16 at 224 px (B=256, H=12, N=197, d=64; the GPU plan's headline) and ViT-S/16 DINO local crops
+(N=37 at 96 px, N=50 at 112 px; H=6, d=64, B=1024 crops), bf16 (tiny shapes under the plan's dry run), forward and forward+backward, with a bias shared over
 the batch ([H, N, N], requires grad, as BEiT's shared relative position bias) and without.
 Peers: F.scaled_dot_product_attention restricted to each backend with ``sdpa_kernel`` (a backend that
 rejects the inputs, e.g. flash with a bias, is skipped with its reason), ``torch.compile`` of our reference
@@ -18,14 +18,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.conftest import COMPILE
+from bench.conftest import COMPILE, DRY_RUN, GPU, sized
 from kernels import RelativePositionBias, attention, use_backend
 
-GPU_SHAPES = {
+GPU_SHAPES = sized({
     "vitb_n197": (256, 12, 197, 64),
     "vits_local_n37": (1024, 6, 37, 64),
     "vits_local_n50": (1024, 6, 50, 64),
-}
+}, {"vitb_n197": (2, 2, 37, 16), "vits_local_n37": (2, 2, 13, 16), "vits_local_n50": (2, 2, 21, 16)})
+HEADLINE = "vitb_n197"  # the ViT-B/BEiT shape of the targets: the GPU plan's headline rows
 
 
 def _shape_str(B, H, N, d, with_bias):
@@ -135,7 +136,8 @@ PROVIDERS = ["ours", "ours-deterministic", "sdpa-efficient_attention", "sdpa-cud
 @pytest.mark.cuda
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
-@pytest.mark.parametrize("shape_name", list(GPU_SHAPES))
+@pytest.mark.parametrize("shape_name", [
+    pytest.param(n, marks=pytest.mark.headline, id=n) if n == HEADLINE else n for n in GPU_SHAPES])
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_attention_gpu(bench, provider, shape_name, with_bias, backward):
     if provider == "flash-attn" and importlib.util.find_spec("flash_attn") is None:
@@ -144,32 +146,40 @@ def test_attention_gpu(bench, provider, shape_name, with_bias, backward):
         pytest.skip("xformers is not installed")
     if provider == "ours-deterministic" and not (with_bias and backward):
         pytest.skip("deterministic mode only changes the dbias reduction")
+    if provider == "compile" and DRY_RUN:
+        pytest.skip("torch.compile is not part of the dry run (minutes on a 2-core CPU)")
     B, H, N, d = GPU_SHAPES[shape_name]
     dtype = torch.bfloat16
-    q, k, v, bias = _inputs(B, H, N, d, dtype, "cuda", with_bias, backward)
+    q, k, v, bias = _inputs(B, H, N, d, dtype, GPU, with_bias, backward)
     fn = _step(_peer_forward(provider, q, k, v, bias), (q, k, v, bias), backward)
     try:
         fn()
-        torch.cuda.synchronize()
+        if GPU.type == "cuda":
+            torch.cuda.synchronize()
     except Exception as exc:  # noqa: BLE001 - an SDPA backend that refuses these inputs, a failed compile
         pytest.skip(f"{provider} cannot run this case: {str(exc).splitlines()[0][:200]}")
     reference = None
-    if provider == "ours":
-        reference = _step(_sdpa_forward("EFFICIENT_ATTENTION", q, k, v, bias), (q, k, v, bias), backward)
+    if provider == "ours":  # SDPA's memory-efficient kernel (the one that takes a bias); math under the dry run
+        reference = _step(_sdpa_forward("MATH" if DRY_RUN else "EFFICIENT_ATTENTION", q, k, v, bias), (q, k, v, bias),
+                          backward)
+    note = None
+    if provider.startswith("sdpa-") and bias is not None:
+        note = "given the fp32 [H,N,N] bias cast to bf16 inside the timed call (SDPA takes the mask in q's dtype)"
     bench(fn, kernel="attention " + ("fwd+bwd" if backward else "fwd"), provider=provider,
-          shape=_shape_str(B, H, N, d, with_bias), dtype=dtype, reference=reference,
-          flops=_flops(B, H, N, d, backward), bytes_moved=_bytes(B, H, N, d, 2, with_bias, backward))
+          shape=_shape_str(B, H, N, d, with_bias), dtype=dtype, device=GPU, reference=reference,
+          flops=_flops(B, H, N, d, backward), bytes_moved=_bytes(B, H, N, d, 2, with_bias, backward), note=note)
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("window,heads", [((14, 14), 12), ((6, 6), 6)])
+@pytest.mark.parametrize("window,heads", [pytest.param((14, 14), 12, marks=pytest.mark.headline, id="14x14-H12"),
+                                          pytest.param((6, 6), 6, id="6x6-H6")])
 def test_relative_position_bias_gather_gpu(bench, window, heads):
     """The plain-indexing gather + its backward, to compare with the attention it feeds."""
-    rpb = RelativePositionBias(window, heads).cuda()
+    rpb = RelativePositionBias(window, heads).to(GPU)
     n = window[0] * window[1] + 1
     fn = _step(rpb, list(rpb.parameters()), True)
     bench(fn, kernel="rel_pos_bias gather fwd+bwd", provider="ours", shape=f"{window[0]}x{window[1]} H{heads}",
-          dtype=torch.float32, bytes_moved=2 * heads * n * n * (4 + 8))
+          dtype=torch.float32, device=GPU, bytes_moved=2 * heads * n * n * (4 + 8))
 
 
 # ------------------------------------------------------------------------------------------------------------

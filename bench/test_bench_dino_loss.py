@@ -15,12 +15,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.conftest import COMPILE
+from bench.conftest import COMPILE, DRY_RUN, GPU, sized
 from engine.methods.dino import dino_loss
 
-GPU = {"B": 128, "crops": 10, "K": 65536, "device": "cuda"}
+GPU_CASE = {**sized({"B": 128, "crops": 10, "K": 65536}, {"B": 4, "crops": 4, "K": 512}), "device": str(GPU)}
 CPU = {"B": 16, "crops": 4, "K": 4096, "device": "cpu"}
-CASES = [pytest.param(GPU, marks=pytest.mark.cuda, id="gpu-vits-65536"), pytest.param(CPU, id="cpu-small")]
+CASES = [pytest.param(GPU_CASE, marks=[pytest.mark.cuda, pytest.mark.headline], id="gpu-vits-65536"),
+         pytest.param(CPU, id="cpu-small")]
 STUDENT_TEMP, TEACHER_TEMP = 0.1, 0.04
 
 
@@ -50,7 +51,7 @@ def test_bench_dino_loss(bench, case, provider, phase):
     args = (student, teacher, center, n, 2, STUDENT_TEMP, TEACHER_TEMP)
     fn = {"ours": dino_loss, "reference": per_pair_loss}.get(provider)
     if provider == "compile":
-        if dev.type != "cuda":
+        if dev.type != "cuda" or DRY_RUN:
             pytest.skip("torch.compile provider is benchmarked on CUDA only")
         fn = torch.compile(per_pair_loss)
     torch.testing.assert_close(fn(*args), per_pair_loss(*args), rtol=1e-4, atol=1e-4)

@@ -3,9 +3,10 @@
 CPU (small sizes, 160-px images, batch 4, one thread): the C++ path at 40% density ("ours"), the same at 100% density
 ("ours-full": the sparse path's scaling, target ours <= 0.55 x ours-full) and ``F.conv2d`` on the masked
 input re-masked ("reference": what SparK runs; target: beat it).
-CUDA (224 px, batch 32): Triton at 40% in bf16 vs cuDNN channels_last bf16 dense conv with re-masking (also
-under ``torch.compile``), and
-spconv's SubMConv2d (map building included) when spconv is importable.
+CUDA (224 px, batch 32): Triton at 40% in bf16 vs cuDNN channels_last bf16 dense conv with re-masking
+(``torch.backends.cudnn.benchmark=True``; also under ``torch.compile``), and spconv's SubMConv2d (map building
+included; bf16, or fp16 where spconv has no bf16 kernels, said so in the row's note) when spconv is importable.
+Under the GPU plan's dry run: batch 1, at most 8 x 8 sites, channels / 8, the Triton interpreter.
 """
 
 import pytest
@@ -13,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from bench.conftest import COMPILE, median_time
+from bench.conftest import COMPILE, DRY_RUN, GPU, median_time, sized
 from kernels import use_backend
 from kernels.sparse_conv import downsample_active, sparse_conv2d, upsample_active
 
@@ -31,10 +32,16 @@ LAYERS = {
     "cnxb_dw7_s3": (512, 512, 7, 1, True, 16),
 }
 CPU_LAYERS = ["rn50_stem_7x7s2", "rn50_l1_3x3", "rn50_l1_1x1", "rn50_l3_3x3", "cnxb_dw7_s1"]
+GPU_BATCH, GPU_IMAGE = sized((32, 224), (1, 64))  # the dry run: <= 8x8 sites, channels / 8 (the interpreter)
 
 
-def _case(name, batch, image, dtype, device, density_full=False):
+def _channels(c: int, gpu_case: bool) -> int:
+    return max(3, c // 8) if (DRY_RUN and gpu_case) else c
+
+
+def _case(name, batch, image, dtype, device, density_full=False, gpu_case=False):
     cin, cout, k, stride, depthwise, in_stride = LAYERS[name]
+    cin, cout = _channels(cin, gpu_case), _channels(cout, gpu_case)
     units = image // 32
     keep = (
         torch.ones(batch, units, units, dtype=torch.bool)
@@ -42,6 +49,8 @@ def _case(name, batch, image, dtype, device, density_full=False):
         else ~kernels.spark_masks(batch, units, units, RATIO, seed=0)
     )
     res = image // in_stride
+    if DRY_RUN and gpu_case:  # the interpreter: at most 8 x 8 sites per image
+        res = min(res, 8)
     active = upsample_active(keep, res // units).to(device)
     x = torch.randn(batch, cin, res, res, device=device, dtype=dtype).contiguous(
         memory_format=torch.channels_last
@@ -147,13 +156,24 @@ def test_sparse_conv_cpu(bench, benchmark, one_thread, name, provider, phase):
         )
 
 
+@pytest.fixture
+def cudnn_benchmark():
+    """The dense anchor at its best: cuDNN picks its fastest algorithm per shape (first call, outside the timing)."""
+    old = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    yield
+    torch.backends.cudnn.benchmark = old
+
+
 @pytest.mark.cuda
-@pytest.mark.parametrize("phase", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("phase", ["fwd", pytest.param("fwd+bwd", marks=pytest.mark.headline, id="fwd+bwd")])
 @pytest.mark.parametrize("name", list(LAYERS))
 @pytest.mark.parametrize("provider", ["ours", "cudnn-remask", COMPILE, "spconv"])
-def test_sparse_conv_cuda(bench, name, provider, phase):
-    dtype, batch, image, dev = torch.bfloat16, 32, 224, torch.device("cuda")
-    x, active, a_out, w, b, g, params, flops = _case(name, batch, image, dtype, dev)
+def test_sparse_conv_cuda(bench, cudnn_benchmark, name, provider, phase):
+    dtype, batch, image, dev = torch.bfloat16, GPU_BATCH, GPU_IMAGE, GPU
+    if provider == "compile" and DRY_RUN:
+        pytest.skip("torch.compile is not part of the dry run (minutes on a 2-core CPU)")
+    x, active, a_out, w, b, g, params, flops = _case(name, batch, image, dtype, dev, gpu_case=True)
     shape = f"B{batch} {image}px {name} ({x.shape[1]}->{w.shape[0]} @{x.shape[-1]}) {phase}"
     if phase == "fwd":
         flops //= 3
@@ -165,6 +185,7 @@ def test_sparse_conv_cuda(bench, name, provider, phase):
             provider="ours",
             shape=shape,
             dtype=dtype,
+            device=dev,
             reference=_dense_remask(x, active, a_out, w, b, g, params, phase),
             flops=flops,
             **extra,
@@ -176,7 +197,10 @@ def test_sparse_conv_cuda(bench, name, provider, phase):
             provider="cudnn-remask",
             shape=shape,
             dtype=dtype,
+            device=dev,
             flops=flops,
+            note="dense F.conv2d (cuDNN, torch.backends.cudnn.benchmark=True, channels_last) on the masked input, "
+                 "output re-masked: what SparK's official code runs",
             **extra,
         )
     elif provider == "compile":
@@ -185,30 +209,48 @@ def test_sparse_conv_cuda(bench, name, provider, phase):
             fn()
         except Exception as exc:  # noqa: BLE001 - a failed compile is reported, not fatal
             pytest.skip(f"torch.compile failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
-        bench(fn, kernel="sparse_conv2d", provider="compile", shape=shape, dtype=dtype, flops=flops, **extra)
+        bench(fn, kernel="sparse_conv2d", provider="compile", shape=shape, dtype=dtype, device=dev, flops=flops,
+              **extra)
     else:
-        spconv = pytest.importorskip("spconv.pytorch")
+        spconv = pytest.importorskip("spconv.pytorch", reason="spconv is not installed (no spconv row)")
         if params["stride"] != 1 or params["groups"] != 1:
             pytest.skip("spconv comparison only for stride-1 dense (groups=1) submanifold layers")
         cin, cout, k = x.shape[1], w.shape[0], w.shape[-1]
-        conv = spconv.SubMConv2d(cin, cout, k, padding=k // 2, bias=True).to(dev, torch.float16)
-        feats_all = x.detach().to(torch.float16).permute(0, 2, 3, 1)
 
-        def run():  # map building (indices, kernel maps) included, as the target asks
-            coords = active.nonzero().int()
-            feats = feats_all[active].requires_grad_(phase != "fwd")
-            with torch.set_grad_enabled(phase != "fwd"):
-                st = spconv.SparseConvTensor(feats, coords, list(active.shape[1:]), active.shape[0])
-                out = conv(st).features
-                return out if phase == "fwd" else torch.autograd.grad(out, [feats, conv.weight], torch.ones_like(out))
+        def make(peer_dtype):
+            conv = spconv.SubMConv2d(cin, cout, k, padding=k // 2, bias=True).to(dev, peer_dtype)
+            feats_all = x.detach().to(peer_dtype).permute(0, 2, 3, 1)
+            g_rows = g.permute(0, 2, 3, 1)[a_out].to(peer_dtype)  # the same upstream gradient as ours
 
+            def run():  # map building (indices, kernel maps) included, as the target asks; dx, dW, db as ours
+                coords = active.nonzero().int()
+                feats = feats_all[active].requires_grad_(phase != "fwd")
+                with torch.set_grad_enabled(phase != "fwd"):
+                    st = spconv.SparseConvTensor(feats, coords, list(active.shape[1:]), active.shape[0])
+                    out = conv(st).features
+                    if phase == "fwd":
+                        return out
+                    return torch.autograd.grad(out, [feats, conv.weight, conv.bias], g_rows)
+
+            run()
+            return run
+
+        note = "spconv SubMConv2d in bf16, map building included"
+        try:
+            run = make(dtype)
+        except Exception as exc:  # noqa: BLE001 - spconv without bf16 kernels: the same work in fp16, said so
+            run = make(torch.float16)
+            note = (f"spconv SubMConv2d ran in fp16: bf16 failed ({type(exc).__name__}: "
+                    f"{str(exc).splitlines()[0][:80] if str(exc) else ''}); map building included")
         bench(
             run,
             kernel="sparse_conv2d",
             provider="spconv",
             shape=shape,
-            dtype=torch.float16,
+            dtype=dtype,
+            device=dev,
             flops=flops,
+            note=note,
             **extra,
         )
 
@@ -230,11 +272,11 @@ def _bn_case(batch, image, channels, in_stride, dtype, device):
     return x, active, w, b, g
 
 
-def _bn_fn(provider, x, active, w, b, g, phase):
+def _bn_fn(provider, x, active, w, b, g, phase, force_triton=False):
     from kernels.sparse_conv import masked_batch_norm, masked_batch_norm_reference
 
-    def ours():  # Triton on CUDA, C++ on CPU
-        with use_backend("triton" if x.is_cuda else "native", op="masked_batch_norm"):
+    def ours():  # Triton on CUDA (and the GPU cases of the dry run), C++ on CPU
+        with use_backend("triton" if (x.is_cuda or force_triton) else "native", op="masked_batch_norm"):
             return masked_batch_norm(x, active, w, b)[0]
 
     forward = {
@@ -261,15 +303,18 @@ def test_masked_batch_norm_cpu(bench, one_thread, provider, phase):
 
 
 @pytest.mark.cuda
+@pytest.mark.headline
 @pytest.mark.parametrize("phase", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("provider", ["ours", "reference", "dense-bn-remask"])
-def test_masked_batch_norm_cuda(bench, provider, phase):
+def test_masked_batch_norm_cuda(bench, cudnn_benchmark, provider, phase):
     """ResNet-50 stage 1 (256 channels at 56 x 56, batch 32, bf16, channels_last), 60% masked."""
-    x, active, w, b, g = _bn_case(32, 224, 256, 4, torch.bfloat16, "cuda")
+    batch, image, ch = sized((32, 224, 256), (2, 64, 32))
+    x, active, w, b, g = _bn_case(batch, image, ch, 4, torch.bfloat16, GPU)
     elems = x.numel()
     nbytes = (3 if phase == "fwd" else 8) * elems * x.element_size()  # see kernels/sparse_conv/triton_bn.py
-    bench(_bn_fn(provider, x, active, w, b, g, phase), kernel="masked_batch_norm", provider=provider,
-          shape=f"B32 224px 256ch @56 channels_last {phase}", dtype=torch.bfloat16, bytes_moved=nbytes)
+    bench(_bn_fn(provider, x, active, w, b, g, phase, force_triton=True), kernel="masked_batch_norm",
+          provider=provider, shape=f"B{batch} {image}px {ch}ch @{image // 4} channels_last {phase}",
+          dtype=torch.bfloat16, device=GPU, bytes_moved=nbytes)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -314,11 +359,14 @@ def test_sparse_encoder_cpu(bench, one_thread, name, provider):
 
 
 @pytest.mark.cuda
+@pytest.mark.headline
 @pytest.mark.parametrize("name", ["resnet50", "convnext_tiny"])
 @pytest.mark.parametrize("provider", ["ours", "reference"])
-def test_sparse_encoder_cuda(bench, name, provider):
+def test_sparse_encoder_cuda(bench, cudnn_benchmark, name, provider):
     """The issue's headline: the SparK encoder at 224 px, batch 32, bf16, 60% masked, vs dense + re-masking."""
-    run = _encoder_step(name, 32, 224, torch.bfloat16, "cuda", None if provider == "ours" else "reference")
-    run()
-    bench(run, kernel="spark_encoder", provider=provider, shape=f"{name} B32 224px fwd+bwd", dtype=torch.bfloat16,
-          rounds=10)
+    batch, image = sized((32, 224), (1, 64))
+    run = _encoder_step(name, batch, image, torch.bfloat16, GPU, None if provider == "ours" else "reference")
+    if not DRY_RUN:
+        run()
+    bench(run, kernel="spark_encoder", provider=provider, shape=f"{name} B{batch} {image}px fwd+bwd",
+          dtype=torch.bfloat16, device=GPU, rounds=10)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.conftest import COMPILE, peak_memory
+from bench.conftest import COMPILE, DRY_RUN, GPU, peak_memory
 from engine.methods import build_method, get_method
 from engine.tokenizers import save_tokenizer
 from engine.trainer import Trainer
@@ -47,10 +47,10 @@ TOKENIZER_PRESETS = {  # method -> (tokenizer method, CPU preset, CUDA preset)
 
 def _cfg(method: str, cuda: bool, tmp: str, **over) -> dict:
     cli = {"method": method, "output_dir": tmp, "final_knn": False, "max_steps": 1000, "num_threads": 1}
-    if cuda:
+    if cuda and not DRY_RUN:
         cli.update(config=CUDA_PRESETS.get(method), batch_size=64, precision="bf16")
-    else:
-        cli.update(batch_size=32)
+    else:  # the CPU presets (also the CUDA cases under the GPU plan's dry run, smaller batch)
+        cli.update(batch_size=8 if DRY_RUN else 32)
     cli.update(over)
     cli = {k: v for k, v in cli.items() if v is not None}
     return resolve(cli, method_defaults_fn=lambda m: get_method(m).defaults)
@@ -60,7 +60,7 @@ def _tokenizer_file(method: str, cuda: bool, tmp_path) -> str | None:
     if method not in TOKENIZER_PRESETS:
         return None
     kind, cpu_preset, cuda_preset = TOKENIZER_PRESETS[method]
-    tok_cfg = _cfg(kind, cuda, str(tmp_path / kind), config=cuda_preset if cuda else cpu_preset)
+    tok_cfg = _cfg(kind, cuda, str(tmp_path / kind), config=cuda_preset if cuda and not DRY_RUN else cpu_preset)
     tok = build_method(kind, tok_cfg).tokenizer
     return str(save_tokenizer(tok, tmp_path / f"{kind}.pt"))
 
@@ -95,7 +95,7 @@ class _OneBatchLoader:
 
 
 def _train_step(method: str, provider: str, cuda: bool, tmp_path):
-    device = torch.device("cuda" if cuda else "cpu")
+    device = GPU if cuda else torch.device("cpu")
     cfg = _cfg(method, cuda, str(tmp_path / "run"))
     tok = _tokenizer_file(method, cuda, tmp_path)
     if tok is not None:
@@ -124,7 +124,7 @@ def _shape(cfg: dict) -> str:
 
 def _run(bench, method, provider, cuda, tmp_path, rounds):
     step, cfg = _train_step(method, provider, cuda, tmp_path)
-    device = torch.device("cuda" if cuda else "cpu")
+    device = GPU if cuda else torch.device("cpu")
     try:
         step()  # warm-up outside the timing: allocator, autotuning, compilation
     except Exception as e:  # noqa: BLE001 - a peer that cannot run is reported, not fatal
@@ -132,7 +132,7 @@ def _run(bench, method, provider, cuda, tmp_path, rounds):
             pytest.skip(f"torch.compile failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
         raise
     peak = peak_memory(step, device, above_baseline=False)
-    dtype = torch.bfloat16 if cuda else torch.float32
+    dtype = torch.bfloat16 if cuda and not DRY_RUN else torch.float32
     bench(step, kernel=f"train_step_{method}", provider=provider, shape=_shape(cfg), dtype=dtype, device=device,
           rounds=rounds, images_per_call=int(cfg["batch_size"]), peak_memory_bytes=peak)
 
@@ -147,9 +147,12 @@ def test_train_step_cpu(bench, method, provider, tmp_path):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("provider", ["ours", "reference", COMPILE])
+@pytest.mark.parametrize("provider", [pytest.param("ours", marks=pytest.mark.headline, id="ours"),
+                                      pytest.param("reference", marks=pytest.mark.headline, id="reference"), COMPILE])
 @pytest.mark.parametrize("method", METHODS)
 def test_train_step_cuda(bench, method, provider, tmp_path):
+    if provider == "compile" and DRY_RUN:
+        pytest.skip("torch.compile is not part of the dry run (minutes on a 2-core CPU)")
     _run(bench, method, provider, True, tmp_path, rounds=10)
 
 
@@ -170,6 +173,8 @@ TIMM_PEERS = {
 @pytest.mark.parametrize("method", METHODS)
 def test_train_step_cuda_timm_backbone(bench, method, tmp_path):
     timm = pytest.importorskip("timm", reason="timm is not installed")
+    if DRY_RUN:
+        pytest.skip("the timm peers are not part of the dry run")
     device = torch.device("cuda")
     cfg = _cfg(method, True, str(tmp_path / "run"))
     name, kwargs = TIMM_PEERS[method]
