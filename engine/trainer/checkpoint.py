@@ -17,7 +17,6 @@ Errors: every unreadable, truncated, empty, foreign or corrupted file raises :cl
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import random
 import re
@@ -235,10 +234,3 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def is_finite_number(x) -> bool:
-    try:
-        return math.isfinite(float(x))
-    except (TypeError, ValueError):
-        return False
