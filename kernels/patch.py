@@ -1,31 +1,39 @@
-"""``patch_timm(model)``: swap the attention of a built timm ViT / DeiT / BEiT for :func:`kernels.attention`.
+"""``patch_timm(model)``: the attention of a built timm ViT / DeiT / BEiT / EVA on :func:`kernels.attention`.
 
 timm is never imported: modules are recognised by duck typing (attributes, parameter shapes and the
-``forward`` signature), so the patch works on any timm version with these layouts and on look-alikes:
+``forward`` signature), so the patch works on any timm version with these layouts and on look-alikes
+(checked against real timm 1.0 by ``.ci/compat.sh``, ``pytest -m timm``):
 
 * ViT / DeiT ``Attention``: ``qkv`` Linear(C, 3 H d), ``num_heads``, ``scale``, optional ``q_norm`` /
-  ``k_norm`` (per head) and ``norm`` (after the head merge), ``attn_drop``, ``proj``, ``proj_drop``;
-  ``forward(x)`` or ``forward(x, attn_mask=None)``.
+  ``k_norm`` (per head), ``norm`` (after the head merge) and ``gate`` (Linear: the merged heads times
+  ``sigmoid(gate(x))``), ``attn_drop``, ``proj``, ``proj_drop``;
+  ``forward(x[, attn_mask=None[, is_causal=False]])``.
 * BEiT ``Attention``: as above plus ``q_bias`` / ``v_bias`` parameters with a zero ``k_bias`` buffer
   (``qkv`` without bias; ``qkv_bias_separate`` adds the bias after the matmul), optional
   ``relative_position_bias_table [R, H]`` + ``relative_position_index [N, N]``;
   ``forward(x, shared_rel_pos_bias=None[, attn_mask=None])``.
+* EVA ``EvaAttention`` / ``AttentionRope``: the ViT members, fused ``qkv`` (with BEiT-style ``q_bias`` /
+  ``k_bias`` / ``v_bias``) or separate ``q_proj`` / ``k_proj`` / ``v_proj`` Linears (``num_kv_heads``
+  for grouped-query attention), rotary embeddings on the tokens after ``num_prefix_tokens``
+  (``rotate_half`` layout or interleaved); ``forward(x, rope=None[, attn_mask=None[, is_causal=False]])``.
 * BEiT shared ``RelativePositionBias``: ``relative_position_bias_table`` + ``relative_position_index``,
   ``forward()`` -> [H, N, N].
 
 Maths of the patched attention (identical to timm's, whichever of its fused/unfused paths ran)::
 
-    q, k, v = split(x W_qkv^T + b_qkv)            b_qkv = cat(q_bias, k_bias, v_bias) for BEiT
+    q, k, v = split(x W_qkv^T + b_qkv)            b_qkv = cat(q_bias, k_bias, v_bias) for BEiT / EVA
     q, k = q_norm(q), k_norm(k)
+    q, k = rot(q), rot(k)                          EVA: rope = cat(sin, cos), prefix tokens untouched
     bias = table[index] (as [H, N, N])  + shared_rel_pos_bias  + attn_mask (bool -> 0 / -inf)
-    y = proj_drop(proj(norm(merge_heads(softmax(scale q k^T + bias) v))))
+           (is_causal: -inf above the diagonal instead of attn_mask, as timm's math path)
+    y = proj_drop(proj(norm(merge_heads(softmax(scale q k^T + bias) v)) * sigmoid(gate(x))))
 
 The replacement takes over the original's parameters, buffers (same persistence) and submodules *as
 objects*, so ``state_dict`` keys are unchanged, checkpoints load either way and an optimizer built before
 the patch keeps training the same tensors. ``attn_drop > 0`` while training runs the math path with
 dropout (the fused kernel has none). Anything else that looks like attention but does not match
-(separate q/k/v projections, rotary embeddings, window masks, unknown submodules or arguments) is left
-alone and listed with the reason in the returned :class:`PatchReport`.
+(window masks, unknown submodules or arguments) is left alone and listed with the reason in the returned
+:class:`PatchReport`.
 """
 
 from __future__ import annotations
@@ -42,9 +50,11 @@ from kernels.attention.module import MultiheadSelfAttention
 from kernels.attention.reference import attention_reference
 from kernels.attention.relative_position import RelativePositionBias
 
-VIT_SIGNATURES = (("x",), ("x", "attn_mask"))
+VIT_SIGNATURES = (("x",), ("x", "attn_mask"), ("x", "attn_mask", "is_causal"))
 BEIT_SIGNATURES = (("x", "shared_rel_pos_bias"), ("x", "shared_rel_pos_bias", "attn_mask"))
-ATTENTION_CHILDREN = {"qkv", "q_norm", "k_norm", "norm", "attn_drop", "proj", "proj_drop"}
+ROPE_SIGNATURES = (("x", "rope"), ("x", "rope", "attn_mask"), ("x", "rope", "attn_mask", "is_causal"))
+ATTENTION_CHILDREN = {"qkv", "q_proj", "k_proj", "v_proj", "q_norm", "k_norm", "norm", "gate", "attn_drop",
+                      "proj", "proj_drop"}
 ATTENTION_PARAMS = {"q_bias", "v_bias", "relative_position_bias_table"}
 ATTENTION_BUFFERS = {"k_bias", "relative_position_index"}
 
@@ -107,14 +117,35 @@ class KernelRelativePositionBias(nn.Module):
                                 self.relative_position_index.shape[0])
 
 
+def _rotate(t: torch.Tensor, half: bool) -> torch.Tensor:
+    """timm's rotary helpers: ``rope_rotate_half`` ([-x2, x1]) or ``rot`` (interleaved pairs)."""
+    if half:
+        t1, t2 = t.chunk(2, dim=-1)
+        return torch.cat([-t2, t1], dim=-1)
+    return torch.stack([-t[..., 1::2], t[..., ::2]], -1).reshape(t.shape)
+
+
+def _apply_rope(t: torch.Tensor, rope: torch.Tensor, prefix: int, half: bool) -> torch.Tensor:
+    """``t * cos + rotate(t) * sin`` on the tokens after ``prefix`` (kept as is); rope = cat(sin, cos)."""
+    sin, cos = rope.chunk(2, dim=-1)
+    body = t[:, :, prefix:]
+    body = (body * cos + _rotate(body, half) * sin).to(t.dtype)
+    return torch.cat([t[:, :, :prefix], body], dim=2)
+
+
 class KernelAttention(nn.Module):
-    """timm ViT/DeiT attention on :func:`kernels.attention`; ``forward(x, attn_mask=None)``."""
+    """timm ViT/DeiT attention on :func:`kernels.attention`; ``forward(x, attn_mask=None, is_causal=False)``.
+
+    The base of the BEiT and rotary variants, which differ only in their ``forward`` signature."""
 
     def __init__(self, original: nn.Module, num_heads: int, head_dim: int, scale: float):
         super().__init__()
         _adopt(self, original)
         self.num_heads, self.head_dim, self.scale = num_heads, head_dim, float(scale)
+        self.num_kv_heads = int(getattr(original, "num_kv_heads", None) or num_heads)
         self.qkv_bias_separate = bool(getattr(original, "qkv_bias_separate", False))
+        self.num_prefix_tokens = int(getattr(original, "num_prefix_tokens", 0) or 0)
+        self.rotate_half = bool(getattr(original, "rotate_half", False))
         if "attn_drop" not in self._modules and isinstance(getattr(original, "attn_drop", None), (int, float)):
             self.attn_drop = float(original.attn_drop)
         index = self._buffers.get("relative_position_index")
@@ -135,7 +166,7 @@ class KernelAttention(nn.Module):
         child = self._modules.get(name)
         return t if child is None else child(t)
 
-    def _qkv(self, x: torch.Tensor) -> torch.Tensor:
+    def _qkv_fused(self, x: torch.Tensor) -> torch.Tensor:
         q_bias = self._parameters.get("q_bias")
         if q_bias is None:
             return self.qkv(x)
@@ -146,13 +177,26 @@ class KernelAttention(nn.Module):
             return self.qkv(x) + bias
         return F.linear(x, self.qkv.weight, bias)
 
-    def _bias(self, n_q: int, n_k: int, shared=None, attn_mask=None):
+    def _project(self, x: torch.Tensor):
+        B, N, _ = x.shape
+        H, d = self.num_heads, self.head_dim
+        if self._modules.get("qkv") is not None:
+            return self._qkv_fused(x).reshape(B, N, 3, H, d).permute(2, 0, 3, 1, 4).unbind(0)
+        Hkv = self.num_kv_heads
+        q = self.q_proj(x).reshape(B, N, H, d).transpose(1, 2)
+        k = self.k_proj(x).reshape(B, N, Hkv, d).transpose(1, 2)
+        v = self.v_proj(x).reshape(B, N, Hkv, d).transpose(1, 2)
+        return q, k, v
+
+    def _bias(self, n_q: int, n_k: int, shared=None, attn_mask=None, is_causal=False, like=None):
         bias = None
         if self.rel_flat_index is not None:
             bias = _gather_rel_bias(self.relative_position_bias_table, self.rel_flat_index,
                                     self.relative_position_index.shape[0])
         if shared is not None:
             bias = shared if bias is None else bias + shared
+        if is_causal:  # timm's math path: is_causal takes precedence over attn_mask
+            attn_mask = torch.full((n_q, n_k), float("-inf"), device=like.device, dtype=like.dtype).triu_(1)
         if attn_mask is not None:
             if attn_mask.dtype == torch.bool:  # True = may attend (SDPA convention)
                 attn_mask = torch.zeros(attn_mask.shape, device=attn_mask.device).masked_fill(~attn_mask, float("-inf"))
@@ -161,12 +205,20 @@ class KernelAttention(nn.Module):
             bias = attn_mask if bias is None else bias + attn_mask
         return bias
 
-    def _attend(self, x: torch.Tensor, shared=None, attn_mask=None) -> torch.Tensor:
+    def _attend(self, x: torch.Tensor, shared=None, attn_mask=None, rope=None, is_causal=False):
         B, N, _ = x.shape
         H, d = self.num_heads, self.head_dim
-        q, k, v = self._qkv(x).reshape(B, N, 3, H, d).permute(2, 0, 3, 1, 4).unbind(0)
+        gate = self._modules.get("gate")
+        gate = gate(x).sigmoid() if gate is not None else None
+        q, k, v = self._project(x)
         q, k = self._apply_child("q_norm", q), self._apply_child("k_norm", k)
-        bias = self._bias(N, N, shared, attn_mask)
+        if rope is not None:
+            q = _apply_rope(q, rope, self.num_prefix_tokens, self.rotate_half).type_as(v)
+            k = _apply_rope(k, rope, self.num_prefix_tokens, self.rotate_half).type_as(v)
+        if self.num_kv_heads != H:  # grouped-query attention: kv head h // groups serves head h
+            k = k.repeat_interleave(H // self.num_kv_heads, dim=1)
+            v = v.repeat_interleave(H // self.num_kv_heads, dim=1)
+        bias = self._bias(N, N, shared, attn_mask, is_causal, like=q)
         if bias is not None and bias.dtype != q.dtype and bias.dtype not in (torch.float32,):
             bias = bias.to(q.dtype)
         p = self.attn_drop_p
@@ -175,13 +227,16 @@ class KernelAttention(nn.Module):
         else:
             out = attention(q, k, v, bias=bias, scale=self.scale)
         y = self._apply_child("norm", out.transpose(1, 2).reshape(B, N, H * d))
+        if gate is not None:
+            y = y * gate
         return self._apply_child("proj_drop", self.proj(y))
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self._attend(x, attn_mask=attn_mask)
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False):
+        return self._attend(x, attn_mask=attn_mask, is_causal=is_causal)
 
     def extra_repr(self) -> str:
-        return f"num_heads={self.num_heads}, head_dim={self.head_dim}, scale={self.scale:.4g}"
+        kv = f", num_kv_heads={self.num_kv_heads}" if self.num_kv_heads != self.num_heads else ""
+        return f"num_heads={self.num_heads}{kv}, head_dim={self.head_dim}, scale={self.scale:.4g}"
 
 
 class KernelBeitAttention(KernelAttention):
@@ -190,6 +245,15 @@ class KernelBeitAttention(KernelAttention):
     def forward(self, x: torch.Tensor, shared_rel_pos_bias: torch.Tensor | None = None,
                 attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self._attend(x, shared=shared_rel_pos_bias, attn_mask=attn_mask)
+
+
+class KernelRopeAttention(KernelAttention):
+    """timm EVA / rotary attention on :func:`kernels.attention`; ``forward(x, rope=None, attn_mask=None,
+    is_causal=False)``."""
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
+                is_causal: bool = False):
+        return self._attend(x, attn_mask=attn_mask, rope=rope, is_causal=is_causal)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -225,27 +289,70 @@ def _check_rel_pos(table, index, num_heads) -> str | None:
     return None
 
 
+def _projections(m: nn.Module, num_heads) -> tuple[int, int] | str:
+    """``(head_dim, num_kv_heads)`` of a fused ``qkv`` or separate ``q_proj``/``k_proj``/``v_proj`` module."""
+    qkv = m._modules.get("qkv")
+    if not isinstance(num_heads, int) or num_heads < 1:
+        return f"num_heads={num_heads!r} is not a positive int"
+    if isinstance(qkv, nn.Linear):
+        if any(m._modules.get(n) is not None for n in ("q_proj", "k_proj", "v_proj")):
+            return "both a fused qkv and separate q/k/v projections: which one forward uses is ambiguous"
+        if qkv.out_features % (3 * num_heads):
+            return f"num_heads={num_heads!r} does not split qkv.out_features={qkv.out_features} into 3 x heads"
+        return qkv.out_features // (3 * num_heads), num_heads
+    proj = [m._modules.get(n) for n in ("q_proj", "k_proj", "v_proj")]
+    if not all(isinstance(p, nn.Linear) for p in proj):
+        return "needs a `qkv` nn.Linear or `q_proj`, `k_proj`, `v_proj` nn.Linear layers"
+    q, k, v = proj
+    if q.out_features % num_heads:
+        return f"num_heads={num_heads} does not split q_proj.out_features={q.out_features}"
+    head_dim = q.out_features // num_heads
+    kv_heads = getattr(m, "num_kv_heads", None) or num_heads
+    if not isinstance(kv_heads, int) or num_heads % kv_heads or k.out_features != kv_heads * head_dim \
+            or v.out_features != k.out_features:
+        return (f"k_proj/v_proj out_features {k.out_features}/{v.out_features} do not fit "
+                f"num_kv_heads={kv_heads} x head_dim={head_dim}")
+    if any(n in m._parameters for n in ("q_bias", "v_bias")):
+        return "q_bias/v_bias next to separate q/k/v projections: their role in forward is not known"
+    return head_dim, kv_heads
+
+
 def recognise_attention(m: nn.Module):
     """``(replacement class, num_heads, head_dim, scale)`` for a patchable module, else the reason (str)."""
     sig = _signature(m)
-    kind = KernelAttention if sig in VIT_SIGNATURES else KernelBeitAttention if sig in BEIT_SIGNATURES else None
+    kind = (KernelAttention if sig in VIT_SIGNATURES else KernelBeitAttention if sig in BEIT_SIGNATURES
+            else KernelRopeAttention if sig in ROPE_SIGNATURES else None)
     if kind is None:
-        return f"forward{sig} is not a recognised attention signature (x[, attn_mask] or x[, shared_rel_pos_bias])"
-    qkv, proj = m._modules.get("qkv"), m._modules.get("proj")
-    if not isinstance(qkv, nn.Linear) or not isinstance(proj, nn.Linear):
-        return "needs `qkv` and `proj` nn.Linear layers (separate q/k/v projections are not supported)"
+        return (f"forward{sig} is not a recognised attention signature (x[, attn_mask[, is_causal]], "
+                "x, shared_rel_pos_bias[, attn_mask] or x, rope[, attn_mask[, is_causal]])")
+    proj = m._modules.get("proj")
+    if not isinstance(proj, nn.Linear):
+        return "needs a `proj` nn.Linear output projection"
+    num_heads = getattr(m, "num_heads", None)
+    found = _projections(m, num_heads)
+    if isinstance(found, str):
+        return found
     extra = (set(m._modules) - ATTENTION_CHILDREN) | (set(m._parameters) - ATTENTION_PARAMS)
     extra |= set(m._buffers) - ATTENTION_BUFFERS
     if extra:
         return f"unknown members {sorted(extra)} (their role in forward is not known)"
-    num_heads = getattr(m, "num_heads", None)
-    if not isinstance(num_heads, int) or num_heads < 1 or qkv.out_features % (3 * num_heads):
-        return f"num_heads={num_heads!r} does not split qkv.out_features={qkv.out_features} into 3 x heads"
-    head_dim = qkv.out_features // (3 * num_heads)
+    head_dim, _ = found
     if proj.in_features != num_heads * head_dim:
         return f"proj.in_features={proj.in_features} != num_heads * head_dim = {num_heads * head_dim}"
+    gate = m._modules.get("gate")
+    if gate is not None and (not isinstance(gate, nn.Linear) or gate.out_features != num_heads * head_dim):
+        return f"gate must be an nn.Linear to num_heads * head_dim = {num_heads * head_dim} features"
     if kind is KernelAttention and any(m._parameters.get(n) is not None for n in ATTENTION_PARAMS):
         return "a ViT-style forward(x[, attn_mask]) with BEiT parameters (q_bias / rel-pos table) is ambiguous"
+    if kind is KernelRopeAttention:
+        if m._parameters.get("relative_position_bias_table") is not None:
+            return "a rotary forward(x, rope) with a relative position table is not a known layout"
+        prefix = getattr(m, "num_prefix_tokens", None)
+        if not isinstance(prefix, int) or prefix < 0:
+            return f"num_prefix_tokens={prefix!r}: a rotary attention needs the number of prefix tokens"
+        if head_dim % 2:
+            return f"head_dim={head_dim} is odd: rotary embeddings rotate pairs"
+    qkv = m._modules.get("qkv")
     q_bias, v_bias = m._parameters.get("q_bias"), m._parameters.get("v_bias")
     if (q_bias is None) != (v_bias is None):
         return "q_bias and v_bias must both be set or both be None"

@@ -23,6 +23,10 @@ def pytest_addoption(parser):
     parser.addoption("--device", default="cpu", help="device to run the tests on: cpu (default) or cuda")
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "timm: needs the real timm (+ torchvision); run by .ci/compat.sh in its venv")
+
+
 def pytest_collection_modifyitems(config, items):
     if config.getoption("--device") != "cuda":
         skip = pytest.mark.skip(reason="needs --device cuda")

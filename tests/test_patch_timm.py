@@ -1,9 +1,10 @@
-"""kernels.patch_timm: timm ViT / DeiT / BEiT attention swapped for kernels.attention, weights kept.
+"""kernels.patch_timm: timm ViT / DeiT / BEiT / EVA attention swapped for kernels.attention, weights kept.
 
-timm cannot be installed on the CPU test machine (it needs torchvision), so the main tests use structural
-test doubles written here from the maths of timm's modules: same attribute names, parameter/buffer layout
-(persistence included) and forward semantics, both of timm's attention paths (``fused_attn``: SDPA;
-otherwise explicit softmax). The last tests run against real timm when it is importable.
+timm cannot be installed next to the main environment's CPU torch 2.13 (it needs torchvision), so the main
+tests use structural test doubles written here from the maths of timm's modules: same attribute names,
+parameter/buffer layout (persistence included) and forward semantics, both of timm's attention paths
+(``fused_attn``: SDPA; otherwise explicit softmax). The tests marked ``timm`` (the last section) run against
+real timm models; ``.ci/compat.sh`` runs them in a venv with torch 2.14.1 + torchvision + timm.
 """
 
 import copy
@@ -45,11 +46,21 @@ def softmax_attention(q, k, v, scale, bias=None, drop=None):
     return attn @ v
 
 
+def additive_mask(attn_mask, n, dtype, is_causal=False):
+    """SDPA's mask semantics as an additive bias (bool: True = may attend; is_causal: lower triangle)."""
+    if is_causal:
+        above = torch.ones(n, n, dtype=torch.bool).triu(1)
+        return torch.zeros(n, n, dtype=dtype).masked_fill(above, float("-inf"))
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        return torch.zeros(attn_mask.shape, dtype=dtype).masked_fill(~attn_mask, float("-inf"))
+    return attn_mask
+
+
 class VitAttention(nn.Module):
-    """timm ``vision_transformer.Attention`` layout."""
+    """timm ``layers.attention.Attention`` layout (timm 1.0: ``is_causal``, the optional output ``gate``)."""
 
     def __init__(self, dim, num_heads, qkv_bias=False, qk_norm=False, scale_norm=False, attn_drop=0.0,
-                 fused_attn=False):
+                 fused_attn=False, gated=False):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
@@ -60,22 +71,32 @@ class VitAttention(nn.Module):
         self.k_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
         self.attn_drop = nn.Dropout(attn_drop)
         self.norm = nn.LayerNorm(dim) if scale_norm else nn.Identity()
+        self.gate = nn.Linear(dim, dim, bias=qkv_bias) if gated else None
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(0.0)
 
-    def forward(self, x, attn_mask=None):
+    def forward(self, x, attn_mask=None, is_causal=False):
         B, N, C = x.shape
+        gate = self.gate(x).sigmoid() if self.gate is not None else None
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
         if self.fused_attn:
             p = self.attn_drop.p if self.training else 0.0
-            x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p, is_causal=is_causal)
         else:
-            if attn_mask is not None and attn_mask.dtype == torch.bool:
-                attn_mask = torch.zeros(attn_mask.shape, dtype=q.dtype).masked_fill(~attn_mask, float("-inf"))
-            x = softmax_attention(q, k, v, self.scale, attn_mask, self.attn_drop)
+            bias = additive_mask(attn_mask, N, q.dtype, is_causal)
+            x = softmax_attention(q, k, v, self.scale, bias, self.attn_drop)
         x = self.norm(x.transpose(1, 2).reshape(B, N, C))
+        if gate is not None:
+            x = x * gate
         return self.proj_drop(self.proj(x))
+
+
+class LegacyVitAttention(VitAttention):
+    """timm < 1.0's signature ``forward(x, attn_mask=None)`` (no ``is_causal``)."""
+
+    def forward(self, x, attn_mask=None):
+        return super().forward(x, attn_mask=attn_mask)
 
 
 class Mlp(nn.Module):
@@ -227,6 +248,125 @@ class TinyBeit(nn.Module):
         return self.head(self.norm(x).mean(1))
 
 
+def rotate_pairs(x, sin, cos, half):
+    """Rotary embedding as complex multiplication: pairs (x_2i, x_2i+1) (interleaved) or (x_i, x_i+d/2)
+    (``half``) turned by the angle whose sine/cosine are given per pair [..., d/2]."""
+    if half:
+        a, b = x.chunk(2, dim=-1)
+    else:
+        a, b = x[..., 0::2], x[..., 1::2]
+    z = torch.complex(a, b) * torch.complex(cos, sin)
+    if half:
+        return torch.cat([z.real, z.imag], dim=-1)
+    return torch.stack([z.real, z.imag], dim=-1).flatten(-2)
+
+
+def timm_rope(angles, half):
+    """timm's ``cat(sin_emb, cos_emb)`` layout of per-pair angles [N, d/2]: interleaved or half-split."""
+    rep = (lambda t: torch.cat([t, t], dim=-1)) if half else (lambda t: t.repeat_interleave(2, dim=-1))
+    return torch.cat([rep(angles.sin()), rep(angles.cos())], dim=-1)
+
+
+class RopeAttention(nn.Module):
+    """timm ``eva.EvaAttention`` / ``layers.attention.AttentionRope`` layout: fused qkv with q/k/v biases or
+    separate q/k/v projections (grouped-query: ``num_kv_heads``), rotary embedding after the prefix tokens."""
+
+    def __init__(self, dim, num_heads, qkv_fused=True, qkv_bias=True, num_kv_heads=None, num_prefix_tokens=1,
+                 rotate_half=False, qk_norm=False, scale_norm=False, gated=False, fused_attn=False):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.num_kv_heads = num_kv_heads or num_heads
+        self.scale = self.head_dim**-0.5
+        self.num_prefix_tokens, self.rotate_half, self.fused_attn = num_prefix_tokens, rotate_half, fused_attn
+        kv_dim = self.head_dim * self.num_kv_heads
+        if qkv_fused:
+            self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+            self.q_proj = self.k_proj = self.v_proj = None
+            if qkv_bias:
+                self.q_bias = nn.Parameter(torch.randn(dim) * 0.1)
+                self.register_buffer("k_bias", torch.zeros(dim), persistent=False)
+                self.v_bias = nn.Parameter(torch.randn(dim) * 0.1)
+            else:
+                self.q_bias = self.k_bias = self.v_bias = None
+        else:
+            self.qkv = None
+            self.q_proj = nn.Linear(dim, dim, bias=qkv_bias)
+            self.k_proj = nn.Linear(dim, kv_dim, bias=False)
+            self.v_proj = nn.Linear(dim, kv_dim, bias=qkv_bias)
+            self.q_bias = self.k_bias = self.v_bias = None
+        self.q_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.attn_drop = nn.Dropout(0.0)
+        self.norm = nn.LayerNorm(dim) if scale_norm else nn.Identity()
+        self.gate = nn.Linear(dim, dim) if gated else None
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(0.0)
+
+    def forward(self, x, rope=None, attn_mask=None, is_causal=False):
+        B, N, C = x.shape
+        H, Hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        gate = self.gate(x).sigmoid() if self.gate is not None else None
+        if self.qkv is not None:
+            bias = None if self.q_bias is None else torch.cat((self.q_bias, self.k_bias, self.v_bias))
+            qkv = F.linear(x, self.qkv.weight, bias)
+            q, k, v = qkv.reshape(B, N, 3, H, d).permute(2, 0, 3, 1, 4).unbind(0)
+        else:
+            q = self.q_proj(x).reshape(B, N, H, d).transpose(1, 2)
+            k = self.k_proj(x).reshape(B, N, Hkv, d).transpose(1, 2)
+            v = self.v_proj(x).reshape(B, N, Hkv, d).transpose(1, 2)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            sin, cos = rope.chunk(2, dim=-1)
+            pick = (lambda t: t[..., : d // 2]) if self.rotate_half else (lambda t: t[..., ::2])
+            sin, cos = pick(sin), pick(cos)
+            npt = self.num_prefix_tokens
+            q = torch.cat([q[:, :, :npt], rotate_pairs(q[:, :, npt:], sin, cos, self.rotate_half)], dim=2)
+            k = torch.cat([k[:, :, :npt], rotate_pairs(k[:, :, npt:], sin, cos, self.rotate_half)], dim=2)
+        k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
+        if self.fused_attn:
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+        else:
+            x = softmax_attention(q, k, v, self.scale, additive_mask(attn_mask, N, q.dtype, is_causal))
+        x = self.norm(x.transpose(1, 2).reshape(B, N, C))
+        if gate is not None:
+            x = x * gate
+        return self.proj_drop(self.proj(x))
+
+
+class RopeBlock(nn.Module):
+    def __init__(self, dim, heads, **attn_kw):
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(dim), RopeAttention(dim, heads, **attn_kw)
+        self.norm2, self.mlp = nn.LayerNorm(dim), Mlp(dim)
+
+    def forward(self, x, rope=None):
+        x = x + self.attn(self.norm1(x), rope=rope)
+        return x + self.mlp(self.norm2(x))
+
+
+class TinyEva(nn.Module):
+    """EVA-like: ``num_prefix_tokens`` cls/register tokens, a rotary table per patch, mean-pooled head."""
+
+    def __init__(self, img=12, patch=4, dim=12, depth=2, heads=3, num_prefix_tokens=1, rotate_half=False,
+                 **attn_kw):
+        super().__init__()
+        n = (img // patch) ** 2
+        self.patch_embed = nn.Conv2d(3, dim, patch, patch)
+        self.prefix = nn.Parameter(torch.randn(1, num_prefix_tokens, dim) * 0.02)
+        angles = torch.rand(n, dim // heads // 2) * 6.0  # any angles: the rotation is what is tested
+        self.register_buffer("rope", timm_rope(angles, rotate_half), persistent=False)
+        self.blocks = nn.ModuleList([RopeBlock(dim, heads, num_prefix_tokens=num_prefix_tokens,
+                                               rotate_half=rotate_half, **attn_kw) for _ in range(depth)])
+        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, 5)
+
+    def forward(self, x):
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.prefix.expand(x.shape[0], -1, -1), x], dim=1)
+        for blk in self.blocks:
+            x = blk(x, rope=self.rope.to(x.dtype))
+        return self.head(self.norm(x).mean(1))
+
+
 class WindowAttention(nn.Module):
     """Swin-like: forward(x, mask) over windows; must be left alone."""
 
@@ -294,6 +434,7 @@ def _patched_copy(model):
     {"qkv_bias": True, "fused_attn": True},
     {"qkv_bias": False, "qk_norm": True, "scale_norm": True},
     {"qkv_bias": True, "distilled": True},
+    {"qkv_bias": True, "gated": True},
 ])
 def test_vit_like_outputs_and_gradients_match(dtype, variant):
     model = TinyVit(**variant).to(dtype)
@@ -306,24 +447,33 @@ def test_vit_like_outputs_and_gradients_match(dtype, variant):
 
 
 @pytest.mark.parametrize("fused", [False, True])
-@pytest.mark.parametrize("mask_kind", ["float4d", "bool_keypad", "float_per_batch_head"])
-def test_vit_attention_with_attn_mask(fused, mask_kind):
+@pytest.mark.parametrize("kind,mask_kind", [
+    (kind, mask) for kind in (VitAttention, LegacyVitAttention)
+    for mask in ("float4d", "bool_keypad", "float_per_batch_head", "causal")
+    if not (kind is LegacyVitAttention and mask == "causal")  # the legacy signature has no is_causal
+])
+def test_vit_attention_with_attn_mask(fused, mask_kind, kind):
     dtype = torch.float64
-    attn = VitAttention(12, 3, qkv_bias=True, fused_attn=fused).to(dtype)
+    attn = kind(12, 3, qkv_bias=True, fused_attn=fused).to(dtype)
     holder = nn.Module()
     holder.attn = copy.deepcopy(attn)
-    patch_timm(holder)
+    report = patch_timm(holder)
+    assert report.replaced == {"attn": "KernelAttention"}
     B, N = 2, 5
     x = torch.randn(B, N, 12, dtype=dtype, requires_grad=True)
+    kw = {}
     if mask_kind == "float4d":
-        mask = torch.randn(B, 1, N, N, dtype=dtype)
+        kw["attn_mask"] = torch.randn(B, 1, N, N, dtype=dtype)
     elif mask_kind == "float_per_batch_head":
-        mask = torch.randn(B, 3, N, N, dtype=dtype)
+        kw["attn_mask"] = torch.randn(B, 3, N, N, dtype=dtype)
+    elif mask_kind == "causal":
+        kw["is_causal"] = True
     else:
         mask = torch.ones(B, 1, 1, N, dtype=torch.bool)
         mask[0, ..., -2:] = False  # key padding
-    ref = attn(x, attn_mask=mask)
-    out = holder.attn(x, attn_mask=mask)
+        kw["attn_mask"] = mask
+    ref = attn(x, **kw)
+    out = holder.attn(x, **kw)
     assert_close(out, ref, atol=1e-10, rtol=1e-9, name="out")
     g = torch.randn_like(out)
     assert_close(torch.autograd.grad(out, x, g)[0], torch.autograd.grad(ref, x, g)[0], atol=1e-10, rtol=1e-9,
@@ -390,6 +540,66 @@ def test_shared_rel_pos_bias_module_alone():
     (ga,) = torch.autograd.grad(out, holder.rel_pos_bias.relative_position_bias_table, g)
     (gr,) = torch.autograd.grad(ref, rpb.relative_position_bias_table, g)
     assert_close(ga, gr, atol=1e-12, rtol=1e-12, name="table grad")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# EVA / rotary
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("variant", [
+    {},
+    {"fused_attn": True},
+    {"rotate_half": True},
+    {"num_prefix_tokens": 0},
+    {"num_prefix_tokens": 2, "qk_norm": True, "scale_norm": True},
+    {"qkv_fused": False},
+    {"qkv_fused": False, "heads": 4, "num_kv_heads": 2, "fused_attn": True},
+    {"qkv_fused": False, "heads": 4, "num_kv_heads": 1, "gated": True},
+    {"qkv_bias": False},
+])
+def test_rope_like_outputs_and_gradients_match(dtype, variant):
+    variant = dict(variant)
+    model = TinyEva(dim=16, heads=variant.pop("heads", 2), **variant).to(dtype)
+    patched, report = _patched_copy(model)
+    assert report.replaced == {"blocks.0.attn": "KernelRopeAttention", "blocks.1.attn": "KernelRopeAttention"}
+    assert report.left == {}
+    x = torch.randn(2, 3, 12, 12, dtype=dtype)
+    _check_same_model(model, patched, dtype, x)
+    with torch.no_grad():  # the rotary table really matters
+        before = patched(x)
+        angles = torch.rand(9, patched.rope.shape[-1] // 4) * 6.0
+        patched.rope.copy_(timm_rope(angles, variant.get("rotate_half", False)))
+        assert not torch.allclose(patched(x), before)
+
+
+@pytest.mark.parametrize("kw", [{"rope": True}, {"rope": True, "is_causal": True}, {"attn_mask": True}])
+def test_rope_attention_call_arguments(kw):
+    attn = RopeAttention(16, 2, num_prefix_tokens=1).double()
+    holder = nn.Module()
+    holder.attn = copy.deepcopy(attn)
+    patch_timm(holder)
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    args = {}
+    if kw.get("rope"):
+        args["rope"] = timm_rope(torch.rand(4, 4) * 6.0, False).double()
+    if kw.get("is_causal"):
+        args["is_causal"] = True
+    if kw.get("attn_mask"):
+        args["attn_mask"] = torch.randn(2, 1, 5, 5, dtype=torch.float64)
+    assert_close(holder.attn(x, **args), attn(x, **args), atol=1e-10, rtol=1e-9, name="out")
+
+
+def test_rope_modules_that_do_not_fit_are_left():
+    odd = RopeAttention(12, 2)  # head_dim 6 is fine; an odd head dim cannot be rotated in pairs
+    odd.num_prefix_tokens = None
+    gqa_bad = RopeAttention(16, 4, qkv_fused=False, num_kv_heads=2)
+    gqa_bad.num_kv_heads = 3
+    holder = nn.Module()
+    holder.a, holder.b = odd, gqa_bad
+    report = patch_timm(holder)
+    assert report.replaced == {}
+    assert "num_prefix_tokens" in report.left["a"] and "num_kv_heads" in report.left["b"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -469,30 +679,99 @@ def test_patched_attention_uses_the_kernel(monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# real timm (when importable)
+# real timm (marked `timm`: .ci/compat.sh runs them in its venv; skipped where timm is not importable)
+
+_VIT = {"img_size": 32, "patch_size": 8, "depth": 2}
+_SMALL = {"depth": 2, "embed_dim": 48, "num_heads": 3}
+REAL_TIMM = [  # (timm name, kwargs, what the patch becomes)
+    ("vit_tiny_patch16_224", _VIT, "KernelAttention"),
+    ("vit_tiny_patch16_224", {**_VIT, "qk_norm": True, "qkv_bias": False}, "KernelAttention"),
+    ("deit_tiny_distilled_patch16_224", _VIT, "KernelAttention"),
+    ("beit_base_patch16_224", {**_VIT, **_SMALL}, "KernelBeitAttention"),
+    ("beit_base_patch16_224", {**_VIT, **_SMALL, "use_rel_pos_bias": False, "use_shared_rel_pos_bias": True},
+     "KernelBeitAttention"),
+    ("beitv2_base_patch16_224", {**_VIT, **_SMALL}, "KernelBeitAttention"),
+    ("eva_giant_patch14_224", {"img_size": 56, **_SMALL, "mlp_ratio": 4.0}, "KernelRopeAttention"),  # EVA-01
+    ("eva02_tiny_patch14_224", {"img_size": 56, **_SMALL}, "KernelRopeAttention"),  # rope, SwiGLU, fused qkv
+    ("eva02_tiny_patch14_224", {"img_size": 56, **_SMALL, "qkv_fused": False}, "KernelRopeAttention"),
+    ("eva02_tiny_patch14_224", {"img_size": 56, **_SMALL, "rope_rotate_half": True}, "KernelRopeAttention"),
+    ("vit_medium_patch16_rope_reg1_gap_256", {"img_size": 64, **_SMALL}, "KernelRopeAttention"),  # + register
+    ("vit_medium_patch16_rope_reg1_gap_256",  # AttentionRope with grouped-query attention
+     {"img_size": 64, "depth": 2, "embed_dim": 64, "num_heads": 4, "attn_type": "rope", "qkv_fused": False,
+      "num_kv_heads": 2}, "KernelRopeAttention"),
+    ("vit_small_patch16_rope_mixed_224", {"img_size": 64, **_SMALL}, "KernelRopeAttention"),  # per-depth rope
+]
 
 
 def _timm():
     return pytest.importorskip("timm")
 
 
-@pytest.mark.parametrize("name,kwargs", [
-    ("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 2}),
-    ("deit_tiny_distilled_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 2}),
-    ("beit_base_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 48, "num_heads": 3}),
-    ("beit_base_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 48, "num_heads": 3,
-                                   "use_rel_pos_bias": False, "use_shared_rel_pos_bias": True}),
-])
-def test_real_timm_models(name, kwargs):
+def _real(name, kwargs, dtype=torch.float64, fused=None):
     timm = _timm()
-    model = timm.create_model(name, pretrained=False, num_classes=5, **kwargs).double().eval()
-    with torch.no_grad():  # random rel-pos tables and q/v biases so they matter
+    model = timm.create_model(name, pretrained=False, num_classes=5, **kwargs).to(dtype).eval()
+    with torch.no_grad():  # random rel-pos tables, biases and layer scales so that they matter
+        gen = torch.Generator().manual_seed(3)
         for n, p in model.named_parameters():
-            if "relative_position_bias_table" in n or n.endswith(("q_bias", "v_bias")):
-                p.normal_(0, 0.3)
+            scale = 0.3 if "relative_position_bias_table" in n or n.endswith(("q_bias", "v_bias")) else 0.05
+            p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * scale)
+    if fused is not None:
+        for m in model.modules():
+            if hasattr(m, "fused_attn"):
+                m.fused_attn = fused
+    return model
+
+
+@pytest.mark.timm
+@pytest.mark.parametrize("fused", [False, True], ids=["math", "sdpa"])
+@pytest.mark.parametrize("name,kwargs,kind", REAL_TIMM,
+                         ids=[f"{i}-{n}" for i, (n, _, _) in enumerate(REAL_TIMM)])
+def test_real_timm_models(name, kwargs, kind, fused, monkeypatch):
+    model = _real(name, kwargs, fused=fused)
     patched, report = _patched_copy(model)
     depth = kwargs["depth"]
-    assert sum(v in ("KernelAttention", "KernelBeitAttention") for v in report.replaced.values()) == depth
-    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    assert list(report.replaced.values()).count(kind) == depth, str(report)
+    assert report.left == {}, str(report)
+    calls = []
+    real = kernels.patch.attention
+    monkeypatch.setattr(kernels.patch, "attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    size = kwargs["img_size"]
+    x = torch.randn(2, 3, size, size, dtype=torch.float64)
     _check_same_model(model, patched, torch.float64, x)
+    assert len(calls) == depth, "the patched model must run kernels.attention in every block"
     assert math.isfinite(patched(x).sum().item())
+
+
+@pytest.mark.timm
+@pytest.mark.parametrize("index", [0, 3, 7, 11])
+def test_real_timm_float32(index):
+    name, kwargs, _ = REAL_TIMM[index]
+    model = _real(name, kwargs, dtype=torch.float32)
+    patched, _ = _patched_copy(model)
+    size = kwargs["img_size"]
+    _check_same_model(model, patched, torch.float32, torch.randn(2, 3, size, size))
+
+
+@pytest.mark.timm
+@pytest.mark.parametrize("fused", [False, True], ids=["math", "sdpa"])
+@pytest.mark.parametrize("call", ["attn_mask", "bool_mask", "is_causal"])
+def test_real_timm_attention_arguments(call, fused):
+    timm = _timm()
+    from timm.layers import Attention
+
+    attn = Attention(16, num_heads=2, qkv_bias=True).double()
+    attn.fused_attn = fused
+    holder = nn.Module()
+    holder.attn = copy.deepcopy(attn)
+    assert patch_timm(holder).replaced == {"attn": "KernelAttention"}
+    x = torch.randn(2, 6, 16, dtype=torch.float64)
+    if call == "attn_mask":
+        kw = {"attn_mask": torch.randn(2, 1, 6, 6, dtype=torch.float64)}
+    elif call == "bool_mask":
+        mask = torch.ones(2, 1, 1, 6, dtype=torch.bool)
+        mask[1, ..., -3:] = False
+        kw = {"attn_mask": mask}
+    else:
+        kw = {"is_causal": True}
+    assert_close(holder.attn(x, **kw), attn(x, **kw), atol=1e-10, rtol=1e-9, name=f"{call} out")
+    assert timm.__version__
