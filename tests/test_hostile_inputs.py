@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -285,3 +286,65 @@ def test_attention_keeps_nan_inputs_and_masked_rows_as_they_were():
     out = kernels.attention(q, q, q, bias=bias)
     expected = torch.softmax(q @ q.transpose(-1, -2) * 8**-0.5 + bias, -1) @ q
     assert torch.equal(torch.isnan(out), torch.isnan(expected))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 6d. 16-bit PNGs in the torch fallback loader: PIL's convert("RGB") clipped I;16 at 255 (99.6% white)
+
+
+def _write_png16(path, arr):
+    """A 16-bit PNG from uint16 ``[H, W]`` (gray), ``[H, W, 2]`` (gray+alpha), ``[H, W, 3]`` or ``[H, W, 4]``
+    (PIL cannot write the colour ones itself)."""
+    import struct
+    import zlib
+
+    arr = np.asarray(arr, dtype=">u2")
+    colour = 0 if arr.ndim == 2 else {2: 4, 3: 2, 4: 6}[arr.shape[2]]
+    h, w = arr.shape[:2]
+    raw = b"".join(b"\x00" + arr[i].tobytes() for i in range(h))
+
+    def chunk(tag, payload):
+        return struct.pack(">I", len(payload)) + tag + payload + struct.pack(">I", zlib.crc32(tag + payload))
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, colour, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("channels", [0, 2, 3, 4], ids=["gray", "gray_alpha", "rgb", "rgba"])
+def test_16bit_png_decodes_by_its_high_byte(tmp_path, channels):
+    from engine.data.torch_transforms import decode
+
+    rng = np.random.default_rng(0)
+    shape = (20, 30) if channels == 0 else (20, 30, channels)
+    wide = rng.integers(0, 65536, shape).astype(np.uint16)
+    path = tmp_path / "wide.png"
+    _write_png16(path, wide)
+    img = decode(str(path))
+    assert img.dtype == torch.uint8 and img.shape == (3, 20, 30)
+    high = wide >> 8
+    expected = np.repeat(high[..., None], 3, 2) if channels == 0 else (
+        np.repeat(high[..., :1], 3, 2) if channels == 2 else high[..., :3])
+    assert torch.equal(img, torch.from_numpy(expected.astype(np.uint8)).permute(2, 0, 1))
+    assert (img == 255).float().mean() < 0.05  # was 99.6% for grayscale
+    assert torch.equal(decode(np.fromfile(path, dtype=np.uint8)), img)  # encoded bytes, as the loader passes
+
+
+def test_16bit_grayscale_png_through_the_fallback_eval_loader(tmp_path):
+    from PIL import Image
+
+    from engine import data
+
+    root = tmp_path / "wide" / "val" / "0"
+    root.mkdir(parents=True)
+    ramp = (np.arange(32 * 32).reshape(32, 32) * 64).astype(np.uint16)  # 0 .. 65472
+    for i in range(2):
+        Image.fromarray(ramp).save(root / f"{i}.png")  # PIL writes I;16 arrays as 16-bit grayscale PNGs
+        Image.fromarray((ramp >> 8).astype(np.uint8)).convert("RGB").save(root / f"{i}_8bit.png")
+    batch = next(iter(data.build_eval_loader(tmp_path / "wide", "val", backend="torch", batch_size=4,
+                                             image_size=32, num_threads=1)))
+    images = batch["images"]
+    assert images.shape[0] == 4
+    # every file holds the same ramp: the 16-bit ones must give the pixels of their 8-bit (high byte) twins
+    for img in images[1:]:
+        torch.testing.assert_close(img, images[0], atol=1e-6, rtol=0)
+    assert images[0].std() > 0.5  # a ramp, not a saturated white square

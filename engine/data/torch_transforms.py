@@ -22,9 +22,30 @@ _YIQ2RGB = torch.linalg.inv(_RGB2YIQ)
 _MODES = {"bicubic": "bicubic", "bilinear": "bilinear", "lanczos": "bicubic"}
 
 
+# PIL modes of 16/32-bit integer grayscale images: ``convert("RGB")`` clips their values at 255 (a 16-bit
+# PNG came out ~99.6% white), so they are scaled to 8 bits first.
+_WIDE_GRAY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def _to_rgb_u8(im) -> np.ndarray:
+    """uint8 [H, W, 3] of a PIL image. 16-bit grayscale (PNG ``I;16*``, and ``I``, which older Pillow uses for
+    16-bit PNGs; its values are clipped to 0..65535) keeps its most significant byte (``v >> 8``), exactly
+    what PIL itself does when it reads 16-bit RGB(A) and gray+alpha PNGs into its 8-bit modes."""
+    if im.mode in _WIDE_GRAY_MODES:
+        wide = np.asarray(im).astype(np.int64)
+        gray = (np.clip(wide, 0, 65535) >> 8).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2)
+    return np.asarray(im.convert("RGB"), dtype=np.uint8)
+
+
 def decode(source) -> torch.Tensor:
     """Decode an image (a path, or its encoded bytes as a uint8 numpy array) to uint8 [3, H, W] RGB with
-    PIL."""
+    PIL.
+
+    16-bit PNGs become 8 bits by their high byte (``v >> 8``) in every colour type (PIL does it for RGB(A)
+    and gray+alpha, :func:`_to_rgb_u8` for plain 16-bit grayscale). DALI's ``fn.decoders.image`` (default
+    ``dtype=UINT8``) converts to uint8's dynamic range, ``v * 255 / 65535``, which can differ from ``v >> 8``
+    by one level (DALI is not importable on the CPU test machine, so that side is taken from its docs)."""
     import io
 
     from PIL import Image
@@ -32,7 +53,7 @@ def decode(source) -> torch.Tensor:
     if isinstance(source, np.ndarray):
         source = io.BytesIO(source.tobytes())
     with Image.open(source) as im:
-        arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+        arr = _to_rgb_u8(im)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 
 
