@@ -14,6 +14,7 @@ from kernels._backend import (
     use_backend,
 )
 from kernels.attention import MultiheadSelfAttention, RelativePositionBias, attention
+from kernels.attention import window_attention
 from kernels.masking import blockwise_masks, random_masks, simmim_masks, spark_masks
 from kernels.sparse_conv import (
     SparseBatchNorm2d,
@@ -50,6 +51,7 @@ __all__ = [
     "forced_backend",
     "use_backend",
     "attention",
+    "window_attention",
     "MultiheadSelfAttention",
     "RelativePositionBias",
     "blockwise_masks",

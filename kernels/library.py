@@ -10,6 +10,7 @@ differentiable ones have ``register_autograd`` whose backward calls the ``*_bwd`
     nearest_code_fwd / _bwd                           kernels.nearest_code
     codebook_ema_scatter, codebook_ema_finalize       kernels.ema_codebook_update (in place, no autograd)
     sparse_conv2d_fwd / _bwd                          kernels.sparse_conv2d
+    window_attention_fwd / _bwd                       kernels.window_attention (Swin)
 
 Routing. The functional APIs (``kernels.attention`` ...) call the registered ops **while compiling**
 (``torch.compiler.is_compiling()``): Dynamo then sees one opaque node per op (no graph break, no tracing
@@ -34,6 +35,7 @@ from kernels._library import attention as _attention
 from kernels._library import codebook as _codebook
 from kernels._library import masked as _masked
 from kernels._library import sparse_conv as _sparse_conv
+from kernels._library import window_attention as _window_attention
 
 attention = _attention.attention
 masked_token_scatter = _masked.masked_token_scatter
@@ -41,6 +43,7 @@ gather_masked = _masked.gather_masked
 masked_cross_entropy = _masked.masked_cross_entropy
 nearest_code = _codebook.nearest_code
 sparse_conv2d = _sparse_conv.sparse_conv2d
+window_attention = _window_attention.window_attention
 
 # public op -> the custom ops that implement it
 OPS: dict[str, tuple[str, ...]] = {
@@ -51,6 +54,7 @@ OPS: dict[str, tuple[str, ...]] = {
     "nearest_code": ("nearest_code_fwd", "nearest_code_bwd"),
     "ema_codebook_update": ("codebook_ema_scatter", "codebook_ema_finalize"),
     "sparse_conv2d": ("sparse_conv2d_fwd", "sparse_conv2d_bwd"),
+    "window_attention": ("window_attention_fwd", "window_attention_bwd"),
 }
 
 
@@ -65,4 +69,4 @@ def op(name: str):
 
 
 __all__ = ["NAMESPACE", "OPS", "attention", "gather_masked", "masked_cross_entropy", "masked_token_scatter",
-           "nearest_code", "op", "registered_ops", "sparse_conv2d"]
+           "nearest_code", "op", "registered_ops", "sparse_conv2d", "window_attention"]

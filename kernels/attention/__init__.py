@@ -4,6 +4,8 @@ from kernels.attention.function import AttentionFunction, attention, attention_o
 from kernels.attention.module import MultiheadSelfAttention
 from kernels.attention.reference import attention_probabilities, attention_reference
 from kernels.attention.relative_position import RelativePositionBias, relative_position_index
+from kernels.attention.window_attention import WindowAttentionFunction, window_attention, window_attention_op
+from kernels.attention.window_attention_reference import window_attention_reference
 
 __all__ = [
     "AttentionFunction",
@@ -14,4 +16,8 @@ __all__ = [
     "attention_probabilities",
     "attention_reference",
     "relative_position_index",
+    "WindowAttentionFunction",
+    "window_attention",
+    "window_attention_op",
+    "window_attention_reference",
 ]

@@ -1,0 +1,409 @@
+"""kernels.window_attention: Swin window attention (relative position bias + shifted-window mask), fused.
+
+Triton cases run under TRITON_INTERPRET=1 on CPU (small B*nW) and natively with --device cuda. Every
+kernel output buffer is NaN-poisoned at allocation (``poisoned_alloc``), so an element a kernel fails to
+write shows up as a NaN against the float64 oracle. The oracle is written here from timm's eager maths
+(``attn + bias.unsqueeze(0)`` then ``attn.view(-1, nW, H, N, N) + mask.unsqueeze(1).unsqueeze(0)``),
+independently of :mod:`kernels.attention.window_attention_reference`.
+"""
+
+import pytest
+import torch
+from conftest import assert_close, poison
+
+from kernels import NotSupportedError, use_backend, window_attention
+from kernels.attention.relative_position import relative_position_index
+from kernels.attention.window_attention import window_attention_op
+from kernels.attention.window_attention_reference import window_attention_reference
+
+interpreter = pytest.mark.interpreter
+NAMES = ("dq", "dk", "dv", "dbias")
+
+
+@pytest.fixture
+def poisoned_alloc(monkeypatch):
+    """torch.empty / torch.empty_like return NaN-filled buffers during the test."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(real_empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(real_empty_like(*a, **k)))
+
+
+def swin_shift_mask(grid: int, window: int, shift: int) -> torch.Tensor:
+    """Swin's shifted-window mask for a ``grid x grid`` map: [nW, N, N], 0 within a region, -100 across."""
+    img = torch.zeros(1, grid, grid, 1)
+    cnt = 0
+    for hs in (slice(0, -window), slice(-window, -shift), slice(-shift, None)):
+        for ws in (slice(0, -window), slice(-window, -shift), slice(-shift, None)):
+            img[:, hs, ws, :] = cnt
+            cnt += 1
+    win = img.view(1, grid // window, window, grid // window, window, 1).permute(0, 1, 3, 2, 4, 5)
+    win = win.reshape(-1, window * window)
+    diff = win.unsqueeze(1) - win.unsqueeze(2)
+    return diff.masked_fill(diff != 0, -100.0).masked_fill(diff == 0, 0.0)
+
+
+def timm_eager(q, k, v, bias, mask, scale):
+    """timm / official SwinTransformer WindowAttention maths (eager, materialised scores)."""
+    attn = (q * scale) @ k.transpose(-2, -1)
+    if bias is not None:
+        attn = attn + bias.unsqueeze(0)
+    if mask is not None:
+        nW, N = mask.shape[0], mask.shape[-1]
+        attn = attn.view(-1, nW, q.shape[1], N, N) + mask.unsqueeze(1).unsqueeze(0)
+        attn = attn.view(-1, q.shape[1], N, N)
+    return attn.softmax(-1) @ v
+
+
+def _leaves(*ts):
+    return [t for t in ts if t is not None and t.requires_grad]
+
+
+def _oracle(q, k, v, bias, mask, grad, scale=None):
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    c = [t.detach().double().requires_grad_(t.requires_grad) if t is not None else None for t in (q, k, v, bias)]
+    out = timm_eager(*c, None if mask is None else mask.double(), scale)
+    return out, torch.autograd.grad(out, _leaves(*c), grad.double())
+
+
+def _run(q, k, v, bias, mask, grad, backend, scale=None):
+    with use_backend(backend, op="window_attention"):
+        out = window_attention(q, k, v, bias, mask, scale)
+    return out, torch.autograd.grad(out, _leaves(q, k, v, bias), grad)
+
+
+def _inputs(B, nW, H, N, d, dtype, device, with_bias=True, with_mask=True, window=None):
+    BW = B * nW
+    qkv = torch.randn(BW, N, 3, H, d, dtype=dtype, device=device)
+    q, k, v = (t.detach().requires_grad_() for t in qkv.permute(2, 0, 3, 1, 4).unbind(0))  # Swin's views
+    table_dtype = torch.float64 if dtype == torch.float64 else torch.float32  # Swin's fp32 table under autocast
+    bias = (torch.randn(H, N, N, device=device, dtype=table_dtype) * 0.5).requires_grad_() if with_bias else None
+    mask = None
+    if with_mask:
+        if window is not None:
+            grid = window * int(round(nW ** 0.5))
+            mask = swin_shift_mask(grid, window, window // 2).to(device, table_dtype)
+        else:
+            mask = torch.where(torch.rand(nW, N, N, device=device) < 0.3, -100.0, 0.0).to(table_dtype)
+    return q, k, v, bias, mask
+
+
+CASES = [
+    # B, nW, H, N, d, bias, mask, window (None: random 0/-100 mask)
+    (2, 4, 2, 49, 32, True, True, 7),     # Swin 7x7 windows, shifted block on a 14x14 map
+    (1, 4, 2, 36, 32, True, True, 6),     # Swin 6x6 (SimMIM at 192 px)
+    (2, 4, 2, 36, 32, True, False, None),  # non-shifted block
+    (3, 2, 1, 16, 32, True, True, None),  # 4x4 windows, odd batch
+    (2, 2, 2, 13, 16, True, True, None),  # odd N and head dim
+    (1, 2, 2, 36, 32, False, True, None),  # mask without bias
+    (1, 1, 1, 64, 64, True, False, None),  # the largest Triton tile (8x8 windows, d = 64)
+]
+
+
+@interpreter
+@pytest.mark.parametrize("B,nW,H,N,d,with_bias,with_mask,window", CASES)
+def test_triton_fp32_matches_float64(device, poisoned_alloc, B, nW, H, N, d, with_bias, with_mask, window):
+    q, k, v, bias, mask = _inputs(B, nW, H, N, d, torch.float32, device, with_bias, with_mask, window)
+    grad = torch.randn(B * nW, H, N, d, device=device)
+    out, grads = _run(q, k, v, bias, mask, grad, "triton")
+    ref, ref_grads = _oracle(q, k, v, bias, mask, grad)
+    assert out.dtype == torch.float32 and out.shape == q.shape
+    assert out.transpose(1, 2).is_contiguous(), "output must be [B*nW, N, H, d]-contiguous (free head merge)"
+    assert_close(out, ref, dtype=torch.float32, name="out")
+    assert len(grads) == (4 if with_bias else 3)
+    for name, g, r in zip(NAMES, grads, ref_grads):
+        assert_close(g, r, dtype=torch.float32, name=name)
+    if with_bias:
+        assert grads[3].shape == bias.shape and grads[3].dtype == bias.dtype
+
+
+@pytest.mark.parametrize("B,nW,H,N,d,with_bias,with_mask,window", CASES[:5])
+def test_reference_matches_timm_eager(B, nW, H, N, d, with_bias, with_mask, window):
+    q, k, v, bias, mask = _inputs(B, nW, H, N, d, torch.float64, torch.device("cpu"), with_bias, with_mask, window)
+    assert window_attention_op.select(q, k, v, bias, mask, 0.25).backend == "reference"  # the CPU default
+    grad = torch.randn(B * nW, H, N, d, dtype=torch.float64)
+    out, grads = _run(q, k, v, bias, mask, grad, "reference", scale=0.3)
+    ref, ref_grads = _oracle(q, k, v, bias, mask, grad, scale=0.3)
+    assert_close(out, ref, dtype=torch.float64, name="out")
+    for name, g, r in zip(NAMES, grads, ref_grads):
+        assert_close(g, r, dtype=torch.float64, name=name)
+
+
+def test_shift_mask_is_swins():
+    m = swin_shift_mask(12, 6, 3)
+    assert m.shape == (4, 36, 36)
+    assert torch.count_nonzero(m[0]) == 0  # the top-left window lies in one region
+    assert set(m.unique().tolist()) == {-100.0, 0.0} and torch.equal(m, m.transpose(1, 2))
+
+
+def _max_err(a, r):
+    return (a.detach().double() - r.detach().double()).abs().max().item()
+
+
+@interpreter
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B,nW,H,N,d,with_mask", [(1, 4, 2, 49, 32, True), (2, 2, 2, 36, 32, False)])
+def test_triton_low_precision_within_2x_eager_error(device, poisoned_alloc, dtype, B, nW, H, N, d, with_mask):
+    """Error vs float64 at most 2x that of eager PyTorch in the same dtype (+ one ulp of the magnitude); the
+    float32 bias (gathered from a float32 table under autocast) gets its gradient in float32."""
+    q, k, v, bias, mask = _inputs(B, nW, H, N, d, dtype, device, True, with_mask, 7 if N == 49 else None)
+    grad = torch.randn(B * nW, H, N, d, device=device, dtype=dtype)
+    out, grads = _run(q, k, v, bias, mask, grad, "triton")
+    low, low_grads = _run(q, k, v, bias, mask, grad, "reference")
+    ref, ref_grads = _oracle(q, k, v, bias, mask, grad)
+    eps = torch.finfo(dtype).eps
+    assert grads[3].dtype == torch.float32
+    for name, ours, eager, r in zip(("out",) + NAMES, (out, *grads), (low, *low_grads), (ref, *ref_grads)):
+        assert torch.isfinite(ours).all(), f"{name}: non-finite values"
+        if name != "dbias":
+            assert ours.dtype == dtype, name
+        bound = 2.0 * _max_err(eager, r) + eps * r.abs().max().item()
+        assert _max_err(ours, r) <= bound, f"{name}: error {_max_err(ours, r):.3g} > 2 x eager in {dtype}"
+
+
+@interpreter
+def test_non_contiguous_inputs(device, poisoned_alloc):
+    """q/k/v of different layouts (one transposed copy), the permuted table gather as bias, a strided mask view
+    and a strided grad_out."""
+    B, nW, H, N, d = 2, 2, 2, 16, 32
+    q = torch.randn(B * nW, H, N, d, device=device, requires_grad=True)
+    k = torch.randn(B * nW, N, H, d, device=device).transpose(1, 2).detach().requires_grad_()
+    v = torch.randn(B * nW, H, d, N, device=device).transpose(2, 3).detach().requires_grad_()
+    table = torch.randn(49, H, device=device, requires_grad=True)
+    index = relative_position_index((4, 4), with_cls_token=False)
+    bias = table[index.reshape(-1)].view(N, N, H).permute(2, 0, 1)
+    assert not bias.is_contiguous()
+    mask_store = torch.where(torch.rand(nW, N, 2 * N, device=device) < 0.3, -100.0, 0.0)
+    mask = mask_store[:, :, ::2]
+    grad = torch.randn(B * nW, N, H, d, device=device).transpose(1, 2)
+    with use_backend("triton", op="window_attention"):
+        out = window_attention(q, k, v, bias, mask)
+    got = torch.autograd.grad(out, (q, k, v, table), grad)
+    c = [t.detach().double().requires_grad_() for t in (q, k, v, table)]
+    ref = timm_eager(c[0], c[1], c[2], c[3][index.reshape(-1)].view(N, N, H).permute(2, 0, 1), mask.double(),
+                     d ** -0.5)
+    exp = torch.autograd.grad(ref, c, grad.double())
+    assert_close(out, ref, dtype=torch.float32, name="out")
+    for name, g, r in zip(("dq", "dk", "dv", "dtable"), got, exp):
+        assert_close(g, r, dtype=torch.float32, name=name)
+
+
+@interpreter
+@pytest.mark.parametrize("groups", [1, 3])
+def test_dbias_is_bitwise_reproducible_without_atomics(device, poisoned_alloc, monkeypatch, groups):
+    """dbias: per-program partial sums over fixed row groups + one reduction, bitwise equal across runs and
+    equal to the float64 sum over every window. 7 rows: one group of 8 (short), or 4 + a short 3."""
+    from kernels.attention import window_attention_triton as wt
+
+    monkeypatch.setattr(wt, "_dbias_groups", lambda BW, H, dev: groups)
+    q, k, v, bias, mask = _inputs(7, 1, 2, 16, 32, torch.float32, device, True, True)
+    grad = torch.randn(7, 2, 16, 32, device=device)
+    runs = [_run(q, k, v, bias, mask, grad, "triton")[1] for _ in range(2)]
+    for a, b, name in zip(runs[0], runs[1], NAMES):
+        assert torch.equal(a, b), f"{name} differs between two runs"
+    _, ref_grads = _oracle(q, k, v, bias, mask, grad)
+    for name, g, r in zip(NAMES, runs[0], ref_grads):
+        assert_close(g, r, dtype=torch.float32, name=name)
+
+
+@interpreter
+def test_inference_path_and_minus_inf_mask(device, poisoned_alloc):
+    """no_grad runs the forward kernel alone; a mask with -inf entries (rows keep a finite entry) works."""
+    q, k, v, bias, _ = _inputs(2, 2, 2, 36, 32, torch.float16, device)
+    mask = torch.zeros(2, 36, 36, device=device)
+    mask[:, :, 5:30] = float("-inf")
+    ref = timm_eager(q.double(), k.double(), v.double(), bias.double(), mask.double(), 32 ** -0.5)
+    with torch.no_grad(), use_backend("triton", op="window_attention"):
+        out = window_attention(q, k, v, bias, mask)
+    assert out.grad_fn is None and out.dtype == torch.float16
+    assert_close(out, ref, dtype=torch.float16, name="out")
+
+
+def test_mask_gets_no_gradient_and_must_be_constant():
+    q, k, v, bias, mask = _inputs(1, 2, 2, 16, 8, torch.float64, torch.device("cpu"))
+    out = window_attention(q, k, v, bias, mask)
+    assert not mask.requires_grad
+    out.sum().backward()
+    assert bias.grad is not None and bias.grad.shape == (2, 16, 16)
+    with pytest.raises(ValueError, match=r"window_mask is a constant"):
+        window_attention(q, k, v, bias, mask.clone().requires_grad_())
+
+
+def test_bad_inputs_raise_clear_errors():
+    q = torch.randn(8, 2, 36, 32)
+    bias = torch.randn(2, 36, 36)
+    mask = torch.zeros(4, 36, 36)
+    with pytest.raises(ValueError, match=r"q must be 4-D \[B\*nW, H, N, d\]"):
+        window_attention(q[0], q, q)
+    with pytest.raises(ValueError, match=r"k must have the shape of q"):
+        window_attention(q, q[:, :, :35], q)
+    with pytest.raises(ValueError, match=r"v must have the shape of q"):
+        window_attention(q, q, q[:, :1])
+    with pytest.raises(ValueError, match=r"bias must be the relative position bias \[H, N, N\] = \[2, 36, 36\].*"
+                                         r"got \(2, 49, 49\)"):
+        window_attention(q, q, q, torch.randn(2, 49, 49))  # a 7x7 table for 6x6 windows
+    with pytest.raises(ValueError, match=r"bias must be the relative position bias"):
+        window_attention(q, q, q, torch.randn(3, 36, 36))
+    with pytest.raises(ValueError, match=r"window_mask has nW = 3 windows, which does not divide the B\*nW = 8"):
+        window_attention(q, q, q, bias, torch.zeros(3, 36, 36))
+    with pytest.raises(ValueError, match=r"window_mask must be \[nW, N, N\] = \[nW, 36, 36\]"):
+        window_attention(q, q, q, bias, torch.zeros(4, 49, 49))
+    with pytest.raises(ValueError, match=r"window_mask must be"):
+        window_attention(q, q, q, bias, mask[0])
+    with pytest.raises(TypeError, match=r"window_mask must be floating point"):
+        window_attention(q, q, q, bias, mask.bool())
+    with pytest.raises(TypeError, match=r"bias must be floating point"):
+        window_attention(q, q, q, bias.long())
+    with pytest.raises(TypeError, match=r"share a dtype"):
+        window_attention(q, q.half(), q)
+    with pytest.raises(TypeError, match=r"q has dtype torch.int64"):
+        window_attention(q.long(), q.long(), q.long())
+    with pytest.raises(TypeError, match=r"k must be a torch.Tensor"):
+        window_attention(q, None, q)
+    with pytest.raises(TypeError, match=r"scale must be a python float"):
+        window_attention(q, q, q, bias, mask, scale=torch.tensor(0.1))
+    assert window_attention(q, q, q, bias, mask).shape == q.shape
+
+
+@interpreter
+def test_triton_refuses_what_it_cannot_run_with_reasons():
+    q = torch.randn(2, 1, 81, 32)  # 9x9 windows
+    with use_backend("triton", op="window_attention"):
+        with pytest.raises(NotSupportedError, match=r"windows of 81 tokens are not supported"):
+            window_attention(q, q, q)
+        with pytest.raises(NotSupportedError, match=r"head dim 96 is not supported"):
+            window_attention(*(torch.randn(2, 1, 16, 96),) * 3)
+        with pytest.raises(NotSupportedError, match=r"float64 is not supported"):
+            window_attention(*(torch.randn(2, 1, 16, 32, dtype=torch.float64),) * 3)
+    assert window_attention(q, q, q).shape == q.shape  # unforced: the reference takes any N
+
+
+def test_launchers_are_device_guarded():
+    import importlib
+    import inspect
+
+    mod = importlib.import_module("kernels.attention.window_attention_triton")
+    for name in ("window_attention_forward", "window_attention_backward"):
+        fn = getattr(mod, name)
+        assert hasattr(fn, "__wrapped__") and "](" in inspect.getsource(inspect.unwrap(fn)), name
+
+
+# ------------------------------------------------------------------------------------------------------------
+# torch.library custom ops
+
+
+def test_custom_op_matches_eager_and_opcheck():
+    from kernels import library
+    from kernels._library import window_attention as W
+
+    assert library.registered_ops()["window_attention"] == ["ssl_kernels::window_attention_fwd",
+                                                            "ssl_kernels::window_attention_bwd"]
+    for with_bias, with_mask in ((True, True), (True, False), (False, True), (False, False)):
+        q, k, v, bias, mask = _inputs(2, 2, 2, 9, 4, torch.float64, torch.device("cpu"), with_bias, with_mask)
+        out = library.window_attention(q, k, v, bias, mask, scale=0.37)
+        ref = window_attention(q, k, v, bias, mask, scale=0.37)
+        assert_close(out, ref, dtype=torch.float64, name="out")
+        assert out.transpose(1, 2).is_contiguous()
+        g = torch.randn_like(out)
+        leaves = _leaves(q, k, v, bias)
+        for a, e, n in zip(torch.autograd.grad(out, leaves, g), torch.autograd.grad(ref, leaves, g), NAMES):
+            assert_close(a, e, dtype=torch.float64, name=n)
+        torch.library.opcheck(W.window_attention_fwd, (q, k, v, bias, mask, 0.37))
+
+
+@interpreter
+def test_custom_op_runs_the_triton_backend():
+    from kernels import library
+
+    q, k, v, bias, mask = _inputs(2, 2, 2, 16, 16, torch.float32, torch.device("cpu"))
+    grad = torch.randn(4, 2, 16, 16)
+    with use_backend("triton", op="window_attention"):
+        out = library.window_attention(q, k, v, bias, mask)
+        grads = torch.autograd.grad(out, (q, k, v, bias), grad)
+    ref, ref_grads = _oracle(q, k, v, bias, mask, grad)
+    assert_close(out, ref, dtype=torch.float32, name="out")
+    for name, g, r in zip(NAMES, grads, ref_grads):
+        assert_close(g, r, dtype=torch.float32, name=name)
+
+
+def test_compile_fullgraph_is_one_custom_op():
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    q, k, v, bias, mask = _inputs(2, 2, 2, 9, 4, torch.float32, torch.device("cpu"))
+
+    def step(q, k, v, bias):
+        return window_attention(q, k, v, bias, mask).square().sum()
+
+    counter = CompileCounterWithBackend("aot_eager")
+    loss = torch.compile(step, fullgraph=True, backend=counter)(q, k, v, bias)
+    grads = torch.autograd.grad(loss, (q, k, v, bias))
+    ref_loss = step(q, k, v, bias)
+    ref_grads = torch.autograd.grad(ref_loss, (q, k, v, bias))
+    assert counter.frame_count == 1
+    targets = {str(n.target) for g in counter.graphs for n in g.graph.nodes}
+    assert any("ssl_kernels.window_attention_fwd" in t for t in targets), targets
+    assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5, name="loss")
+    for name, g, r in zip(NAMES, grads, ref_grads):
+        assert_close(g, r, atol=1e-5, rtol=1e-5, name=name)
+    torch._dynamo.reset()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# GPU code path without a GPU: compile both kernels ahead of time for sm_90
+
+
+_AOT_SCRIPT = r"""
+import re
+import torch
+from kernels.attention import window_attention_triton as wt
+
+FLOATS = {"scale", "qk_scale2"}
+PTRS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
+FP32_PTRS = {"Bias", "Mask", "DBias"}
+UNIT = {"s_xd", "s_gd", "s_yd"}  # the JIT specialises a stride of 1 (head dim contiguous, as Swin's qkv views)
+dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+for name in ("bf16", "fp16", "fp32"):
+    for n, d in ((16, 32), (36, 32), (49, 32), (64, 64)):
+        blocks = wt._blocks(n, d)
+        for fn, backward, extra in (
+            (wt._window_attention_fwd_kernel, False, dict(HAS_BIAS=True, HAS_MASK=True)),
+            (wt._window_attention_bwd_kernel, True, dict(ROWS_PER_GROUP=64, HAS_BIAS=True, HAS_MASK=True,
+                                                           NEED_DBIAS=True)),
+        ):
+            const = {**blocks, **extra, "PRECISION": "tf32", "UPCAST": False}
+            const.update({a: 1 for a in UNIT if a in fn.arg_names})
+            sig = {}
+            for a in fn.arg_names:
+                if a in const:
+                    sig[a] = "constexpr"
+                elif a in FP32_PTRS:
+                    sig[a] = "*fp32"
+                elif a in PTRS:
+                    sig[a] = "*" + name
+                else:
+                    sig[a] = "fp32" if a in FLOATS else "i32"
+            opts = wt._options(blocks, dt[name], backward)
+            ck = triton.compile(ASTSource(fn, sig, const), target=GPUTarget("cuda", 90, 32), options=opts)
+            check_resources(ck, (fn.__name__, name, n, d), 90)
+            tmp = tempfile.mkdtemp()
+            pathlib.Path(tmp, "k.ptx").write_text(ck.asm["ptx"])
+            info = subprocess.run([str(PTXAS), "-v", "-arch=sm_90a", os.path.join(tmp, "k.ptx"), "-o",
+                                   os.path.join(tmp, "k.o")], capture_output=True, text=True, check=True).stderr
+            spill = int(re.search(r"(\d+) bytes spill stores", info).group(1))
+            print(f"{fn.__name__} {name} N{n} d{d} warps{opts['num_warps']} spill {spill}")
+"""
+
+
+@pytest.mark.slow
+def test_triton_kernels_compile_for_sm90():
+    """Both kernels lower through Triton + ptxas for sm_90 at Swin's shapes (no GPU needed): shared memory
+    within the limit, no spills in the forward or at N <= 32, at most 256 bytes in the backward's 64 x 64
+    tiles (documented in ``_options``)."""
+    from _aot import run_aot
+
+    out = run_aot(_AOT_SCRIPT)
+    lines = [line.split() for line in out.strip().splitlines()]
+    assert len(lines) == 3 * 4 * 2
+    for fn, dtype, n, d, warps, _, spill in lines:
+        limit = 256 if (fn.endswith("bwd_kernel") and int(n[1:]) > 32) else 0
+        assert int(spill) <= limit, (fn, dtype, n, d, warps, spill)
