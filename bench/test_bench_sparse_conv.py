@@ -369,4 +369,4 @@ def test_sparse_encoder_cuda(bench, cudnn_benchmark, name, provider):
     if not DRY_RUN:
         run()
     bench(run, kernel="spark_encoder", provider=provider, shape=f"{name} B{batch} {image}px fwd+bwd",
-          dtype=torch.bfloat16, device=GPU, rounds=10)
+          dtype=torch.bfloat16, device=GPU, rounds=5)
