@@ -551,46 +551,17 @@ def test_vector_quantizer_triton_step_matches_reference(device):
         assert_close(v.double(), b.state_dict()[k].double(), dtype=torch.float32, name=k)
 
 
-_AOT_SCRIPT = r"""
-from kernels.codebook import triton_kernels as tk
-
-def build(kernel, ptrs, consts):
-    # pointers from `ptrs`, constexprs from `consts`, float scalars as annotated (fp64) or fp32, others i32
-    sig = {}
-    for p in kernel.params:
-        name = p.name
-        if name in consts:
-            sig[name] = "constexpr"
-        elif name in ptrs:
-            sig[name] = "*" + ptrs[name]
-        elif p.annotation_type:
-            sig[name] = p.annotation_type
-        else:
-            sig[name] = "fp32" if name in ("eps", "decay") else "i32"
-    ck = triton.compile(ASTSource(kernel, sig, consts), target=GPUTarget("cuda", 90, 32))
-    check_resources(ck, kernel.__name__)
-
-f32 = "fp32"
-for dt, prec in (("bf16", "ieee"), ("fp32", "tf32")):
-    for norm in (True, False):
-        ptrs = dict(Z=dt, CB=f32, CB_DOT=dt, CB_OUT=f32, CB_SQ=f32, IDX="i64", ZQ=f32, SIM=f32)
-        consts = dict(K=8192 if norm else 1000, NORMALIZE=norm, INPUT_PRECISION=prec, DOT_UPCAST=False,
-                      SEPARATE_OUT=False, BLOCK_M=128, BLOCK_K=128, BLOCK_D=32)
-        build(tk._nearest_code_fwd_kernel, ptrs, consts)
-build(tk._nearest_code_bwd_kernel, dict(Z="bf16", G=f32, GZ="bf16"),
-      dict(ACC_FP64=False, BLOCK_M=128, BLOCK_D=32))
-build(tk._ema_scatter_kernel, dict(Z=f32, IDX="i64", SUMS=f32, COUNTS=f32),
-      dict(NORMALIZE=True, BLOCK_M=128, BLOCK_D=32))
-for st in ("fp32", "fp64"):
-    build(tk._ema_finalize_kernel, dict(CODEBOOK=st, CLUSTER=st, COUNTS=st, SUMS=st, STEPS="i64"),
-          dict(NORMALIZE=True, HAS_STEPS=True, BLOCK_K=128, BLOCK_D=32))
-print("compiled")
-"""
-
-
 def test_kernels_compile_for_sm90_without_a_gpu():
-    """Ahead-of-time compile (TTIR -> PTX -> cubin with the bundled ptxas) for an H100 target: catches typing
-    and lowering errors of the real GPU path that the interpreter cannot see."""
-    from _aot import run_aot
+    """Ahead-of-time compile for an H100 target with the JIT's real specialisation, at the BEiT v2 tokenizer
+    shape (M 50176, K 8192, d 32): three of the lookup's autotune configs (bf16, TF32, the spill-free IEEE fp32
+    tile), its backward and the EMA kernels. Catches typing and lowering errors the interpreter cannot see;
+    every autotune config for every precision: ``python -m bench.static_gpu_check --ops codebook``."""
+    from _aot import run_static
 
-    assert "compiled" in run_aot(_AOT_SCRIPT)
+    results = run_static("codebook")
+    assert len(results) == 6
+    lookups = {r["case"].split(" config")[0]: r for r in results if r["kernel"] == "_nearest_code_fwd_kernel"}
+    assert lookups["z=bfloat16 dot=bfloat16/ieee cosine"]["found"] == "wgmma"
+    assert lookups["z=float32 dot=float32/tf32 cosine"]["found"] == "wgmma"
+    ieee = lookups["z=float32 dot=float32/ieee cosine"]
+    assert ieee["found"] == "none" and ieee["spill_stores"] == 0  # FMA dots, the tile that does not spill

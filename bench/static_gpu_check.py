@@ -1,0 +1,627 @@
+"""Static GPU checks a CPU can make: every Triton kernel and launch config compiled as the JIT would build it.
+
+    python -m bench.static_gpu_check                 # full sweep, sm_90 and sm_80 -> bench/results/static-sm90.md
+    python -m bench.static_gpu_check --subset ci --ops attention --check --no-report --json -   (what tests run)
+
+For each kernel and each launch configuration its launcher picks at the real shapes (the autotuner's every
+config for the codebook lookup), the arguments are built as the launcher passes them -- real sizes, strides and
+scalars, 16-byte-aligned pointers -- and handed to the JIT's own binder (``create_function_from_signature`` +
+``JITFunction._pack_args`` of ``triton/runtime/jit.py``), so the signature carries exactly the JIT's
+specialisation: integers equal to 1 become constants, integers and pointers divisible by 16 get
+``tt.divisibility=16`` (``BaseBackend.parse_attr`` of ``triton/backends/compiler.py``). The old AOT tests used
+plain ``i32`` everywhere and so compiled a different kernel from the one the GPU runs.
+
+Each kernel is compiled for ``GPUTarget("cuda", 90, 32)`` (and 80) and checked:
+
+* shared memory within the per-block limit (227 KiB on H100, 163 KiB on A100);
+* registers and spills (the bundled ``ptxas -v``); a spill is a failure for fixed launch configs, reported
+  for autotune configs (the autotuner can pick another);
+* tensor-core use in the SASS (the bundled ``cuobjdump -sass``): ``HGMMA`` = wgmma (sm_90 warpgroup MMA),
+  ``HMMA`` = mma.sync. Expected per dot: wgmma on sm_90 for bf16/fp16/tf32 operands when the dot's M tile is a
+  multiple of 64 with a multiple of 4 warps, mma.sync otherwise (and on sm_80), none for IEEE fp32 dots (FMA).
+  The report gives the verdict per kernel; mismatches are listed (not failures: a kernel author's decision).
+
+``--subset ci`` is the representative subset the ahead-of-time tests run on 2 CPU cores (tests/_aot.py).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "0"  # the real compiler, not the interpreter (set before triton is imported)
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import importlib  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import pathlib  # noqa: E402
+import re  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SMEM_LIMIT = {80: 166912, 90: 232448}  # max shared memory per block (bytes, opt-in): A100, H100/H200
+SMS = {80: 108, 90: 132}  # SM counts of A100 / H100 SXM (launchers size some grids by them)
+BF16, FP16, FP32, FP64 = torch.bfloat16, torch.float16, torch.float32, torch.float64
+I64, U8, I32 = torch.int64, torch.uint8, torch.int32
+OPS = ("attention", "codebook", "masked", "sparse_conv", "masked_bn")
+
+
+class Ptr:
+    """A pointer argument as the JIT sees a tensor: its dtype and address (16-byte aligned unless offset)."""
+
+    def __init__(self, dtype, offset_bytes: int = 0):
+        self.dtype = dtype
+        self._ptr = (1 << 20) + offset_bytes
+
+    def data_ptr(self):
+        return self._ptr
+
+
+@dataclasses.dataclass
+class Case:
+    op: str
+    kernel: str  # "module:function"
+    label: str
+    args: list
+    kwargs: dict
+    expect: str = "none"  # sm_90 tensor-core expectation: "wgmma", "mma" or "none"
+    no_spill: bool = True
+    ci: bool = False
+    sms: tuple = (90, 80)
+
+    @property
+    def kernel_name(self) -> str:
+        return self.kernel.split(":")[1]
+
+
+def _tc(dtype, precision: str | None = None) -> bool:
+    """Do the dot operands go to tensor cores (bf16/fp16, or fp32 with TF32)?"""
+    if dtype in (BF16, FP16):
+        return True
+    return dtype == FP32 and precision == "tf32"
+
+
+def _expect(tc: bool, min_m: int, warps: int) -> str:
+    if not tc:
+        return "none"
+    return "wgmma" if (min_m >= 64 and min_m % 64 == 0 and warps % 4 == 0) else "mma"
+
+
+def _contig(*shape):
+    out, acc = [], 1
+    for s in reversed(shape):
+        out.append(acc)
+        acc *= s
+    return tuple(reversed(out))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# attention (kernels/attention/triton_kernels.py: attention_forward / attention_backward)
+
+ATT = "kernels.attention.triton_kernels"
+# (label, B, H, N, d, dtype, fp32 matmul precision, bias kinds)
+ATT_CASES = [
+    ("vitb", 256, 12, 197, 64, BF16, None, ("shared", "none", "per-batch")),
+    ("vitb", 256, 12, 197, 64, FP16, None, ("shared",)),
+    ("vitb-tf32", 256, 12, 197, 64, FP32, "tf32", ("shared",)),
+    ("vitb-ieee", 256, 12, 197, 64, FP32, "ieee", ("shared",)),
+    ("d32", 256, 8, 197, 32, FP16, None, ("shared",)),
+    ("d128", 256, 6, 197, 128, BF16, None, ("shared",)),
+    ("d128-tf32", 256, 6, 197, 128, FP32, "tf32", ("none",)),
+    ("dino-n37", 1024, 6, 37, 64, BF16, None, ("none",)),
+    ("dino-n50", 1024, 6, 50, 64, BF16, None, ("none",)),
+    ("n1024", 8, 4, 1024, 64, BF16, None, ("shared",)),
+]
+
+
+def attention_cases() -> list[Case]:
+    from kernels.attention import triton_kernels as tk
+
+    cases = []
+    for label, B, H, N, d, dt, prec, kinds in ATT_CASES:
+        precision = prec or "tf32"  # the launcher's _precision(): tf32 unless fp32 under "highest"
+        tc = _tc(dt, precision)
+        name = str(dt).replace("torch.", "")
+        q = Ptr(dt)
+        f32 = Ptr(FP32)
+        cs = _contig(B, H, N, d)  # q/k/v/dO/out viewed [B, H, N, d] (same specialisation as the qkv views)
+        scale = d**-0.5
+        for sm in (90, 80):
+            old = torch.get_float32_matmul_precision()
+            torch.set_float32_matmul_precision("highest" if precision == "ieee" else "high")  # what _blocks reads
+            try:
+                fcfg = tk._blocks(N, d, dt, torch.device("cuda"), False, capability=(sm // 10, sm % 10))
+                bcfg = tk._blocks(N, d, dt, torch.device("cuda"), True, capability=(sm // 10, sm % 10))
+            finally:
+                torch.set_float32_matmul_precision(old)
+            for kind in kinds:
+                has_bias = kind != "none"
+                bias = Ptr(FP32) if has_bias else q
+                sbias = {"shared": (0, N * N, N, 1), "per-batch": (H * N * N, N * N, N, 1), "none": (0, 0, 0, 0)}[kind]
+                tag = f"{label} {name} N{N} d{d} bias={kind}"
+                first = kind == kinds[0]
+                # forward
+                opts = {"num_warps": fcfg["num_warps"], "num_stages": fcfg["num_stages"]}
+                blocks = {k: fcfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_D")}
+                cases.append(Case(
+                    "attention", f"{ATT}:_attention_fwd_kernel", tag,
+                    [q, q, q, bias, q, f32, *cs, *cs, *cs, *sbias, *cs, H, N, N, d, scale * tk.LOG2E],
+                    dict(HAS_BIAS=has_bias, K_TILES=math.ceil(N / blocks["BLOCK_N"]), PRECISION=precision,
+                         UPCAST=False, **blocks, **opts),
+                    _expect(tc, blocks["BLOCK_M"], opts["num_warps"]), sms=(sm,),
+                    ci=(sm == 90 and label == "vitb" and dt == BF16 and kind == "shared")
+                    or (sm == 90 and label == "vitb-ieee")))
+                # backward: preprocess (launcher defaults: 4 warps, 3 stages), dK/dV, dQ, deterministic dbias
+                bopts = {"num_warps": bcfg["num_warps"], "num_stages": bcfg["num_stages"]}
+                bblocks = {k: bcfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_D")}
+                if first:
+                    cases.append(Case("attention", f"{ATT}:_attention_bwd_preprocess_kernel", f"{label} {name} d{d}",
+                                      [q, q, f32, *cs, *cs, H, N, d],
+                                      dict(BLOCK_M=bblocks["BLOCK_M"], BLOCK_D=bblocks["BLOCK_D"]), sms=(sm,)))
+                modes = {"shared": (2, 0), "per-batch": (1,), "none": (0,)}[kind]
+                for mode in modes:
+                    db_strides = {0: (0, 0, 0, 0), 1: (H * N * N, N * N, N, 1), 2: (H * N * N, N * N, N, 1)}[mode]
+                    db = f32
+                    cases.append(Case(
+                        "attention", f"{ATT}:_attention_bwd_dkdv_kernel", f"{tag} dbias_mode={mode}",
+                        [q, q, q, bias, q, f32, f32, q, q, db, *cs, *cs, *cs, *sbias, *cs, *cs, *cs, *db_strides,
+                         H, N, N, d, scale, scale * tk.LOG2E],
+                        dict(HAS_BIAS=has_bias, DBIAS_MODE=mode, Q_TILES=math.ceil(N / bblocks["BLOCK_M"]),
+                             PRECISION=precision, UPCAST=False, **bblocks, **bopts),
+                        _expect(tc, min(bblocks["BLOCK_N"], bblocks["BLOCK_M"]), bopts["num_warps"]), sms=(sm,),
+                        ci=(label == "vitb" and dt == BF16 and kind == "shared" and mode == 2)))
+                cases.append(Case(
+                    "attention", f"{ATT}:_attention_bwd_dq_kernel", tag,
+                    [q, q, q, bias, q, f32, f32, q, *cs, *cs, *cs, *sbias, *cs, *cs, H, N, N, d, scale,
+                     scale * tk.LOG2E],
+                    dict(HAS_BIAS=has_bias, K_TILES=math.ceil(N / bblocks["BLOCK_N"]), PRECISION=precision,
+                         UPCAST=False, **bblocks, **bopts),
+                    _expect(tc, bblocks["BLOCK_M"], bopts["num_warps"]), sms=(sm,),
+                    ci=(sm == 90 and label == "vitb" and dt == BF16 and kind == "shared")))
+                if kind == "shared":  # deterministic mode: the batch-looping dbias kernel
+                    tiles = math.ceil(N / bblocks["BLOCK_M"]) * math.ceil(N / bblocks["BLOCK_N"]) * H
+                    groups = max(1, min(B, math.ceil(4 * SMS[sm] / max(1, tiles))))
+                    per_group = math.ceil(B / groups)
+                    groups = math.ceil(B / per_group)
+                    cases.append(Case(
+                        "attention", f"{ATT}:_attention_bwd_dbias_kernel", f"{tag} deterministic",
+                        [q, q, q, bias, q, f32, f32, f32, *cs, *cs, *cs, *sbias[1:], *cs, *_contig(groups, H, N, N),
+                         B, H, N, N, d, scale * tk.LOG2E],
+                        dict(BATCH_PER_GROUP=per_group, PRECISION=precision, UPCAST=False, **bblocks, **bopts),
+                        _expect(tc, bblocks["BLOCK_M"], bopts["num_warps"]), sms=(sm,),
+                        ci=(sm == 90 and label == "vitb" and dt == BF16)))
+    return cases
+
+
+# ------------------------------------------------------------------------------------------------------------
+# VQ-KD codebook (kernels/codebook/triton_kernels.py)
+
+CB = "kernels.codebook.triton_kernels"
+
+
+def codebook_cases() -> list[Case]:
+    from kernels.codebook import triton_kernels as tk
+
+    M, K, D = 50_176, 8192, 32  # BEiT v2 tokenizer batch: 256 x 196 vectors, 8192 codes of 32 dims
+    cases = []
+    lookups = [  # (z dtype, dot operand dtype, input_precision, normalize)
+        (FP32, FP32, "ieee", True), (FP32, FP32, "tf32", True), (BF16, BF16, "ieee", True),
+        (FP16, FP16, "ieee", True), (FP32, FP32, "ieee", False), (BF16, BF16, "ieee", False),
+    ]
+    for zdt, dotdt, prec, norm in lookups:
+        tc = dotdt in (BF16, FP16) or prec == "tf32"
+        name = f"z={str(zdt)[6:]} dot={str(dotdt)[6:]}/{prec} {'cosine' if norm else 'l2'}"
+        for i, cfg in enumerate(tk._lookup_configs()):
+            kw = dict(cfg.kwargs)
+            cases.append(Case(
+                "codebook", f"{CB}:_nearest_code_fwd_kernel",
+                f"{name} config {i}: M{kw['BLOCK_M']} K{kw['BLOCK_K']} w{cfg.num_warps} s{cfg.num_stages}",
+                [Ptr(zdt), Ptr(FP32), Ptr(dotdt), Ptr(FP32), Ptr(FP32), Ptr(I64), Ptr(FP32), Ptr(FP32),
+                 M, D, D, 1, D, 1e-12],
+                dict(K=K, NORMALIZE=norm, INPUT_PRECISION=prec, DOT_UPCAST=False, SEPARATE_OUT=False, BLOCK_D=32,
+                     **kw, num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+                _expect(tc, kw["BLOCK_M"], cfg.num_warps), no_spill=False,
+                ci=(i == 0 and zdt == BF16 and norm) or (i == 8 and zdt == FP32 and prec == "ieee" and norm)
+                or (i == 1 and prec == "tf32")))
+    block_m = max(1, min(128, 4096 // 32))
+    for zdt in (FP32, BF16):
+        cases.append(Case("codebook", f"{CB}:_nearest_code_bwd_kernel", f"z={str(zdt)[6:]}",
+                          [Ptr(zdt), Ptr(FP32), Ptr(zdt), M, D, D, 1, D, 1, 1e-12],
+                          dict(ACC_FP64=False, BLOCK_M=block_m, BLOCK_D=32, num_warps=4), ci=zdt == BF16))
+    cases.append(Case("codebook", f"{CB}:_ema_scatter_kernel", "fp32 sums",
+                      [Ptr(FP32), Ptr(I64), Ptr(FP32), Ptr(FP32), M, D, K, D, 1, 1e-5],
+                      dict(NORMALIZE=True, BLOCK_M=block_m, BLOCK_D=32, num_warps=4), ci=True))
+    for st in (FP32, FP64):
+        cases.append(Case("codebook", f"{CB}:_ema_finalize_kernel", f"state {str(st)[6:]}",
+                          [Ptr(st), Ptr(st), Ptr(st), Ptr(st), Ptr(I64), K, D, 0.99, 1.0 - 0.99, 1e-5],
+                          dict(NORMALIZE=True, HAS_STEPS=True, BLOCK_K=block_m, BLOCK_D=32, num_warps=4),
+                          ci=st == FP32))
+    return cases
+
+
+# ------------------------------------------------------------------------------------------------------------
+# masked image modelling (kernels/masked/triton_{scatter,gather,ce}.py)
+
+MS = "kernels.masked"
+
+
+def masked_cases() -> list[Case]:
+    import triton
+    import triton.language as tl
+
+    from kernels.masked import triton_ce, triton_gather, triton_scatter
+
+    B, N, D, k = 256, 196, 768, 75  # BEiT ViT-B/16 pre-training
+    N_out = N + 1
+    cases = []
+    for dt in (BF16, FP16, FP32):
+        e = torch.tensor([], dtype=dt).element_size()
+        name = str(dt)[6:]
+        acc = tl.float32
+        br, bd = triton_scatter._fwd_blocks(D)
+        cases.append(Case(
+            "masked", f"{MS}.triton_scatter:_masked_token_scatter_fwd_kernel", f"{name} B{B} N{N} D{D} cls+pos",
+            [Ptr(dt), Ptr(U8), Ptr(FP32), Ptr(FP32), Ptr(FP32), Ptr(dt), B * N_out, N, D, N_out, 0,
+             N * D, D, 1, N, 1, D, 1, 1, 1],
+            dict(HAS_POS=True, HAS_CLS=True, ACC=acc, BLOCK_R=br, BLOCK_D=bd, num_warps=4), ci=dt == BF16))
+        bn_, bd2 = triton_scatter._bwd_blocks(D)
+        tiles = math.ceil(N_out / bn_) * math.ceil(D / bd2)
+        splits = max(1, min(B, math.ceil(4 * SMS[90] / tiles)))
+        per = math.ceil(B / splits)
+        cases.append(Case(
+            "masked", f"{MS}.triton_scatter:_masked_token_scatter_bwd_kernel", f"{name} B{B} split {per}",
+            [Ptr(dt), Ptr(U8), Ptr(dt), Ptr(FP32), Ptr(FP32), B, N, D, N_out, N_out * D, D, 1, N, 1],
+            dict(B_PER_SPLIT=per, HAS_CLS=True, NEED_X=True, NEED_TOK=True, NEED_COLSUM=True, ACC=acc,
+                 BLOCK_N=bn_, BLOCK_D=bd2, num_warps=4), ci=dt == BF16))
+        gbn, gbd = triton_gather._blocks(N, D)
+        for fixed in (True, False):
+            off = Ptr(U8) if fixed else Ptr(I64)
+            # h = encoder_out[:, 1:] (a strided view one row in), as the trainer passes it
+            cases.append(Case(
+                "masked", f"{MS}.triton_gather:_gather_masked_fwd_kernel", f"{name} {'fixed k' if fixed else 'variable'}",
+                [Ptr(dt, offset_bytes=D * e), Ptr(U8), off, Ptr(dt), D, N_out * D, D, 1, N, 1],
+                dict(N=N, K=k if fixed else 0, FIXED=fixed, BLOCK_N=gbn, BLOCK_D=gbd, BLOCK_K=16, num_warps=4),
+                ci=dt == BF16 and fixed))
+            cases.append(Case(
+                "masked", f"{MS}.triton_gather:_gather_masked_bwd_kernel", f"{name} {'fixed k' if fixed else 'variable'}",
+                [Ptr(dt), Ptr(U8), off, Ptr(dt), D, D, 1, N, 1],
+                dict(N=N, K=k if fixed else 0, FIXED=fixed, BLOCK_N=gbn, BLOCK_D=gbd, num_warps=4)))
+        if dt == FP16:
+            continue
+        for V in (8192, 65536):
+            block_v = triton.next_power_of_2(V) if V <= triton_ce.MAX_SINGLE_PASS_V else triton_ce.MULTI_PASS_BLOCK_V
+            cases.append(Case(
+                "masked", f"{MS}.triton_ce:_masked_ce_fwd_kernel", f"{name} V{V} BLOCK_V {block_v}",
+                [Ptr(dt), Ptr(I64), Ptr(FP32), Ptr(I32), V, -100],
+                dict(V=V, WRITE_GRAD=True, ACC=acc, BLOCK_V=block_v, num_warps=8 if block_v >= 2048 else 4),
+                ci=dt == BF16 and V == 8192))
+    return cases
+
+
+# ------------------------------------------------------------------------------------------------------------
+# SparK sparse convolution at the ResNet-50 / ConvNeXt layer shapes (kernels/sparse_conv/triton_kernels.py)
+
+SC = "kernels.sparse_conv.triton_kernels"
+# name: (Cin, Cout, kernel, stride, depthwise, stride of the layer's input w.r.t. the image) -- bench/ layers
+LAYERS = {
+    "rn50_stem_7x7s2": (3, 64, 7, 2, False, 1),
+    "rn50_l1_3x3": (64, 64, 3, 1, False, 4),
+    "rn50_l1_1x1": (256, 64, 1, 1, False, 4),
+    "rn50_l2_3x3s2": (128, 128, 3, 2, False, 4),
+    "rn50_l3_3x3": (256, 256, 3, 1, False, 16),
+    "rn50_l4_3x3": (512, 512, 3, 1, False, 32),
+    "cnxb_dw7_s1": (128, 128, 7, 1, True, 4),
+    "cnxb_dw7_s3": (512, 512, 7, 1, True, 16),
+}
+
+
+def sparse_conv_cases() -> list[Case]:
+    from kernels.sparse_conv import triton_kernels as tk
+
+    batch, image = 32, 224
+    cases = []
+    runs = [(n, BF16) for n in LAYERS] + [(n, dt) for dt in (FP16, FP32)
+                                          for n in ("rn50_l1_3x3", "rn50_l2_3x3s2", "cnxb_dw7_s1")]
+    for name, dt in runs:
+        cin, cout, k, stride, dw, in_stride = LAYERS[name]
+        H = image // in_stride
+        Ho = (H + 2 * (k // 2) - k) // stride + 1
+        pad = k // 2
+        conv = (stride, stride, pad, pad, 1, 1)
+        tag = f"{name} {str(dt)[6:]} ({cin}->{cout} @{H})"
+        ci = dt == BF16 and name in ("rn50_l1_3x3", "cnxb_dw7_s1")
+        tc = dt in (BF16, FP16)  # fp32 runs tl.dot(input_precision="ieee"): FMA by design
+        P = Ptr(dt)
+        passes = [("fwd", False, H, H, Ho, Ho, cin, cout, True)]  # (pass, transposed, Hs, Ws, Hd, Wd, kdim, ndim, bias)
+        if name != "rn50_stem_7x7s2":  # the image needs no gradient
+            passes.append(("dx", True, Ho, Ho, H, H, cout, cin, False))
+        for pname, transposed, Hs, Ws, Hd, Wd, kdim, ndim, has_bias in passes:
+            if dw:
+                bc = tk._blocks(ndim, 16, 64)
+                cases.append(Case(
+                    "sparse_conv", f"{SC}:_sparse_dwconv_fwd_kernel", f"{tag} {pname}",
+                    [P, Ptr(U8), Ptr(I64), Ptr(I64), P, P, P, Hs, Ws, Hd, Wd, ndim, k, k, *conv],
+                    dict(TRANSPOSED=transposed, HAS_BIAS=has_bias, ACC_F64=False, BLOCK_M=16, BLOCK_C=bc),
+                    ci=ci and pname == "fwd"))
+            else:
+                bm, bn, bk = 128, tk._blocks(ndim, 16, 64), tk._blocks(kdim, 16, 32)
+                cases.append(Case(
+                    "sparse_conv", f"{SC}:_sparse_conv_fwd_kernel", f"{tag} {pname}",
+                    [P, Ptr(U8), Ptr(I64), Ptr(I64), P, P, P, Hs, Ws, Hd, Wd],
+                    dict(KDIM=kdim, NDIM=ndim, KH=k, KW=k, SH=stride, SW=stride, PH=pad, PW=pad, DH=1, DW=1,
+                         TRANSPOSED=transposed, HAS_BIAS=has_bias, USE_DOT=True, DOT_F32=False, ACC_F64=False,
+                         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk),
+                    _expect(tc, bm, 4), ci=ci))
+        # weight gradient: split over site blocks, fp32 partials
+        n_dense = batch * Ho * Ho
+        partial = k * k * (1 if dw else cin) * cout
+        cap = max(1, (64 << 20) // (4 * partial))
+        split = max(1, min(64, cap, math.ceil(n_dense / (32 * 4))))
+        if dw:
+            cases.append(Case(
+                "sparse_conv", f"{SC}:_sparse_dwconv_wgrad_kernel", f"{tag} dW split {split}",
+                [P, Ptr(U8), P, Ptr(I64), Ptr(I64), Ptr(FP32), Ptr(FP32), H, H, Ho, Ho, cout, k, *conv, split],
+                dict(HAS_BIAS=True, ACC_F64=False, BLOCK_M=32, BLOCK_C=tk._blocks(cout, 16, 64)), ci=ci))
+        else:
+            bci, bco = tk._blocks(cin, 16, 32), tk._blocks(cout, 16, 64)
+            cases.append(Case(
+                "sparse_conv", f"{SC}:_sparse_conv_wgrad_kernel", f"{tag} dW split {split}",
+                [P, Ptr(U8), P, Ptr(I64), Ptr(I64), Ptr(FP32), Ptr(FP32), H, H, Ho, Ho, cin, cout, k, *conv, split],
+                dict(HAS_BIAS=True, USE_DOT=True, DOT_F32=False, ACC_F64=False, BLOCK_M=32, BLOCK_CI=bci,
+                     BLOCK_CO=bco),
+                _expect(tc, bci, 4), ci=ci))
+    return cases
+
+
+# ------------------------------------------------------------------------------------------------------------
+# masked batch norm (kernels/sparse_conv/triton_bn.py)
+
+BNK = "kernels.sparse_conv.triton_bn"
+
+
+def masked_bn_cases() -> list[Case]:
+    from kernels.sparse_conv import triton_bn as tb
+
+    B, C, H = 32, 256, 56  # ResNet-50 stage 1 at 224 px
+    R, S = B * H * H, H * H
+    cases = []
+    for dt, layout in ((BF16, "channels_last"), (BF16, "nchw"), (FP32, "channels_last")):
+        st = (S * C, 1, C) if layout == "channels_last" else (C * S, S, 1)
+        x = Ptr(dt)
+        a = Ptr(FP32)
+        br, bc = tb._blocks(C, torch.device("cuda"))
+        for mode in (0, 1, 2):
+            cases.append(Case("masked_bn", f"{BNK}:_masked_bn_partial_kernel", f"{str(dt)[6:]} {layout} mode {mode}",
+                              [x, x, Ptr(U8), a, a, a, a, R, S, C, *st, *st],
+                              dict(MODE=mode, ACC_F64=False, BLOCK_R=br, BLOCK_C=bc, num_warps=4),
+                              ci=dt == BF16 and layout == "channels_last" and mode == 2))
+        br, bc = tb._blocks(C, torch.device("cuda"), apply=True)
+        for mode in (0, 1):
+            cases.append(Case("masked_bn", f"{BNK}:_masked_bn_apply_kernel", f"{str(dt)[6:]} {layout} mode {mode}",
+                              [x, x, Ptr(U8), a, a, a, a, x, R, S, C, *st, *st, *st],
+                              dict(MODE=mode, ACC_F64=False, BLOCK_R=br, BLOCK_C=bc, num_warps=4),
+                              ci=dt == BF16 and layout == "channels_last" and mode == 1))
+    return cases
+
+
+BUILDERS = {"attention": attention_cases, "codebook": codebook_cases, "masked": masked_cases,
+            "sparse_conv": sparse_conv_cases, "masked_bn": masked_bn_cases}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# compile + inspect
+
+
+def _tools():
+    import triton
+
+    b = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    return {n: (b / n if (b / n).exists() else None) for n in ("ptxas", "cuobjdump", "nvdisasm")}
+
+
+def jit_signature(fn, args, kwargs, target):
+    """(signature, constexprs, attrs, options) exactly as ``JITFunction.run`` derives them for these arguments."""
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    backend = make_backend(target)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+    return signature, constexprs, attrs, options
+
+
+def compile_case(case: Case, sm: int) -> dict:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    mod, name = case.kernel.split(":")
+    fn = getattr(importlib.import_module(mod), name)
+    out = {"op": case.op, "kernel": name, "case": case.label, "sm": sm, "expect": case.expect if sm == 90 else
+           ("mma" if case.expect in ("wgmma", "mma") else "none"), "no_spill": case.no_spill,
+           "warps": case.kwargs.get("num_warps", 4), "stages": case.kwargs.get("num_stages", 3)}
+    t0 = time.perf_counter()
+    try:
+        params = [p.name for p in fn.params]
+        given = params[: len(case.args)] + [k for k in case.kwargs if k in params]
+        if sorted(given) != sorted(params) or len(case.args) > len(params):
+            missing = [p for p in params if p not in given]
+            raise TypeError(f"bench/static_gpu_check.py is out of date for {name}: its parameters are now {params} "
+                            f"(not given here: {missing}); update the case to the launcher's arguments")
+        target = GPUTarget("cuda", sm, 32)
+        sig, consts, attrs, options = jit_signature(fn, case.args, dict(case.kwargs), target)
+        ck = triton.compile(ASTSource(fn, sig, consts, attrs), target=target, options=options.__dict__)
+    except Exception as exc:  # noqa: BLE001 - reported per case
+        out.update(error=f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300] if str(exc) else ''}",
+                   seconds=round(time.perf_counter() - t0, 1))
+        return out
+    # non-constexpr parameters the JIT turned into constants (== 1), and how many got tt.divisibility=16
+    out["specialised"] = [n for i, (n, v) in enumerate(sig.items()) if v == "constexpr" and not fn.params[i].is_constexpr]
+    out["divisible16"] = sum(1 for v in attrs.values() if v)
+    out["shared"] = int(ck.metadata.shared)
+    tools = _tools()
+    with tempfile.TemporaryDirectory() as d:
+        ptx = pathlib.Path(d, "k.ptx")
+        ptx.write_text(ck.asm["ptx"])
+        if tools["ptxas"]:
+            arch = "sm_90a" if sm == 90 else f"sm_{sm}"
+            info = subprocess.run([str(tools["ptxas"]), "-v", f"-arch={arch}", str(ptx), "-o",
+                                   str(pathlib.Path(d, "k.o"))], capture_output=True, text=True, check=False).stderr
+            m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info)
+            r = re.search(r"Used (\d+) registers", info)
+            out["spill_stores"] = int(m.group(1)) if m else None
+            out["spill_loads"] = int(m.group(2)) if m else None
+            out["registers"] = int(r.group(1)) if r else None
+        sass = None
+        cubin = pathlib.Path(d, "k.cubin")
+        cubin.write_bytes(ck.asm["cubin"])
+        if tools["cuobjdump"]:
+            sass = subprocess.run([str(tools["cuobjdump"]), "-sass", str(cubin)], capture_output=True, text=True,
+                                  check=False).stdout
+        elif tools["nvdisasm"]:
+            sass = subprocess.run([str(tools["nvdisasm"]), str(cubin)], capture_output=True, text=True,
+                                  check=False).stdout
+        if sass:
+            out["hgmma"] = len(re.findall(r"\bHGMMA\.", sass))
+            out["hmma"] = len(re.findall(r"\bHMMA\.", sass))
+            out["sass_from"] = "cuobjdump" if tools["cuobjdump"] else "nvdisasm"
+        else:  # no disassembler: the PTX says it too
+            out["hgmma"] = ck.asm["ptx"].count("wgmma.mma_async")
+            out["hmma"] = len(re.findall(r"\bmma\.sync", ck.asm["ptx"]))
+            out["sass_from"] = "ptx"
+    out["seconds"] = round(time.perf_counter() - t0, 1)
+    return out
+
+
+def verdict(r: dict) -> tuple[str, list[str]]:
+    """("ok" | "FAIL" | "note", reasons)."""
+    fails, notes = [], []
+    if "error" in r:
+        return "FAIL", [f"compile error: {r['error']}"]
+    if r["shared"] > SMEM_LIMIT[r["sm"]]:
+        fails.append(f"shared memory {r['shared']} B > {SMEM_LIMIT[r['sm']]} B")
+    spills = r.get("spill_stores") or 0
+    if spills:
+        (fails if r["no_spill"] else notes).append(f"{spills} B register spills")
+    found = "wgmma" if r.get("hgmma") else ("mma" if r.get("hmma") else "none")
+    r["found"] = found
+    if found != r["expect"]:
+        notes.append(f"tensor cores: expected {r['expect']}, SASS has {found}")
+    return ("FAIL" if fails else ("note" if notes else "ok")), fails + notes
+
+
+def select(ops, subset: str) -> list[tuple[Case, int]]:
+    out = []
+    for op in ops:
+        for case in BUILDERS[op]():
+            if subset == "ci" and not case.ci:
+                continue
+            for sm in case.sms:
+                if subset == "ci" and sm != 90 and not (case.op == "attention" and "dkdv" in case.kernel):
+                    continue
+                out.append((case, sm))
+    return out
+
+
+def _worker(item):
+    case, sm = item
+    return compile_case(case, sm)
+
+
+def render(results: list[dict], seconds: float) -> str:
+    import triton
+
+    lines = [
+        "# Static GPU check: every Triton kernel as the JIT builds it, for sm_90 (and sm_80)",
+        "",
+        f"`python -m bench.static_gpu_check` (triton {triton.__version__}, torch {torch.__version__}); "
+        f"{len(results)} compiles in {seconds:.0f}s on a CPU, no GPU. Arguments as each launcher passes them at the real "
+        "shapes, specialised by the JIT's own binder (ints == 1 -> constants, ints/pointers % 16 == 0 -> "
+        "`tt.divisibility=16`); every autotune config of the codebook lookup. `regs`/`spills` from `ptxas -v`; "
+        "`HGMMA` (wgmma) / `HMMA` (mma.sync) counted in the SASS (`cuobjdump -sass`). Expected tensor cores: wgmma on "
+        "sm_90 for bf16/fp16/tf32 dots with an M tile that is a multiple of 64 and a multiple of 4 warps, mma.sync "
+        "otherwise and on sm_80, none for IEEE fp32 dots.",
+        "",
+    ]
+    fails = [r for r in results if r["status"] == "FAIL"]
+    notes = [r for r in results if r["status"] == "note"]
+    lines += [f"**{len(results) - len(fails) - len(notes)} ok, {len(notes)} with notes, {len(fails)} failing.**", ""]
+    if fails or notes:
+        lines += ["## Failures and notes", "", "| sm | kernel | case | status | why |", "|---|---|---|---|---|"]
+        for r in fails + notes:
+            lines.append(f"| {r['sm']} | {r['kernel']} | {r['case']} | {r['status']} | {'; '.join(r['why'])} |")
+        lines.append("")
+    for sm in sorted({r["sm"] for r in results}, reverse=True):
+        lines += [f"## sm_{sm}", "", "| op | kernel | case | warps/stages | regs | spills (B) | smem (KiB) | HGMMA | HMMA "
+                  "| expected | status |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in (r for r in results if r["sm"] == sm):
+            if "error" in r:
+                lines.append(f"| {r['op']} | {r['kernel']} | {r['case']} | {r['warps']}/{r['stages']} | - | - | - | - | "
+                             f"- | {r['expect']} | FAIL: {r['error'][:120]} |")
+                continue
+            lines.append(
+                f"| {r['op']} | {r['kernel']} | {r['case']} | {r['warps']}/{r['stages']} | {r.get('registers')} | "
+                f"{r.get('spill_stores')} | {r['shared'] / 1024:.1f} | {r.get('hgmma')} | {r.get('hmma')} | "
+                f"{r['expect']} | {r['status']} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {', '.join(OPS)}")
+    p.add_argument("--subset", choices=("full", "ci"), default="full")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--out", type=pathlib.Path, default=ROOT / "bench" / "results" / "static-sm90.md")
+    p.add_argument("--no-report", action="store_true", help="do not write the markdown report")
+    p.add_argument("--json", default=None, help="write the per-case results as JSON here ('-': stdout)")
+    p.add_argument("--check", action="store_true", help="exit 1 if any case fails (compile error, smem, spills)")
+    p.add_argument("--list", action="store_true", help="list the selected cases and exit")
+    args = p.parse_args(argv)
+    ops = [o for o in args.ops.split(",") if o]
+    unknown = set(ops) - set(OPS)
+    if unknown:
+        raise SystemExit(f"unknown ops {sorted(unknown)}")
+    items = select(ops, args.subset)
+    if args.list:
+        for case, sm in items:
+            print(f"sm_{sm} {case.kernel_name} {case.label}")
+        return 0
+    t0 = time.perf_counter()
+    if args.jobs > 1 and len(items) > 1:
+        import multiprocessing as mp
+
+        with mp.get_context("fork").Pool(args.jobs) as pool:
+            results = pool.map(_worker, items, chunksize=1)
+    else:
+        results = [_worker(i) for i in items]
+    for r in results:
+        r["status"], r["why"] = verdict(r)
+    secs = time.perf_counter() - t0
+    if not args.no_report:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(render(results, secs))
+        print(args.out, file=sys.stderr)
+    if args.json:
+        text = json.dumps(results, indent=1)
+        if args.json == "-":
+            print(text)
+        else:
+            pathlib.Path(args.json).write_text(text)
+    failing = [r for r in results if r["status"] == "FAIL"]
+    print(f"{len(results)} compiled in {secs:.0f}s: {len(failing)} failing, "
+          f"{sum(r['status'] == 'note' for r in results)} with notes", file=sys.stderr)
+    for r in failing:
+        print(f"FAIL sm_{r['sm']} {r['kernel']} {r['case']}: {'; '.join(r['why'])}", file=sys.stderr)
+    return 1 if (args.check and failing) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
