@@ -8,8 +8,8 @@ Use the ``bench`` fixture instead of ``benchmark`` directly::
 
 Timing (``bench/timing.py``): on CUDA every case gets its device time (``kernel_s``: CUDA events over many
 calls after warm-up, L2 flushed before each call, as ``triton.testing.do_bench``; the row's primary time),
-for launch-bound calls a CUDA-graph time (``graph_s``), and its end-to-end call time (``call_s``: sync, call,
-sync, pytest-benchmark's median). On CPU the primary time is the wall-clock median. ``reference`` is timed
+for launch-bound calls (or ``graphs="always"``) a CUDA-graph time (``graph_s``; ``BENCH_CUDA_GRAPHS=0`` turns
+graphs off), and its end-to-end call time (``call_s``: sync, call, sync, pytest-benchmark's median). On CPU the primary time is the wall-clock median. ``reference`` is timed
 the same way. ``extra_info`` also records device, versions, shape, dtype, bytes/FLOPs and achieved rates.
 
 Results: a plain ``pytest bench/ --benchmark-only`` writes nothing into the repository. ``--save-results``
@@ -243,8 +243,8 @@ def bench(benchmark, bench_device, request):
             info.update(kernel_s=t.median_s, kernel_p20_s=t.p20_s, kernel_p80_s=t.p80_s, kernel_reps=t.reps,
                         timing=t.method)
             med = t.median_s if cuda else call.median
-            if cuda and graphs and os.environ.get("BENCH_CUDA_GRAPHS", "1") != "0" and timing.launch_bound(
-                    t.median_s, call.median):
+            if cuda and graphs and os.environ.get("BENCH_CUDA_GRAPHS", "1") != "0" and (
+                    graphs == "always" or timing.launch_bound(t.median_s, call.median)):
                 try:
                     g = timing.graph_time(call_fn, dev)
                     info.update(graph_s=g.median_s, graph_calls=g.reps)
