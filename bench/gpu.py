@@ -13,6 +13,7 @@ returns what it measured), as few files as possible (the device tool returns at 
     OUT/steps.json             per step: status (ok / failed / timeout / skipped), exit code, seconds, notes
     OUT/<gpu>.json, <gpu>.md   the bench rows (rewritten after every case) and their report with the targets
     OUT/plots.tar              the report's plots (at the end, when matplotlib is importable)
+    OUT/static-sm90.md         the static check of every kernel (spills, shared memory, wgmma), made on this machine
 
 Copy ``<gpu>.json``/``.md`` to ``bench/results/`` to commit them (``python -m bench.report OUT/<gpu>.json
 --out bench/results/<gpu>.md`` re-renders them with the plots).
@@ -23,6 +24,10 @@ Steps (priority order):
 2. ``build``          the C++ part of ``kernels._C`` (masks, the CPU sparse conv): built into a temp dir and moved
                       in atomically; there are no CUDA sources (``csrc/cuda``) today, and if there were, the CUDA
                       build is skipped with the reason logged unless ``--build-cuda`` (nvcc takes minutes)
+2b. ``precompile``    ``python -m bench.static_gpu_check --sm 90`` on every core: ``OUT/static-sm90.md`` (spills,
+                      shared memory, wgmma per kernel, with this machine's toolchain) and Triton's cache filled with
+                      every kernel under the JIT's keys, so the steps after it mostly find their kernels compiled
+                      (the log says how many they still compiled)
 3. ``tests``          ``tests/test_gpu_real_shapes.py --device cuda``: every kernel at real shapes vs the reference
 4. ``bench``          ``pytest bench/ -m "cuda and headline and not compile"``: the headline cases of every kernel
                       and each method's train step, into OUT
@@ -68,6 +73,7 @@ class Step:
 STEPS = [
     Step("env", 30, "versions, GPU, optional peers"),
     Step("build", 150, "kernels._C (C++; CUDA sources: none today)"),
+    Step("precompile", 100, "every Triton kernel for sm_90 in parallel (static check; warms the JIT cache)"),
     Step("tests", 170, "real-shape CUDA correctness of every kernel"),
     Step("bench", 270, "headline bench cases (kernels, train steps)"),
     Step("tests-ops", 150, "each op's test file on CUDA"),
@@ -231,6 +237,23 @@ for m in ["timm", "torchvision", "faiss", "spconv", "flash_attn", "xformers", "n
         shutil.rmtree(tmp, ignore_errors=True)
         return self.sh(check, 60)
 
+    def triton_cache_entries(self) -> int:
+        d = pathlib.Path(os.environ.get("TRITON_CACHE_DIR", ""))
+        return sum(1 for _ in d.iterdir()) if d.is_dir() else 0
+
+    def step_precompile(self, cap):
+        """The static check's sm_90 sweep on all cores: the report, and Triton's cache filled under the JIT's keys."""
+        cmd = [sys.executable, "-m", "bench.static_gpu_check", "--sm", "90", "--jobs", str(os.cpu_count() or 4),
+               "--out", str(self.out / "static-sm90.md")]
+        if self.dry:  # two compiles: the plumbing, not the sweep (the CI's AOT tests run the representative subset)
+            cmd += ["--subset", "ci", "--ops", "masked_bn"]
+        before = self.triton_cache_entries()
+        rc, tail = self.sh(cmd, cap)
+        self.cache_after_precompile = self.triton_cache_entries()
+        self.log(f"precompile: {self.cache_after_precompile - before} kernels in Triton's cache "
+                 f"({os.environ.get('TRITON_CACHE_DIR')})")
+        return rc, tail
+
     def step_tests(self, cap):
         dev = "cpu" if self.dry else "cuda"
         return self.sh(PYTEST + ["tests/test_gpu_real_shapes.py", "--device", dev, "-q", "-rfEs",
@@ -241,6 +264,15 @@ for m in ["timm", "torchvision", "faiss", "spconv", "flash_attn", "xformers", "n
         if self.dry and marker != "cuda and headline and not compile":
             cmd += ["--collect-only"]
         return self.sh(cmd, cap)
+
+    def log_cache_misses(self, step_name):
+        """Kernels a step compiled that the precompile step had not: 0 means the static check's specialisation
+        is the JIT's (autotune benchmarking and other shapes aside)."""
+        base = getattr(self, "cache_after_precompile", None)
+        if base is not None:
+            now = self.triton_cache_entries()
+            self.log(f"{step_name}: {now - base} kernels compiled beyond the precompiled ones (Triton cache entries)")
+            self.cache_after_precompile = now
 
     def step_tests_ops(self, cap):
         cmd = PYTEST + OP_TESTS + ["--device", "cpu" if self.dry else "cuda", "-m", "cuda or interpreter", "-q",
@@ -299,6 +331,7 @@ def main(argv=None):
     handlers = {
         "env": run.step_env,
         "build": run.step_build,
+        "precompile": run.step_precompile,
         "tests": run.step_tests,
         "bench": lambda cap: run.bench(cap, "cuda and headline and not compile"),
         "tests-ops": run.step_tests_ops,
@@ -309,10 +342,14 @@ def main(argv=None):
     unknown = (only or set()) - set(handlers)
     if unknown:
         raise SystemExit(f"unknown steps {sorted(unknown)}; steps: {', '.join(handlers)}")
+    # one Triton cache for every step, so the precompiled kernels are found and misses can be counted
+    os.environ.setdefault("TRITON_CACHE_DIR", str(pathlib.Path(tempfile.gettempdir()) / "bench-gpu-triton-cache"))
     try:
         for step in STEPS:
             if only is None or step.name in only:
                 run.run_step(step, handlers[step.name])
+                if step.name in ("tests", "bench"):
+                    run.log_cache_misses(step.name)
     finally:
         try:
             run.report()

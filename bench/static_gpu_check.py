@@ -22,6 +22,10 @@ Each kernel is compiled for ``GPUTarget("cuda", 90, 32)`` (and 80) and checked:
   The report gives the verdict per kernel; mismatches are listed (not failures: a kernel author's decision).
 
 ``--subset ci`` is the representative subset the ahead-of-time tests run on 2 CPU cores (tests/_aot.py).
+
+On the GPU machine the GPU plan (``python -m bench.gpu``) runs the sm_90 sweep first, in parallel over the
+cores: the compiled kernels land in Triton's cache under the keys the JIT computes, so the tests and benches
+that follow find them compiled (the plan logs how many kernels they still had to compile).
 """
 
 from __future__ import annotations
@@ -517,13 +521,15 @@ def verdict(r: dict) -> tuple[str, list[str]]:
     return ("FAIL" if fails else ("note" if notes else "ok")), fails + notes
 
 
-def select(ops, subset: str) -> list[tuple[Case, int]]:
+def select(ops, subset: str, sms=(90, 80)) -> list[tuple[Case, int]]:
     out = []
     for op in ops:
         for case in BUILDERS[op]():
             if subset == "ci" and not case.ci:
                 continue
             for sm in case.sms:
+                if sm not in sms:
+                    continue
                 if subset == "ci" and sm != 90 and not (case.op == "attention" and "dkdv" in case.kernel):
                     continue
                 out.append((case, sm))
@@ -578,6 +584,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {', '.join(OPS)}")
     p.add_argument("--subset", choices=("full", "ci"), default="full")
+    p.add_argument("--sm", default="90,80", help="compute capabilities to compile for (default 90,80)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     p.add_argument("--out", type=pathlib.Path, default=ROOT / "bench" / "results" / "static-sm90.md")
     p.add_argument("--no-report", action="store_true", help="do not write the markdown report")
@@ -589,7 +596,7 @@ def main(argv=None):
     unknown = set(ops) - set(OPS)
     if unknown:
         raise SystemExit(f"unknown ops {sorted(unknown)}")
-    items = select(ops, args.subset)
+    items = select(ops, args.subset, tuple(int(x) for x in args.sm.split(",")))
     if args.list:
         for case, sm in items:
             print(f"sm_{sm} {case.kernel_name} {case.label}")
