@@ -40,7 +40,7 @@ from kernels.masked.reference import gather_targets, masked_cross_entropy_refere
 ce_op = define_op("masked_cross_entropy", doc="chunked linear head + cross-entropy over masked rows")
 
 
-def _validate(h, weight, bias, targets, mask, ignore_index, num_masked):
+def _validate(h, weight, bias, targets, mask, ignore_index, num_masked, chunk_rows=None):
     check_tensor("h", h, ndim=(2, 3), dtypes=FLOAT_DTYPES)
     check_tensor("weight", weight, ndim=2, dtypes=FLOAT_DTYPES)
     check_tensor("bias", bias, ndim=1, dtypes=FLOAT_DTYPES, optional=True)
@@ -64,8 +64,10 @@ def _validate(h, weight, bias, targets, mask, ignore_index, num_masked):
         check_mask(mask, h.shape[:2])
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
+    if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1):
+        raise ValueError(f"chunk_rows: expected None or a positive int, got {chunk_rows!r}")
     check_same_device(h=h, weight=weight, bias=bias, targets=targets, mask=mask)
-    if mask is not None:
+    if mask is not None and not (num_masked is None and mask.device.type == "meta"):  # meta: see below
         _validate_gather(h, mask, num_masked)
     if host_checks_enabled(targets) and targets.numel():
         bad = (targets != ignore_index) & ((targets < 0) | (targets >= V))
@@ -78,7 +80,7 @@ def _validate(h, weight, bias, targets, mask, ignore_index, num_masked):
 
 def compute_dtype(h, weight):
     dev = h.device.type
-    if torch.is_autocast_enabled(dev):
+    if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
         return torch.get_autocast_dtype(dev)
     return torch.promote_types(h.dtype, weight.dtype)
 
@@ -221,9 +223,15 @@ def masked_cross_entropy(
     Returns:
         scalar fp32 loss, or ``(loss, accuracy)``.
     """
-    _validate(h, weight, bias, targets, mask, ignore_index, num_masked)
+    _validate(h, weight, bias, targets, mask, ignore_index, num_masked, chunk_rows)
     if torch.compiler.is_compiling():  # one opaque custom op in the graph (kernels.library)
         from kernels._library.masked import masked_cross_entropy as registered
 
         return registered(h, weight, bias, targets, mask, ignore_index, return_accuracy, num_masked, chunk_rows)
+    if mask is not None and num_masked is None and mask.device.type == "meta":
+        # meta tensors have no mask values to gather by: keep every row and ignore the unmasked ones (the
+        # torch.compile strategy: same loss, no data-dependent shape)
+        targets = torch.where(mask, targets, torch.full_like(targets, ignore_index))
+        h, mask = h.reshape(-1, h.shape[-1]), None
+        targets = targets.reshape(-1)
     return ce_op(h, weight, bias, targets, mask, ignore_index, return_accuracy, num_masked, chunk_rows)

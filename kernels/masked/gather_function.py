@@ -38,6 +38,11 @@ def _validate(h, mask, num_masked):
     B, N, _ = h.shape
     check_mask(mask, (B, N))
     check_same_device(h=h, mask=mask)
+    if num_masked is None and mask.device.type == "meta":
+        raise ValueError(
+            "num_masked: None needs the mask's values (the number of output rows depends on them) and meta "
+            "tensors have none; pass num_masked=k (every row masks k positions)"
+        )
     if num_masked is not None:
         if isinstance(num_masked, bool) or not isinstance(num_masked, int):
             raise TypeError(f"num_masked: expected an int or None, got {type(num_masked).__name__}")

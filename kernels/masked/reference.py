@@ -71,8 +71,15 @@ def gather_targets(targets, mask, num_masked=None):
 def linear_cross_entropy_reference(h, weight, bias, targets, ignore_index=-100, return_accuracy=False):
     """Plain torch: full logits, fp32 cross-entropy, mean over non-ignored rows (0 when there are none).
 
-    h [M, D], weight [V, D], bias [V] or None, targets [M] int64.
+    h [M, D], weight [V, D], bias [V] or None, targets [M] int64. The GEMM runs in the Triton path's dtype:
+    ``promote_types(h.dtype, weight.dtype)``, or the autocast dtype when autocast is on for the device (every
+    operand is cast to it, so mixed dtypes such as float64 ``h`` with a float32 ``weight`` work).
     """
+    dev = h.device.type
+    autocast = torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)
+    dt = torch.get_autocast_dtype(dev) if autocast else torch.promote_types(h.dtype, weight.dtype)
+    h, weight = h.to(dt), weight.to(dt)
+    bias = None if bias is None else bias.to(dt)
     logits = F.linear(h, weight, bias)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     valid = targets != ignore_index
