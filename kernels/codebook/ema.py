@@ -30,7 +30,7 @@ import torch
 
 from kernels._backend import define_op, same_device_reasons, triton_reasons
 from kernels.codebook import reference as ref
-from kernels.codebook.function import check_finite_tensor, check_tensor
+from kernels.codebook.function import check_finite_tensor, check_real, check_tensor, host_checks_allowed
 
 ema_scatter_op = define_op(
     "codebook_ema_scatter", "per-code counts and sums of assigned vectors (scatter-add)"
@@ -138,10 +138,8 @@ def _validate(
     for name, t in (("cluster_size", cluster_size), ("embed_sum", embed_sum), ("z", z), ("indices", indices)):
         if t.device != codebook.device:
             raise ValueError(f"{name} is on {t.device} but codebook is on {codebook.device}")
-    if not 0.0 <= float(decay) <= 1.0:
-        raise ValueError(f"decay must lie in [0, 1], got {decay}")
-    if not float(eps) > 0.0:
-        raise ValueError(f"eps must be > 0, got {eps}")
+    check_real("decay", decay, 0.0, 1.0)
+    check_real("eps", eps, 0.0, lo_open=True)
     if dead_code_threshold is not None:
         if (
             not isinstance(dead_code_threshold, int)
@@ -159,7 +157,14 @@ def _validate(
                 f"steps_since_used must have shape [K={K}] on {codebook.device}, "
                 f"got {tuple(steps_since_used.shape)} on {steps_since_used.device}"
             )
-    if check_inputs and not torch.compiler.is_compiling():  # a host sync: skipped while compiling
+    for name, t in (("codebook", codebook), ("cluster_size", cluster_size), ("embed_sum", embed_sum),
+                    ("steps_since_used", steps_since_used)):
+        if t is not None and any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape)):
+            raise ValueError(
+                f"{name} is updated in place, so it must not be an expanded view (a stride-0 dimension), got "
+                f"shape {tuple(t.shape)} with strides {t.stride()}; pass {name}.clone()"
+            )
+    if check_inputs and host_checks_allowed(z):  # a host sync: skipped while compiling and on meta tensors
         check_finite_tensor("z", z)
         if indices.numel() and bool(((indices < 0) | (indices >= K)).any()):
             raise ValueError(
@@ -195,7 +200,8 @@ def ema_codebook_update(
         dead_code_threshold, steps_since_used, generator: dead-code restarts (see module docstring).
         process_group: the DDP group for the all-reduce (default group when torch.distributed is initialised).
         check_inputs: check z is finite and indices in range (one host sync); without it, rows of ``z`` with a
-            NaN or inf are skipped (not counted, not summed) so they never reach the codebook.
+            NaN or inf, and rows whose index is outside ``[0, K)``, are skipped (not counted, not summed) so
+            they never reach the codebook (nor memory outside it).
 
     Returns the per-code counts of this batch ``[K]`` (all-reduced), e.g. for usage logs.
     """

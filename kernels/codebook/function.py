@@ -61,6 +61,41 @@ def check_tensor(name: str, t, dims: int | None = None, float_only: bool = True)
         raise ValueError(f"{name} must be {dims}-D, got shape {tuple(t.shape)}")
 
 
+def host_checks_allowed(t: torch.Tensor) -> bool:
+    """Value checks (a host sync) run in eager mode on real tensors: not while compiling, not on meta tensors
+    (no values; the ops then only propagate shapes and dtypes)."""
+    return not torch.compiler.is_compiling() and t.device.type != "meta"
+
+
+def check_real(name: str, value, lo=None, hi=None, lo_open=False):
+    """A Python real number (not bool) within [lo, hi] ((lo, hi] with ``lo_open``); returns it as a float."""
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    v = float(value)
+    below = (v <= lo if lo_open else v < lo) if lo is not None else False
+    if v != v or below or (hi is not None and v > hi):
+        if lo is None and hi is None:
+            want = "be a number"
+        elif hi is None:
+            want = f"> {lo:g}" if lo_open else f">= {lo:g}"
+        else:
+            want = f"lie in {'(' if lo_open else '['}{lo:g}, {hi:g}]"
+        if hi is None and lo is not None:
+            want = f"be {want}"
+        raise ValueError(f"{name} must {want} (not NaN), got {value}")
+    return v
+
+
+def check_int(name: str, value, lo=None):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if lo is not None and value < lo:
+        raise ValueError(f"{name} must be >= {lo}, got {value}")
+    return value
+
+
 def check_finite_tensor(name: str, t: torch.Tensor):
     finite = torch.isfinite(t)
     if not bool(finite.all()):
@@ -68,7 +103,7 @@ def check_finite_tensor(name: str, t: torch.Tensor):
         raise ValueError(f"{name} contains {bad} non-finite value(s) (NaN or inf); expected finite values")
 
 
-def validate_lookup(z, codebook, precision="auto", check_finite=True):
+def validate_lookup(z, codebook, precision="auto", check_finite=True, eps=1e-12):
     check_tensor("z", z)
     check_tensor("codebook", codebook, dims=2)
     if codebook.shape[0] == 0:
@@ -84,7 +119,8 @@ def validate_lookup(z, codebook, precision="auto", check_finite=True):
         raise ValueError(f"z and codebook must be on the same device, got {z.device} and {codebook.device}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if check_finite and not torch.compiler.is_compiling():  # a host sync: skipped while compiling
+    check_real("eps", eps, 0.0, lo_open=True)
+    if check_finite and host_checks_allowed(z):  # a host sync: skipped while compiling and on meta tensors
         check_finite_tensor("z", z)
         check_finite_tensor("codebook", codebook)
 
@@ -182,7 +218,7 @@ def nearest_code(
     Returns ``NearestCode(indices [...] int64, z_q [..., d] straight-through, similarity [...])`` where
     ``[...]`` is ``z.shape[:-1]``.
     """
-    validate_lookup(z, codebook, precision, check_finite)
+    validate_lookup(z, codebook, precision, check_finite, eps)
     lead, d = z.shape[:-1], z.shape[-1]
     z2d = z.reshape(-1, d)
     if z2d.shape[0] == 0:
@@ -209,4 +245,6 @@ def commitment_loss(z, z_q):
     check_tensor("z_q", z_q)
     if z.shape != z_q.shape:
         raise ValueError(f"z and z_q must have the same shape, got {tuple(z.shape)} and {tuple(z_q.shape)}")
+    if z.device != z_q.device:
+        raise ValueError(f"z and z_q must be on the same device, got {z.device} and {z_q.device}")
     return ref.commitment_loss_reference(z, z_q)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from kernels.codebook import reference as ref
-from kernels.codebook.function import check_finite_tensor, check_tensor, nearest_code
+from kernels.codebook.function import check_finite_tensor, check_int, check_tensor, nearest_code
 
 
 @torch.no_grad()
@@ -33,8 +33,14 @@ def kmeans_init_codebook(
         raise ValueError(f"z must have shape [..., d] with d >= 1, got {tuple(z.shape)}")
     if not isinstance(num_codes, int) or isinstance(num_codes, bool) or num_codes < 1:
         raise ValueError(f"num_codes must be a positive int, got {num_codes!r}")
-    if not isinstance(iters, int) or iters < 0:
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
         raise ValueError(f"iters must be a non-negative int, got {iters!r}")
+    if seed is not None:
+        check_int("seed", seed)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if z.device.type == "meta":
+        raise ValueError("z is a meta tensor: k-means needs its values (pass a real tensor)")
     x = z.detach().reshape(-1, z.shape[-1])
     M = x.shape[0]
     if M == 0:

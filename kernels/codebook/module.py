@@ -52,8 +52,16 @@ class VectorQuantizer(nn.Module):
         process_group=None,
     ):
         super().__init__()
-        if num_codes < 1 or dim < 1:
-            raise ValueError(f"num_codes and dim must be >= 1, got {num_codes}, {dim}")
+        from kernels.codebook.function import PRECISIONS, check_int, check_real
+
+        check_int("num_codes", num_codes, 1)
+        check_int("dim", dim, 1)
+        check_real("decay", decay, 0.0, 1.0)
+        check_real("eps", eps, 0.0, lo_open=True)
+        check_int("kmeans_iters", kmeans_iters, 0)
+        check_real("commitment_weight", commitment_weight)
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         self.num_codes, self.dim, self.decay, self.eps = int(num_codes), int(dim), float(decay), float(eps)
         self.kmeans_init, self.kmeans_iters = bool(kmeans_init), int(kmeans_iters)
         self.commitment_weight, self.normalize = float(commitment_weight), bool(normalize)
@@ -107,7 +115,9 @@ class VectorQuantizer(nn.Module):
         self._init_known = True
 
     def forward(self, z):
-        if z.shape[-1] != self.dim:
+        if not isinstance(z, torch.Tensor):
+            raise TypeError(f"z must be a torch.Tensor, got {type(z).__name__}")
+        if z.dim() < 1 or z.shape[-1] != self.dim:
             raise ValueError(f"z must have shape [..., {self.dim}], got {tuple(z.shape)}")
         z_n = ref.l2n(z, 1e-12) if self.normalize else z  # F.normalize, without overflow for huge rows
         if self.training:

@@ -137,16 +137,18 @@ def nearest_code_reference(z2d, codebook, normalize=True, eps=1e-12, chunk_elems
 def ema_scatter_reference(z2d, indices, num_codes, normalize=True, eps=1e-5, sum_dtype=torch.float32):
     """Per-code counts [K] and sums [K, d] (of l2-normalised rows when ``normalize``) via index_add_.
 
-    Rows of ``z2d`` holding a NaN or inf are skipped (no count, nothing added), without a host sync."""
+    Rows of ``z2d`` holding a NaN or inf, and rows whose index is outside ``[0, num_codes)``, are skipped (no
+    count, nothing added), without a host sync."""
     zz = z2d.detach().to(sum_dtype)
-    finite = torch.isfinite(zz).all(dim=-1)
-    zz = torch.where(finite[:, None], zz, torch.zeros((), dtype=sum_dtype, device=zz.device))
+    ok = torch.isfinite(zz).all(dim=-1) & (indices >= 0) & (indices < num_codes)
+    zz = torch.where(ok[:, None], zz, torch.zeros((), dtype=sum_dtype, device=zz.device))
+    indices = torch.where(ok, indices, torch.zeros_like(indices))
     if normalize:
         zz = l2n(zz, eps)
     sums = torch.zeros(num_codes, z2d.shape[1], dtype=sum_dtype, device=z2d.device)
     sums.index_add_(0, indices, zz)
     counts = torch.zeros(num_codes, dtype=sum_dtype, device=z2d.device)
-    counts.index_add_(0, indices, finite.to(sum_dtype))
+    counts.index_add_(0, indices, ok.to(sum_dtype))
     return counts, sums
 
 

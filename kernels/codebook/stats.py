@@ -17,7 +17,8 @@ def codebook_usage(
 ) -> dict[str, torch.Tensor]:
     """``{"fraction_used", "perplexity"}`` as 0-d float64 tensors (no host sync; call ``.item()`` to log).
 
-    ``check_range`` (default True) raises if an index is outside ``[0, num_codes)`` (one host sync).
+    ``check_range`` (default True) raises if an index is outside ``[0, num_codes)`` (one host sync; skipped on
+    meta tensors, which have no values).
     """
     if not isinstance(indices, torch.Tensor):
         raise TypeError(f"indices must be a torch.Tensor, got {type(indices).__name__}")
@@ -26,9 +27,11 @@ def codebook_usage(
     if not isinstance(num_codes, int) or isinstance(num_codes, bool) or num_codes < 1:
         raise ValueError(f"num_codes must be a positive int, got {num_codes!r}")
     flat = indices.reshape(-1).long()
-    if check_range and flat.numel() and bool(((flat < 0) | (flat >= num_codes)).any()):
+    if check_range and flat.numel() and flat.device.type != "meta" and bool(((flat < 0) | (flat >= num_codes)).any()):
         raise ValueError(
             f"indices must lie in [0, num_codes={num_codes}), got values in "
             f"[{int(flat.min())}, {int(flat.max())}]"
         )
+    if flat.device.type == "meta":  # shapes and dtypes only (bincount has no meta kernel)
+        return {key: torch.empty((), dtype=torch.float64, device="meta") for key in ("fraction_used", "perplexity")}
     return ref.codebook_usage_reference(flat, num_codes)

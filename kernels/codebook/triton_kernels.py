@@ -312,6 +312,7 @@ def _ema_scatter_kernel(
     COUNTS,
     M,
     D,
+    K,
     stride_zm,
     stride_zd,
     eps,
@@ -321,7 +322,8 @@ def _ema_scatter_kernel(
 ):
     """Scatter-add of assigned rows (no one-hot):  COUNTS[i_m] += 1,  SUMS[i_m, :] += x_m,
     with ``x_m = z_m / max(||z_m||, eps)`` (overflow-safe) when NORMALIZE else ``z_m``; rows holding a NaN
-    or inf are skipped (neither counted nor added).
+    or inf, and rows whose index is outside [0, K), are skipped (neither counted nor added, never written
+    out of bounds).
     Atomic adds: the fp32 rounding of the sums depends on the order of arrival.
     """
     pid = tl.program_id(0)
@@ -334,11 +336,11 @@ def _ema_scatter_kernel(
         Z + rows[:, None].to(tl.int64) * stride_zm + offs_d[None, :] * stride_zd, mask=mask, other=0.0
     ).to(acc_ty)
     finite = (x == x) & (tl.abs(x) != float("inf"))
-    ok = rmask & (tl.sum(tl.where(finite, 0, 1), axis=1) == 0)
+    k = tl.load(IDX + rows, mask=rmask, other=0)
+    ok = rmask & (tl.sum(tl.where(finite, 0, 1), axis=1) == 0) & (k >= 0) & (k < K)
     x = tl.where(ok[:, None], x, 0.0)
     if NORMALIZE:
         x = _l2n_rows(x, eps)
-    k = tl.load(IDX + rows, mask=rmask, other=0)
     tl.atomic_add(SUMS + k[:, None] * D + offs_d[None, :], x, mask=mask & ok[:, None], sem="relaxed")
     ones = tl.full([BLOCK_M], 1.0, acc_ty)
     tl.atomic_add(COUNTS + k, ones, mask=ok, sem="relaxed")
@@ -416,6 +418,7 @@ def ema_scatter(z2d, indices, sums, counts, normalize, eps):
         counts,
         M,
         D,
+        sums.shape[0],
         z2d.stride(0),
         z2d.stride(1),
         eps,
