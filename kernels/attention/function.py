@@ -26,6 +26,7 @@ under ``torch.compile`` and CUDA graph capture (see :func:`kernels.attention.ref
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -93,8 +94,10 @@ def _check_inputs(q, k, v, bias, scale):
                 f"attention: bias of shape {tuple(bias.shape)} does not broadcast to [B, H, Nq, Nk] = "
                 f"[{B}, {H}, {Nq}, {Nk}]; expected [H, Nq, Nk], [1 or B, H, Nq, Nk] (or 1 for H)"
             )
-    if scale is not None and not isinstance(scale, (int, float)):
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
         raise TypeError(f"attention: scale must be a python float or None, got {type(scale).__name__}")
+    if scale is not None and not math.isfinite(scale):
+        raise ValueError(f"attention: scale must be a finite float, got {scale}")
 
 
 def attention(q, k, v, bias=None, scale=None, *, deterministic: bool | None = None):

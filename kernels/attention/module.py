@@ -65,8 +65,20 @@ class MultiheadSelfAttention(nn.Module):
         return qkv.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
 
     def forward(self, x: torch.Tensor, rel_pos_bias: torch.Tensor | None = None, return_attention: bool = False):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x must be [B, N, {self.dim}], got {tuple(x.shape)}")
+        w = self.qkv.weight
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+        if x.device != w.device:
+            raise ValueError(f"x is on {x.device} but the module's parameters are on {w.device}")
+        if x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(
+                f"x has dtype {x.dtype} but the module's parameters are {w.dtype}: cast one to the other "
+                "(module.to(dtype)) or run under torch.autocast"
+            )
         B, N, C = x.shape
         q, k, v = self._qkv(x)
         if rel_pos_bias is not None and rel_pos_bias.dtype != q.dtype and rel_pos_bias.dtype != torch.float32:
