@@ -348,3 +348,145 @@ def test_16bit_grayscale_png_through_the_fallback_eval_loader(tmp_path):
     for img in images[1:]:
         torch.testing.assert_close(img, images[0], atol=1e-6, rtol=0)
     assert images[0].std() > 0.5  # a ramp, not a saturated white square
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 7. raw RuntimeErrors from deep inside -> clear errors naming the argument (or the right answer)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_masked_cross_entropy_mixed_dtypes_promote(backend):
+    """float64 h with a float32 weight (and a float16 bias): the GEMM runs in the promoted dtype on both
+    backends (the reference raised 'expected m1 and m2 to have the same dtype')."""
+    torch.manual_seed(0)
+    h = torch.randn(2, 6, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(10, 8, requires_grad=True)
+    b = torch.randn(10, dtype=torch.float16, requires_grad=True)
+    t = torch.randint(0, 10, (2, 6))
+    mask = torch.zeros(2, 6, dtype=torch.bool)
+    mask[:, 1:4] = True
+    with use_backend(backend, op="masked_cross_entropy"):
+        loss = kernels.masked_cross_entropy(h, w, b, t, mask)
+        loss.backward()
+    h64, w64, b64 = (x.detach().double().requires_grad_(True) for x in (h, w, b))
+    expected = F.cross_entropy(h64[mask] @ w64.t() + b64, t[mask])
+    expected.backward()
+    torch.testing.assert_close(loss.double(), expected, atol=1e-6, rtol=1e-6)
+    assert (h.grad.dtype, w.grad.dtype, b.grad.dtype) == (torch.float64, torch.float32, torch.float16)
+    torch.testing.assert_close(h.grad, h64.grad, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(w.grad.double(), w64.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_meta_tensors_propagate_shapes_or_raise_clearly():
+    meta = torch.device("meta")
+    z, cb = torch.randn(4, 6, 8, device=meta), torch.randn(16, 8, device=meta)
+    idx, z_q, sim = kernels.nearest_code(z, cb)  # was: "Tensor.item() cannot be called on meta tensors"
+    assert idx.shape == (4, 6) and z_q.shape == (4, 6, 8) and sim.shape == (4, 6) and idx.device == meta
+    assert kernels.nearest_code(z, cb, normalize=False).indices.shape == (4, 6)
+    state = (torch.randn(16, 8, device=meta), torch.zeros(16, device=meta), torch.zeros(16, 8, device=meta))
+    counts = kernels.ema_codebook_update(*state, z, idx)
+    assert counts.shape == (16,) and counts.device == meta
+    usage = kernels.codebook_usage(idx, 16)
+    assert usage["perplexity"].device == meta
+    with pytest.raises(ValueError, match="z is a meta tensor"):
+        kernels.kmeans_init_codebook(z, 4)
+
+    q = torch.randn(2, 3, 5, 8, device=meta)
+    assert kernels.attention(q, q, q, bias=torch.zeros(3, 5, 5, device=meta)).shape == (2, 3, 5, 8)
+    x, act = torch.randn(2, 4, 8, 8, device=meta), torch.ones(2, 8, 8, dtype=torch.bool, device=meta)
+    y, act_y = kernels.sparse_conv2d(x, act, torch.randn(6, 4, 3, 3, device=meta), None, stride=2, padding=1)
+    assert y.shape == (2, 6, 4, 4) and act_y.shape == (2, 4, 4)
+
+    h, mask = torch.randn(2, 6, 8, device=meta), torch.zeros(2, 6, dtype=torch.bool, device=meta)
+    assert kernels.gather_masked(h, mask, num_masked=3).shape == (6, 8)
+    with pytest.raises(ValueError, match="num_masked"):
+        kernels.gather_masked(h, mask)  # a data-dependent row count
+    w, t = torch.randn(10, 8, device=meta), torch.zeros(2, 6, dtype=torch.int64, device=meta)
+    assert kernels.masked_cross_entropy(h, w, None, t, mask).shape == ()
+    assert kernels.masked_cross_entropy(h, w, None, t, mask, num_masked=3).shape == ()
+
+
+@pytest.mark.parametrize("call,exc,arg", [
+    (lambda: kernels.nearest_code(torch.randn(4, 8), torch.randn(16, 8, device="meta")), ValueError, "same device"),
+    (lambda: kernels.commitment_loss(torch.randn(4, 8), torch.randn(4, 8, device="meta")), ValueError, "same device"),
+    (lambda: kernels.nearest_code(torch.randn(4, 8), torch.randn(16, 8), eps=0.0), ValueError, "eps"),
+    (lambda: kernels.nearest_code(torch.randn(4, 8), torch.randn(16, 8), eps=float("nan")), ValueError, "eps"),
+    (lambda: kernels.ema_codebook_update(torch.randn(1, 8).expand(16, 8), torch.zeros(16), torch.zeros(16, 8),
+                                         torch.randn(4, 8), torch.zeros(4, dtype=torch.int64)), ValueError, "codebook"),
+    (lambda: kernels.ema_codebook_update(torch.randn(16, 8), torch.zeros(16), torch.zeros(16, 8), torch.randn(4, 8),
+                                         torch.zeros(4, dtype=torch.int64), decay="0.9"), TypeError, "decay"),
+    (lambda: kernels.kmeans_init_codebook(torch.randn(32, 8), 4, seed="1"), TypeError, "seed"),
+    (lambda: kernels.VectorQuantizer(num_codes=8.5, dim=4), TypeError, "num_codes"),
+    (lambda: kernels.VectorQuantizer(num_codes=8, dim=4, decay=2.0), ValueError, "decay"),
+    (lambda: kernels.attention(*(torch.randn(1, 1, 4, 8),) * 3, scale=float("nan")), ValueError, "scale"),
+    (lambda: kernels.attention(*(torch.randn(1, 1, 4, 8),) * 3, scale=float("inf")), ValueError, "scale"),
+    (lambda: kernels.attention(*(torch.randn(1, 1, 4, 8),) * 3, scale=True), TypeError, "scale"),
+    (lambda: kernels.MultiheadSelfAttention(16, 4)(torch.randn(2, 5, 16, dtype=torch.float64)), TypeError, "dtype"),
+    (lambda: kernels.MultiheadSelfAttention(16, 4)(torch.randint(0, 3, (2, 5, 16))), TypeError, "floating"),
+    (lambda: kernels.MultiheadSelfAttention(16, 4)(torch.randn(2, 5, 16, device="meta")), ValueError, "on meta"),
+    (lambda: kernels.masked_cross_entropy(torch.randn(2, 6, 8), torch.randn(10, 8), None,
+                                          torch.zeros(2, 6, dtype=torch.int64), chunk_rows=0), ValueError, "chunk_rows"),
+    (lambda: kernels.masked_cross_entropy(torch.randn(2, 6, 8), torch.randn(10, 8), None,
+                                          torch.zeros(2, 6, dtype=torch.int64), chunk_rows=2.5), ValueError, "chunk_rows"),
+])
+def test_hostile_arguments_raise_clear_errors(call, exc, arg):
+    with pytest.raises(exc, match=arg):
+        call()
+
+
+_X, _ACT = torch.randn(2, 4, 8, 8), torch.rand(2, 8, 8) > 0.4
+_W = torch.randn(6, 4, 3, 3)
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+@pytest.mark.parametrize("kwargs,weight,arg", [
+    (dict(stride=2**40, padding=1), _W, "stride"),
+    (dict(stride=2**31, padding=1), _W, "stride"),
+    (dict(padding=2**40), _W, "padding"),
+    (dict(padding=2**31), _W, "padding"),
+    (dict(padding=2**20), _W, "padding"),  # a 2097158 x 2097158 output: 5e13 elements
+    (dict(dilation=2**40, padding=1), _W, "dilation"),
+    (dict(padding=2**62), _W, "padding"),
+    (dict(), _W[..., :0, :0], "weight"),
+    (dict(padding=1), _W[:0], "weight"),
+], ids=["stride_2e40", "stride_2e31", "padding_2e40", "padding_2e31", "padding_2e20", "dilation_2e40",
+        "padding_2e62", "kernel_0x0", "cout_0"])
+def test_sparse_conv_huge_or_empty_geometry_raises_a_clear_error(backend, kwargs, weight, arg):
+    with use_backend(backend, op="sparse_conv2d"), pytest.raises(ValueError, match=arg):
+        kernels.sparse_conv2d(_X, _ACT, weight, None, **kwargs)
+
+
+def test_downsample_active_with_a_huge_stride_is_one_cell():
+    from kernels.sparse_conv.active import downsample_active
+
+    out = downsample_active(_ACT, (2**40, 2**40), (1, 1))  # used to allocate [2, 2**40, 2**40]
+    assert out.shape == (2, 1, 1) and torch.equal(out.flatten(), _ACT.flatten(1).any(1))
+    out = downsample_active(_ACT, (3, 2**40), (4, 2))  # cells past the input are inactive
+    assert out.shape == (2, 4, 2) and not out[:, 3:].any() and not out[:, :, 1:].any()
+    expected = torch.stack([_ACT[:, 3 * i:3 * i + 3].flatten(1).any(1) for i in range(3)], 1)  # rows 0-2, 3-5, 6-7
+    assert torch.equal(out[:, :3, 0], expected)
+
+
+def test_ema_out_of_range_indices_without_checks_are_skipped_not_written():
+    """check_inputs=False with indices outside [0, K): the Triton scatter wrote out of bounds (heap corruption
+    under the interpreter, an illegal address on a GPU) and the reference raised from index_add_; both now skip
+    those rows. Run in a fresh interpreter so a crash fails the test."""
+    proc = _run_isolated("""
+        import torch, kernels
+        torch.manual_seed(0)
+        for backend in ("reference", "triton"):
+            cb = torch.nn.functional.normalize(torch.randn(16, 8), dim=-1)
+            cl, es = torch.zeros(16), torch.zeros(16, 8)
+            z = torch.randn(64, 8)
+            idx = torch.randint(0, 16, (64,))
+            idx[::3] += 1000
+            idx[1::7] = -5
+            with kernels.use_backend(backend):
+                counts = kernels.ema_codebook_update(cb, cl, es, z, idx, check_inputs=False)
+            ok = (idx >= 0) & (idx < 16)
+            assert torch.equal(counts, torch.bincount(idx[ok], minlength=16).float()), backend
+            assert torch.isfinite(cb).all()
+        print("OK")
+        """)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), (proc.returncode, proc.stderr[-2000:])

@@ -66,11 +66,30 @@ def downsample_active(active: torch.Tensor, stride=1, out_size=None) -> torch.Te
     Ho, Wo = out_size if out_size is not None else (-(-H // sh), -(-W // sw))
     if (sh, sw) == (1, 1) and (Ho, Wo) == (H, W):
         return active
-    a = active[:, : Ho * sh, : Wo * sw]
-    pad_h, pad_w = Ho * sh - a.shape[1], Wo * sw - a.shape[2]
-    if pad_h or pad_w:
-        a = torch.nn.functional.pad(a, (0, pad_w, 0, pad_h), value=False)
-    return a.reshape(B, Ho, sh, Wo, sw).any(dim=4).any(dim=2)
+    return _any_cells(_any_cells(active, 1, sh, Ho), 2, sw, Wo)
+
+
+def _any_cells(a: torch.Tensor, dim: int, s: int, n_out: int) -> torch.Tensor:
+    """``out[..., i, ...] = any(a[..., i*s:(i+1)*s, ...])`` along ``dim`` for ``n_out`` cells (False past the
+    input). Intermediates stay within twice the input size, whatever the stride (a huge stride is one cell)."""
+    L = a.shape[dim]
+    held = min(n_out, -(-L // s))  # cells that contain input sites
+    if held <= 1 or s >= L:
+        part = a.narrow(dim, 0, min(s, L)).any(dim=dim, keepdim=True)[(slice(None),) * dim + (slice(0, held),)]
+    else:  # here s < L, so the padding below is < L
+        part = a.narrow(dim, 0, min(held * s, L))
+        if part.shape[dim] < held * s:
+            shape = list(part.shape)
+            shape[dim] = held * s - part.shape[dim]
+            part = torch.cat([part, part.new_zeros(shape)], dim=dim)
+        shape = list(part.shape)
+        shape[dim : dim + 1] = [held, s]
+        part = part.reshape(shape).any(dim=dim + 1)
+    if held < n_out:
+        shape = list(part.shape)
+        shape[dim] = n_out - held
+        part = torch.cat([part, part.new_zeros(shape)], dim=dim)
+    return part
 
 
 def upsample_active(active: torch.Tensor, factor) -> torch.Tensor:

@@ -24,6 +24,10 @@ from kernels.sparse_conv.reference import sparse_conv2d_reference
 sparse_conv_op = define_op("sparse_conv2d", doc="submanifold / SparK sparse 2-D convolution at active sites")
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+MAX_EXTENT = 2**31 - 1
+"""Largest padded input extent, kernel reach, stride and output sites per sample (32-bit site arithmetic)."""
+MAX_ELEMENTS = 2**36
+"""Largest output (or input-gradient) tensor, in elements (256 GiB of float32: beyond any device)."""
 NATIVE_DTYPES = (torch.float32, torch.float64)
 
 
@@ -193,11 +197,33 @@ def validate(x, active, weight, bias, stride, padding, dilation, groups, active_
         raise ValueError(f"dilation: expected values >= 1, got {dilation}")
     if min(padding) < 0:
         raise ValueError(f"padding: expected values >= 0, got {padding}")
+    if KH < 1 or KW < 1:
+        raise ValueError(f"weight: expected a kernel of at least 1x1, got {KH}x{KW} (shape {tuple(weight.shape)})")
+    if Cout < 1:
+        raise ValueError(f"weight: expected at least one output channel, got shape {tuple(weight.shape)}")
+    # the kernels do site and tap arithmetic in 32-bit integers: keep every extent below 2**31
+    for name, value, extent in (
+        ("padding", padding, (H + 2 * padding[0], W + 2 * padding[1])),
+        ("dilation", dilation, (dilation[0] * (KH - 1) + 1, dilation[1] * (KW - 1) + 1)),
+        ("stride", stride, stride),
+    ):
+        if max(extent) > MAX_EXTENT:
+            raise ValueError(
+                f"{name}: {value} is too large for a {H}x{W} input and a {KH}x{KW} kernel: it spans "
+                f"{extent[0]}x{extent[1]} sites, at most MAX_EXTENT = 2**31 - 1 per dimension"
+            )
     Ho, Wo = conv_output_size((H, W), (KH, KW), stride, padding, dilation)
     if Ho < 1 or Wo < 1:
         raise ValueError(
             f"x: input {H}x{W} is too small for kernel {KH}x{KW} with padding {padding} and dilation "
             f"{dilation} (output would be {Ho}x{Wo})"
+        )
+    numel = B * max(Cout, C) * Ho * Wo
+    if Ho * Wo > MAX_EXTENT or numel > MAX_ELEMENTS:
+        raise ValueError(
+            f"padding: {padding} (stride {stride}, dilation {dilation}) gives a {Ho}x{Wo} output for a {H}x{W} input "
+            f"({B}x{Cout}x{Ho}x{Wo} = {B * Cout * Ho * Wo} elements): at most 2**31 - 1 output sites per sample and "
+            f"2**36 elements per tensor"
         )
     if active_out is not None:
         _check_active("active_out", active_out, (B, Ho, Wo))
