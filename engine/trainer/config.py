@@ -73,6 +73,7 @@ SPEC: dict[str, tuple] = {
     # masked image modelling
     "mask_ratio": (None, float, "fraction of masked units"),
     "mask_patch_size": (None, int, "SimMIM mask unit in pixels (default 32 at >=192 px, scaled down below)"),
+    "window_size": (None, int, "Swin window size in patches (default: the model's; SimMIM's recipe: 6 at 192 px)"),
     # DINO
     "out_dim": (None, int, "DINO prototypes (65536 in the paper)"),
     "head_hidden_dim": (None, int, "DINO head MLP width (2048)"),
