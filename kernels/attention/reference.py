@@ -12,9 +12,10 @@ No triton import here.
 Overflow: ``q k^T * scale`` can exceed the range of the computing dtype (float32 from ``|q|, |k|`` ~ 1e19;
 float16 matmuls from ~100 at d = 64) although q, k and the result are representable. A row with a ``+inf``
 score then comes out NaN (``inf - inf`` in the softmax's max subtraction, or ``inf + -inf`` inside the
-dot). In eager mode such a result is recomputed in float64 and rounded back (:func:`recompute_if_overflowed`; float64 inputs whose scores
-overflow raise a ``ValueError``). The check is one sum over the output plus a host sync; it is
-skipped under ``torch.compile``, during CUDA graph capture and on meta tensors.
+dot). In eager mode such a result is recomputed in float64 and rounded back
+(:func:`recompute_if_overflowed`; float64 inputs whose scores overflow raise a ``ValueError``). The check is
+one sum over the output plus a host sync; it is skipped under ``torch.compile``, during CUDA graph capture
+and on meta tensors.
 """
 
 from __future__ import annotations
@@ -68,7 +69,8 @@ def _checks_allowed(t: torch.Tensor) -> bool:
     return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
-def recompute_if_overflowed(out, q, k, v, bias=None, scale=None, dropout_p: float = 0.0, training: bool = False):
+def recompute_if_overflowed(out, q, k, v, bias=None, scale=None, dropout_p: float = 0.0,
+                            training: bool = False):
     """``out`` unless it holds NaN because ``q k^T * scale`` overflowed; then the float64 math path, rounded
     to ``out``'s dtype (autograd flows through it). NaN from NaN/inf inputs or from a row whose bias is all
     ``-inf`` is left as it is. float64 inputs with overflowing scores raise a ``ValueError``.

@@ -98,7 +98,7 @@ class VectorQuantizer(nn.Module):
             self._init_known = True
             return
         z_n = z_n.reshape(-1, z_n.shape[-1])
-        z_n = z_n[torch.isfinite(z_n).all(dim=-1)]  # NaN/inf rows must not seed the codebook (host sync, once)
+        z_n = z_n[torch.isfinite(z_n).all(dim=-1)]  # NaN/inf rows must not seed the codebook (one host sync)
         if z_n.shape[0] == 0:
             return  # no finite vector in this batch: initialise on a later one
         cb, counts = kmeans_init_codebook(

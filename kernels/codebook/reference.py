@@ -64,10 +64,12 @@ def l2n(x: torch.Tensor, eps: float) -> torch.Tensor:
     return xs / xs.norm(dim=-1, keepdim=True).clamp_min(eps * s)
 
 
-def l2_scale(z2d: torch.Tensor, codebook: torch.Tensor, dtype: torch.dtype, max_exponent: int = 32) -> torch.Tensor:
+def l2_scale(z2d: torch.Tensor, codebook: torch.Tensor, dtype: torch.dtype,
+             max_exponent: int = 32) -> torch.Tensor:
     """0-d ``dtype`` power of two ``t`` so that ``t * z`` and ``t * codebook`` stay below ``2**max_exponent``
     (``SAFE_MAX`` by default): 1 unless their largest magnitude exceeds it (no host sync).
-    ``argmax_k 2 <tz, tc_k> - ||tc_k||^2`` is the unscaled argmax; the scores are ``t^2`` times the unscaled ones."""
+    ``argmax_k 2 <tz, tc_k> - ||tc_k||^2`` is the unscaled argmax; the scores are ``t^2`` times the unscaled
+    ones."""
     amax = codebook.detach().abs().amax().to(torch.float64)
     if z2d.numel():
         amax = torch.maximum(amax, z2d.detach().abs().amax().to(torch.float64))

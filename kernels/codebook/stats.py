@@ -33,5 +33,6 @@ def codebook_usage(
             f"[{int(flat.min())}, {int(flat.max())}]"
         )
     if flat.device.type == "meta":  # shapes and dtypes only (bincount has no meta kernel)
-        return {key: torch.empty((), dtype=torch.float64, device="meta") for key in ("fraction_used", "perplexity")}
+        return {key: torch.empty((), dtype=torch.float64, device="meta")
+                for key in ("fraction_used", "perplexity")}
     return ref.codebook_usage_reference(flat, num_codes)

@@ -212,8 +212,9 @@ def nearest_code_forward(z2d, cb, cb_dot, cb_sq, normalize, eps, input_precision
 
     L2 (``normalize=False``): ``z`` and the codebook are multiplied by one power of two ``t``
     (``reference.l2_scale``: 1 unless a magnitude exceeds 2**32) so that neither ``2 <z, c>`` nor ``||c||^2``
-    overflows (2**14 for float16 operands); the argmax does not change, ``cb_sq`` is recomputed from the scaled codebook, ``z_q`` is read
-    from the unscaled rows and the similarity is scaled back by ``1 / t^2`` in float64 afterwards.
+    overflows (2**14 for float16 operands); the argmax does not change, ``cb_sq`` is recomputed from the
+    scaled codebook, ``z_q`` is read from the unscaled rows and the similarity is scaled back by ``1 / t^2``
+    in float64 afterwards.
     """
     from kernels.codebook import reference as ref
 

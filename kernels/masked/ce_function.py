@@ -64,7 +64,8 @@ def _validate(h, weight, bias, targets, mask, ignore_index, num_masked, chunk_ro
         check_mask(mask, h.shape[:2])
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
-    if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1):
+    bad_chunk = isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1
+    if chunk_rows is not None and bad_chunk:
         raise ValueError(f"chunk_rows: expected None or a positive int, got {chunk_rows!r}")
     check_same_device(h=h, weight=weight, bias=bias, targets=targets, mask=mask)
     if mask is not None and not (num_masked is None and mask.device.type == "meta"):  # meta: see below

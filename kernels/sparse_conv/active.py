@@ -71,11 +71,13 @@ def downsample_active(active: torch.Tensor, stride=1, out_size=None) -> torch.Te
 
 def _any_cells(a: torch.Tensor, dim: int, s: int, n_out: int) -> torch.Tensor:
     """``out[..., i, ...] = any(a[..., i*s:(i+1)*s, ...])`` along ``dim`` for ``n_out`` cells (False past the
-    input). Intermediates stay within twice the input size, whatever the stride (a huge stride is one cell)."""
+    input). Intermediates stay within twice the input size, whatever the stride (a huge stride is one
+    cell)."""
     L = a.shape[dim]
     held = min(n_out, -(-L // s))  # cells that contain input sites
     if held <= 1 or s >= L:
-        part = a.narrow(dim, 0, min(s, L)).any(dim=dim, keepdim=True)[(slice(None),) * dim + (slice(0, held),)]
+        part = a.narrow(dim, 0, min(s, L)).any(dim=dim, keepdim=True)
+        part = part.narrow(dim, 0, held)
     else:  # here s < L, so the padding below is < L
         part = a.narrow(dim, 0, min(held * s, L))
         if part.shape[dim] < held * s:

@@ -198,7 +198,9 @@ def validate(x, active, weight, bias, stride, padding, dilation, groups, active_
     if min(padding) < 0:
         raise ValueError(f"padding: expected values >= 0, got {padding}")
     if KH < 1 or KW < 1:
-        raise ValueError(f"weight: expected a kernel of at least 1x1, got {KH}x{KW} (shape {tuple(weight.shape)})")
+        raise ValueError(
+            f"weight: expected a kernel of at least 1x1, got {KH}x{KW} (shape {tuple(weight.shape)})"
+        )
     if Cout < 1:
         raise ValueError(f"weight: expected at least one output channel, got shape {tuple(weight.shape)}")
     # the kernels do site and tap arithmetic in 32-bit integers: keep every extent below 2**31
@@ -221,9 +223,9 @@ def validate(x, active, weight, bias, stride, padding, dilation, groups, active_
     numel = B * max(Cout, C) * Ho * Wo
     if Ho * Wo > MAX_EXTENT or numel > MAX_ELEMENTS:
         raise ValueError(
-            f"padding: {padding} (stride {stride}, dilation {dilation}) gives a {Ho}x{Wo} output for a {H}x{W} input "
-            f"({B}x{Cout}x{Ho}x{Wo} = {B * Cout * Ho * Wo} elements): at most 2**31 - 1 output sites per sample and "
-            f"2**36 elements per tensor"
+            f"padding: {padding} (stride {stride}, dilation {dilation}) gives a {Ho}x{Wo} output for a "
+            f"{H}x{W} input ({B}x{Cout}x{Ho}x{Wo} = {B * Cout * Ho * Wo} elements): at most 2**31 - 1 output "
+            "sites per sample and 2**36 elements per tensor"
         )
     if active_out is not None:
         _check_active("active_out", active_out, (B, Ho, Wo))
