@@ -20,8 +20,9 @@ or ``"medium"`` and full IEEE float32 otherwise (the PyTorch default, "highest")
 Huge inputs: when ``q k^T * scale`` overflows float32 (``|q|, |k|`` ~ 1e19 and beyond) the fused kernel
 and the math path give NaN rows (``inf - inf`` in the softmax). In eager mode both backends then recompute
 the call in float64 (exact, autograd included) and round back; float64 inputs whose scores overflow raise a
-``ValueError``. The check is one sum over the output and one host sync per eager call, skipped
-under ``torch.compile`` and CUDA graph capture (see :func:`kernels.attention.reference.recompute_if_overflowed`).
+``ValueError``. The check is one sum over the output and one host sync per eager call: always on CPU, on a
+GPU only with ``KERNELS_CHECK_OVERFLOW=1`` (no sync stalls the GPU pipeline by default), never under
+``torch.compile`` or CUDA graph capture (see :func:`kernels.attention.reference.recompute_if_overflowed`).
 """
 
 from __future__ import annotations

@@ -14,13 +14,16 @@ float16 matmuls from ~100 at d = 64) although q, k and the result are representa
 score then comes out NaN (``inf - inf`` in the softmax's max subtraction, or ``inf + -inf`` inside the
 dot). In eager mode such a result is recomputed in float64 and rounded back
 (:func:`recompute_if_overflowed`; float64 inputs whose scores overflow raise a ``ValueError``). The check is
-one sum over the output plus a host sync; it is skipped under ``torch.compile``, during CUDA graph capture
-and on meta tensors.
+one sum over the output plus a host sync, so it runs on CPU tensors and, on a GPU, only with
+``KERNELS_CHECK_OVERFLOW=1`` (a sync per call would stall the asynchronous pipeline; in training the loop's
+non-finite guard reports such NaNs at its one sync per step); it is skipped under ``torch.compile``, during
+CUDA graph capture and on meta tensors.
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -64,9 +67,15 @@ def attention_reference(q, k, v, bias=None, scale=None, deterministic=None, drop
 
 
 def _checks_allowed(t: torch.Tensor) -> bool:
+    """CPU tensors always; accelerator tensors only with ``KERNELS_CHECK_OVERFLOW=1`` (the check's host sync
+    would stall the asynchronous GPU pipeline on every call); never while compiling or capturing."""
     if torch.compiler.is_compiling() or t.device.type == "meta":
         return False
-    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+    if t.device.type != "cpu":
+        if os.environ.get("KERNELS_CHECK_OVERFLOW", "0") in ("", "0"):
+            return False
+        return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+    return True
 
 
 def recompute_if_overflowed(out, q, k, v, bias=None, scale=None, dropout_p: float = 0.0,
