@@ -36,7 +36,7 @@ TRITON_MAX_HEAD_DIM = 64
 
 window_attention_op = _backend.define_op(
     "window_attention",
-    "Swin window attention: softmax(q k^T * scale + bias[H,N,N] + window_mask[b mod nW]) v, dbias reduced over windows",
+    "Swin window attention softmax(q k^T * scale + bias + mask[b mod nW]) v, dbias summed over the windows",
 )
 
 
