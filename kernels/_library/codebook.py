@@ -63,10 +63,15 @@ def nearest_code_bwd(z: Tensor, grad_zq: Tensor, eps: float) -> Tensor:
         from kernels.codebook import triton_kernels as tk
 
         return tk.nearest_code_backward(z, grad_zq, eps)
+    from kernels.codebook import reference as ref
+
+    # d l2n(z) = s (g / n - x (x.g) / n^3) with x = s z, n = ||x|| (s: reference.l2n's overflow-safe row scale)
     ct = acc_dtype(z.dtype, grad_zq.dtype)
     zc, g = z.to(ct), grad_zq.to(ct)
-    n = zc.norm(dim=-1, keepdim=True)
-    dz = torch.where(n > eps, g / n - zc * (zc * g).sum(-1, keepdim=True) / n**3, g / eps)
+    s = ref.row_scale(zc)
+    x = zc * s
+    n = x.norm(dim=-1, keepdim=True)
+    dz = torch.where(n > eps * s, s * (g / n - x * (x * g).sum(-1, keepdim=True) / n**3), g / eps)
     return dz.to(z.dtype).contiguous()
 
 

@@ -46,7 +46,7 @@ SAFE_MAX = 2.0**32
 """Rows (l2n) or inputs (L2 lookup) whose largest magnitude exceeds this are rescaled before squaring."""
 
 
-def _row_scale(x: torch.Tensor) -> torch.Tensor:
+def row_scale(x: torch.Tensor) -> torch.Tensor:
     """``1 / max|x_row|`` for rows whose largest magnitude exceeds ``SAFE_MAX``, else 1 (``[..., 1]``)."""
     amax = x.detach().abs().amax(dim=-1, keepdim=True)
     return torch.where(amax > SAFE_MAX, amax.reciprocal(), torch.ones_like(amax))
@@ -59,7 +59,7 @@ def l2n(x: torch.Tensor, eps: float) -> torch.Tensor:
     invariant; such a row's norm is far above any eps); other rows are computed as ``F.normalize`` does.
     Differentiable (the scale is treated as a constant, which is exact for the scale-invariant result).
     """
-    s = _row_scale(x)
+    s = row_scale(x)
     xs = x * s
     return xs / xs.norm(dim=-1, keepdim=True).clamp_min(eps * s)
 
