@@ -376,6 +376,29 @@ def test_model_through_the_triton_kernel_matches_reference():
         assert_close(a, e, atol=1e-3, rtol=1e-3, name=f"grad {n}")
 
 
+@pytest.mark.slow
+def test_compile_fullgraph_swin_is_one_graph_with_the_fused_ops():
+    """torch.compile(fullgraph=True) over the masked Swin: one graph, window attention and the mask-token scatter
+    as opaque custom ops (aot_eager keeps it to ~30 s on CPU)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    m = build_swin("swin_pico", use_mask_token=True, drop_path_rate=0.0)
+    x, mask = torch.randn(2, 3, 32, 32), torch.rand(2, 16, 16) < 0.5
+    counter = CompileCounterWithBackend("aot_eager")
+    loss = torch.compile(lambda a, b: m.forward_features(a, b).square().mean(), fullgraph=True, backend=counter)(x, mask)
+    grads = torch.autograd.grad(loss, list(m.parameters()))
+    ref = m.forward_features(x, mask).square().mean()
+    ref_grads = torch.autograd.grad(ref, list(m.parameters()))
+    assert counter.frame_count == 1
+    ops = {str(n.target) for g in counter.graphs for n in g.graph.nodes if "ssl_kernels" in str(n.target)}
+    assert {"ssl_kernels.window_attention_fwd.default", "ssl_kernels.masked_token_scatter_fwd.default"} <= ops
+    assert_close(loss, ref, atol=1e-6, rtol=1e-5, name="loss")
+    for (n, _), a, e in zip(m.named_parameters(), grads, ref_grads):
+        assert_close(a, e, atol=1e-6, rtol=1e-4, name=f"grad {n}")
+    torch._dynamo.reset()
+
+
 # ------------------------------------------------------------------------------------------------------------
 # SimMIM on Swin
 
