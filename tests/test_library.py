@@ -47,7 +47,7 @@ def _fresh_dynamo():
 def test_every_public_op_is_registered():
     ops = library.registered_ops()
     assert set(ops) == {"attention", "masked_token_scatter", "gather_masked", "masked_cross_entropy",
-                        "nearest_code", "ema_codebook_update", "sparse_conv2d"}
+                        "nearest_code", "ema_codebook_update", "sparse_conv2d", "window_attention"}
     for names in ops.values():
         for qual in names:
             ns, name = qual.split("::")

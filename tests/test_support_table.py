@@ -96,7 +96,8 @@ def test_every_triton_launcher_is_device_guarded():
     import inspect
 
     modules = ["kernels.masked.triton_scatter", "kernels.masked.triton_gather", "kernels.masked.triton_ce",
-               "kernels.attention.triton_kernels", "kernels.codebook.triton_kernels",
+               "kernels.attention.triton_kernels", "kernels.attention.window_attention_triton",
+               "kernels.codebook.triton_kernels",
                "kernels.sparse_conv.triton_kernels", "kernels.sparse_conv.triton_bn"]
     checked = 0
     for module in modules:

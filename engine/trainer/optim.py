@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 OPTIMIZERS = ("adamw", "lamb", "sgd")
-NO_DECAY_NAMES = ("pos_embed", "cls_token", "mask_token", "relative_position_bias_table", "gamma", "ls1", "ls2")
+NO_DECAY_NAMES = ("pos_embed", "absolute_pos_embed", "cls_token", "mask_token", "relative_position_bias_table",
+                  "gamma", "ls1", "ls2")
 
 
 def no_weight_decay(name: str, param: torch.Tensor) -> bool:
