@@ -14,8 +14,8 @@ out = pathlib.Path(sys.argv[1])
 steps = json.loads((out / "steps.json").read_text())["steps"]
 bad = [s["name"] for s in steps if not s["status"].startswith("ok")]
 assert not bad, f"GPU plan dry run: steps not ok: {bad}"
-assert [s["name"] for s in steps] == ["env", "build", "precompile", "tests", "bench", "tests-ops", "bench-rest",
-                                          "bench-compile"]
+assert [s["name"] for s in steps] == ["env", "build", "precompile", "tests", "bench", "bench-train", "tests-ops",
+                                          "bench-rest", "bench-compile"]
 files = sorted(p.name for p in out.iterdir())
 assert len(files) <= 8 and all(p.is_file() for p in out.iterdir()), files  # what the device tool returns
 rows = [p for p in out.glob("*.json") if p.name != "steps.json"]

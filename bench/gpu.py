@@ -30,7 +30,9 @@ Steps (priority order):
                       (the log says how many they still compiled)
 3. ``tests``          ``tests/test_gpu_real_shapes.py --device cuda``: every kernel at real shapes vs the reference
 4. ``bench``          ``pytest bench/ -m "cuda and headline and not compile"``: the headline cases of every kernel
-                      and each method's train step, into OUT
+                      (attention at ViT-B, masked ops at BEiT, codebook at BEiT v2, every SparK layer fwd+bwd, the
+                      encoders, DINO's loss), into OUT
+4b. ``bench-train``   the same for ``bench/test_bench_train_step.py``: one step of every method, ours and reference
 5. ``tests-ops``      every op's own test file on CUDA (``-m "cuda or interpreter"``), small shapes
 6. ``bench-rest``     the other CUDA bench cases (other shapes, fwd-only sparse conv, timm peers)
 7. ``bench-compile``  the ``torch.compile`` providers (tens of seconds to build each)
@@ -60,6 +62,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 OP_TESTS = ["tests/test_attention.py", "tests/test_codebook.py", "tests/test_masked_ops.py",
             "tests/test_sparse_conv.py", "tests/test_masked_batch_norm.py"]
 PYTEST = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider"]
+TRAIN = "bench/test_bench_train_step.py"
 BENCH_OPTS = ["--benchmark-only", "--benchmark-max-time=0.2", "--benchmark-min-rounds=3", "-q", "-rfEs"]
 
 
@@ -68,18 +71,21 @@ class Step:
     name: str
     cap_s: float  # the most this step may take
     what: str
+    reserve_s: float = 0.0  # left for the higher-priority steps after it (a slow step cannot starve them)
 
 
 STEPS = [
-    Step("env", 30, "versions, GPU, optional peers"),
-    Step("build", 150, "kernels._C (C++; CUDA sources: none today)"),
-    Step("precompile", 100, "every Triton kernel for sm_90 in parallel (static check; warms the JIT cache)"),
-    Step("tests", 170, "real-shape CUDA correctness of every kernel"),
-    Step("bench", 270, "headline bench cases (kernels, train steps)"),
+    Step("env", 30, "versions, GPU, optional peers", 420),
+    Step("build", 120, "kernels._C (C++; CUDA sources: none today)", 400),
+    Step("precompile", 100, "every Triton kernel for sm_90 in parallel (static check; warms the JIT cache)", 360),
+    Step("tests", 160, "real-shape CUDA correctness of every kernel", 240),
+    Step("bench", 220, "headline bench cases of every kernel", 90),
+    Step("bench-train", 160, "headline train step of every method (ours, reference)"),
     Step("tests-ops", 150, "each op's test file on CUDA"),
     Step("bench-rest", 200, "the other CUDA bench cases"),
     Step("bench-compile", 240, "torch.compile providers"),
 ]
+MIN_CAP_S = 30.0  # a step still gets this much when the reserve would leave it less
 REPORT_RESERVE_S = 15.0
 
 
@@ -155,7 +161,9 @@ class Run:
 
     def run_step(self, step: Step, fn):
         # the caps are sized for the GPU; the dry run's interpreter on a small CPU is several times slower
-        cap = min(step.cap_s * (4.0 if self.dry else 1.0), self.left() - REPORT_RESERVE_S)
+        scale = 4.0 if self.dry else 1.0
+        room = self.left() - REPORT_RESERVE_S
+        cap = min(step.cap_s * scale, max(room - step.reserve_s * scale, min(MIN_CAP_S * scale, room)))
         if cap < 5:
             self.log(f"== {step.name}: skipped, {self.left():.0f}s left of the budget")
             self.record(name=step.name, status="skipped", rc=None, seconds=0, note="out of budget")
@@ -250,8 +258,8 @@ for m in ["timm", "torchvision", "faiss", "spconv", "flash_attn", "xformers", "n
         before = self.triton_cache_entries()
         rc, tail = self.sh(cmd, cap)
         self.cache_after_precompile = self.triton_cache_entries()
-        self.log(f"precompile: {self.cache_after_precompile - before} kernels in Triton's cache "
-                 f"({os.environ.get('TRITON_CACHE_DIR')})")
+        self.log(f"precompile: {self.cache_after_precompile - before} new entries in Triton's cache "
+                 f"({os.environ.get('TRITON_CACHE_DIR')}, {self.cache_after_precompile} in all)")
         return rc, tail
 
     def step_tests(self, cap):
@@ -259,9 +267,10 @@ for m in ["timm", "torchvision", "faiss", "spconv", "flash_attn", "xformers", "n
         return self.sh(PYTEST + ["tests/test_gpu_real_shapes.py", "--device", dev, "-q", "-rfEs",
                                  "--durations=10"], cap)
 
-    def bench(self, cap, marker):
-        cmd = PYTEST + ["bench/", "-m", marker, "--results-dir", str(self.out)] + BENCH_OPTS
-        if self.dry and marker != "cuda and headline and not compile":
+    def bench(self, cap, marker, paths=("bench/",), ignore=(), run_in_dry=False):
+        cmd = PYTEST + list(paths) + [f"--ignore={i}" for i in ignore] + ["-m", marker, "--results-dir",
+                                                                          str(self.out)] + BENCH_OPTS
+        if self.dry and not run_in_dry:
             cmd += ["--collect-only"]
         return self.sh(cmd, cap)
 
@@ -333,7 +342,9 @@ def main(argv=None):
         "build": run.step_build,
         "precompile": run.step_precompile,
         "tests": run.step_tests,
-        "bench": lambda cap: run.bench(cap, "cuda and headline and not compile"),
+        "bench": lambda cap: run.bench(cap, "cuda and headline and not compile", ignore=(TRAIN,), run_in_dry=True),
+        "bench-train": lambda cap: run.bench(cap, "cuda and headline and not compile", paths=(TRAIN,),
+                                             run_in_dry=True),
         "tests-ops": run.step_tests_ops,
         "bench-rest": lambda cap: run.bench(cap, "cuda and not headline and not compile"),
         "bench-compile": lambda cap: run.bench(cap, "cuda and compile"),
@@ -348,7 +359,7 @@ def main(argv=None):
         for step in STEPS:
             if only is None or step.name in only:
                 run.run_step(step, handlers[step.name])
-                if step.name in ("tests", "bench"):
+                if step.name in ("tests", "bench", "bench-train"):
                     run.log_cache_misses(step.name)
     finally:
         try:
