@@ -72,17 +72,31 @@ def test_beit_options_param_names():
     assert not torch.allclose(before, shared.forward_features(x))
 
 
-def test_init_trunc_normal_and_rescale():
+@pytest.mark.parametrize("mode,cut,shrink,rescaled", [("beit", 0.02, 0.540, True), ("timm", None, 1.0, True),
+                                                     ("dino", None, 1.0, False)])
+def test_init_modes_cutoff_and_rescale(mode, cut, shrink, rescaled):
+    """beit: trunc-normal cut at +-1 std (unilm); timm/dino: +-2 absolute, i.e. a plain normal; the rescale
+    1/sqrt(2 l) of attn.proj / mlp.fc2 everywhere but DINO. ``shrink``: std of the truncated normal / std."""
     torch.manual_seed(0)
-    m = build_vit("vit_small", depth=4, img_size=32, patch_size=8)
+    m = build_vit("vit_small", depth=4, img_size=32, patch_size=8, init_mode=mode)
     w = m.blocks[0].mlp.fc1.weight
-    assert abs(w.std().item() - 0.02) < 0.003 and w.abs().max() <= 0.04 + 1e-6
+    assert abs(w.std().item() / (0.02 * shrink) - 1) < 0.05
+    if cut is not None:
+        assert w.abs().max() <= cut + 1e-6
+    else:
+        assert w.abs().max() > 0.06  # beyond 3 std: not truncated at +-2 std
     for i, blk in enumerate(m.blocks, start=1):
-        expect = 0.02 / math.sqrt(2 * i)
-        # std of a truncated normal (+-2 sigma) is 0.88 sigma
+        expect = 0.02 * shrink / (math.sqrt(2 * i) if rescaled else 1.0)
         for wt in (blk.attn.proj.weight, blk.mlp.fc2.weight):
-            assert abs(wt.std().item() / (0.88 * expect) - 1) < 0.1, (i, wt.std().item(), expect)
+            assert abs(wt.std().item() / expect - 1) < 0.1, (i, wt.std().item(), expect)
+    pe = m.patch_embed.proj.weight
+    if mode == "dino":  # PyTorch's default conv init (kaiming uniform a=sqrt(5)): std 1/sqrt(3 fan_in)
+        assert abs(pe.std().item() * math.sqrt(3 * pe[0].numel()) - 1) < 0.1
+    else:
+        assert abs(pe.std().item() / (0.02 * shrink) - 1) < 0.1
     assert torch.all(m.blocks[0].norm1.weight == 1) and torch.all(m.blocks[0].attn.qkv.bias == 0)
+    with pytest.raises(ValueError, match="init_mode"):
+        build_vit("vit_femto", init_mode="xavier")
 
 
 def test_uses_kernels_attention_module():

@@ -48,7 +48,7 @@ class SimMIM(PretrainMethod):
 
     def __init__(self, cfg: dict):
         super().__init__(cfg)
-        self.backbone = backbone_from_cfg(cfg, use_mask_token=True)
+        self.backbone = backbone_from_cfg(cfg, use_mask_token=True, init_mode="timm")
         self.patch = self.backbone.patch_size
         self.image_size = int(cfg["image_size"])
         self.mask_patch = int(cfg.get("mask_patch_size") or default_mask_patch(self.image_size, self.patch))

@@ -79,13 +79,14 @@ def load_teacher(cfg: dict) -> tuple[nn.Module, str]:
 
 def vqkd_from_cfg(cfg: dict, teacher_dim: int) -> VQKD:
     c = {**VQKDMethod.defaults, **{k: v for k, v in cfg.items() if v is not None}}
-    enc = backbone_from_cfg(
+    enc = backbone_from_cfg(  # the VQ-KD encoder is unilm's fine-tuning ViT: timm's trunc_normal_ cut-offs
         c,
         drop_path_rate=0.0,
         use_shared_rel_pos_bias=False,
         use_rel_pos_bias=False,
         init_values=0.0,
         use_abs_pos_emb=True,
+        init_mode="timm",
     )
     return VQKD(
         dict(enc.config),

@@ -108,9 +108,9 @@ class ConvNeXt(nn.Module):
         self.num_features = self.embed_dim = dims[-1]
         self.feature_strides = [stem_stride * 2**i for i in range(4)]
         self.downsample_ratio = self.feature_strides[-1]
-        for m in self.modules():
+        for m in self.modules():  # the official _init_weights: timm's trunc_normal_ (cut at +-2 absolute)
             if isinstance(m, (nn.Conv2d, nn.Linear)):
-                nn.init.trunc_normal_(m.weight, std=0.02, a=-0.04, b=0.04)
+                nn.init.trunc_normal_(m.weight, std=0.02, a=-2.0, b=2.0)
                 nn.init.zeros_(m.bias)
 
     def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:

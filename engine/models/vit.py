@@ -12,8 +12,17 @@ absolute position embedding in the same pass). Position information is an absolu
 a relative position bias shared by all layers (BEiT pre-training) or one per layer (BEiT fine-tuning),
 built by :class:`kernels.RelativePositionBias` and passed to :class:`kernels.MultiheadSelfAttention`.
 
-Init: truncated normal std 0.02 for linear weights and tokens, zero biases, unit LayerNorm, then BEiT's
-rescale of each block's ``attn.proj`` and ``mlp.fc2`` weights by ``1/sqrt(2 * layer_id)``.
+Init (``init_mode``, chosen per method as its original code base does): normal std 0.02 for linear weights
+and tokens, zero biases, unit LayerNorm, and
+
+=========  ====================================  ==================  ==========================================
+mode       trunc-normal cut-off                  patch-embed conv    ``attn.proj`` / ``mlp.fc2`` of block l
+=========  ====================================  ==================  ==========================================
+``beit``   +-1 std (unilm beit/beit2 pre-train)  trunc-normal 0.02   divided by ``sqrt(2 l)`` (BEiT's rescale)
+``timm``   +-2 absolute (timm's default: none    trunc-normal 0.02   divided by ``sqrt(2 l)``
+           in practice; SimMIM, VQ-KD encoder)
+``dino``   +-2 absolute (DINO's utils)           PyTorch default     not rescaled (DINO has no such rescale)
+=========  ====================================  ==================  ==========================================
 """
 
 from __future__ import annotations
@@ -38,6 +47,9 @@ VIT_CONFIGS: dict[str, dict] = {
     "vit_base": dict(embed_dim=768, depth=12, num_heads=12),
     "vit_large": dict(embed_dim=1024, depth=24, num_heads=16),
 }
+
+
+INIT_MODES = ("beit", "timm", "dino")
 
 
 class DropPath(nn.Module):
@@ -126,8 +138,10 @@ class VisionTransformer(nn.Module):
                  qv_bias: bool = False, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
                  drop_path_rate: float = 0.0, init_values: float | None = None, use_abs_pos_emb: bool = True,
                  use_shared_rel_pos_bias: bool = False, use_rel_pos_bias: bool = False, use_mask_token: bool = False,
-                 global_pool: str = "cls", norm_eps: float = 1e-6, init_std: float = 0.02):
+                 global_pool: str = "cls", norm_eps: float = 1e-6, init_std: float = 0.02, init_mode: str = "beit"):
         super().__init__()
+        if init_mode not in INIT_MODES:
+            raise ValueError(f"init_mode: expected one of {', '.join(INIT_MODES)}, got {init_mode!r}")
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
         if global_pool not in ("cls", "mean"):
@@ -140,7 +154,7 @@ class VisionTransformer(nn.Module):
                            init_values=init_values, use_abs_pos_emb=use_abs_pos_emb,
                            use_shared_rel_pos_bias=use_shared_rel_pos_bias, use_rel_pos_bias=use_rel_pos_bias,
                            use_mask_token=use_mask_token, global_pool=global_pool, norm_eps=norm_eps,
-                           init_std=init_std)
+                           init_std=init_std, init_mode=init_mode)
         self.embed_dim = self.num_features = embed_dim
         self.num_heads, self.depth, self.global_pool = num_heads, depth, global_pool
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
@@ -159,21 +173,28 @@ class VisionTransformer(nn.Module):
             for i in range(depth)
         ])
         self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
-        self._init_weights(init_std)
+        self._init_weights(init_std, init_mode)
 
     # ------------------------------------------------------------------------------------------------ init
-    def _init_weights(self, std: float) -> None:
+    def _init_weights(self, std: float, mode: str = "beit") -> None:
+        cut = (-std, std) if mode == "beit" else (-2.0, 2.0)
+
+        def tn(t):
+            nn.init.trunc_normal_(t, std=std, a=cut[0], b=cut[1])
+
         for t in (self.cls_token, self.mask_token, self.pos_embed):
             if t is not None:
-                nn.init.trunc_normal_(t, std=std, a=-2 * std, b=2 * std)
+                tn(t)
         for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
+            if isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and mode != "dino"):
+                tn(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+        if mode == "dino":
+            return
         with torch.no_grad():
             for layer_id, blk in enumerate(self.blocks, start=1):
                 scale = math.sqrt(2.0 * layer_id)

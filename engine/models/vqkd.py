@@ -84,7 +84,7 @@ class VQKD(nn.Module):
         return dict(self.config)
 
     def set_extra_state(self, state):
-        if state and dict(state) != self.config:
+        if state and _arch(dict(state)) != _arch(self.config):
             raise ValueError(
                 f"VQ-KD checkpoint config {dict(state)} does not match this network {self.config}"
             )
@@ -113,6 +113,14 @@ class VQKD(nn.Module):
     @torch.no_grad()
     def get_codebook_indices(self, x: torch.Tensor) -> torch.Tensor:
         return self.encode(x)[1]
+
+
+def _arch(config: dict) -> dict:
+    """The config without its init-only keys (weights written before ``init_mode`` existed still load)."""
+    out = dict(config)
+    if isinstance(out.get("encoder"), dict):
+        out["encoder"] = {k: v for k, v in out["encoder"].items() if k != "init_mode"}
+    return out
 
 
 def cosine_distill_loss(rec: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
