@@ -24,7 +24,23 @@ dino       ``crops``: 2 global views S (scale (0.4, 1)) then ``local_crops`` loc
 eval       Resize shorter side to int(S * 256 / 224) (bicubic) + centre crop S; ImageNet-normalised.
 =========  ==================================================================================================
 
-``crop_scale`` overrides the RandomResizedCrop scale of single-view methods (and of DINO's global views).
+``crop_scale`` overrides the RandomResizedCrop scale of single-view methods (and of DINO's global views),
+``local_crops_scale`` that of DINO's local views (the original's ``--local_crops_scale``), ``color_jitter``
+scales the jitter strengths of every recipe that has them (1 = published; 0 = no jitter).
+
+Recipe variants: a method whose recipe needs such options (the loader itself takes only the keyword
+arguments above it knows) registers a named variant with :func:`recipe_variant` and hands that name to the
+loader as its recipe (``loader_method``); :func:`pretrain_recipe` resolves it to the base method and options.
+
+Small images: the scales above are the published ones, for 192-224 px views of ImageNet photos. A view of a
+small image carries far less detail, so below 192 px (the smallest resolution the originals pre-train at,
+SimMIM's) every default scale range follows the image size: each bound ``s`` becomes ``s ** g`` with
+``g = sqrt(S / 192)`` (:func:`size_scaled`), i.e. the log of the kept area fraction shrinks with the square
+root of the size -- at 32 px DINO's global (0.4, 1) -> (0.69, 1), local (0.05, 0.4) -> (0.29, 0.69),
+SimMIM/SparK (0.67, 1) -> (0.85, 1), BEiT (0.08, 1) -> (0.36, 1), BEiT v2 (0.2, 1) -> (0.52, 1). An
+explicit ``crop_scale`` is used as given; DINO's local range then ends at the global lower bound. The Gaussian
+blur's sigma is a length in pixels: its upper end follows the size in proportion to DINO's 224 px
+(``2 * S / 224``, 0.29 px at 32), its lower end stays 0.1 px (no visible blur at any size).
 
 Randomness: every parameter (crop window, flip, jitter factors, grayscale/blur/solarise draws, blur sigma) is
 sampled here in numpy from one generator per batch keyed on (seed, epoch, shard, step), the views drawn
@@ -101,6 +117,44 @@ def default_local_size(image_size: int) -> int:
     return max(8, int(round(image_size * 96 / 224 / 8)) * 8)
 
 
+SCALE_REFERENCE_SIZE = 192  # published crop scales hold from here up
+BLUR_REFERENCE_SIZE = 224  # DINO's blur radii (0.1, 2) px are for 224-px views
+
+
+def size_scaled(scale, image_size: int) -> tuple[float, float]:
+    """A published crop-scale range at ``image_size`` (module doc): ``s ** sqrt(S / 192)`` below 192 px."""
+    g = min(1.0, image_size / SCALE_REFERENCE_SIZE) ** 0.5
+    return (float(scale[0]) ** g, float(scale[1]) ** g)
+
+
+def size_scaled_blur(image_size: int, sigma=(0.1, 2.0)) -> tuple[float, float]:
+    """DINO's blur sigma range at ``image_size``: the upper end in proportion to 224 px, at least 0.1 px."""
+    hi = float(sigma[1]) * min(1.0, image_size / BLUR_REFERENCE_SIZE)
+    return (float(sigma[0]), max(float(sigma[0]), hi))
+
+
+_VARIANTS: dict[str, tuple[str, dict]] = {}
+RECIPE_OPTIONS = ("local_crops_scale", "color_jitter")
+
+
+def recipe_variant(method: str, **options) -> str:
+    """A recipe name for ``method`` with extra options (``None`` = the default), registered so that
+    :func:`pretrain_recipe` (and so the loader) builds it: ``"dino"`` itself when no option is set, else e.g.
+    ``"dino[color_jitter=0.5]"``."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    bad = sorted(set(options) - set(RECIPE_OPTIONS))
+    if bad:
+        raise ValueError(f"unknown recipe option(s) {bad}; known: {RECIPE_OPTIONS}")
+    opts = {k: (tuple(float(x) for x in v) if isinstance(v, (list, tuple)) else v)
+            for k, v in sorted(options.items()) if v is not None}
+    if not opts:
+        return method
+    name = method + "[" + ",".join(f"{k}={v}" for k, v in opts.items()) + "]"
+    _VARIANTS[name] = (method, opts)
+    return name
+
+
 def _check_scale(crop_scale, name="crop_scale"):
     lo, hi = (float(v) for v in crop_scale)
     if not 0 < lo <= hi <= 1:
@@ -116,38 +170,60 @@ def pretrain_recipe(
     local_size: int | None = None,
     tokenizer_size: int | None = None,
     crop_scale=None,
+    local_crops_scale=None,
+    color_jitter: float = 1.0,
 ) -> Recipe:
-    """The :class:`Recipe` of ``method`` at ``image_size`` (see the module docstring)."""
+    """The :class:`Recipe` of ``method`` (or of a :func:`recipe_variant` name) at ``image_size`` (see the
+    module docstring)."""
+    if method in _VARIANTS:
+        method, opts = _VARIANTS[method]
+        local_crops_scale = opts.get("local_crops_scale", local_crops_scale)
+        color_jitter = opts.get("color_jitter", color_jitter)
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    color_jitter = float(color_jitter)
+    if not color_jitter >= 0:
+        raise ValueError(f"color_jitter must be >= 0, got {color_jitter!r}")
+
+    def jitter_of(published, p):
+        j = tuple(color_jitter * x for x in published)
+        return dict(jitter=j, jitter_p=p if color_jitter > 0 else 0.0)
     if not isinstance(image_size, int) or image_size < 8:
         raise ValueError(f"image_size must be an int >= 8, got {image_size!r}")
     S = image_size
+
+    def scale_of(published):
+        return _check_scale(crop_scale) if crop_scale is not None else size_scaled(published, S)
+
     if method in ("simmim", "spark"):
-        scale = _check_scale(crop_scale or (0.67, 1.0))
+        scale = scale_of((0.67, 1.0))
         interp = "bilinear" if method == "simmim" else "bicubic"
         return Recipe(method, (View(S, scale, interp=interp),), ("images",))
     if method == "beit":
         t = tokenizer_size or S // 2
         if t < 1:
             raise ValueError(f"tokenizer_size must be >= 1, got {tokenizer_size!r}")
-        scale = _check_scale(crop_scale or (0.08, 1.0))
-        v = View(S, scale, jitter=(0.4, 0.4, 0.4, 0.0), jitter_p=1.0, twin=Twin("tokenizer_images", t))
+        scale = scale_of((0.08, 1.0))
+        v = View(S, scale, **jitter_of((0.4, 0.4, 0.4, 0.0), 1.0), twin=Twin("tokenizer_images", t))
         return Recipe(method, (v,), ("images",))
     if method == "beitv2":
-        scale = _check_scale(crop_scale or (0.2, 1.0))
-        return Recipe(method, (View(S, scale, jitter=(0.4, 0.4, 0.4, 0.0), jitter_p=1.0),), ("images",))
+        scale = scale_of((0.2, 1.0))
+        return Recipe(method, (View(S, scale, **jitter_of((0.4, 0.4, 0.4, 0.0), 1.0)),), ("images",))
     # dino
     if not isinstance(local_crops, int) or local_crops < 0:
         raise ValueError(f"local_crops must be an int >= 0, got {local_crops!r}")
     s = local_size or default_local_size(S)
     if s < 1:
         raise ValueError(f"local_size must be >= 1, got {local_size!r}")
-    gscale = _check_scale(crop_scale or (0.4, 1.0))
-    common = dict(jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, gray_p=0.2)
+    gscale = scale_of((0.4, 1.0))
+    if local_crops_scale is not None:
+        lscale = _check_scale(local_crops_scale, "local_crops_scale")
+    else:
+        lscale = (min(size_scaled((0.05, 0.4), S)[0], gscale[0]), gscale[0])
+    common = dict(**jitter_of((0.4, 0.4, 0.2, 0.1), 0.8), gray_p=0.2, blur_sigma=size_scaled_blur(S))
     g1 = View(S, gscale, blur_p=1.0, **common)
     g2 = View(S, gscale, blur_p=0.1, solarize_p=0.2, **common)
-    loc = View(s, (0.05, gscale[0]), blur_p=0.5, **common)
+    loc = View(s, lscale, blur_p=0.5, **common)
     return Recipe(method, (g1, g2) + (loc,) * local_crops, ("crops",) * (2 + local_crops))
 
 
