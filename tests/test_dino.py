@@ -1,5 +1,7 @@
 """DINO: loss vs a naive pairwise implementation, teacher = EMA only, centering, frozen last layer, training."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,7 +11,7 @@ from engine.methods.dino import dino_loss
 
 CFG = dict(model="vit_femto", image_size=32, out_dim=64, head_hidden_dim=32, bottleneck_dim=16, local_crops=2,
            drop_path=0.1, pool="cls", momentum_teacher=0.9, freeze_last_layer=1, use_abs_pos_emb=True,
-           warmup_teacher_temp_epochs=2)
+           warmup_teacher_temp_epochs=2, teacher_temp=0.07)
 
 
 def crops(b=4, n_local=2, seed=0):
@@ -110,7 +112,7 @@ def test_last_layer_frozen_in_first_epoch():
 
 def test_a_few_steps_lower_the_loss_on_a_fixed_batch():
     torch.manual_seed(0)
-    m = build_method("dino", dict(CFG, drop_path=0.0, freeze_last_layer=0))
+    m = build_method("dino", dict(CFG, drop_path=0.0, freeze_last_layer=0, use_bn_in_head=True))
     batch = {"crops": crops(b=8)}
     opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3)
     losses = []
@@ -122,4 +124,127 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch():
         opt.step()
         m.after_step()
         losses.append(loss.item())
-    assert losses[-1] < losses[0] - 0.1, losses
+    assert losses[-1] < losses[0] - 1.0 and sum(b < a for a, b in zip(losses, losses[1:])) >= 9, losses
+
+
+# ------------------------------------------------------------------------------ faithful to the original
+def test_head_init_as_the_original():
+    """Prototypes: nn.Linear's default init (row norm ~ 1/sqrt(3)); MLP: normal std 0.02, zero biases."""
+    import math
+
+    from engine.models.heads import DINOHead
+
+    torch.manual_seed(0)
+    head = DINOHead(96, out_dim=4096, hidden_dim=256, bottleneck_dim=256)
+    rows = head.last_layer.weight_v.norm(dim=1)
+    assert abs(float(rows.detach().mean()) - 1 / math.sqrt(3)) < 0.02
+    bound = 1 / math.sqrt(256)
+    assert float(head.last_layer.weight_v.detach().abs().max()) <= bound + 1e-6
+    w = head.mlp[0].weight
+    assert abs(float(w.detach().std()) - 0.02) < 0.002 and torch.all(head.mlp[0].bias == 0)
+    assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in head.modules())
+    bn = DINOHead(96, out_dim=64, hidden_dim=32, bottleneck_dim=16, use_bn=True)
+    kinds = [type(m).__name__ for m in bn.mlp]
+    assert kinds == ["Linear", "BatchNorm1d", "GELU", "Linear", "BatchNorm1d", "GELU", "Linear"]
+
+
+def test_vit_backbone_has_dino_init_without_rescale():
+    torch.manual_seed(0)
+    m = build_method("dino", dict(CFG, model="vit_pico"))
+    enc = m.student.backbone
+    assert enc.config["init_mode"] == "dino"
+    stds = [float(b.mlp.fc2.weight.std()) for b in enc.blocks]
+    assert all(abs(s / 0.02 - 1) < 0.08 for s in stds), stds  # no 1/sqrt(2 l) rescale
+
+
+def test_gradients_are_clipped_per_parameter():
+    m = build_method("dino", CFG)
+    ps = [torch.zeros(3, requires_grad=True), torch.zeros(5, requires_grad=True), torch.zeros(2, requires_grad=True)]
+    ps[0].grad = torch.full((3,), 10.0)    # norm 17.3 -> 3
+    ps[1].grad = torch.full((5,), 0.1)     # norm 0.22: untouched
+    ps[2].grad = torch.tensor([3.0, 4.0])  # norm 5 -> 3
+    total = torch.linalg.vector_norm(torch.cat([p.grad for p in ps]))
+    m.clip_gradients(ps, 3.0, total)
+    norms = [float(p.grad.norm()) for p in ps]
+    assert norms[0] == pytest.approx(3.0, rel=1e-5) and norms[2] == pytest.approx(3.0, rel=1e-5)
+    torch.testing.assert_close(ps[1].grad, torch.full((5,), 0.1))
+    torch.testing.assert_close(ps[2].grad, torch.tensor([1.8, 2.4]), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("model", ["resnet_femto", "convnext_femto"])
+def test_convnet_backbones(model):
+    """DINO on a ResNet / ConvNeXt (the original trains ResNet-50): pooled features, head BN synchronisable."""
+    torch.manual_seed(0)
+    m = build_method("dino", dict(CFG, model=model, use_bn_in_head=True))
+    out = m({"crops": crops()})
+    out["loss"].backward()
+    assert m.student.backbone.config["arch"] == model.split("_")[0]
+    assert m.encoder() is m.teacher.backbone and m.encoder()(torch.randn(2, 3, 32, 32)).shape == (2, 128)
+    assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in m.student.backbone.parameters())
+    n_bn = sum(isinstance(x, torch.nn.modules.batchnorm._BatchNorm) for x in m.modules())
+    assert m.convert_sync_batchnorm() == n_bn and n_bn >= 4  # head BN of student and teacher (+ ResNet BNs)
+
+
+def test_collapse_monitor_values():
+    from engine.methods.dino import collapse_stats
+
+    K, N = 64, 16
+    uniform = collapse_stats(torch.zeros(N, K), torch.zeros(1, K), 0.04)
+    assert float(uniform["teacher_mi"]) == pytest.approx(0.0, abs=1e-6)
+    assert float(uniform["teacher_entropy_rel"]) == pytest.approx(1.0, abs=1e-6)
+    assert float(uniform["teacher_std"]) == 0.0
+    one = torch.full((N, K), -50.0)
+    one[:, 3] = 50.0  # every image -> prototype 3: dominant collapse, also MI 0
+    dom = collapse_stats(one, torch.zeros(1, K), 0.04)
+    assert float(dom["teacher_mi"]) == pytest.approx(0.0, abs=1e-4) and float(dom["teacher_entropy"]) < 1e-3
+    spread = torch.full((N, K), -50.0)
+    spread[torch.arange(N), torch.arange(N)] = 50.0  # image i -> prototype i: MI = ln N
+    good = collapse_stats(spread, torch.zeros(1, K), 0.04)
+    assert float(good["teacher_mi"]) == pytest.approx(math.log(N), rel=1e-4)
+
+
+def test_monitor_is_logged_every_step_and_warns_once(capsys):
+    m = build_method("dino", CFG)
+    m.schedules(total_steps=50, steps_per_epoch=10)
+    assert m.monitor_after == 20
+    keys = {"teacher_mi", "teacher_entropy", "teacher_entropy_rel", "teacher_std"}
+    for step in (0, 25, 26):
+        m.set_progress(step, 2, {"momentum": 0.99, "teacher_temp": 0.04})
+        with torch.no_grad():
+            for p in m.teacher.head.last_layer.parameters():
+                p.zero_()  # a teacher that maps every image to the same (uniform) output
+            out = m({"crops": crops()})
+        assert keys <= set(out) and all(out[k].ndim == 0 for k in keys)
+    err = capsys.readouterr().err
+    assert err.count("dino: WARNING the teacher has collapsed") == 1
+    assert "--use-bn-in-head" in err and "--local-crops 0" in err and "uniform" in err
+
+
+def test_defaults_and_vit_small_preset_are_the_vanilla_100_epoch_run():
+    from engine.methods import get_method
+    from engine.trainer.config import load_preset
+
+    d = get_method("dino").defaults
+    assert (d["teacher_temp"], d["warmup_teacher_temp"], d["warmup_teacher_temp_epochs"]) == (0.04, 0.04, 0)
+    assert d["momentum_teacher"] == 0.996 and d["use_bn_in_head"] is False and d["clip_grad"] == 3.0
+    p = load_preset("dino_vit_small")[0]["dino"]
+    assert (p["teacher_temp"], p["warmup_teacher_temp_epochs"], p["norm_last_layer"]) == (0.04, 0, True)
+    assert get_method("dino").sync_batchnorm
+
+
+def test_dino_method_hands_its_variant_to_the_loader():
+    from engine.data import build_pretrain_loader, builtin_dataset
+    from engine.methods import build_method, get_method
+    from engine.trainer.config import resolve
+
+    cfg = resolve(dict(method="dino", model="vit_femto", out_dim=64, head_hidden_dim=32, bottleneck_dim=16,
+                       local_crops=1, local_crops_scale="0.3,0.5", color_jitter=0.0),
+                  method_defaults_fn=lambda m: get_method(m).defaults)
+    m = build_method("dino", cfg)
+    ld = build_pretrain_loader(m.loader_method, builtin_dataset(image_size=32), batch_size=8, image_size=32,
+                               num_threads=1, backend="torch", **m.loader_kwargs())
+    assert ld.recipe.views[2].scale == (0.3, 0.5) and ld.recipe.views[0].jitter_p == 0.0
+    batch = next(iter(ld))
+    assert [tuple(c.shape) for c in batch["crops"]] == [(8, 3, 32, 32)] * 2 + [(8, 3, 16, 16)]
+    with pytest.raises(ValueError, match="local-crops-scale"):
+        build_method("dino", dict(cfg, local_crops_scale="0.5"))

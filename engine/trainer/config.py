@@ -88,6 +88,11 @@ SPEC: dict[str, tuple] = {
     "warmup_teacher_temp_epochs": (None, float, "DINO teacher temperature warm-up epochs"),
     "student_temp": (None, float, "DINO student temperature"),
     "freeze_last_layer": (None, int, "DINO: epochs with the last head layer frozen"),
+    "use_bn_in_head": (None, bool, "DINO: BatchNorm1d after each hidden layer of the head (the original's "
+                                   "--use_bn_in_head; images start apart at init)"),
+    "local_crops_scale": (None, str, "DINO local crop scale range 'lo,hi' (default (0.05, 0.4) at >= 192 px, "
+                                     "following the image size below)"),
+    "color_jitter": (None, float, "colour-jitter strength factor of the recipe (1 = published; 0 = none)"),
     # BEiT / BEiT v2 / SparK and their tokenizers (dvae, vqkd)
     "tokenizer": (None, str, "beit/beitv2: tokenizer (a --method dvae/vqkd run, or a DALL-E encoder)"),
     "teacher": (None, str, "vqkd: frozen teacher checkpoint (default: a random ViT, not CLIP/DINO)"),
@@ -129,6 +134,7 @@ _RANGES: dict[str, str] = {
     "knn_k": ">=1", "mask_patch_size": ">=1", "tokenizer_size": ">=1", "print_every": ">=1",
     "max_steps": ">=0", "stop_after": ">=0", "save_every": ">=0", "eval_every": ">=0", "local_crops": ">=0",
     "freeze_last_layer": ">=0", "skip_nonfinite": ">=0", "seed": ">=0",
+    "color_jitter": "[0,inf)",
 }
 _CHOICES = {"precision": ("fp32", "bf16", "fp16"), "pool": ("cls", "mean")}
 
