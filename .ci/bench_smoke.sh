@@ -26,20 +26,21 @@ cases=(
     "bench/test_bench_sparse_conv.py::test_sparse_conv_cpu[ours-rn50_l1_3x3-fwd]"
     "bench/test_bench_sparse_conv.py::test_masked_batch_norm_cpu[ours-fwd+bwd]"
     "bench/test_bench_train_step.py::test_train_step_cpu[simmim-ours]"
+    "bench/test_bench_window_attention.py::test_window_attention_cpu[reference-fwd+bwd]"
 )
 BENCH_DATA_IMAGES=64 python -m pytest -p no:cacheprovider "${cases[@]}" --benchmark-only -q \
     --benchmark-max-time=0.05 --benchmark-min-rounds=1 \
     --benchmark-json "$tmp/pytest-benchmark.json" --results-dir "$tmp/results"
-python - "$tmp" <<'PY'
+python - "$tmp" "${#cases[@]}" <<'PY'
 import json, pathlib, sys
-tmp = pathlib.Path(sys.argv[1])
+tmp, n_cases = pathlib.Path(sys.argv[1]), int(sys.argv[2])
 pb = json.loads((tmp / "pytest-benchmark.json").read_text())["benchmarks"]
 (ours,) = [p for p in (tmp / "results").glob("*.json")]
 rows = json.loads(ours.read_text())["benchmarks"]
 files = {r["fullname"].split("::")[0] for r in rows}
 want = {str(p) for p in pathlib.Path("bench").glob("test_bench_*.py")}
-assert files == want, f"bench files without a row: {sorted(want - files)}"
-assert len(pb) == len(rows) == 14, (len(pb), len(rows))
+assert files == want, f"bench files without a row (add a case of each new bench file above): {sorted(want - files)}"
+assert len(pb) == len(rows) == n_cases, (len(pb), len(rows), n_cases)
 md = ours.with_suffix(".md").read_text()
 assert "## Targets of the kernel issues" in md and "| spark_masks |" in md
 print(f"bench smoke: {len(rows)} rows from {len(files)} bench files; {ours.name} and its report written")

@@ -53,7 +53,7 @@ SMEM_LIMIT = {80: 166912, 90: 232448}  # max shared memory per block (bytes, opt
 SMS = {80: 108, 90: 132}  # SM counts of A100 / H100 SXM (launchers size some grids by them)
 BF16, FP16, FP32, FP64 = torch.bfloat16, torch.float16, torch.float32, torch.float64
 I64, U8, I32 = torch.int64, torch.uint8, torch.int32
-OPS = ("attention", "codebook", "masked", "sparse_conv", "masked_bn")
+OPS = ("attention", "window_attention", "codebook", "masked", "sparse_conv", "masked_bn")
 
 
 class Ptr:
@@ -201,6 +201,56 @@ def attention_cases() -> list[Case]:
                         _expect(tc, bblocks["BLOCK_M"], bopts["num_warps"]), sms=(sm,),
                         ci=(sm == 90 and label == "vitb" and dt == BF16)))
     return cases
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Swin window attention (kernels/attention/window_attention_triton.py)
+
+WA = "kernels.attention.window_attention_triton"
+
+
+def window_attention_cases() -> list[Case]:
+    from kernels.attention import window_attention_triton as wt
+
+    cases = []
+    for img, window in ((192, 6), (224, 7)):
+        grid, N, d = img // 4, window * window, 32
+        for i, H in enumerate((4, 8, 16, 32)):  # Swin-B stages at batch 128
+            side = grid // 2**i
+            nW = (side // window) ** 2
+            BW, shifted = 128 * nW, i < 3
+            for dt in ((BF16, FP16, FP32) if i == 0 else (BF16,)):
+                x = Ptr(dt)
+                xs = (N * 3 * H * d, d, 3 * H * d, 1)  # q, k, v: views of one [BW, N, 3, H, d] projection
+                os_ = (N * H * d, d, H * d, 1)  # outputs and dO: [BW, N, H, d] buffers viewed [BW, H, N, d]
+                cfg = wt._blocks(N, d)
+                prec = "tf32"  # fp32 under the default "highest" matmul precision runs IEEE: both appear below
+                if dt == FP32:
+                    prec = "ieee"
+                tc = _tc(dt, prec)
+                tag = f"swinb{img} stage {i + 1} {str(dt)[6:]} BW{BW} H{H} N{N}" + (" +mask" if shifted else "")
+                mask = Ptr(FP32) if shifted else x
+                fo = wt._options(cfg, dt, backward=False)
+                cases.append(Case(
+                    "window_attention", f"{WA}:_window_attention_fwd_kernel", tag,
+                    [x, x, x, Ptr(FP32), mask, x, *xs, *os_, H, nW, N, d, d**-0.5 * 1.4426950408889634],
+                    dict(HAS_BIAS=True, HAS_MASK=shifted, PRECISION=prec, UPCAST=False, **cfg, **fo),
+                    _expect(tc, cfg["BLOCK"], fo["num_warps"])))
+                groups_target = max(1, min(BW, math.ceil(4 * SMS[90] / H)))
+                per_group = triton_next_pow2(math.ceil(BW / groups_target))
+                bo = wt._options(cfg, dt, backward=True)
+                cases.append(Case(
+                    "window_attention", f"{WA}:_window_attention_bwd_kernel", f"{tag} rows/group {per_group}",
+                    [x, x, x, Ptr(FP32), mask, x, x, x, x, Ptr(FP32), *xs, *os_, *os_, BW, H, nW, N, d, d**-0.5,
+                     d**-0.5 * 1.4426950408889634],
+                    dict(ROWS_PER_GROUP=per_group, HAS_BIAS=True, HAS_MASK=shifted, NEED_DBIAS=True, PRECISION=prec,
+                         UPCAST=False, **cfg, **bo),
+                    _expect(tc, cfg["BLOCK"], bo["num_warps"]), no_spill=False))  # the author bounds its spills
+    return cases
+
+
+def triton_next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -414,7 +464,8 @@ def masked_bn_cases() -> list[Case]:
     return cases
 
 
-BUILDERS = {"attention": attention_cases, "codebook": codebook_cases, "masked": masked_cases,
+BUILDERS = {"attention": attention_cases, "window_attention": window_attention_cases, "codebook": codebook_cases,
+            "masked": masked_cases,
             "sparse_conv": sparse_conv_cases, "masked_bn": masked_bn_cases}
 
 

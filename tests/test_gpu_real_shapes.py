@@ -6,7 +6,8 @@ Run on a GPU machine with ``python -m pytest tests/test_gpu_real_shapes.py --dev
 tiny shapes and the Triton interpreter, so that this file cannot rot unseen.
 
 What this adds to the small-shape CUDA tests of each op: the launch configurations the real shapes select
-(every autotune config of the codebook lookup, the attention tiles for d = 32/64/128, N = 37..1024, the
+(every autotune config of the codebook lookup, the attention tiles for d = 32/64/128, N = 37..1024, Swin's
+window attention at the Swin-B stages, the
 IEEE and TF32 fp32 paths), the tensor-core dots inside the sparse convolution's data-dependent branch,
 ``torch.addmm(out_dtype=fp32)`` of the chunked cross-entropy, the multi-pass softmax (V = 65536), the atomics
 of the shared-bias dbias and of the codebook scatter.
@@ -147,6 +148,52 @@ def test_attention_real_shapes(device, case, bias_kind):
                 assert_like_torch(f"{name} dbias (2nd run, atomics)", again[-1], lowp[-1], exact[-1], eps)
     finally:
         torch.set_float32_matmul_precision(old)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Swin window attention: the whole N x N window per program, fused backward (dbias without atomics)
+
+WIN_CASES = sized(
+    [  # (name, images, nW, H, N, d, shifted, dtype): Swin-B stages at 192 px / window 6 and 224 px / window 7
+        ("swinb192-s1", 2, 64, 4, 36, 32, True, torch.bfloat16),
+        ("swinb192-s1", 2, 64, 4, 36, 32, True, torch.float16),
+        ("swinb192-s1", 2, 64, 4, 36, 32, True, torch.float32),
+        ("swinb192-s3", 4, 4, 16, 36, 32, True, torch.bfloat16),
+        ("swinb192-s4", 16, 1, 32, 36, 32, False, torch.bfloat16),
+        ("swinb224-s1", 2, 64, 4, 49, 32, True, torch.bfloat16),
+        ("swinb224-s2", 2, 16, 8, 49, 32, True, torch.float32),
+    ],
+    [("swinb192-s1", 2, 4, 2, 36, 16, True, torch.bfloat16), ("swinb224-s4", 2, 1, 2, 49, 16, False, torch.float32)],
+)
+
+
+def _window_run(q, k, v, bias, mask, g, backend):
+    leaves = [q, k, v, bias]
+    with use_backend(backend, op="window_attention"):
+        out = kernels.window_attention(q, k, v, bias, mask)
+    return (out, *_grads(out, leaves, g.to(out.dtype)))
+
+
+@pytest.mark.parametrize("case", WIN_CASES, ids=[f"{c[0]}-{str(c[7])[6:]}" for c in WIN_CASES])
+def test_window_attention_real_shapes(device, case):
+    name, images, nW, H, N, d, shifted, dtype = case
+    BW = images * nW
+    g = torch.Generator(device="cpu").manual_seed(10)
+    qkv = torch.randn(BW, N, 3, H, d, generator=g).to(device, dtype)
+    q, k, v = (t.detach().requires_grad_() for t in qkv.permute(2, 0, 3, 1, 4).unbind(0))  # views of one qkv
+    bias = (torch.randn(H, N, N, generator=g) * 0.5).to(device).requires_grad_()  # fp32, as under autocast
+    mask = None
+    if shifted:
+        mask = torch.where(torch.rand(nW, N, N, generator=g) < 0.3, -100.0, 0.0).to(device)
+    gout = torch.randn(BW, H, N, d, generator=g).to(device, dtype)
+    got = _window_run(q, k, v, bias, mask, gout, "triton")
+    exact = _window_run(*(t.detach().double().requires_grad_() for t in (q, k, v, bias)),
+                        None if mask is None else mask.double(), gout, "reference")
+    lowp = _window_run(q, k, v, bias, mask, gout, "reference")
+    for n, a, lo, e in zip(("out", "dq", "dk", "dv", "dbias"), got, lowp, exact):
+        assert_like_torch(f"{name} {n}", a, lo, e, EPS[dtype])
+    again = _window_run(q, k, v, bias, mask, gout, "triton")
+    assert torch.equal(again[-1], got[-1]), "window attention dbias (no atomics) differs between two runs"
 
 
 # ------------------------------------------------------------------------------------------------------------
