@@ -64,6 +64,7 @@ setup(
     version="0.1.0",
     description="Fast self-supervised visual pre-training: BEiT, BEiT v2, SimMIM, SparK, DINO",
     packages=find_packages(include=["engine", "engine.*", "kernels", "kernels.*"]),
+    package_data={"engine": ["configs/*.yaml", "data/README.md"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.11", "numpy", "pyyaml"],
     ext_modules=[_extension()],

@@ -433,10 +433,15 @@ def main(argv=None) -> int:
             p.error("--verify needs timm (pip install timm)")
     from engine.eval import encoder_from_checkpoint, load_checkpoint
 
+    from engine import exit_codes
+    from engine.trainer.checkpoint import CheckpointError
+
     try:
         state = load_checkpoint(args.checkpoint)
-    except (FileNotFoundError, ValueError) as exc:  # CheckpointError (engine.trainer.checkpoint): a ValueError
+    except FileNotFoundError as exc:
         p.error(_one_line(exc))
+    except CheckpointError as exc:  # unreadable, corrupted, non-finite: the checkpoint error status (5)
+        p.exit(exit_codes.CHECKPOINT, f"{p.prog}: error: {_one_line(exc)}\n")
     method = str(state.get("config", {}).get("method", ""))
     if method == "dvae":
         p.error(_METHOD_NOTES["dvae"])

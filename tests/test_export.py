@@ -12,6 +12,8 @@ import sys
 
 import pytest
 import torch
+
+from engine import exit_codes
 from _train_helpers import fake_checkpoint, method_cfg
 from torch import nn
 
@@ -395,8 +397,8 @@ def test_cli_refuses_non_finite_checkpoints(tmp_path, capsys):
         m.encoder().blocks[0].attn.qkv.weight[1, 2] = float("nan")
     fake_checkpoint(m, tmp_path / "bad.pt")
     code, _, err = _cli(capsys, "--checkpoint", tmp_path / "bad.pt", "--out", tmp_path / "x.safetensors")
-    line = _one_error_line(err)  # the checkpoint loader's error or the export's own check
-    assert code == 2 and ("non-finite" in line.lower() or "nan" in line.lower()), line
+    line = _one_error_line(err)  # the checkpoint loader's error: the checkpoint-error exit status
+    assert code == exit_codes.CHECKPOINT and "nan/inf" in line.lower(), line
     assert not (tmp_path / "x.safetensors").exists()
 
 
@@ -410,7 +412,7 @@ def test_cli_unreadable_checkpoint_is_one_line(tmp_path, capsys, content):
     else:
         path.write_bytes(content)
     code, _, err = _cli(capsys, "--checkpoint", path, "--out", tmp_path / "x.safetensors")
-    assert code == 2 and str(path) in _one_error_line(err)
+    assert code == exit_codes.CHECKPOINT and str(path) in _one_error_line(err)
 
 
 def test_cli_missing_checkpoint_and_folder_out(tmp_path, capsys):

@@ -101,6 +101,7 @@ def test_export_key_names_vit_tiny(tmp_path):
     assert "blocks.1.ls2.gamma" in set(timm_state_dict(ls))
 
 
+@pytest.mark.timm
 def test_export_against_timm_if_installed(tmp_path):
     timm = pytest.importorskip("timm")
     from engine.export import timm_state_dict
