@@ -112,6 +112,24 @@ SPEC: dict[str, tuple] = {
     "final_knn": (True, bool, "print k-NN of the pre-trained vs a random encoder at the end"),
     "knn_k": (20, int, "k of the k-NN classifier"),
     "knn_t": (0.07, float, "temperature of the k-NN vote"),
+    # fine-tuning (python -m engine.finetune; --method finetune)
+    "checkpoint": (None, str, "finetune: pre-trained weights: an engine.pretrain output folder or checkpoint, or an "
+                              "engine.export .safetensors file"),
+    "init": ("pretrained", str, "finetune: 'pretrained' (the --checkpoint weights) or 'random' (from scratch)"),
+    "compare_random": (False, bool, "finetune: also fine-tune a randomly initialised copy, print both top-1"),
+    "num_classes": (None, int, "finetune: classes of the head (default: those of the train folder)"),
+    "train_fraction": (None, float, "finetune: fraction of every class of the train split used (few labels)"),
+    "layer_decay": (None, float, "finetune: layer-wise lr decay (layer l of L gets lr * decay^(L+1-l))"),
+    "head_init_scale": (None, float, "finetune: classifier init multiplied by this (BEiT's init_scale)"),
+    "label_smoothing": (None, float, "finetune: label smoothing"),
+    "mixup": (None, float, "finetune: mixup alpha (0: off)"),
+    "cutmix": (None, float, "finetune: cutmix alpha (0: off)"),
+    "mixup_prob": (None, float, "finetune: probability that a batch is mixed"),
+    "mixup_switch_prob": (None, float, "finetune: probability of cutmix rather than mixup when both are on"),
+    "randaug": (None, str, "finetune: RandAugment as timm's string (rand-m9-mstd0.5-inc1) or 'none'"),
+    "reprob": (None, float, "finetune: random erasing probability"),
+    "hflip": (None, float, "finetune: horizontal flip probability"),
+    "loss": (None, str, "finetune: 'ce' (soft-target cross-entropy) or 'bce' (SparK's LAMB recipe)"),
 }
 
 GENERAL_FALLBACK = dict(blr=1.5e-4, warmup_epochs=1.0, min_lr=1e-6, weight_decay=0.05, clip_grad=3.0, drop_path=0.0,
@@ -134,9 +152,14 @@ _RANGES: dict[str, str] = {
     "knn_k": ">=1", "mask_patch_size": ">=1", "tokenizer_size": ">=1", "print_every": ">=1",
     "max_steps": ">=0", "stop_after": ">=0", "save_every": ">=0", "eval_every": ">=0", "local_crops": ">=0",
     "freeze_last_layer": ">=0", "skip_nonfinite": ">=0", "seed": ">=0",
+    # fine-tuning
+    "layer_decay": "(0,1]", "head_init_scale": "(0,inf)", "label_smoothing": "[0,1)", "mixup": "[0,inf)",
+    "cutmix": "[0,inf)", "mixup_prob": "[0,1]", "mixup_switch_prob": "[0,1]", "reprob": "[0,1]", "hflip": "[0,1]",
+    "train_fraction": "(0,1]", "num_classes": ">=2",
     "color_jitter": "[0,inf)",
 }
 _CHOICES = {"precision": ("fp32", "bf16", "fp16"), "pool": ("cls", "mean")}
+_CHOICES.update({"init": ("pretrained", "random"), "loss": ("ce", "bce")})
 
 
 def _flag(key: str) -> str:
