@@ -1,0 +1,474 @@
+"""Fine-tuning as the papers evaluate it: a pre-trained backbone + a classifier, trained end to end by the same
+loop as pre-training (``python -m engine.finetune``; this is ``--method finetune``).
+
+Model (built from ``cfg["backbone"]``, the pre-trained encoder's architecture, which :mod:`engine.finetune`
+reads from ``--checkpoint``)::
+
+    ViT, mean pooling (BEiT, BEiT v2, SimMIM):  logits = head(fc_norm(mean_i x_i))   x = blocks(embed(img))
+                                                (the encoder's final norm is dropped, fc_norm is new)
+    ViT, [CLS] pooling (DINO, ``--pool cls``):  logits = head(norm(x)[:, 0])
+    ResNet / ConvNeXt (SparK):                  logits = head(GAP(features))     (ConvNeXt: LN after the GAP)
+
+with ``drop_path`` as stochastic depth, BEiT-style relative position bias as one table per layer (a shared
+pre-training table is copied into every layer; tables and absolute position embeddings are resampled when
+the resolution differs, :mod:`engine.models.pos_embed`). The head is initialised trunc-normal std 0.02 times
+``head_init_scale`` (BEiT's ``init_scale``, 0.001 for ViTs; 1.0 for convnets, which keeps timm's ResNet
+``fc`` init and ConvNeXt's trunc-normal 0.02), zero bias.
+
+Loss: per batch, mixup / cutmix and label smoothing give soft targets (:mod:`engine.data.mixup`; the loader
+draws the parameters) and the loss is the soft-target cross-entropy (``--loss ce``; it equals timm's
+label-smoothing cross-entropy when nothing is mixed) or the mean binary cross-entropy (``--loss bce``, SparK's
+LAMB recipe).
+
+Optimiser groups (:meth:`FineTune.optimizer_groups`), one per (layer, decay or not), with ``lr_scale =
+layer_decay ** (L + 1 - layer_id)`` over ``L + 2`` layer ids:
+
+* ViT (unilm ``beit/optim_factory.py`` = SimMIM ``get_vit_layer``): ``cls_token``, ``mask_token``,
+  ``pos_embed``, ``patch_embed.*`` -> 0; ``blocks.i.*`` -> i + 1; everything else (a shared ``rel_pos_bias``,
+  ``norm``, ``fc_norm``, ``head``) -> L + 1. No weight decay on 1-D parameters, ``*.bias``, ``pos_embed`` and
+  ``cls_token`` (the models' ``no_weight_decay()``); relative position tables *are* decayed, as in both
+  official scripts (BEiT's ``--disable_weight_decay_on_rel_pos_bias`` is off by default).
+* ResNet (SparK ``downstream_imagenet/models``): stem -> 0, ``layer1`` -> 1, ``layer2`` -> 2 + b // blk2,
+  ``layer3`` -> 2 + N2 + b // blk3, ``layer4`` -> N, ``fc``/head -> N + 1, with SparK's (blk2, blk3) per depth
+  ((2, 3) for ResNet-50/101, (4, 4) for 152/200) and ``ceil(L / 2)`` for the CPU/other depths (our extension);
+  ConvNeXt: downsample 0 -> 0, stages 0/1 -> 1/2, stage 2 -> 3 + b // 3, stage 3 and the last downsample -> N,
+  the rest -> N + 1 (N = 12 if stage 2 has > 9 blocks else 6). No weight decay on 1-D parameters, ``*.bias``
+  and names containing ``cls_token``, ``pos_embed``, ``mask_token`` or ``gamma``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import math
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from engine.data.mixup import LOSSES, mix_batch
+from engine.methods import register
+from engine.methods.base import PretrainMethod, backbone_from_cfg
+
+KINDS = ("vit", "resnet", "convnext")
+# where each pre-training method keeps the encoder that engine.eval evaluates (``method.encoder()``)
+ENCODER_PREFIX = {"simmim": "backbone.", "beit": "backbone.", "beitv2": "backbone.", "spark": "net.",
+                  "dino": "teacher.backbone.", "vqkd": "tokenizer.encoder.", "finetune": "backbone."}
+MEAN_POOL_METHODS = ("simmim", "beit", "beitv2")
+VIT_NO_WD = ("pos_embed", "cls_token")
+CONV_NO_WD_KEYS = ("cls_token", "pos_embed", "mask_token", "gamma")
+_RUN_BY = "--method finetune is run by python -m engine.finetune (it reads the backbone from --checkpoint)"
+
+
+# ------------------------------------------------------------------------------------------------ architecture
+def kind_of(encoder_config: dict | None, model: str | None = None) -> str:
+    if encoder_config and encoder_config.get("arch") in ("resnet", "convnext"):
+        return encoder_config["arch"]
+    if encoder_config:
+        return "vit"
+    from engine.models.convnext import CONVNEXT_CONFIGS
+    from engine.models.resnet import RESNET_CONFIGS
+
+    if model in RESNET_CONFIGS:
+        return "resnet"
+    if model in CONVNEXT_CONFIGS:
+        return "convnext"
+    return "vit"
+
+
+def _accepted(cls, config: dict) -> dict:
+    params = inspect.signature(cls.__init__).parameters
+    return {k: v for k, v in config.items() if k in params and k != "self"}
+
+
+def build_encoder(kind: str, config: dict, **overrides) -> nn.Module:
+    """The encoder of ``kind`` from its ``config`` (``encoder.config`` as checkpoints store it)."""
+    from engine.models.convnext import ConvNeXt
+    from engine.models.resnet import ResNet
+    from engine.models.vit import VisionTransformer
+
+    cls = {"vit": VisionTransformer, "resnet": ResNet, "convnext": ConvNeXt}[kind]
+    c = dict(config)
+    c.update({k: v for k, v in overrides.items() if v is not None})
+    for key in ("layers", "widths", "depths", "dims"):
+        if key in c and isinstance(c[key], list):
+            c[key] = tuple(c[key])
+    return cls(**_accepted(cls, c))
+
+
+def finetune_vit_config(config: dict, cfg: dict, pool: str) -> dict:
+    """The fine-tuning ViT's config from the pre-trained one: the run's resolution and drop path, no mask
+    token, per-layer relative position tables where pre-training shared one (BEiT/SimMIM fine-tuning)."""
+    c = dict(config)
+    c.update(img_size=int(cfg["image_size"]), use_mask_token=False, global_pool=pool)
+    if cfg.get("drop_path") is not None:
+        c["drop_path_rate"] = float(cfg["drop_path"])
+    if c.get("use_shared_rel_pos_bias"):
+        c["use_shared_rel_pos_bias"], c["use_rel_pos_bias"] = False, True
+    return c
+
+
+def default_pool(backbone: dict) -> str:
+    method = backbone.get("source_method")
+    config = backbone.get("config") or {}
+    if method in MEAN_POOL_METHODS:
+        return "mean"
+    if method == "finetune":
+        return config.get("global_pool", "mean")
+    return config.get("global_pool", "cls") if config else "mean"
+
+
+# ------------------------------------------------------------------------------------------------ layer ids
+def vit_layer_id(name: str, num_layers: int) -> int:
+    """unilm ``get_num_layer_for_vit`` (= SimMIM ``get_vit_layer``) for a backbone parameter name."""
+    if name in ("cls_token", "mask_token", "pos_embed") or name.startswith("patch_embed"):
+        return 0
+    if name.startswith("rel_pos_bias"):
+        return num_layers - 1
+    if name.startswith("blocks"):
+        return int(name.split(".")[1]) + 1
+    return num_layers - 1
+
+
+_SPARK_RESNET_BLOCKS = {(4, 6): (2, 3), (4, 23): (2, 3), (8, 36): (4, 4), (24, 36): (4, 4), (30, 48): (5, 6)}
+
+
+def resnet_layer_ids(layers) -> tuple[callable, int]:
+    """``(name -> layer id, N)`` of SparK's ResNet layer decay (``N + 2`` ids, the head at ``N + 1``)."""
+    L2, L3 = int(layers[1]), int(layers[2])
+    blk2, blk3 = _SPARK_RESNET_BLOCKS.get((L2, L3), (max(1, math.ceil(L2 / 2)), max(1, math.ceil(L3 / 2))))
+    N2, N3 = math.ceil(L2 / blk2 - 1e-5), math.ceil(L3 / blk3 - 1e-5)
+    N = 2 + N2 + N3
+
+    def layer_id(name: str) -> int:
+        if name.startswith("layer"):
+            stage, block = int(name.split(".")[0][5:]), int(name.split(".")[1])
+            if stage == 1:
+                return 1
+            if stage == 2:
+                return 2 + block // blk2
+            if stage == 3:
+                return 2 + N2 + block // blk3
+            return N
+        if name.startswith(("fc.", "head.")):
+            return N + 1
+        return 0
+
+    return layer_id, N
+
+
+def convnext_layer_ids(depths) -> tuple[callable, int]:
+    N = 12 if int(depths[2]) > 9 else 6
+
+    def layer_id(name: str) -> int:
+        if name.startswith("downsample_layers"):
+            stage = int(name.split(".")[1])
+            return 0 if stage == 0 else (stage + 1 if stage in (1, 2) else N)
+        if name.startswith("stages"):
+            stage, block = int(name.split(".")[1]), int(name.split(".")[2])
+            if stage in (0, 1):
+                return stage + 1
+            return 3 + block // 3 if stage == 2 else N
+        return N + 1
+
+    return layer_id, N
+
+
+# ------------------------------------------------------------------------------------------------ the method
+@register("finetune")
+class FineTune(PretrainMethod):
+    # the BEiT ViT-B/16 ImageNet-1k recipe (unilm beit/get_started_for_image_classification.md); presets override
+    defaults = dict(blr=1e-3, min_lr=1e-6, warmup_epochs=20.0, weight_decay=0.05, clip_grad=0.0, drop_path=0.1,
+                    label_smoothing=0.1, mixup=0.8, cutmix=1.0, mixup_prob=1.0, mixup_switch_prob=0.5, reprob=0.25,
+                    randaug="rand-m9-mstd0.5-inc1", hflip=0.5, crop_scale=(0.08, 1.0), loss="ce", eval_every=1,
+                    best_metric="top1", final_knn=False)
+
+    def __init__(self, cfg: dict):
+        super().__init__(cfg)
+        spec = cfg.get("backbone")
+        if not isinstance(spec, dict) or spec.get("kind") not in KINDS:
+            raise ValueError(_RUN_BY)
+        self.kind = spec["kind"]
+        self.sync_batchnorm = self.kind != "vit"  # SparK's downstream recipe: sbn=True under DDP
+        self.num_classes = int(cfg.get("num_classes") or 0)
+        if self.num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {cfg.get('num_classes')!r} (default: the train folder's)")
+        self.smoothing = float(cfg.get("label_smoothing") or 0.0)
+        loss = cfg.get("loss") or "ce"
+        if loss not in LOSSES:
+            raise ValueError(f"--loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+        self.loss_fn = LOSSES[loss]
+        config = spec.get("config")
+        self.pool = cfg.get("pool") or default_pool(spec)
+        if self.kind == "vit":
+            if config:
+                self.backbone = build_encoder("vit", finetune_vit_config(config, cfg, self.pool))
+            else:
+                self.backbone = backbone_from_cfg(cfg, use_mask_token=False, global_pool=self.pool,
+                                                  use_shared_rel_pos_bias=False,
+                                                  use_rel_pos_bias=bool(cfg.get("use_rel_pos_bias")
+                                                                        or cfg.get("use_shared_rel_pos_bias")))
+            dim = self.backbone.embed_dim
+            if self.pool == "mean":  # BEiT's use_mean_pooling: no final norm, a new fc_norm after the pooling
+                eps = float(self.backbone.config.get("norm_eps", 1e-6))
+                self.backbone.norm = nn.Identity()
+                self.fc_norm = nn.LayerNorm(dim, eps=eps)
+            else:
+                self.fc_norm = None
+        else:
+            from engine.methods.spark import build_convnet
+
+            dp = float(cfg.get("drop_path") or 0.0)
+            if config:
+                self.backbone = build_encoder(self.kind, config, drop_path_rate=dp)
+            else:
+                self.backbone = build_convnet(str(cfg["model"]), drop_path=dp)
+            dim = self.backbone.num_features
+            self.fc_norm = None
+        self.head = nn.Linear(dim, self.num_classes)
+        scale = cfg.get("head_init_scale")
+        scale = float(scale) if scale is not None else (0.001 if self.kind == "vit" else 1.0)
+        with torch.no_grad():
+            if self.kind != "resnet":  # timm's ResNet keeps nn.Linear's default init for its fc
+                nn.init.trunc_normal_(self.head.weight, std=0.02, a=-2.0, b=2.0)
+                nn.init.zeros_(self.head.bias)
+            self.head.weight.mul_(scale)
+            self.head.bias.mul_(scale)
+        layer_decay = cfg.get("layer_decay")
+        self.layer_decay = float(layer_decay) if layer_decay is not None else (0.65 if self.kind == "vit" else 0.7)
+
+    # ---------------------------------------------------------------------------------- model
+    def encoder(self) -> nn.Module:
+        return self.backbone
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        f = self.backbone(images)
+        return self.fc_norm(f) if self.fc_norm is not None else f
+
+    def classify(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(images))
+
+    def forward(self, batch: dict) -> dict:
+        images, targets = mix_batch(batch["images"], batch["labels"], batch.get("mix"), self.num_classes,
+                                    self.smoothing)
+        return {"loss": self.loss_fn(self.classify(images), targets)}
+
+    # ---------------------------------------------------------------------------------- loading
+    def load_pretrained(self, state_dict: dict) -> list[str]:
+        """Load the pre-trained encoder ``state_dict`` (this engine's names) into the backbone, adapting the
+        position tables; raises ValueError naming what does not fit. Returns notes on what was done."""
+        from engine.models.pos_embed import adapt_position_tables
+
+        target = self.backbone.state_dict()
+        sd = {k: v for k, v in state_dict.items() if not k.endswith(("relative_position_index", "flat_index"))}
+        notes = []
+        if self.kind == "vit":
+            sd, notes = adapt_position_tables(sd, target)
+        dropped = sorted(k for k in sd if k not in target)
+        allowed = [k for k in dropped if k == "mask_token" or (self.fc_norm is not None and k.startswith("norm."))]
+        bad = [k for k in dropped if k not in allowed]
+        if bad:
+            raise ValueError(f"the checkpoint's encoder has tensors this backbone does not: {', '.join(bad[:5])}"
+                             + (" ..." if len(bad) > 5 else ""))
+        missing = sorted(k for k in target if k not in sd)
+        if missing:
+            raise ValueError(f"the checkpoint's encoder lacks tensors of this backbone: {', '.join(missing[:5])}"
+                             + (" ..." if len(missing) > 5 else ""))
+        shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in target.items() if sd[k].shape != v.shape]
+        if shapes:
+            raise ValueError("the checkpoint's encoder does not fit this backbone: " + "; ".join(shapes[:3]))
+        self.backbone.load_state_dict({k: sd[k] for k in target}, strict=True)
+        if allowed:
+            notes.append(f"not used: {', '.join(allowed)} (mean pooling replaces the final norm by a new fc_norm)"
+                         if any(k.startswith("norm.") for k in allowed) else f"not used: {', '.join(allowed)}")
+        return notes
+
+    # ---------------------------------------------------------------------------------- optimiser groups
+    def layer_ids(self) -> tuple[callable, int]:
+        """``(backbone parameter name -> layer id, number of ids)``; the head and fc_norm take the last id."""
+        if self.kind == "vit":
+            n = int(self.backbone.depth) + 2
+            return (lambda name: vit_layer_id(name, n)), n
+        if self.kind == "resnet":
+            fn, N = resnet_layer_ids(self.backbone.config["layers"])
+        else:
+            fn, N = convnext_layer_ids(self.backbone.config["depths"])
+        return fn, N + 2
+
+    def no_weight_decay(self, name: str, param: torch.Tensor) -> bool:
+        if param.ndim <= 1 or name.endswith(".bias"):
+            return True
+        rest = name.split(".", 1)[1] if name.startswith("backbone.") else name
+        if self.kind == "vit":
+            return rest in VIT_NO_WD
+        return any(k in name for k in CONV_NO_WD_KEYS)
+
+    def optimizer_groups(self) -> list[dict]:
+        layer_of, n = self.layer_ids()
+        groups: dict[tuple[int, bool], dict] = {}
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            if name.startswith("backbone."):
+                lid = layer_of(name[len("backbone."):])
+            else:
+                lid = n - 1
+            decay = not self.no_weight_decay(name, p)
+            g = groups.setdefault((lid, decay), {"params": [], "names": [], "apply_wd": decay, "weight_decay": 0.0,
+                                                 "lr_scale": self.layer_decay ** (n - 1 - lid), "layer_id": lid})
+            g["params"].append(p)
+            g["names"].append(name)
+        return [groups[k] for k in sorted(groups)]
+
+
+# ------------------------------------------------------------------------------------------------ sources
+@dataclasses.dataclass
+class Source:
+    """A pre-trained encoder: where from, its architecture and its weights (this engine's names)."""
+
+    path: Path
+    kind: str
+    config: dict
+    state_dict: dict
+    method: str | None = None
+    model: str | None = None
+    image_size: int | None = None
+
+    def backbone_spec(self) -> dict:
+        return {"kind": self.kind, "config": _plain(self.config), "source": str(self.path),
+                "source_method": self.method}
+
+
+def _plain(obj):
+    """JSON-able copy (tuples -> lists) so the spec survives a checkpoint and a YAML dump unchanged."""
+    return json.loads(json.dumps(obj))
+
+
+def _find_prefix(keys: list[str], wanted: list[str], hint: str | None) -> str | None:
+    have = set(keys)
+    cands = ([hint] if hint else []) + sorted({k[: -len(w)] for k in keys for w in wanted[:1] if k.endswith(w)})
+    for p in cands:
+        if p is not None and all(p + w in have for w in wanted):
+            return p
+    return None
+
+
+def load_source(path: str | Path) -> Source:
+    """The encoder of an ``engine.pretrain`` checkpoint (file or output folder; any method, also a fine-tuning
+    run) or of an ``engine.export`` safetensors file. Raises FileNotFoundError, or CheckpointError (a
+    ValueError) with one line naming the file."""
+    from engine.trainer.checkpoint import CheckpointError
+
+    p = Path(path)
+    if p.suffix == ".safetensors":
+        return _source_from_safetensors(p)
+    from engine.eval import load_checkpoint
+
+    state = load_checkpoint(p)
+    file = p / "checkpoint-last.pt" if p.is_dir() else p
+    cfg = state.get("config") or {}
+    method = state.get("method") or cfg.get("method")
+    if method == "dvae":
+        raise CheckpointError(f"--checkpoint {file}: a --method dvae checkpoint is a tokenizer, not an encoder to "
+                              "fine-tune")
+    enc_cfg = state.get("encoder_config")
+    if not enc_cfg:
+        raise CheckpointError(f"--checkpoint {file}: no 'encoder_config' entry (not written by this engine's "
+                              "trainer)")
+    kind = kind_of(enc_cfg)
+    if method == "finetune":
+        kind = (cfg.get("backbone") or {}).get("kind", kind)
+    try:
+        probe = build_encoder(kind, enc_cfg) if method != "finetune" else None
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"--checkpoint {file}: cannot rebuild its encoder ({exc})") from None
+    model_sd = state["model"]
+    keys = list(model_sd)
+    if probe is not None:
+        wanted = list(probe.state_dict())
+        prefix = _find_prefix(keys, wanted, ENCODER_PREFIX.get(method))
+    else:
+        prefix = "backbone."
+    if prefix is None:
+        raise CheckpointError(f"--checkpoint {file}: its weights hold no complete {kind} encoder of the stored "
+                              "configuration")
+    sd = {k[len(prefix):]: v for k, v in model_sd.items() if k.startswith(prefix)}
+    if method == "finetune":
+        enc_cfg = (cfg.get("backbone") or {}).get("config") or enc_cfg
+    return Source(file, kind, dict(enc_cfg), sd, method, cfg.get("model"), cfg.get("image_size"))
+
+
+# timm names (engine.export) -> this engine's names
+_FROM_TIMM = {
+    "vit": [(r"^blocks\.(\d+)\.ls([12])\.gamma$", r"blocks.\1.gamma_\2"),
+            (r"^blocks\.(\d+)\.attn\.relative_position_bias_table$",
+             r"blocks.\1.rel_pos_bias.relative_position_bias_table")],
+    "beit": [(r"^blocks\.(\d+)\.attn\.relative_position_bias_table$",
+              r"blocks.\1.rel_pos_bias.relative_position_bias_table")],
+    "convnext": [(r"^stem\.([01])\.", r"downsample_layers.0.\1."),
+                 (r"^stages\.(\d+)\.downsample\.([01])\.", r"downsample_layers.\1.\2."),
+                 (r"^stages\.(\d+)\.blocks\.(\d+)\.conv_dw\.", r"stages.\1.\2.dwconv."),
+                 (r"^stages\.(\d+)\.blocks\.(\d+)\.mlp\.fc1\.", r"stages.\1.\2.pwconv1."),
+                 (r"^stages\.(\d+)\.blocks\.(\d+)\.mlp\.fc2\.", r"stages.\1.\2.pwconv2."),
+                 (r"^stages\.(\d+)\.blocks\.(\d+)\.(norm\.|gamma$)", r"stages.\1.\2.\3"),
+                 (r"^head\.norm\.", r"norm.")],
+    "resnet": [],
+}
+
+
+def _rename(name: str, rules) -> str:
+    for pattern, repl in rules:
+        new, n = re.subn(pattern, repl, name)
+        if n:
+            return new
+    return name
+
+
+def _source_from_safetensors(path: Path) -> Source:
+    from engine.trainer.checkpoint import CheckpointError
+
+    if not path.is_file():
+        raise FileNotFoundError(f"--checkpoint: no file {path}")
+    try:
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+        tensors = load_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - any reader failure: an unreadable file
+        raise CheckpointError(f"--checkpoint {path}: not a readable safetensors file ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
+    try:
+        config = json.loads(meta.get("config") or "{}")
+    except ValueError:
+        config = {}
+    layout = (meta.get("layout") or "").lower()
+    if not config or layout not in ("vit", "beit", "resnet", "convnext"):
+        raise CheckpointError(f"--checkpoint {path}: no engine.export metadata (layout {layout or 'missing'}, "
+                              "config); export the checkpoint with python -m engine.export")
+    kind = "vit" if layout in ("vit", "beit") else layout
+    sd = {_rename(k, _FROM_TIMM[layout]): v for k, v in tensors.items()}
+    try:
+        probe = build_encoder(kind, config)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"--checkpoint {path}: cannot rebuild its encoder ({exc})") from None
+    target = probe.state_dict()
+    if kind == "vit":  # a k bias exported as Beit's q/v biases: rebuild qkv.bias with k = 0 (the same function)
+        for i in range(int(config.get("depth", 0))):
+            key = f"blocks.{i}.attn.qkv.bias"
+            q, v = sd.get(f"blocks.{i}.attn.q_bias"), sd.get(f"blocks.{i}.attn.v_bias")
+            if key in target and key not in sd and q is not None and v is not None:
+                sd[key] = torch.cat([q, torch.zeros_like(q), v])
+                del sd[f"blocks.{i}.attn.q_bias"], sd[f"blocks.{i}.attn.v_bias"]
+    if kind == "convnext":  # gamma = 1 added by the export for an encoder without layer scale
+        for k in [k for k in sd if k.endswith(".gamma") and k not in target]:
+            if bool((sd[k] == 1).all()):
+                del sd[k]
+    for k, t in target.items():  # non-persistent or dropped-at-export tensors: keep the encoder's own
+        if k not in sd and k.endswith("mask_token"):
+            sd[k] = t
+    return Source(path, kind, config, sd, meta.get("method") or None, meta.get("model") or None,
+                  int(config["img_size"]) if "img_size" in config else None)
