@@ -13,6 +13,9 @@ CLI::
     python -m engine.eval linear --checkpoint PATH [--data DIR] [--epochs 100] [--lr 0.1]
     python -m engine.eval all    --checkpoint PATH [PATH ...]      # both, one table row per checkpoint
 
+``all`` also shows ``finetune_top1`` when the checkpoint's eval.json holds a fine-tuning result (written by
+``python -m engine.finetune --checkpoint PATH``).
+
 Each result is also merged into ``eval.json`` next to the checkpoint (key ``pretrained/<pool>`` or
 ``random_init/<pool>``), unless ``--no-save``.
 
@@ -243,6 +246,25 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join([line(cols), line(["-" * w for w in widths])] + [line(r) for r in cells])
 
 
+def finetune_columns(checkpoint, random_init: bool = False) -> dict:
+    """The fine-tuning top-1 that ``engine.finetune`` merged into the checkpoint's eval.json (keys
+    ``finetune/<preset>``): ``{"finetune_top1": v}``, one ``finetune_top1[<preset>]`` column per preset when
+    there are several; the random-init baseline's value for ``--random-init`` rows."""
+    import json
+
+    path = results_file(checkpoint)
+    try:
+        data = json.loads(path.read_text()) if path.is_file() else {}
+    except ValueError:
+        data = {}
+    field = "random_init_top1" if random_init else "finetune_top1"
+    found = {k.split("/", 1)[1]: v[field] for k, v in sorted(data.items())
+             if k.startswith("finetune/") and isinstance(v, dict) and isinstance(v.get(field), (int, float))}
+    if len(found) == 1:
+        return {"finetune_top1": float(next(iter(found.values())))}
+    return {f"finetune_top1[{name}]": float(v) for name, v in found.items()}
+
+
 def evaluate_checkpoint(args, checkpoint, device, parser) -> dict:
     from engine import exit_codes
     from engine.trainer.checkpoint import CheckpointError
@@ -305,7 +327,8 @@ def main(argv=None) -> int:
     rows = []
     for checkpoint in args.checkpoint:
         res = evaluate_checkpoint(args, checkpoint, device, parser)
-        rows.append({"checkpoint": str(checkpoint), **res})
+        extra = finetune_columns(checkpoint, args.random_init) if args.protocol == "all" else {}
+        rows.append({"checkpoint": str(checkpoint), **res, **extra})
         if not args.no_save:
             print(f"results {results_file(checkpoint)}")
     if len(rows) > 1 or args.protocol == "all":
