@@ -154,11 +154,13 @@ def test_beitv2_losses_aggregation_gradients_and_training(vqkd_ckpt):
     batch = {"images": x, "mask": mask}
     out = m(batch)
     torch.testing.assert_close(out["loss"], out["loss_main"] + out["loss_cls"])
-    # the cls branch: final-norm [CLS] + raw block-3 patch tokens through 2 extra blocks, same head and norm
+    # the cls branch (official): the LAST block's raw [CLS] (before the final norm) + raw block-3 patch tokens
+    # through 2 extra blocks, same head and norm
     mk = mask.reshape(B, -1)
     ids = m.tokenizer(x).reshape(B, -1)
-    tok, (early,) = m.backbone.forward_features(x, mask=mk, return_layers=[2])
-    y = torch.cat([tok[:, :1], early[:, 1:]], 1)
+    tok, (early, last) = m.backbone.forward_features(x, mask=mk, return_layers=[2, 3])
+    assert not torch.allclose(tok[:, 0], last[:, 0])  # the final norm does change the [CLS]
+    y = torch.cat([last[:, :1], early[:, 1:]], 1)
     for blk in m.cls_pt_layers:
         y = blk(y, rel_pos_bias=m.backbone.rel_pos_bias())
     ref = F.cross_entropy(m.lm_head(m.backbone.norm(y)[:, 1:][mk]), ids[mk])
@@ -175,6 +177,24 @@ def test_beitv2_losses_aggregation_gradients_and_training(vqkd_ckpt):
         and outs[-1]["loss_cls"] < outs[0]["loss_cls"] - 0.2
     )
     assert not m.tokenizer.training
+
+
+def test_beitv2_head_blocks_rescale_and_drop_path_as_official(vqkd_ckpt):
+    """fix_init_cls_pt_weight: block i of the head is rescaled as layer early_layer + i + 1; drop path rates
+    are entries early_layer, early_layer + 1 of linspace(0, rate, max(depth, early_layer + 2))."""
+    import math
+
+    torch.manual_seed(0)
+    m = build_method("beitv2", cfg_for("beitv2", model="vit_pico", tokenizer=str(vqkd_ckpt), drop_path=0.1))
+    assert m.early_layer == 3
+    for i, blk in enumerate(m.cls_pt_layers):
+        layer = m.early_layer + i + 1  # 4, 5 (was depth + 1, depth + 2 = 5, 6)
+        expect = 0.02 * 0.540 / math.sqrt(2 * layer)  # trunc-normal cut at +-1 std: std 0.54 sigma
+        got = float(blk.mlp.fc2.weight.detach().std())
+        assert abs(got / expect - 1) < 0.08, (layer, got, expect)
+    rates = [blk.drop_path.drop_prob for blk in m.cls_pt_layers]
+    want = torch.linspace(0, 0.1, 5).tolist()[3:5]
+    assert rates == pytest.approx(want)
 
 
 # ---------------------------------------------------------------------------------------------- CLI

@@ -4,12 +4,21 @@ Per batch: ``images`` (BEiT v2 view, ImageNet-normalised) and a blockwise ``mask
 ``round(mask_ratio * N)`` elsewhere). The frozen VQ-KD tokenizer sees the same, unmasked view::
 
     t        = VQKD(images)                                     token ids on the patch grid (no grad, eval)
-    x, [e]   = ViT(images, mask)                                x: final tokens after the norm,
-                                                                e: raw output of block ``early_layer``
+    x, [e, l] = ViT(images, mask)                               x: final tokens after the norm,
+                                                                e: raw output of block ``early_layer``,
+                                                                l: raw output of the last block
     L_main   = CE(W x_i + b, t_i)                               masked i (kernels.masked_cross_entropy)
-    y        = Blocks_2([x_cls ; e_patches], shared rel-pos bias)   two extra blocks, [CLS] aggregation
+    y        = Blocks_2([l_cls ; e_patches], shared rel-pos bias)   two extra blocks, [CLS] aggregation
     L_cls    = CE(W norm(y)_i + b, t_i)                         same LM head W, b and final norm
     L        = L_main + L_cls
+
+As the official ``VisionTransformerForMaskedImageModelingCLS``: the [CLS] fed to the aggregation blocks is the
+last block's raw output ``x[:, [0]]`` (not the final-normed token), the two blocks are initialised like the
+backbone's and rescaled as layers ``early_layer + 1`` and ``early_layer + 2`` (``fix_init_cls_pt_weight``),
+and their drop-path rates are entries ``early_layer`` and ``early_layer + 1`` of the backbone's linear
+schedule over ``max(depth, early_layer + 2)`` layers. Deviation: the official blocks are built after its
+``apply(_init_weights)``, so they keep PyTorch's default Linear init (Kaiming-uniform, non-zero biases) before
+the rescale; ours get the backbone's trunc-normal 0.02 and zero biases (the same scale at ViT-B width).
 
 ``early_layer``: 9 of 12 in the paper (the output after the 9th block); scaled as ``round(0.75 * depth)``
 (at least 1, at most depth - 1) for other depths. The aggregation blocks exist only for pre-training; the
@@ -47,7 +56,9 @@ class BEiTv2(MaskedTokenMethod):
         if not 1 <= self.early_layer <= depth:
             raise ValueError(f"--early-layer must be in [1, {depth}], got {self.early_layer}")
         vc = self.backbone.config
-        dpr = float(self.c.get("drop_path") or 0.0)
+        rate = float(self.c.get("drop_path") or 0.0)
+        n = max(depth, self.early_layer + 2)
+        dpr = [float(v) for v in torch.linspace(0, rate, n)][self.early_layer:self.early_layer + 2]
         self.cls_pt_layers = nn.ModuleList(
             [
                 Block(
@@ -56,11 +67,11 @@ class BEiTv2(MaskedTokenMethod):
                     vc["mlp_ratio"],
                     vc["qkv_bias"],
                     vc["qv_bias"],
-                    drop_path=dpr,
+                    drop_path=dpr[i],
                     init_values=vc["init_values"],
                     norm_eps=vc["norm_eps"],
                 )
-                for _ in range(2)
+                for i in range(2)
             ]
         )
         self._init_cls_layers(float(vc["init_std"]))
@@ -68,14 +79,14 @@ class BEiTv2(MaskedTokenMethod):
     def _init_cls_layers(self, std: float) -> None:
         for m in self.cls_pt_layers.modules():
             if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
+                nn.init.trunc_normal_(m.weight, std=std, a=-std, b=std)  # unilm's cut at +-1 std
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-        with torch.no_grad():  # BEiT v2 rescales the extra blocks as layers depth+1, depth+2
-            for i, blk in enumerate(self.cls_pt_layers, start=self.backbone.depth + 1):
+        with torch.no_grad():  # official: rescaled as layers early_layers + 1, early_layers + 2
+            for i, blk in enumerate(self.cls_pt_layers, start=self.early_layer + 1):
                 _attn_proj(blk.attn).weight.div_((2.0 * i) ** 0.5)
                 blk.mlp.fc2.weight.div_((2.0 * i) ** 0.5)
 
@@ -91,9 +102,11 @@ class BEiTv2(MaskedTokenMethod):
         mask = mask.reshape(B, -1)
         with torch.no_grad():
             ids = self.check_ids(self.tokenizer(self.tokenizer_input(images)), B)
-        x, (early,) = self.backbone.forward_features(images, mask=mask, return_layers=[self.early_layer - 1])
+        last = self.backbone.depth - 1
+        x, layers = self.backbone.forward_features(images, mask=mask, return_layers=[self.early_layer - 1, last])
+        early, final = (layers[0], layers[-1])  # one entry when early_layer == depth
         loss_main, acc = self.masked_ce(x[:, 1:], ids, mask)
-        y = torch.cat([x[:, :1], early[:, 1:]], dim=1)
+        y = torch.cat([final[:, :1], early[:, 1:]], dim=1)  # raw last-block [CLS] (official x[:, [0]])
         rel = self.backbone.rel_pos_bias() if self.backbone.rel_pos_bias is not None else None
         for blk in self.cls_pt_layers:
             y = blk(y, rel_pos_bias=rel)
