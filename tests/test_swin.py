@@ -499,3 +499,14 @@ def test_presets_resolve_to_the_official_recipe(preset, model, params):
         backbone, decoder = build_swin_simmim(cfg)
     assert backbone.config["img_size"] == 192 and backbone.config["window_size"] == 6 and backbone.stride == 32
     assert sum(p.numel() for n, p in backbone.named_parameters() if n != "mask_token") == pytest.approx(params, rel=0.01)
+
+
+def test_simmim_swin_pico_through_the_cli(tmp_path):
+    """`python -m engine.pretrain --method simmim --model swin_pico` end to end: train, pictures, k-NN line."""
+    from _train_helpers import run_pretrain
+
+    out = run_pretrain("--method", "simmim", "--model", "swin_pico", "--max-steps", "2", "--batch-size", "16",
+                       "--num-threads", "1", "--output-dir", str(tmp_path), "--print-every", "1")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (tmp_path / "viz" / "reconstruction.png").is_file()
+    assert out.stdout.strip().splitlines()[-1].startswith("knn_top1 pretrained=")

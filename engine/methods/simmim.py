@@ -22,6 +22,7 @@ from torch import nn
 import kernels
 from engine.methods import register
 from engine.methods.base import PretrainMethod, backbone_from_cfg
+from engine.methods.simmim_swin import build_swin_simmim, is_swin_cfg, swin_reconstruct
 
 
 def default_mask_patch(image_size: int, patch_size: int) -> int:
@@ -48,16 +49,21 @@ class SimMIM(PretrainMethod):
 
     def __init__(self, cfg: dict):
         super().__init__(cfg)
-        self.backbone = backbone_from_cfg(cfg, use_mask_token=True, init_mode="timm")
+        self.swin = is_swin_cfg(cfg)
+        if self.swin:  # Swin: mask token at the patch embedding, stride-32 decoder (engine/methods/simmim_swin.py)
+            self.backbone, self.decoder = build_swin_simmim(cfg)
+        else:
+            self.backbone = backbone_from_cfg(cfg, use_mask_token=True, init_mode="timm")
         self.patch = self.backbone.patch_size
         self.image_size = int(cfg["image_size"])
         self.mask_patch = int(cfg.get("mask_patch_size") or default_mask_patch(self.image_size, self.patch))
         self.ratio = float(cfg.get("mask_ratio", 0.6))
         self.in_chans = 3
-        self.decoder = nn.Sequential(
-            nn.Conv2d(self.backbone.embed_dim, self.patch ** 2 * self.in_chans, kernel_size=1),
-            nn.PixelShuffle(self.patch),
-        )
+        if not self.swin:
+            self.decoder = nn.Sequential(
+                nn.Conv2d(self.backbone.embed_dim, self.patch ** 2 * self.in_chans, kernel_size=1),
+                nn.PixelShuffle(self.patch),
+            )
 
     def loader_kwargs(self) -> dict:
         fn = functools.partial(_simmim_mask_fn, image_size=self.image_size, mask_patch=self.mask_patch,
@@ -68,6 +74,8 @@ class SimMIM(PretrainMethod):
         return self.backbone
 
     def reconstruct(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if self.swin:
+            return swin_reconstruct(self.backbone, self.decoder, images, mask)
         z = self.backbone.forward_features(images, mask=mask)[:, 1:]
         B, N, D = z.shape
         h, w = images.shape[2] // self.patch, images.shape[3] // self.patch
