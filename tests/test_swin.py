@@ -502,11 +502,11 @@ def test_presets_resolve_to_the_official_recipe(preset, model, params):
 
 
 def test_simmim_swin_pico_through_the_cli(tmp_path):
-    """`python -m engine.pretrain --method simmim --model swin_pico` end to end: train, pictures, k-NN line."""
+    """`python -m engine.pretrain --method simmim --model swin_pico` end to end: train and its pictures."""
     from _train_helpers import run_pretrain
 
     out = run_pretrain("--method", "simmim", "--model", "swin_pico", "--max-steps", "2", "--batch-size", "16",
-                       "--num-threads", "1", "--output-dir", str(tmp_path), "--print-every", "1")
+                       "--num-threads", "1", "--output-dir", str(tmp_path), "--print-every", "1", "--no-final-knn")
     assert out.returncode == 0, out.stderr[-2000:]
     assert (tmp_path / "viz" / "reconstruction.png").is_file()
-    assert out.stdout.strip().splitlines()[-1].startswith("knn_top1 pretrained=")
+    assert "trained 2/2 steps" in out.stdout
