@@ -81,6 +81,27 @@ def test_dvae_training_lowers_loss_and_anneals_temperature():
     assert losses[-1] < 0.97 * losses[0], losses
 
 
+def test_dvae_kl_ramp_and_codebook_log():
+    """DALL-E's KL ramp: beta 0 -> kl_weight linearly over kl_warmup_steps, then constant; the loss adds
+    beta * KL(q || U); KL, beta, token usage and perplexity are logged every step."""
+    from engine.models.dvae import kl_to_uniform
+
+    m = build_method("dvae", small_dvae_cfg(kl_weight=0.5, kl_warmup_steps=4))
+    beta = m.schedules(10, 5)["kl_weight"]
+    assert beta.tolist() == pytest.approx([0.0, 0.125, 0.25, 0.375] + [0.5] * 6)
+    batch = {"images": images(4, 16)}
+    for b in (0.0, 0.5):
+        m.set_progress(3, 0, {"gumbel_temp": 1.0, "kl_weight": b})
+        torch.manual_seed(100)
+        out = m(batch)
+        torch.testing.assert_close(out["loss"], out["rec_mse"] + b * out["kl"])
+        assert float(out["kl_weight"]) == b
+    logits = m.tokenizer(map_pixels(imagenet_to_unit(batch["images"])))
+    torch.testing.assert_close(out["kl"], kl_to_uniform(logits).detach())
+    assert 1.0 <= float(out["perplexity"]) <= m.tokenizer.vocab_size
+    assert get_method("dvae").defaults["kl_weight"] > 0  # the tokenizer has a usage-preserving term by default
+
+
 def test_tokenizer_roundtrip_from_engine_checkpoint_and_standalone(tmp_path):
     torch.manual_seed(1)
     m = build_method("dvae", small_dvae_cfg())

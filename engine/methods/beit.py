@@ -124,10 +124,13 @@ class MaskedTokenMethod(PretrainMethod):
 @register("beit")
 class BEiT(MaskedTokenMethod):
     # Paper: batch 2048, lr 1.5e-3 absolute (= blr 1.875e-4 with the linear rule lr = blr * batch / 256),
-    # 10 warm-up epochs, cosine to 1e-5, AdamW (0.9, 0.999), wd 0.05, clip 3.0, drop path 0.1,
-    # layer scale 0.1.
+    # 10 warm-up epochs, cosine to 1e-5, AdamW (0.9, 0.999), wd 0.05, clip 3.0 (global norm), drop path 0.1,
+    # layer scale 0.1. beta2 = 0.999 is both the paper's value and the official run_beit_pretraining.py
+    # default (--opt_betas 0.9 0.999, not overridden by its README commands); 0.98 is BEiT v2's 300-epoch
+    # setting (beitv2.py). Deviations: the lr warm-up starts at 0 (unilm: warmup_lr 1e-6).
     defaults = dict(
         blr=1.5e-3 * 256 / 2048,
+        beta2=0.999,
         weight_decay=0.05,
         clip_grad=3.0,
         warmup_epochs=10,

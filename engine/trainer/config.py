@@ -105,6 +105,8 @@ SPEC: dict[str, tuple] = {
     "gumbel_temp": (None, float, "dvae Gumbel-softmax temperature at step 0"),
     "gumbel_temp_end": (None, float, "dvae Gumbel-softmax temperature at the end (cosine anneal)"),
     "kl_weight": (None, float, "dvae weight of KL(q || uniform)"),
+    "kl_warmup_steps": (None, int, "dvae: the KL weight ramps linearly from 0 over this many updates (DALL-E: "
+                                   "5000)"),
     "num_mask_patches": (None, int, "beit/beitv2 masked patches (75 at 14x14, else round(mask_ratio*N))"),
     "early_layer": (None, int, "beitv2 [CLS]-aggregation source layer (9 of 12; scaled by depth)"),
     "decoder_width": (None, int, "spark decoder width at the smallest scale (768)"),
@@ -157,6 +159,7 @@ _RANGES: dict[str, str] = {
     "cutmix": "[0,inf)", "mixup_prob": "[0,1]", "mixup_switch_prob": "[0,1]", "reprob": "[0,1]", "hflip": "[0,1]",
     "train_fraction": "(0,1]", "num_classes": ">=2",
     "color_jitter": "[0,inf)",
+    "kl_warmup_steps": ">=0",
 }
 _CHOICES = {"precision": ("fp32", "bf16", "fp16"), "pool": ("cls", "mean")}
 _CHOICES.update({"init": ("pretrained", "random"), "loss": ("ce", "bce")})
