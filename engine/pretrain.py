@@ -19,29 +19,15 @@ on non-finite values, 4 data error, 5 checkpoint error, 6 a peer rank stopped an
 
 from __future__ import annotations
 
-import argparse
-import signal
 import sys
-import threading
 from pathlib import Path
 
 from engine import exit_codes as codes
+from engine.cli_common import check_output_dir, fail as _fail
+from engine.cli_common import install_stop_handlers as _install_stop_handlers
+from engine.cli_common import one_line_errors as _one_line_errors
 from engine.trainer.config import ConfigError, build_parser, dump_config, resolve
 from engine.trainer.loop import OutputDirError
-
-
-class CLIError(Exception):
-    pass
-
-
-def _fail(prog: str, message: str, code: int = 2):
-    print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
-    sys.exit(code)
-
-
-def _one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.error = lambda message: _fail(parser.prog, message)  # type: ignore[method-assign]
-    return parser
 
 
 def build_loader(cfg: dict, method, data_dir, dist) -> object:
@@ -67,43 +53,11 @@ def final_knn(cfg: dict, method, data_dir, device) -> dict[str, float]:
     return {"pretrained": pre["knn_top1"], "random_init": rnd["knn_top1"]}
 
 
-def check_output_dir(cfg: dict, resume) -> None:
-    """Refuse (ConfigError) to start a new run over a folder that holds a checkpoint, without --overwrite."""
-    from engine.trainer.checkpoint import checkpoints_in
-    from engine.trainer.loop import refuse_reuse_message
-
-    out = Path(cfg["output_dir"])
-    if cfg.get("overwrite") or not checkpoints_in(out):
-        return
-    if resume is not None and Path(resume).resolve().parent == out.resolve():
-        return
-    if resume is not None:
-        raise ConfigError(f"--output-dir {out} holds another run's checkpoint while resuming from {resume}: give the "
-                          "resumed run its own --output-dir, or --overwrite")
-    raise ConfigError(refuse_reuse_message(out))
-
-
 def check_method_options(method) -> None:
     """Build one mask of the method's recipe now, so that a bad mask option fails before any training."""
     fn = method.loader_kwargs().get("mask_fn")
     if fn is not None:
         fn(1, 0)
-
-
-def _install_stop_handlers(trainer) -> None:
-    """SIGTERM/SIGINT (how SLURM, Kubernetes and Ctrl-C stop a job): checkpoint at the next step boundary and
-    exit with status 75; a second SIGINT aborts at once."""
-    def handler(signum, frame):
-        name = signal.Signals(signum).name
-        if trainer._stop_reason is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        trainer.request_stop(name)
-        if trainer.dist.is_main:
-            print(f"{name} received: saving a checkpoint at the end of this step (Ctrl-C again aborts)", flush=True)
-
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, handler)
 
 
 def main(argv=None) -> int:
