@@ -129,3 +129,40 @@ def test_method_hooks():
     total = torch.linalg.vector_norm(torch.cat([p1.grad, p2.grad]))
     PretrainMethod({}).clip_gradients([p1, p2], 1.0, total)
     torch.testing.assert_close(torch.linalg.vector_norm(torch.cat([p1.grad, p2.grad])), torch.tensor(1.0))
+
+
+# ------------------------------------------------------------------------------ the trainer under DDP
+def _trainer_worker(rank, world, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from _train_helpers import make_cfg, make_trainer
+    from engine.trainer.distributed import cleanup, init_distributed
+
+    dist = init_distributed("cpu")
+    torch.manual_seed(0)
+    cfg = make_cfg(out_dir, method="dino", model="resnet_femto", max_steps=2, batch_size=8, out_dim=32,
+                   head_hidden_dim=16, bottleneck_dim=8, local_crops=0, use_bn_in_head=True, clip_grad=0.5)
+    tr = make_trainer(cfg, dist)
+    kinds = sorted({type(m).__name__ for m in tr.method.modules() if "BatchNorm" in type(m).__name__})
+    tr.fit()
+    flat = torch.cat([t.detach().reshape(-1).float() for t in tr.method.state_dict().values()])
+    torch.save({"kinds": kinds, "flat": flat}, os.path.join(out_dir, f"rank{rank}.pt"))
+    cleanup()
+
+
+def test_trainer_converts_before_ddp_and_replicas_stay_identical(tmp_path):
+    """DINO on a ResNet with head BN, 2 gloo ranks: the trainer converts every BN (backbone, head, student and
+    teacher) before wrapping, the synchronised statistics and the per-parameter clipping run under DDP, and the
+    replicas stay identical."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_trainer_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert r0["kinds"] == ["SyncBatchNorm1d", "SyncBatchNorm2d"]
+    torch.testing.assert_close(r0["flat"], r1["flat"], rtol=1e-5, atol=1e-6)
