@@ -18,7 +18,7 @@ def test_published_scales_from_192_px_and_milder_below(method):
     prev = PUBLISHED[method][0]
     for S in (160, 112, 64, 32):  # monotone: the smaller the image, the larger the kept area
         lo, hi = pretrain_recipe(method, S).views[0].scale
-        g = math.sqrt(S / 192)
+        g = (S / 192) ** (1 / 3)
         assert lo == pytest.approx(PUBLISHED[method][0] ** g) and hi == 1.0 and lo > prev
         prev = lo
     assert pretrain_recipe(method, 32, crop_scale=(0.3, 0.9)).views[0].scale == (0.3, 0.9)
@@ -27,7 +27,7 @@ def test_published_scales_from_192_px_and_milder_below(method):
 def test_dino_local_crops_and_blur_follow_the_size():
     r = pretrain_recipe("dino", 32, local_crops=2)
     g_lo = r.views[0].scale[0]
-    assert r.views[2].scale == pytest.approx((0.05 ** math.sqrt(32 / 192), g_lo))
+    assert r.views[2].scale == pytest.approx((0.05 ** (32 / 192) ** (1 / 3), g_lo))
     assert r.views[0].blur_sigma == pytest.approx((0.1, 2.0 * 32 / 224))
     assert pretrain_recipe("dino", 224).views[0].blur_sigma == (0.1, 2.0)
     # an explicit global scale below the size-scaled local lower bound: local crops end at it
