@@ -278,3 +278,22 @@ def test_finetune_loader_dali_matches_the_fallback_and_resumes():
     R.set_epoch(3)
     got = next(iter(R))
     assert torch.equal(got["images"], want["images"]) and got["mix"] == want["mix"]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not dali_available()[0], reason="needs NVIDIA DALI")
+def test_gpu_finetune_pipeline_matches_cpu(device):
+    """--device cuda: the GPU graph (nvJPEG, GPU RandAugment branches) gives the CPU graph's batch on the GPU."""
+    if device.type != "cuda":
+        pytest.skip("needs --device cuda")
+    from engine.data.finetune_recipe import FinetuneLoader, FinetuneRecipe
+
+    root = builtin_dataset(image_size=32)
+
+    def first(dev):
+        return next(iter(FinetuneLoader(root, FinetuneRecipe(32), batch_size=16, seed=2, num_threads=1, device=dev)))
+
+    cpu, gpu = first("cpu"), first("cuda")
+    assert gpu["images"].device.type == "cuda" and gpu["labels"].device.type == "cuda"
+    assert torch.equal(cpu["labels"], gpu["labels"].cpu()) and cpu["mix"] == gpu["mix"]
+    assert float((cpu["images"] - gpu["images"].cpu()).abs().mean()) < 0.05
