@@ -13,18 +13,23 @@ from engine.methods.base import PretrainMethod
 
 KNOWN_METHODS = ("beit", "beitv2", "simmim", "spark", "dino", "dvae", "vqkd")
 _REGISTRY: dict[str, type[PretrainMethod]] = {}
+_NOT_PRETRAINING: set[str] = set()
 
 
 class UnknownMethodError(ValueError):
     pass
 
 
-def register(name: str):
+def register(name: str, *, pretraining: bool = True):
+    """Register a method under ``name``; ``pretraining=False`` (fine-tuning) keeps it out of the
+    pre-training list that ``python -m engine.pretrain`` offers."""
     def deco(cls: type[PretrainMethod]) -> type[PretrainMethod]:
         if name in _REGISTRY and _REGISTRY[name] is not cls:
             raise ValueError(f"method {name!r} is already registered by {_REGISTRY[name].__name__}")
         cls.name = name
         _REGISTRY[name] = cls
+        if not pretraining:
+            _NOT_PRETRAINING.add(name)
         return cls
 
     return deco
@@ -42,10 +47,11 @@ def _try_import(name: str) -> None:
 
 
 def available_methods() -> list[str]:
-    """Names of the methods whose implementation can be imported."""
+    """Names of the pre-training methods whose implementation can be imported (the same list whatever
+    else the process has imported)."""
     for name in KNOWN_METHODS:
         _try_import(name)
-    return sorted(_REGISTRY)
+    return sorted(n for n in _REGISTRY if n not in _NOT_PRETRAINING)
 
 
 def get_method(name: str) -> type[PretrainMethod]:

@@ -177,7 +177,7 @@ def convnext_layer_ids(depths) -> tuple[callable, int]:
 
 
 # ------------------------------------------------------------------------------------------------ the method
-@register("finetune")
+@register("finetune", pretraining=False)
 class FineTune(PretrainMethod):
     # the BEiT ViT-B/16 ImageNet-1k recipe (unilm beit/get_started_for_image_classification.md); presets override
     defaults = dict(blr=1e-3, min_lr=1e-6, warmup_epochs=20.0, weight_decay=0.05, clip_grad=0.0, drop_path=0.1,

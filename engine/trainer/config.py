@@ -154,12 +154,12 @@ _RANGES: dict[str, str] = {
     "knn_k": ">=1", "mask_patch_size": ">=1", "tokenizer_size": ">=1", "print_every": ">=1",
     "max_steps": ">=0", "stop_after": ">=0", "save_every": ">=0", "eval_every": ">=0", "local_crops": ">=0",
     "freeze_last_layer": ">=0", "skip_nonfinite": ">=0", "seed": ">=0",
+    "color_jitter": "[0,inf)",
+    "kl_warmup_steps": ">=0",
     # fine-tuning
     "layer_decay": "(0,1]", "head_init_scale": "(0,inf)", "label_smoothing": "[0,1)", "mixup": "[0,inf)",
     "cutmix": "[0,inf)", "mixup_prob": "[0,1]", "mixup_switch_prob": "[0,1]", "reprob": "[0,1]", "hflip": "[0,1]",
     "train_fraction": "(0,1]", "num_classes": ">=2",
-    "color_jitter": "[0,inf)",
-    "kl_warmup_steps": ">=0",
 }
 _CHOICES = {"precision": ("fp32", "bf16", "fp16"), "pool": ("cls", "mean")}
 _CHOICES.update({"init": ("pretrained", "random"), "loss": ("ce", "bce")})
