@@ -309,7 +309,8 @@ def masked_cases() -> list[Case]:
     import triton
     import triton.language as tl
 
-    from kernels.masked import triton_ce, triton_gather, triton_scatter
+    from kernels.masked import masked_token_scatter_triton as triton_scatter
+    from kernels.masked import triton_ce, triton_gather
 
     B, N, D, k = 256, 196, 768, 75  # BEiT ViT-B/16 pre-training
     N_out = N + 1
@@ -320,7 +321,7 @@ def masked_cases() -> list[Case]:
         acc = tl.float32
         br, bd = triton_scatter._fwd_blocks(D)
         cases.append(Case(
-            "masked", f"{MS}.triton_scatter:_masked_token_scatter_fwd_kernel", f"{name} B{B} N{N} D{D} cls+pos",
+            "masked", f"{MS}.masked_token_scatter_triton:_masked_token_scatter_fwd_kernel", f"{name} B{B} N{N} D{D} cls+pos",
             [Ptr(dt), Ptr(U8), Ptr(FP32), Ptr(FP32), Ptr(FP32), Ptr(dt), B * N_out, N, D, N_out, 0,
              N * D, D, 1, N, 1, D, 1, 1, 1],
             dict(HAS_POS=True, HAS_CLS=True, ACC=acc, BLOCK_R=br, BLOCK_D=bd, num_warps=4), ci=dt == BF16))
@@ -329,7 +330,7 @@ def masked_cases() -> list[Case]:
         splits = max(1, min(B, math.ceil(4 * SMS[90] / tiles)))
         per = math.ceil(B / splits)
         cases.append(Case(
-            "masked", f"{MS}.triton_scatter:_masked_token_scatter_bwd_kernel", f"{name} B{B} split {per}",
+            "masked", f"{MS}.masked_token_scatter_triton:_masked_token_scatter_bwd_kernel", f"{name} B{B} split {per}",
             [Ptr(dt), Ptr(U8), Ptr(dt), Ptr(FP32), Ptr(FP32), B, N, D, N_out, N_out * D, D, 1, N, 1],
             dict(B_PER_SPLIT=per, HAS_CLS=True, NEED_X=True, NEED_TOK=True, NEED_COLSUM=True, ACC=acc,
                  BLOCK_N=bn_, BLOCK_D=bd2, num_warps=4), ci=dt == BF16))

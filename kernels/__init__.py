@@ -30,8 +30,8 @@ from kernels.masked import (
     MaskedTokenEmbedding,
     gather_masked,
     masked_cross_entropy,
-    masked_token_scatter,
 )
+from kernels.masked.masked_token_scatter import masked_token_scatter
 from kernels.codebook import (
     VectorQuantizer,
     codebook_usage,

@@ -38,7 +38,9 @@ from kernels._library import sparse_conv as _sparse_conv
 from kernels._library import window_attention as _window_attention
 
 attention = _attention.attention
-masked_token_scatter = _masked.masked_token_scatter
+from kernels.masked import masked_token_scatter as _masked_token_scatter  # noqa: E402
+
+masked_token_scatter = _masked_token_scatter.masked_token_scatter
 gather_masked = _masked.gather_masked
 masked_cross_entropy = _masked.masked_cross_entropy
 nearest_code = _codebook.nearest_code

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from kernels.masked.ce_function import masked_cross_entropy
-from kernels.masked.scatter_function import masked_token_scatter
+from kernels.masked.masked_token_scatter import masked_token_scatter
 
 
 class MaskedTokenEmbedding(nn.Module):

@@ -1,4 +1,4 @@
-"""Triton kernels for masked_token_scatter (imported lazily by the triton backend only).
+"""Triton kernels and launchers of masked_token_scatter (imported by its triton backend only).
 
 Forward, one launch over (output-row tiles, D tiles):
     out[b, r, :] = v + pos[r - S]          v = cls_token          if C and r == 0
@@ -23,16 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import _buffers
 from kernels._backend import launches_on_input_device
-
-
-def _alloc(shape, dtype, device):
-    """Every output buffer comes from here (tests swap it for a NaN-poisoning allocator)."""
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-def _acc_dtype(dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
+from kernels._triton_common import tl_acc_dtype
 
 
 @triton.jit
@@ -193,7 +186,7 @@ def masked_token_scatter_forward(x, mask, mask_token, pos_embed=None, cls_token=
     B, N, D = x.shape
     C = 1 if cls_token is not None else 0
     N_out = N + C
-    out = _alloc((B, N_out, D), x.dtype, x.device)
+    out = _buffers.empty((B, N_out, D), x.dtype, x.device)
     if out.numel() == 0:
         return out
     m8 = mask.view(torch.uint8)
@@ -226,7 +219,7 @@ def masked_token_scatter_forward(x, mask, mask_token, pos_embed=None, cls_token=
         cls.stride(0),
         HAS_POS=pos_embed is not None,
         HAS_CLS=bool(C),
-        ACC=_acc_dtype(x.dtype),
+        ACC=tl_acc_dtype(x.dtype),
         BLOCK_R=BLOCK_R,
         BLOCK_D=BLOCK_D,
         num_warps=4,
@@ -250,7 +243,7 @@ def masked_token_scatter_backward(
     need_cls = need_cls and has_cls
     need_col = need_pos or need_cls
     dev = grad_out.device
-    gx = _alloc((B, N, D), grad_out.dtype, dev) if need_x else None
+    gx = _buffers.empty((B, N, D), grad_out.dtype, dev) if need_x else None
     if not (need_x or need_tok or need_col):
         return None, None, None, None
     if B == 0 or D == 0 or N_out == 0:
@@ -267,8 +260,8 @@ def masked_token_scatter_backward(
     per = triton.cdiv(B, splits)
     splits = triton.cdiv(B, per)
     part = torch.float64 if grad_out.dtype == torch.float64 else torch.float32
-    colsum = _alloc((splits, N_out, D), part, dev) if need_col else None
-    tokpart = _alloc((splits, tiles_n, D), part, dev) if need_tok else None
+    colsum = _buffers.empty((splits, N_out, D), part, dev) if need_col else None
+    tokpart = _buffers.empty((splits, tiles_n, D), part, dev) if need_tok else None
     m8 = mask.view(torch.uint8)
     dummy = grad_out if gx is None else gx
     _masked_token_scatter_bwd_kernel[(tiles_n, tiles_d, splits)](
@@ -291,7 +284,7 @@ def masked_token_scatter_backward(
         NEED_X=need_x,
         NEED_TOK=need_tok,
         NEED_COLSUM=need_col,
-        ACC=_acc_dtype(grad_out.dtype),
+        ACC=tl_acc_dtype(grad_out.dtype),
         BLOCK_N=BLOCK_N,
         BLOCK_D=BLOCK_D,
         num_warps=4,
