@@ -15,7 +15,7 @@ from kernels._backend import (
 )
 from kernels.attention import MultiheadSelfAttention, RelativePositionBias, attention
 from kernels.attention import window_attention
-from kernels.masking import blockwise_masks, random_masks, simmim_masks, spark_masks
+from kernels.masks import blockwise_masks, random_masks, simmim_masks, spark_masks
 from kernels.sparse_conv import (
     SparseBatchNorm2d,
     SparseConv2d,

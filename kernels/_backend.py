@@ -98,6 +98,11 @@ def native():
     raise NativeUnavailableError(_native_error)
 
 
+def native_threads() -> int:
+    """The OpenMP thread count handed to the C++ kernels: torch's intra-op thread count (at least 1)."""
+    return max(1, torch.get_num_threads())
+
+
 def native_reasons() -> list[str]:
     try:
         native()

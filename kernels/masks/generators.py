@@ -17,7 +17,7 @@ import math
 import torch
 
 from kernels import _backend
-from kernels.masking import reference
+from kernels.masks import reference
 
 _blockwise = _backend.define_op("blockwise_masks", "BEiT blockwise masking on an h x w patch grid")
 _choose_k = _backend.define_op("choose_k_masks", "exactly k of n cells masked, uniformly")
@@ -34,15 +34,11 @@ MAX_TOTAL_CELLS = 2**30
 """Largest batch_size * cells of one call."""
 
 
-def _threads() -> int:
-    return max(1, torch.get_num_threads())
-
-
 @_blockwise.register("native", _native_reasons, note="C++/OpenMP")
 def _blockwise_native(batch_size, h, w, num_masked, min_block, max_block, min_aspect, seed):
     out = torch.empty((batch_size, h, w), dtype=torch.bool)
     _backend.native().blockwise_masks(out.data_ptr(), batch_size, h, w, num_masked, min_block, max_block,
-                                      min_aspect, seed, _threads())
+                                      min_aspect, seed, _backend.native_threads())
     return out
 
 
@@ -54,7 +50,7 @@ def _blockwise_reference(batch_size, h, w, num_masked, min_block, max_block, min
 @_choose_k.register("native", _native_reasons, note="C++/OpenMP")
 def _choose_k_native(batch_size, n, k, seed):
     out = torch.empty((batch_size, n), dtype=torch.bool)
-    _backend.native().choose_k_masks(out.data_ptr(), batch_size, n, k, seed, _threads())
+    _backend.native().choose_k_masks(out.data_ptr(), batch_size, n, k, seed, _backend.native_threads())
     return out
 
 
@@ -69,7 +65,7 @@ def _shuffle_native(batch_size, n, keep, seed):
     ids_restore = torch.empty((batch_size, n), dtype=torch.int64)
     mask = torch.empty((batch_size, n), dtype=torch.bool)
     _backend.native().shuffle_masks(ids_keep.data_ptr(), ids_restore.data_ptr(), mask.data_ptr(), batch_size, n, keep,
-                                    seed, _threads())
+                                    seed, _backend.native_threads())
     return ids_keep, ids_restore, mask
 
 
