@@ -16,7 +16,7 @@ from PIL import Image
 from engine import data
 from engine.data import augment
 from engine.data import folder as folder_mod
-from engine.data import loader as loader_mod
+from engine.data import core as loader_core
 from engine.data import torch_transforms as TT
 
 HAVE_DALI = data.dali_available()[0]
@@ -691,7 +691,7 @@ def test_eval_backends_agree(digits):
 
 
 def test_fallback_used_and_logged_when_dali_missing(digits, monkeypatch, caplog):
-    monkeypatch.setattr(loader_mod, "dali_available", lambda: (False, "ImportError: no module nvidia.dali"))
+    monkeypatch.setattr(loader_core, "dali_available", lambda: (False, "ImportError: no module nvidia.dali"))
     with caplog.at_level(logging.WARNING, logger="engine.data"):
         loader = data.build_pretrain_loader(
             "dino", digits, batch_size=3, image_size=S, local_crops=2, num_threads=0

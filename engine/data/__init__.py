@@ -4,17 +4,21 @@ Importing this package imports neither DALI nor CUDA; loaders import DALI when b
 :mod:`engine.data.augment` (and ``engine/data/README.md``).
 """
 
-from .augment import IMAGENET_MEAN, IMAGENET_STD, METHODS, default_local_size, pretrain_recipe
+from .augment import IMAGENET_MEAN, IMAGENET_STD, METHODS, RECIPES, default_local_size, pretrain_recipe
 from .builtin import builtin_dataset, synthetic_dataset
 from .folder import ImageFolder
-from .loader import EvalLoader, PretrainLoader, build_eval_loader, build_pretrain_loader, dali_available
+from .core import LoaderOptions
+from .loader import DataRecipe, EvalLoader, PretrainLoader, build_eval_loader, build_pretrain_loader, dali_available
 
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "METHODS",
+    "RECIPES",
+    "DataRecipe",
     "EvalLoader",
     "ImageFolder",
+    "LoaderOptions",
     "PretrainLoader",
     "build_eval_loader",
     "build_pretrain_loader",

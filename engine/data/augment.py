@@ -28,9 +28,10 @@ eval       Resize shorter side to int(S * 256 / 224) (bicubic) + centre crop S; 
 ``local_crops_scale`` that of DINO's local views (the original's ``--local_crops_scale``), ``color_jitter``
 scales the jitter strengths of every recipe that has them (1 = published; 0 = no jitter).
 
-Recipe variants: a method whose recipe needs such options (the loader itself takes only the keyword
-arguments above it knows) registers a named variant with :func:`recipe_variant` and hands that name to the
-loader as its recipe (``loader_method``); :func:`pretrain_recipe` resolves it to the base method and options.
+A method names one of these recipes (any method may use any of them: the dVAE tokenizer trains on SimMIM's
+view) with its options in its :class:`engine.data.DataRecipe` (``PretrainMethod.data_recipe``), or gives a
+recipe of its own there. Recipe variants: :func:`recipe_variant` registers a name that carries options
+(``"dino[color_jitter=0.5]"``); :func:`pretrain_recipe` resolves it to the base recipe and options.
 
 Small images: the scales above are the published ones, for 192-224 px views of ImageNet photos. A view of a
 small image carries far less detail, so below 192 px (the smallest resolution the originals pre-train at,
@@ -68,7 +69,8 @@ import numpy as np
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-METHODS = ("simmim", "spark", "beit", "beitv2", "dino")
+RECIPES = ("simmim", "spark", "beit", "beitv2", "dino")  # the augmentation recipes (named after their method)
+METHODS = RECIPES  # the former name: these are recipes, which any method may use (engine.data.DataRecipe)
 INTERPOLATIONS = ("bicubic", "bilinear", "lanczos")
 NORMS = ("imagenet", "dvae")
 
@@ -142,8 +144,8 @@ def recipe_variant(method: str, **options) -> str:
     """A recipe name for ``method`` with extra options (``None`` = the default), registered so that
     :func:`pretrain_recipe` (and so the loader) builds it: ``"dino"`` itself when no option is set, else e.g.
     ``"dino[color_jitter=0.5]"``."""
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method not in RECIPES:
+        raise ValueError(f"method must be one of {RECIPES}, got {method!r}")
     bad = sorted(set(options) - set(RECIPE_OPTIONS))
     if bad:
         raise ValueError(f"unknown recipe option(s) {bad}; known: {RECIPE_OPTIONS}")
@@ -180,8 +182,8 @@ def pretrain_recipe(
         method, opts = _VARIANTS[method]
         local_crops_scale = opts.get("local_crops_scale", local_crops_scale)
         color_jitter = opts.get("color_jitter", color_jitter)
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method not in RECIPES:
+        raise ValueError(f"method must be one of {RECIPES}, got {method!r}")
     color_jitter = float(color_jitter)
     if not color_jitter >= 0:
         raise ValueError(f"color_jitter must be >= 0, got {color_jitter!r}")
