@@ -28,18 +28,15 @@ import datetime
 import os
 import pathlib
 import platform
-import sys
 
+import pytest
+import torch
+
+from bench import timing
+
+# the root conftest.py's --device rule sets TRITON_INTERPRET (on exactly when the device is the CPU, as under
+# the dry run) before anything imports triton
 DRY_RUN = os.environ.get("BENCH_DRY_RUN", "") not in ("", "0")
-if DRY_RUN:
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
-elif "cuda" not in " ".join(sys.argv):
-    os.environ.setdefault("TRITON_INTERPRET", "0")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from bench import timing  # noqa: E402
 
 # ``torch.compile`` providers compile for tens of seconds each on a GPU: ``-m "not compile"`` skips them all
 COMPILE = pytest.param("compile", marks=pytest.mark.compile, id="compile")

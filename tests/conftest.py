@@ -1,14 +1,7 @@
-"""Shared test harness: --device, seeding, per-dtype tolerances, assert_close, poisoning."""
+"""Shared test harness (the --device rule is the root conftest.py's): seeding, per-dtype tolerances, assert_close, poisoning."""
 
-import os
-import sys
-
-# Triton must see TRITON_INTERPRET before it is first imported; on a CPU run every Triton test uses it.
-if "cuda" not in " ".join(sys.argv):
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 # atol, rtol against a float64 reference, per input dtype.
 TOLERANCES = {
@@ -19,16 +12,12 @@ TOLERANCES = {
 }
 
 
-def pytest_addoption(parser):
-    parser.addoption("--device", default="cpu", help="device to run the tests on: cpu (default) or cuda")
-
-
 def pytest_configure(config):
     config.addinivalue_line("markers", "timm: needs the real timm (+ torchvision); run by .ci/compat.sh in its venv")
 
 
 def pytest_collection_modifyitems(config, items):
-    if config.getoption("--device") != "cuda":
+    if not config.getoption("--device").startswith("cuda"):
         skip = pytest.mark.skip(reason="needs --device cuda")
         for item in items:
             if "cuda" in item.keywords:
