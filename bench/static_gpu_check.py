@@ -106,9 +106,9 @@ def _contig(*shape):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# attention (kernels/attention/triton_kernels.py: attention_forward / attention_backward)
+# attention (kernels/attn/attention_triton.py: attention_forward / attention_backward)
 
-ATT = "kernels.attention.triton_kernels"
+ATT = "kernels.attn.attention_triton"
 # (label, B, H, N, d, dtype, fp32 matmul precision, bias kinds)
 ATT_CASES = [
     ("vitb", 256, 12, 197, 64, BF16, None, ("shared", "none", "per-batch")),
@@ -125,7 +125,7 @@ ATT_CASES = [
 
 
 def attention_cases() -> list[Case]:
-    from kernels.attention import triton_kernels as tk
+    from kernels.attn import attention_triton as tk
 
     cases = []
     for label, B, H, N, d, dt, prec, kinds in ATT_CASES:
@@ -204,13 +204,13 @@ def attention_cases() -> list[Case]:
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Swin window attention (kernels/attention/window_attention_triton.py)
+# Swin window attention (kernels/attn/window_attention_triton.py)
 
-WA = "kernels.attention.window_attention_triton"
+WA = "kernels.attn.window_attention_triton"
 
 
 def window_attention_cases() -> list[Case]:
-    from kernels.attention import window_attention_triton as wt
+    from kernels.attn import window_attention_triton as wt
 
     cases = []
     for img, window in ((192, 6), (224, 7)):

@@ -99,7 +99,7 @@ def _peer_forward(provider, q, k, v, bias):
     if provider.startswith("sdpa-"):
         return _sdpa_forward(provider[5:].upper(), q, k, v, bias)
     if provider == "compile":
-        from kernels.attention.reference import attention_reference
+        from kernels.attn.reference import attention_reference
 
         compiled = torch.compile(attention_reference)
         return lambda: compiled(q, k, v, bias)

@@ -13,8 +13,9 @@ from kernels._backend import (
     forced_backend,
     use_backend,
 )
-from kernels.attention import MultiheadSelfAttention, RelativePositionBias, attention
-from kernels.attention import window_attention
+from kernels.attn import MultiheadSelfAttention, RelativePositionBias
+from kernels.attn.attention import attention
+from kernels.attn.window_attention import window_attention
 from kernels.masks import blockwise_masks, random_masks, simmim_masks, spark_masks
 from kernels.sparse_conv import (
     SparseBatchNorm2d,

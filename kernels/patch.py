@@ -45,10 +45,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.attention.function import attention
-from kernels.attention.module import MultiheadSelfAttention
-from kernels.attention.reference import attention_reference
-from kernels.attention.relative_position import RelativePositionBias
+from kernels.attn.attention import attention
+from kernels.attn.modules import MultiheadSelfAttention
+from kernels.attn.reference import attention_reference
+from kernels.attn.relative_position import RelativePositionBias
 
 VIT_SIGNATURES = (("x",), ("x", "attn_mask"), ("x", "attn_mask", "is_causal"))
 BEIT_SIGNATURES = (("x", "shared_rel_pos_bias"), ("x", "shared_rel_pos_bias", "attn_mask"))

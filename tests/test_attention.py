@@ -11,9 +11,9 @@ from conftest import assert_close, poison
 
 import kernels
 from kernels import MultiheadSelfAttention, NotSupportedError, RelativePositionBias, attention, use_backend
-from kernels.attention.function import attention_op, deterministic_requested
-from kernels.attention.reference import attention_reference
-from kernels.attention.relative_position import relative_position_index
+from kernels.attn.attention import attention_op, deterministic_requested
+from kernels.attn.reference import attention_reference
+from kernels.attn.relative_position import relative_position_index
 
 interpreter = pytest.mark.interpreter
 
@@ -157,7 +157,7 @@ def test_triton_low_precision_fp32_bias_with_bf16_inputs(device, poisoned_alloc)
 @interpreter
 @pytest.mark.parametrize("groups", [1, 2])
 def test_deterministic_dbias_is_bitwise_reproducible(device, poisoned_alloc, monkeypatch, groups):
-    from kernels.attention import triton_kernels
+    from kernels.attn import attention_triton as triton_kernels
 
     # groups=2 with B=3 exercises the batch-group split with a short last group
     monkeypatch.setattr(triton_kernels, "_dbias_groups", lambda tiles, B, dev: groups)

@@ -96,7 +96,7 @@ def test_every_triton_launcher_is_device_guarded():
     import inspect
 
     modules = ["kernels.masked.masked_token_scatter_triton", "kernels.masked.triton_gather", "kernels.masked.triton_ce",
-               "kernels.attention.triton_kernels", "kernels.attention.window_attention_triton",
+               "kernels.attn.attention_triton", "kernels.attn.window_attention_triton",
                "kernels.codebook.triton_kernels",
                "kernels.sparse_conv.triton_kernels", "kernels.sparse_conv.triton_bn"]
     checked = 0

@@ -12,9 +12,9 @@ import torch
 from conftest import assert_close, poison
 
 from kernels import NotSupportedError, use_backend, window_attention
-from kernels.attention.relative_position import relative_position_index
-from kernels.attention.window_attention import window_attention_op
-from kernels.attention.window_attention_reference import window_attention_reference
+from kernels.attn.relative_position import relative_position_index
+from kernels.attn.window_attention import window_attention_op
+from kernels.attn.window_attention_reference import window_attention_reference
 
 interpreter = pytest.mark.interpreter
 NAMES = ("dq", "dk", "dv", "dbias")
@@ -192,7 +192,7 @@ def test_non_contiguous_inputs(device, poisoned_alloc):
 def test_dbias_is_bitwise_reproducible_without_atomics(device, poisoned_alloc, monkeypatch, groups):
     """dbias: per-program partial sums over fixed row groups + one reduction, bitwise equal across runs and
     equal to the float64 sum over every window. 7 rows: one group of 8 (short), or 4 + a short 3."""
-    from kernels.attention import window_attention_triton as wt
+    from kernels.attn import window_attention_triton as wt
 
     monkeypatch.setattr(wt, "_dbias_groups", lambda BW, H, dev: groups)
     q, k, v, bias, mask = _inputs(7, 1, 2, 16, 32, torch.float32, device, True, True)
@@ -281,7 +281,7 @@ def test_launchers_are_device_guarded():
     import importlib
     import inspect
 
-    mod = importlib.import_module("kernels.attention.window_attention_triton")
+    mod = importlib.import_module("kernels.attn.window_attention_triton")
     for name in ("window_attention_forward", "window_attention_backward"):
         fn = getattr(mod, name)
         assert hasattr(fn, "__wrapped__") and "](" in inspect.getsource(inspect.unwrap(fn)), name
@@ -355,7 +355,7 @@ def test_compile_fullgraph_is_one_custom_op():
 _AOT_SCRIPT = r"""
 import re
 import torch
-from kernels.attention import window_attention_triton as wt
+from kernels.attn import window_attention_triton as wt
 
 FLOATS = {"scale", "qk_scale2"}
 PTRS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}

@@ -37,8 +37,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import kernels
-from kernels.attention.relative_position import relative_position_index
-from kernels.attention.window_attention_reference import window_attention_reference
+from kernels.attn.relative_position import relative_position_index
+from kernels.attn.window_attention_reference import window_attention_reference
 from engine.models.vit import DropPath
 
 SWIN_CONFIGS: dict[str, dict] = {

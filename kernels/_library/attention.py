@@ -10,7 +10,7 @@ Backward (``g`` = dL/d out, ``delta_i = sum_j P_ij dP_ij``)::
     dv = P^T g        dP = g v^T        dS = P * (dP - delta)
     dq = scale dS k   dk = scale dS^T q   dbias = dS summed over the dims the bias broadcasts
 
-The Triton backend runs the fused kernels of :mod:`kernels.attention.triton_kernels` (its backward uses
+The Triton backend runs the fused kernels of :mod:`kernels.attn.attention_triton` (its backward uses
 ``lse2``); the reference backend evaluates the formulas above in float32 (float64 for float64 inputs)
 and recomputes P instead of reading ``lse2``, so a forward and backward may even run on different
 backends. The output layout is the same on every backend (the fake implementation promises it), so
@@ -55,10 +55,10 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], scale
                   deterministic: bool) -> tuple[Tensor, Tensor]:
     """(out, lse2); ``deterministic`` only matters to the backward (saved with the inputs)."""
     if backend_for("attention", q, k, v, bias, scale, deterministic) == "triton":
-        from kernels.attention import triton_kernels
+        from kernels.attn import attention_triton as triton_kernels
 
         return triton_kernels.attention_forward(q, k, v, bias, scale)
-    from kernels.attention.reference import attention_reference
+    from kernels.attn.reference import attention_reference
 
     s = _scores(q, k, bias, scale, acc_dtype(q.dtype, *(() if bias is None else (bias.dtype,))))
     lse2 = (torch.logsumexp(s, dim=-1) / LN2).to(torch.float32)
@@ -80,7 +80,7 @@ def attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Optio
     """(dq, dk, dv, dbias); dbias has bias's shape and dtype, or 0 elements unless ``need_dbias``."""
     need_dbias = bool(need_dbias and bias is not None)
     if backend_for("attention", q, k, v, bias, scale, deterministic) == "triton":
-        from kernels.attention import triton_kernels
+        from kernels.attn import attention_triton as triton_kernels
 
         dq, dk, dv, db = triton_kernels.attention_backward(
             grad_out, q, k, v, bias, out, lse2, scale, need_dbias=need_dbias, deterministic=deterministic
@@ -124,7 +124,7 @@ attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 def attention(q, k, v, bias=None, scale=None, deterministic=False):
     """``softmax(q k^T * scale + bias) v`` through the registered ops; same checks as :func:`kernels.attention`."""
-    from kernels.attention.function import _check_inputs
+    from kernels.attn.attention import _check_inputs
 
     _check_inputs(q, k, v, bias, scale)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)

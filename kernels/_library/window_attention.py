@@ -9,7 +9,7 @@ Backward (``g`` = dL/d out; P recomputed, nothing saved but the inputs)::
     dv = P^T g    dP = g v^T    dS = P * (dP - rowsum(P dP))
     dq = scale dS k    dk = scale dS^T q    dbias = sum_b dS[b]   (no gradient for the constant mask)
 
-The Triton backend runs the fused kernels of :mod:`kernels.attention.window_attention_triton`; the reference
+The Triton backend runs the fused kernels of :mod:`kernels.attn.window_attention_triton`; the reference
 backend evaluates the formulas above in float32 (float64 for float64 inputs). The output layout is the same on
 every backend (the fake implementation promises it).
 """
@@ -35,7 +35,7 @@ def _dtypes(q, bias, mask):
 
 
 def _probabilities(q, k, bias, mask, scale, ct):
-    from kernels.attention.window_attention_reference import window_scores
+    from kernels.attn.window_attention_reference import window_scores
 
     s = window_scores(q.to(ct), k.to(ct), None if bias is None else bias.to(ct),
                       None if mask is None else mask.to(ct), scale)
@@ -47,7 +47,7 @@ def window_attention_fwd(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor]
                          scale: float) -> Tensor:
     """out [B*nW, H, N, d] in q's dtype."""
     if backend_for("window_attention", q, k, v, bias, window_mask, scale) == "triton":
-        from kernels.attention import window_attention_triton as wt
+        from kernels.attn import window_attention_triton as wt
 
         return wt.window_attention_forward(q, k, v, bias, window_mask, scale)
     ct = _dtypes(q, bias, window_mask)
@@ -68,7 +68,7 @@ def window_attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, bias
     """(dq, dk, dv, dbias); dbias [H, N, N] in bias's dtype, or 0 elements unless ``need_dbias``."""
     need_dbias = bool(need_dbias and bias is not None)
     if backend_for("window_attention", q, k, v, bias, window_mask, scale) == "triton":
-        from kernels.attention import window_attention_triton as wt
+        from kernels.attn import window_attention_triton as wt
 
         dq, dk, dv, db = wt.window_attention_backward(grad_out, q, k, v, bias, window_mask, scale, need_dbias)
         return dq, dk, dv, db if need_dbias else nothing(q)
@@ -108,7 +108,7 @@ window_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 def window_attention(q, k, v, bias=None, window_mask=None, scale=None):
     """Window attention through the registered ops; same checks as :func:`kernels.window_attention`."""
-    from kernels.attention.window_attention import _check_inputs
+    from kernels.attn.window_attention import _check_inputs
 
     _check_inputs(q, k, v, bias, window_mask, scale)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)

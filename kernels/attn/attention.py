@@ -6,7 +6,7 @@ Backends (see :mod:`kernels._backend`):
   backward giving dq, dk, dv and dbias; dbias is reduced to the bias's own shape inside the kernels in
   float32. CUDA tensors of float16/bfloat16/float32 with head dim <= 128 (CPU only under
   ``TRITON_INTERPRET=1`` when forced).
-* ``reference``  the math path of :mod:`kernels.attention.reference` (any device, dtype, head dim).
+* ``reference``  the math path of :mod:`kernels.attn.reference` (any device, dtype, head dim).
 
 Determinism: with a bias broadcast over the batch, the default backward adds each batch element's
 dbias tile with float32 atomics (order not fixed). ``deterministic=True``, ``KERNELS_DETERMINISTIC=1``
@@ -22,7 +22,7 @@ and the math path give NaN rows (``inf - inf`` in the softmax). In eager mode bo
 the call in float64 (exact, autograd included) and round back; float64 inputs whose scores overflow raise a
 ``ValueError``. The check is one sum over the output and one host sync per eager call: always on CPU, on a
 GPU only with ``KERNELS_CHECK_OVERFLOW=1`` (no sync stalls the GPU pipeline by default), never under
-``torch.compile`` or CUDA graph capture (see :func:`kernels.attention.reference.recompute_if_overflowed`).
+``torch.compile`` or CUDA graph capture (see :func:`kernels.attn.reference.recompute_if_overflowed`).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import os
 import torch
 
 from kernels import _backend
-from kernels.attention.reference import attention_reference, default_scale, recompute_if_overflowed
+from kernels.attn.reference import attention_reference, default_scale, recompute_if_overflowed
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -147,7 +147,7 @@ class AttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, bias, scale, deterministic):
-        from kernels.attention import triton_kernels
+        from kernels.attn import attention_triton as triton_kernels
 
         out, lse = triton_kernels.attention_forward(q, k, v, bias, scale)
         ctx.save_for_backward(q, k, v, bias, out, lse)
@@ -158,7 +158,7 @@ class AttentionFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        from kernels.attention import triton_kernels
+        from kernels.attn import attention_triton as triton_kernels
 
         q, k, v, bias, out, lse = ctx.saved_tensors
         need_dbias = bias is not None and ctx.needs_input_grad[3]
@@ -172,7 +172,7 @@ class AttentionFunction(torch.autograd.Function):
 def _attention_triton(q, k, v, bias, scale, deterministic):
     if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (q, k, v, bias)):
         # inference (e.g. the DINO teacher): no autograd node, nothing saved for a backward
-        from kernels.attention import triton_kernels
+        from kernels.attn import attention_triton as triton_kernels
 
         out = triton_kernels.attention_forward(q, k, v, bias, scale)[0]
     else:

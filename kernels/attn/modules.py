@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.attention.function import attention
-from kernels.attention.reference import attention_probabilities, attention_reference
+from kernels.attn.attention import attention
+from kernels.attn.reference import attention_probabilities, attention_reference
 
 
 class MultiheadSelfAttention(nn.Module):

@@ -26,8 +26,8 @@ from __future__ import annotations
 import torch
 
 from kernels import _backend
-from kernels.attention.reference import default_scale
-from kernels.attention.window_attention_reference import window_attention_reference
+from kernels.attn.reference import default_scale
+from kernels.attn.window_attention_reference import window_attention_reference
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -141,7 +141,7 @@ class WindowAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, bias, window_mask, scale):
-        from kernels.attention import window_attention_triton as wt
+        from kernels.attn import window_attention_triton as wt
 
         out = wt.window_attention_forward(q, k, v, bias, window_mask, scale)
         ctx.save_for_backward(q, k, v, bias, window_mask)
@@ -151,7 +151,7 @@ class WindowAttentionFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        from kernels.attention import window_attention_triton as wt
+        from kernels.attn import window_attention_triton as wt
 
         q, k, v, bias, window_mask = ctx.saved_tensors
         need_dbias = bias is not None and ctx.needs_input_grad[3]
@@ -162,7 +162,7 @@ class WindowAttentionFunction(torch.autograd.Function):
 @window_attention_op.register("triton", _triton_reasons, note="fused fwd + fused bwd, dbias without atomics")
 def _window_attention_triton(q, k, v, bias, window_mask, scale):
     if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (q, k, v, bias)):
-        from kernels.attention import window_attention_triton as wt
+        from kernels.attn import window_attention_triton as wt
 
         return wt.window_attention_forward(q, k, v, bias, window_mask, scale)
     return WindowAttentionFunction.apply(q, k, v, bias, window_mask, scale)

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from kernels._backend import launches_on_input_device
-from kernels.attention.triton_kernels import _dot, _precision, _upcast
+from kernels.attn.attention_triton import _dot, _precision, _upcast
 
 LOG2E = 1.4426950408889634
 
