@@ -59,7 +59,8 @@ import threading
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-OP_TESTS = ["tests/test_attention.py", "tests/test_codebook.py", "tests/test_masked_ops.py",
+OP_TESTS = ["tests/test_attention.py", "tests/test_nearest_code.py", "tests/test_ema_codebook_update.py",
+            "tests/test_vector_quantizer.py", "tests/test_masked_ops.py",
             "tests/test_sparse_conv.py", "tests/test_masked_batch_norm.py"]
 PYTEST = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider"]
 TRAIN = "bench/test_bench_train_step.py"

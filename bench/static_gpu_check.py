@@ -254,13 +254,16 @@ def triton_next_pow2(n: int) -> int:
 
 
 # ------------------------------------------------------------------------------------------------------------
-# VQ-KD codebook (kernels/codebook/triton_kernels.py)
+# VQ-KD codebook (kernels/codebook/nearest_code_triton.py, kernels/codebook/ema_codebook_update_triton.py)
 
-CB = "kernels.codebook.triton_kernels"
+CB = "kernels.codebook.nearest_code_triton"
+CB_EMA = "kernels.codebook.ema_codebook_update_triton"
 
 
 def codebook_cases() -> list[Case]:
-    from kernels.codebook import triton_kernels as tk
+    import triton.language as tl
+
+    from kernels.codebook import nearest_code_triton as tk
 
     M, K, D = 50_176, 8192, 32  # BEiT v2 tokenizer batch: 256 x 196 vectors, 8192 codes of 32 dims
     cases = []
@@ -283,16 +286,16 @@ def codebook_cases() -> list[Case]:
                 _expect(tc, kw["BLOCK_M"], cfg.num_warps), no_spill=False,
                 ci=(i == 0 and zdt == BF16 and norm) or (i == 8 and zdt == FP32 and prec == "ieee" and norm)
                 or (i == 1 and prec == "tf32")))
-    block_m = max(1, min(128, 4096 // 32))
+    block_m, _ = tk.row_tiles(D)  # the launchers' tile (BLOCK_D = D = 32)
     for zdt in (FP32, BF16):
         cases.append(Case("codebook", f"{CB}:_nearest_code_bwd_kernel", f"z={str(zdt)[6:]}",
                           [Ptr(zdt), Ptr(FP32), Ptr(zdt), M, D, D, 1, D, 1, 1e-12],
-                          dict(ACC_FP64=False, BLOCK_M=block_m, BLOCK_D=32, num_warps=4), ci=zdt == BF16))
-    cases.append(Case("codebook", f"{CB}:_ema_scatter_kernel", "fp32 sums",
+                          dict(ACC=tl.float32, BLOCK_M=block_m, BLOCK_D=32, num_warps=4), ci=zdt == BF16))
+    cases.append(Case("codebook", f"{CB_EMA}:_ema_scatter_kernel", "fp32 sums",
                       [Ptr(FP32), Ptr(I64), Ptr(FP32), Ptr(FP32), M, D, K, D, 1, 1e-5],
                       dict(NORMALIZE=True, BLOCK_M=block_m, BLOCK_D=32, num_warps=4), ci=True))
     for st in (FP32, FP64):
-        cases.append(Case("codebook", f"{CB}:_ema_finalize_kernel", f"state {str(st)[6:]}",
+        cases.append(Case("codebook", f"{CB_EMA}:_ema_finalize_kernel", f"state {str(st)[6:]}",
                           [Ptr(st), Ptr(st), Ptr(st), Ptr(st), Ptr(I64), K, D, 0.99, 1.0 - 0.99, 1e-5],
                           dict(NORMALIZE=True, HAS_STEPS=True, BLOCK_K=block_m, BLOCK_D=32, num_warps=4),
                           ci=st == FP32))

@@ -33,14 +33,12 @@ from kernels.masked import (
     masked_cross_entropy,
 )
 from kernels.masked.masked_token_scatter import masked_token_scatter
-from kernels.codebook import (
-    VectorQuantizer,
-    codebook_usage,
-    commitment_loss,
-    ema_codebook_update,
-    kmeans_init_codebook,
-    nearest_code,
-)
+from kernels.codebook import VectorQuantizer
+from kernels.codebook.codebook_usage import codebook_usage
+from kernels.codebook.commitment_loss import commitment_loss
+from kernels.codebook.ema_codebook_update import ema_codebook_update
+from kernels.codebook.kmeans_init_codebook import kmeans_init_codebook
+from kernels.codebook.nearest_code import nearest_code
 from kernels import library  # registers the torch.library custom ops (namespace ssl_kernels)
 from kernels.patch import PatchReport, patch_timm
 

@@ -257,7 +257,7 @@ LOOKUP_CASES = [  # (dtype, precision, tolerance on the similarity gap)
 
 @pytest.mark.parametrize("dtype,precision,tol", LOOKUP_CASES, ids=["fp32-ieee", "fp32-tf32", "bf16"])
 def test_nearest_code_every_autotune_config(device, monkeypatch, dtype, precision, tol):
-    from kernels.codebook import triton_kernels as tk
+    from kernels.codebook import nearest_code_triton as tk
 
     z, cb = _lookup_inputs(dtype, device)
     configs = tk._lookup_configs()

@@ -14,7 +14,6 @@ from torch._dynamo.testing import CompileCounterWithBackend
 import kernels
 from kernels import library
 from kernels._library import attention as A
-from kernels._library import codebook as CB
 from kernels._library import masked as M
 from kernels._library import sparse_conv as SC
 
@@ -192,14 +191,15 @@ def test_nearest_code_op(dtype, normalize):
     z = _leaf(torch.randn(3, 7, 6, dtype=dtype))
     z.data[0, 0] = 0.0  # a zero row: the eps branch of the normalisation gradient
     cb = torch.nn.functional.normalize(torch.randn(13, 6, dtype=dtype), dim=-1)
-    out = library.nearest_code(z, cb, normalize)
-    ref = kernels.nearest_code(z, cb, normalize)
-    assert torch.equal(out.indices, ref.indices)
-    assert_close(out.z_q, ref.z_q, dtype=dtype, name="z_q")
-    assert_close(out.similarity, ref.similarity, dtype=dtype, name="similarity")
-    g = torch.randn_like(out.z_q)
-    assert_close(_grads(out.z_q, [z], g)[0], _grads(ref.z_q, [z], g)[0], dtype=dtype, name="dz")
-    torch.library.opcheck(CB.nearest_code_fwd, (z.reshape(-1, 6), cb, normalize, 1e-12, "auto"))
+    args = (z.reshape(-1, 6), cb, normalize, 1e-12, "auto")
+    zq, idx, sim = library.op("nearest_code_fwd")(*args)  # the custom-op path, with its registered autograd
+    ref = kernels.nearest_code(z, cb, normalize)  # the eager path
+    assert torch.equal(idx, ref.indices.reshape(-1))
+    assert_close(zq, ref.z_q.reshape(-1, 6), dtype=dtype, name="z_q")
+    assert_close(sim, ref.similarity.reshape(-1), dtype=dtype, name="similarity")
+    g = torch.randn_like(zq)
+    assert_close(_grads(zq, [z], g)[0], _grads(ref.z_q, [z], g.reshape(ref.z_q.shape))[0], dtype=dtype, name="dz")
+    torch.library.opcheck(library.op("nearest_code_fwd"), args)
 
 
 @pytest.mark.parametrize("normalize", [True, False])
@@ -222,9 +222,10 @@ def test_ema_ops_mutate_like_the_eager_update(normalize):
         assert torch.equal(a, e), n
     assert torch.equal(cb[2], state[0][2])
     fresh = [t.clone() for t in state]
-    torch.library.opcheck(CB.codebook_ema_scatter, (z, idx, fresh[2], counts.clone(), normalize, 1e-5))
-    torch.library.opcheck(CB.codebook_ema_finalize, (fresh[0], fresh[1], counts, es, 0.8, 1e-5, normalize, fresh[3]))
-    torch.library.opcheck(CB.codebook_ema_finalize, (fresh[0], fresh[1], counts, es, 0.8, 1e-5, normalize, None))
+    scatter, finalize = library.op("codebook_ema_scatter"), library.op("codebook_ema_finalize")
+    torch.library.opcheck(scatter, (z, idx, fresh[2], counts.clone(), normalize, 1e-5))
+    torch.library.opcheck(finalize, (fresh[0], fresh[1], counts, es, 0.8, 1e-5, normalize, fresh[3]))
+    torch.library.opcheck(finalize, (fresh[0], fresh[1], counts, es, 0.8, 1e-5, normalize, None))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -278,7 +279,8 @@ def test_registered_ops_run_the_triton_backend():
         "masked_token_scatter": (lambda: library.masked_token_scatter(h, mask, tok),
                                  lambda: kernels.masked_token_scatter(h, mask, tok), (h, tok)),
         "gather_masked": (lambda: library.gather_masked(h, mask, 2), lambda: kernels.gather_masked(h, mask, 2), (h,)),
-        "nearest_code": (lambda: library.nearest_code(z, cb).z_q, lambda: kernels.nearest_code(z, cb).z_q, (z,)),
+        "nearest_code": (lambda: library.op("nearest_code_fwd")(z, cb, True, 1e-12, "auto")[0],
+                         lambda: kernels.nearest_code(z, cb).z_q, (z,)),
     }
     for name, (ours, eager, inputs) in cases.items():
         ref = eager()

@@ -97,7 +97,7 @@ def test_every_triton_launcher_is_device_guarded():
 
     modules = ["kernels.masked.masked_token_scatter_triton", "kernels.masked.triton_gather", "kernels.masked.triton_ce",
                "kernels.attn.attention_triton", "kernels.attn.window_attention_triton",
-               "kernels.codebook.triton_kernels",
+               "kernels.codebook.nearest_code_triton", "kernels.codebook.ema_codebook_update_triton",
                "kernels.sparse_conv.triton_kernels", "kernels.sparse_conv.triton_bn"]
     checked = 0
     for module in modules:

@@ -35,12 +35,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kernels._checks import acc_dtype
+
 DEFAULT_CHUNK_ELEMS = 1 << 24
-
-
-def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
-    return torch.float64 if torch.float64 in dtypes else torch.float32
-
 
 SAFE_MAX = 2.0**32
 """Rows (l2n) or inputs (L2 lookup) whose largest magnitude exceeds this are rescaled before squaring."""
@@ -92,7 +89,7 @@ def prepare_codebook(codebook: torch.Tensor, normalize: bool, eps: float, dtype:
 
 def nearest_code_scores_reference(z2d, codebook, normalize=True, eps=1e-12, chunk_elems=DEFAULT_CHUNK_ELEMS):
     """Indices, chosen codebook rows (as used: normalised when ``normalize``) and best score; no autograd."""
-    cdt = compute_dtype(z2d.dtype, codebook.dtype)
+    cdt = acc_dtype(z2d.dtype, codebook.dtype)
     cb = prepare_codebook(codebook, normalize, eps, cdt)
     M, K = z2d.shape[0], cb.shape[0]
     idx = torch.empty(M, dtype=torch.int64, device=z2d.device)
@@ -125,11 +122,16 @@ def nearest_code_reference(z2d, codebook, normalize=True, eps=1e-12, chunk_elems
     """
     out_dtype = torch.promote_types(z2d.dtype, codebook.dtype)
     idx, zq, best = nearest_code_scores_reference(z2d, codebook, normalize, eps, chunk_elems)
-    zx = z2d.to(out_dtype)
+    return idx, straight_through_reference(z2d, zq.to(out_dtype), normalize, eps), best.to(acc_dtype(out_dtype))
+
+
+def straight_through_reference(z2d, zq, normalize=True, eps=1e-12):
+    """``zq`` (the chosen rows, in the output dtype) with the gradient of ``z_n = l2n(z)`` (``z`` when not
+    normalising): the same gradient as ``z_n + (zq - z_n).detach()``, but the value is bit-exactly ``zq``
+    (``z_n - z_n.detach() == 0``). The codebook plays no part in it, so the backward needs only ``z``."""
+    zx = z2d.to(zq.dtype)
     z_n = l2n(zx, eps) if normalize else zx
-    # same gradient as z_n + (z_q - z_n).detach(), but the value is bit-exactly z_q (z_n - z_n.detach() == 0)
-    z_q_st = zq.to(out_dtype) + (z_n - z_n.detach())
-    return idx, z_q_st, best.to(compute_dtype(out_dtype))
+    return zq + (z_n - z_n.detach())
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -158,7 +160,7 @@ def ema_finalize_reference(
     codebook, cluster_size, counts, sums, decay, eps, normalize, steps_since_used=None
 ):
     """In-place: cluster_size EMA on every code; norm-EMA of the codebook rows of used codes only."""
-    cdt = compute_dtype(codebook.dtype, sums.dtype)
+    cdt = acc_dtype(codebook.dtype, sums.dtype)
     used = counts > 0
     cluster_size.mul_(decay).add_(counts.to(cluster_size.dtype), alpha=1.0 - decay)
     mean = sums.to(cdt) / counts.to(cdt).clamp_min(1.0)[:, None]

@@ -22,10 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels._checks import check_int, check_real
 from kernels.codebook import reference as ref
-from kernels.codebook.ema import ema_codebook_update
-from kernels.codebook.function import commitment_loss, nearest_code
-from kernels.codebook.kmeans import kmeans_init_codebook
+from kernels.codebook.commitment_loss import commitment_loss
+from kernels.codebook.ema_codebook_update import ema_codebook_update
+from kernels.codebook.kmeans_init_codebook import kmeans_init_codebook
+from kernels.codebook.nearest_code import PRECISIONS, nearest_code
 
 
 class VectorQuantizer(nn.Module):
@@ -52,8 +54,6 @@ class VectorQuantizer(nn.Module):
         process_group=None,
     ):
         super().__init__()
-        from kernels.codebook.function import PRECISIONS, check_int, check_real
-
         check_int("num_codes", num_codes, 1)
         check_int("dim", dim, 1)
         check_real("decay", decay, 0.0, 1.0)

@@ -1,6 +1,15 @@
-"""Triton kernels for the VQ-KD codebook: fused nearest-code lookup (fwd/bwd) and the EMA update.
+"""Triton kernels and launchers of nearest_code (imported by its triton backend only).
 
-Imported lazily by the triton backend functions only.
+Forward, one launch over row tiles of z, streaming the codebook in tiles (no [M, K] scores)::
+
+    x_m = l2n(z_m) (cosine) or z_m (L2)
+    i_m = argmax_k <x_m, c_k>  or  2 <x_m, c_k> - ||c_k||^2        (lowest k on ties)
+    z_q[m] = c[i_m];   sim[m] = the score of i_m recomputed in the accumulation dtype
+
+Backward, one launch over row tiles: the straight-through gradient through ``l2n``
+(``dz = g / n - z <z, g> / n^3``, ``g / eps`` for rows with ``n <= eps``).
+
+:func:`l2n_rows` is shared with the EMA kernels (``ema_codebook_update_triton.py``).
 """
 
 from __future__ import annotations
@@ -9,17 +18,15 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._backend import launches_on_input_device
-
-
-def _interpreting() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+from kernels import _buffers
+from kernels._backend import interpreter_enabled, launches_on_input_device
+from kernels._checks import acc_dtype
+from kernels._triton_common import tl_acc_dtype
+from kernels.codebook import reference as ref
 
 
 @triton.jit
-def _l2n_rows(x, eps):
+def l2n_rows(x, eps):
     """Row-wise ``x / max(||x||, eps)`` without overflow of ``||x||^2``: a row whose largest magnitude exceeds
     2**32 is divided by it first (the result is scale invariant and such a row's norm is far above eps);
     other rows are computed exactly as ``x / max(sqrt(sum x^2), eps)``."""
@@ -63,7 +70,7 @@ def _nearest_code_fwd_kernel(
     loads along K); ``CB_OUT [K, D]`` the rows in the output dtype (rounded once by torch, so z_q is
     bit-exact on every platform); ``CB_SQ [K] = ||c_k||^2``.
 
-        x_m = z_m / max(||z_m||, eps)   (NORMALIZE, overflow-safe: _l2n_rows)   else  x_m = z_m
+        x_m = z_m / max(||z_m||, eps)   (NORMALIZE, overflow-safe: l2n_rows)   else  x_m = z_m
         s_mk = <x_m, c_k>               (NORMALIZE)   else  s_mk = 2 <x_m, c_k> - ||c_k||^2
         i_m  = argmax_k s_mk     element-wise running max over the tiles (a later tile replaces a
                                  position only if strictly greater), then the lowest index among the
@@ -85,7 +92,7 @@ def _nearest_code_fwd_kernel(
     z_ptrs = Z + rows[:, None].to(tl.int64) * stride_zm + offs_d[None, :] * stride_zd
     x = tl.load(z_ptrs, mask=zmask, other=0.0).to(acc_ty)
     if NORMALIZE:
-        x = _l2n_rows(x, eps)
+        x = l2n_rows(x, eps)
     xd = x.to(CB_DOT.dtype.element_ty)
     if DOT_UPCAST:  # interpreter: its bf16 tl.dot is wrong; exact emulation (rounded operands, fp32 products)
         xd = xd.to(tl.float32)
@@ -145,7 +152,7 @@ def _nearest_code_bwd_kernel(
     stride_gm,
     stride_gd,
     eps,
-    ACC_FP64: tl.constexpr,
+    ACC: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -162,7 +169,7 @@ def _nearest_code_bwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mask = (rows < M)[:, None] & (offs_d < D)[None, :]
     r64 = rows[:, None].to(tl.int64)
-    acc_ty = tl.float64 if ACC_FP64 else tl.float32
+    acc_ty = ACC
     z = tl.load(Z + r64 * stride_zm + offs_d[None, :] * stride_zd, mask=mask, other=0.0).to(acc_ty)
     g = tl.load(G + r64 * stride_gm + offs_d[None, :] * stride_gd, mask=mask, other=0.0).to(acc_ty)
     amax = tl.max(tl.abs(z), axis=1)
@@ -205,10 +212,8 @@ _nearest_code_fwd_tuned = triton.autotune(configs=_lookup_configs(), key=["D", "
 
 
 @launches_on_input_device
-def nearest_code_forward(z2d, cb, cb_dot, cb_sq, normalize, eps, input_precision, out_dtype, out=None):
+def nearest_code_forward(z2d, cb, cb_dot, cb_sq, normalize, eps, input_precision, out_dtype):
     """Launch the fused lookup; returns (indices int64 [M], z_q [M, D] out_dtype, similarity [M] cb.dtype).
-
-    ``out`` optionally gives the three output buffers (the tests pass poisoned ones).
 
     L2 (``normalize=False``): ``z`` and the codebook are multiplied by one power of two ``t``
     (``reference.l2_scale``: 1 unless a magnitude exceeds 2**32) so that neither ``2 <z, c>`` nor ``||c||^2``
@@ -216,8 +221,6 @@ def nearest_code_forward(z2d, cb, cb_dot, cb_sq, normalize, eps, input_precision
     scaled codebook, ``z_q`` is read from the unscaled rows and the similarity is scaled back by ``1 / t^2``
     in float64 afterwards.
     """
-    from kernels.codebook import reference as ref
-
     M, D = z2d.shape
     K = cb.shape[0]
     dev = z2d.device
@@ -231,16 +234,11 @@ def nearest_code_forward(z2d, cb, cb_dot, cb_sq, normalize, eps, input_precision
         cb_dot = scaled if cb_dot is cb else scaled.to(cb_dot.dtype)
         cb = scaled
         cb_sq = (cb * cb).sum(-1)
-    if out is None:
-        idx = torch.empty(M, dtype=torch.int64, device=dev)
-        zq = torch.empty(M, D, dtype=out_dtype, device=dev)
-        sim = torch.empty(M, dtype=cb.dtype, device=dev)
-    else:
-        idx, zq, sim = out
-    assert cb.is_contiguous() and zq.stride(1) == 1
+    idx = _buffers.empty((M,), torch.int64, dev)
+    zq = _buffers.empty((M, D), out_dtype, dev)
+    sim = _buffers.empty((M,), cb.dtype, dev)
+    assert cb.is_contiguous()
     cb_dot_t = cb_dot.t().contiguous()  # [D, K]
-    if zq.dtype != cb_out.dtype:
-        cb_out = cb_out.to(zq.dtype)
     args = (
         z2d,
         cb,
@@ -261,11 +259,11 @@ def nearest_code_forward(z2d, cb, cb_dot, cb_sq, normalize, eps, input_precision
         "K": K,
         "NORMALIZE": bool(normalize),
         "INPUT_PRECISION": input_precision,
-        "DOT_UPCAST": _interpreting() and cb_dot.dtype == torch.bfloat16,
+        "DOT_UPCAST": interpreter_enabled() and cb_dot.dtype == torch.bfloat16,
         "SEPARATE_OUT": cb_out is not cb,
         "BLOCK_D": max(16, triton.next_power_of_2(D)),
     }
-    if _interpreting() or z2d.device.type != "cuda":
+    if interpreter_enabled() or z2d.device.type != "cuda":
         _nearest_code_fwd_kernel[(triton.cdiv(M, 64),)](*args, BLOCK_M=64, BLOCK_K=128, **meta)
     else:
         _nearest_code_fwd_tuned[lambda m: (triton.cdiv(M, m["BLOCK_M"]),)](*args, **meta)
@@ -275,180 +273,20 @@ def nearest_code_forward(z2d, cb, cb_dot, cb_sq, normalize, eps, input_precision
 
 
 @launches_on_input_device
-def nearest_code_backward(z2d, g, eps, out=None):
+def nearest_code_backward(z2d, g, eps):
     """Gradient w.r.t. z (z's dtype, contiguous) of the straight-through output, given its grad ``g``."""
     M, D = z2d.shape
-    gz = torch.empty(M, D, dtype=z2d.dtype, device=z2d.device) if out is None else out
-    assert gz.is_contiguous()
-    block_d = triton.next_power_of_2(D)
-    block_m = max(1, min(128, 4096 // block_d))
+    gz = _buffers.empty((M, D), z2d.dtype, z2d.device)
+    block_m, block_d = row_tiles(D)
     _nearest_code_bwd_kernel[(triton.cdiv(M, block_m),)](
-        z2d,
-        g,
-        gz,
-        M,
-        D,
-        z2d.stride(0),
-        z2d.stride(1),
-        g.stride(0),
-        g.stride(1),
-        eps,
-        ACC_FP64=z2d.dtype == torch.float64 or g.dtype == torch.float64,
-        BLOCK_M=block_m,
-        BLOCK_D=block_d,
-        num_warps=4,
+        z2d, g, gz, M, D, z2d.stride(0), z2d.stride(1), g.stride(0), g.stride(1), eps,
+        ACC=tl_acc_dtype(acc_dtype(z2d.dtype, g.dtype)), BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4,
     )
     return gz
 
 
-# ----------------------------------------------------------------------------------------------------------
-# EMA update
-
-
-@triton.jit
-def _ema_scatter_kernel(
-    Z,
-    IDX,
-    SUMS,
-    COUNTS,
-    M,
-    D,
-    K,
-    stride_zm,
-    stride_zd,
-    eps,
-    NORMALIZE: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    """Scatter-add of assigned rows (no one-hot):  COUNTS[i_m] += 1,  SUMS[i_m, :] += x_m,
-    with ``x_m = z_m / max(||z_m||, eps)`` (overflow-safe) when NORMALIZE else ``z_m``; rows holding a NaN
-    or inf, and rows whose index is outside [0, K), are skipped (neither counted nor added, never written
-    out of bounds).
-    Atomic adds: the fp32 rounding of the sums depends on the order of arrival.
-    """
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    rmask = rows < M
-    mask = rmask[:, None] & (offs_d < D)[None, :]
-    acc_ty = SUMS.dtype.element_ty
-    x = tl.load(
-        Z + rows[:, None].to(tl.int64) * stride_zm + offs_d[None, :] * stride_zd, mask=mask, other=0.0
-    ).to(acc_ty)
-    finite = (x == x) & (tl.abs(x) != float("inf"))
-    k = tl.load(IDX + rows, mask=rmask, other=0)
-    ok = rmask & (tl.sum(tl.where(finite, 0, 1), axis=1) == 0) & (k >= 0) & (k < K)
-    x = tl.where(ok[:, None], x, 0.0)
-    if NORMALIZE:
-        x = _l2n_rows(x, eps)
-    tl.atomic_add(SUMS + k[:, None] * D + offs_d[None, :], x, mask=mask & ok[:, None], sem="relaxed")
-    ones = tl.full([BLOCK_M], 1.0, acc_ty)
-    tl.atomic_add(COUNTS + k, ones, mask=ok, sem="relaxed")
-
-
-@triton.jit
-def _ema_finalize_kernel(
-    CODEBOOK,
-    CLUSTER,
-    COUNTS,
-    SUMS,
-    STEPS,
-    K,
-    D,
-    decay: tl.float64,
-    one_minus_decay: tl.float64,
-    eps: tl.float64,
-    NORMALIZE: tl.constexpr,
-    HAS_STEPS: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    """Per code k (n = COUNTS[k], S = SUMS[k]):
-
-        CLUSTER[k] <- decay * CLUSTER[k] + (1 - decay) * n
-        n > 0:  mu = S / n;  CODEBOOK[k] <- l2n(decay * c + (1 - decay) * l2n(mu))   (NORMALIZE)
-                             CODEBOOK[k] <- decay * c + (1 - decay) * mu             (otherwise)
-        n = 0:  CODEBOOK[k] untouched;   STEPS[k] <- 0 if n > 0 else STEPS[k] + 1
-    with l2n(v) = v / max(||v||, eps), computed in fp32 (fp64 for fp64 state). The scalars arrive as fp64
-    (Triton would round a Python float argument to fp32) and are rounded to the state's precision here, as
-    torch does with a Python scalar; ``1 - decay`` is computed on the host in double precision.
-    """
-    pid = tl.program_id(0)
-    codes = pid * BLOCK_K + tl.arange(0, BLOCK_K)
-    offs_d = tl.arange(0, BLOCK_D)
-    kmask = codes < K
-    mask = kmask[:, None] & (offs_d < D)[None, :]
-    acc_ty = SUMS.dtype.element_ty
-    dec = tl.full([], decay, tl.float64).to(acc_ty)
-    omd = tl.full([], one_minus_decay, tl.float64).to(acc_ty)
-    eps_acc = tl.full([], eps, tl.float64).to(acc_ty)
-    n = tl.load(COUNTS + codes, mask=kmask, other=0.0).to(acc_ty)
-    cl = tl.load(CLUSTER + codes, mask=kmask, other=0.0)
-    tl.store(CLUSTER + codes, (dec * cl.to(acc_ty) + omd * n).to(cl.dtype), mask=kmask)
-    used = n > 0
-    ptrs = codes[:, None].to(tl.int64) * D + offs_d[None, :]
-    s = tl.load(SUMS + ptrs, mask=mask, other=0.0).to(acc_ty)
-    c_raw = tl.load(CODEBOOK + ptrs, mask=mask, other=0.0)
-    c = c_raw.to(acc_ty)
-    mu = s / tl.maximum(n, 1.0)[:, None]
-    if NORMALIZE:
-        mu = _l2n_rows(mu, eps_acc)
-        new = dec * c + omd * mu
-        new = _l2n_rows(new, eps_acc)
-    else:
-        new = dec * c + omd * mu
-    tl.store(CODEBOOK + ptrs, new.to(c_raw.dtype), mask=mask & used[:, None])
-    if HAS_STEPS:
-        st = tl.load(STEPS + codes, mask=kmask, other=0)
-        tl.store(STEPS + codes, tl.where(used, 0, st + 1), mask=kmask)
-
-
-@launches_on_input_device
-def ema_scatter(z2d, indices, sums, counts, normalize, eps):
-    """SUMS/COUNTS must be zeroed by the caller; accumulates in their dtype (fp32/fp64)."""
-    M, D = z2d.shape
-    if M == 0:
-        return
+def row_tiles(D: int) -> tuple[int, int]:
+    """(rows per program, BLOCK_D) of the row-wise kernels (this backward, the EMA scatter and finalize):
+    whole rows padded to a power of two, at most 4096 elements (and 128 rows) per tile."""
     block_d = triton.next_power_of_2(D)
-    block_m = max(1, min(128, 4096 // block_d))
-    _ema_scatter_kernel[(triton.cdiv(M, block_m),)](
-        z2d,
-        indices,
-        sums,
-        counts,
-        M,
-        D,
-        sums.shape[0],
-        z2d.stride(0),
-        z2d.stride(1),
-        eps,
-        NORMALIZE=bool(normalize),
-        BLOCK_M=block_m,
-        BLOCK_D=block_d,
-        num_warps=4,
-    )
-
-
-@launches_on_input_device
-def ema_finalize(codebook, cluster_size, counts, sums, decay, eps, normalize, steps):
-    K, D = codebook.shape
-    block_d = triton.next_power_of_2(D)
-    block_k = max(1, min(128, 4096 // block_d))
-    _ema_finalize_kernel[(triton.cdiv(K, block_k),)](
-        codebook,
-        cluster_size,
-        counts,
-        sums,
-        steps if steps is not None else counts,
-        K,
-        D,
-        float(decay),
-        1.0 - float(decay),
-        float(eps),
-        NORMALIZE=bool(normalize),
-        HAS_STEPS=steps is not None,
-        BLOCK_K=block_k,
-        BLOCK_D=block_d,
-        num_warps=4,
-    )
+    return max(1, min(128, 4096 // block_d)), block_d

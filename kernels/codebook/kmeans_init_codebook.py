@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import torch
 
+from kernels._checks import FLOAT_DTYPES, acc_dtype, check_finite_tensor, check_int, check_tensor
 from kernels.codebook import reference as ref
-from kernels.codebook.function import check_finite_tensor, check_int, check_tensor, nearest_code
+from kernels.codebook.nearest_code import nearest_code
 
 
 @torch.no_grad()
@@ -28,7 +29,7 @@ def kmeans_init_codebook(
     returns ``(codebook, counts)``, the cluster sizes of the last assignment (BEiT v2 seeds ``cluster_size``
     with them).
     """
-    check_tensor("z", z)
+    check_tensor("z", z, dtypes=FLOAT_DTYPES)
     if z.dim() < 1 or z.shape[-1] < 1:
         raise ValueError(f"z must have shape [..., d] with d >= 1, got {tuple(z.shape)}")
     if not isinstance(num_codes, int) or isinstance(num_codes, bool) or num_codes < 1:
@@ -46,7 +47,7 @@ def kmeans_init_codebook(
     if M == 0:
         raise ValueError("z is empty: k-means needs at least one vector")
     check_finite_tensor("z", x)
-    cdt = ref.compute_dtype(x.dtype)
+    cdt = acc_dtype(x.dtype)
     x = x.to(cdt)
     if normalize:
         x = ref.l2n(x, eps)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from kernels._checks import check_tensor
 from kernels.codebook import reference as ref
 
 
@@ -20,14 +21,14 @@ def codebook_usage(
     ``check_range`` (default True) raises if an index is outside ``[0, num_codes)`` (one host sync; skipped on
     meta tensors, which have no values).
     """
-    if not isinstance(indices, torch.Tensor):
-        raise TypeError(f"indices must be a torch.Tensor, got {type(indices).__name__}")
+    check_tensor("indices", indices)
     if indices.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
         raise TypeError(f"indices must be an integer tensor (int64 expected), got {indices.dtype!s}")
     if not isinstance(num_codes, int) or isinstance(num_codes, bool) or num_codes < 1:
         raise ValueError(f"num_codes must be a positive int, got {num_codes!r}")
     flat = indices.reshape(-1).long()
-    if check_range and flat.numel() and flat.device.type != "meta" and bool(((flat < 0) | (flat >= num_codes)).any()):
+    checkable = check_range and flat.numel() and flat.device.type != "meta"
+    if checkable and bool(((flat < 0) | (flat >= num_codes)).any()):
         raise ValueError(
             f"indices must lie in [0, num_codes={num_codes}), got values in "
             f"[{int(flat.min())}, {int(flat.max())}]"

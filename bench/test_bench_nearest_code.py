@@ -1,24 +1,22 @@
-"""VQ-KD codebook: nearest-code lookup and EMA update, ours vs the public anchors.
+"""VQ-KD nearest-code lookup, ours vs the public anchors (the EMA update: test_bench_ema_codebook_update.py).
 
 GPU shape: BEiT v2 tokenizer batch, M = 256 * 196 = 50,176 vectors, K = 8192 codes, d = 32 (tiny under the GPU
 plan's dry run; ``ours`` is the Triton path there, the interpreter).
 CPU shape: M = 4,099, K = 1,000, d = 32 (our CPU path is the chunked reference; Triton is GPU-only here).
 
-Lookup providers: ``ours`` (fused Triton kernel on CUDA, no [M, K] scores; float32 -> IEEE fp32 GEMM,
+Providers: ``ours`` (fused Triton kernel on CUDA, no [M, K] scores; float32 -> IEEE fp32 GEMM,
 bfloat16 z -> bf16 operands), ``reference`` = the unilm norm_ema_quantizer way (full [M, K] fp32 distance
 matrix + argmin + gather), ``compile`` (``torch.compile`` of that anchor; CUDA only), ``faiss`` (exact
 inner-product search): on CUDA only faiss-gpu on the torch CUDA tensors (no host copies) makes a row, so a
 machine without faiss-gpu reports the skip and its reason instead of a CPU-faiss time.
-EMA providers: ``ours`` (scatter-add + fused finalize), ``reference`` = unilm's one-hot [M, K] matrix + dense
-GEMM, ``compile`` (``torch.compile`` of it; CUDA only), ``torch-index_add`` (our pure-PyTorch path).
+``ours-bf16ops``: float32 z with ``precision="bf16"`` (bf16 GEMM operands, fp32 accumulation, exact fp32
+similarity of the pick).
 
-flops: lookup 2*M*K*d (score GEMM); EMA: the minimal arithmetic 4*M*d + 12*K*d (normalise + scatter,
-finalize),
-with the anchor's one-hot GEMM work 2*M*K*d in extra_info (anchor_flops). ``ours-bf16ops``: float32 z with
-``precision="bf16"`` (bf16 GEMM operands, fp32 accumulation, exact fp32 similarity of the pick).
-bytes_moved: the minimal traffic: z, codebook, indices, z_q, similarity (lookup); z, indices, codebook read +
-written, sums, counts (EMA). extra_info ``peak_memory_bytes`` (CUDA: bytes above the inputs) for every
-provider.
+flops: 2*M*K*d (score GEMM). bytes_moved: the minimal traffic: z, codebook, indices, z_q, similarity.
+extra_info ``peak_memory_bytes`` (CUDA: bytes above the inputs) for every provider.
+
+The shapes and helpers below (``codebook_inputs``, ``compiled_anchor``, ``on_triton``, ...) are shared with the
+EMA bench.
 """
 
 import importlib.util
@@ -28,8 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.conftest import COMPILE, DRY_RUN, GPU, peak_memory, sized
-from kernels import ema_codebook_update, nearest_code, use_backend
-from kernels.codebook import reference as ref
+from kernels import nearest_code, use_backend
 
 GPU_SHAPE = sized((50_176, 8192, 32), (300, 96, 32))
 CPU = (4_099, 1_000, 32)
@@ -45,21 +42,7 @@ def _unilm_lookup(z, codebook):
     return idx, cb[idx]
 
 
-def _unilm_ema(codebook, cluster_size, z, indices, decay=0.99):
-    """Anchor: one-hot [M, K] matrix, dense GEMM for the sums, then norm-EMA (fp32)."""
-    K = codebook.shape[0]
-    onehot = F.one_hot(indices, K).float()
-    bins = onehot.sum(0)
-    cluster_size.mul_(decay).add_(bins, alpha=1 - decay)
-    zero = bins == 0
-    embed_sum = F.normalize(z.float(), dim=-1).t() @ onehot
-    mean = F.normalize((embed_sum / bins.masked_fill(zero, 1.0)[None]).t(), dim=-1)
-    mean = torch.where(zero[:, None], codebook, mean)
-    codebook.mul_(decay).add_(mean, alpha=1 - decay)
-    codebook.copy_(F.normalize(codebook, dim=-1))
-
-
-def _compiled(fn, dev, *args):
+def compiled_anchor(fn, dev, *args):
     """``torch.compile`` of an anchor, warmed up; CUDA only (compiling on a 2-core CPU takes minutes), skipped
     with the compiler's error if it fails."""
     if dev != "cuda" or DRY_RUN:
@@ -72,31 +55,39 @@ def _compiled(fn, dev, *args):
     return lambda: compiled(*args)
 
 
-def _inputs(M, K, d, dtype, device):
+def codebook_inputs(M, K, d, dtype, device):
     g = torch.Generator(device="cpu").manual_seed(0)
     codebook = F.normalize(torch.randn(K, d, generator=g), dim=-1).to(device)
     z = torch.randn(M, d, generator=g).to(device=device, dtype=dtype)
     return z, codebook
 
 
-_GPU_MARKS = [pytest.mark.cuda, pytest.mark.headline]
+def bench_provider(bench, provider, ours, anchor, compile_anchor, device, common):
+    """The providers both codebook benches have: ``ours`` (timed against the anchor), the ``reference`` anchor
+    and its ``compile`` (built by ``compile_anchor()``, which skips off CUDA)."""
+    fn = {"ours": ours, "reference": anchor}.get(provider) or compile_anchor()
+    against = {"reference": anchor} if provider == "ours" else {}
+    bench(fn, provider=provider, **against, peak_memory_bytes=peak_memory(fn, device), **common)
+
+
+GPU_MARKS = [pytest.mark.cuda, pytest.mark.headline]
 
 
 def _lookup_cases():
     return [
-        pytest.param(GPU_SHAPE, "float32", GPU_DEV, marks=_GPU_MARKS, id="gpu-fp32"),
-        pytest.param(GPU_SHAPE, "bfloat16", GPU_DEV, marks=_GPU_MARKS, id="gpu-bf16"),
+        pytest.param(GPU_SHAPE, "float32", GPU_DEV, marks=GPU_MARKS, id="gpu-fp32"),
+        pytest.param(GPU_SHAPE, "bfloat16", GPU_DEV, marks=GPU_MARKS, id="gpu-bf16"),
         pytest.param(CPU, "float32", "cpu", id="cpu-fp32"),
     ]
 
 
-def _gpu_case(shape) -> bool:
+def gpu_case(shape) -> bool:
     return shape == GPU_SHAPE and (DRY_RUN or GPU.type == "cuda")
 
 
-def _triton(fn, shape):
+def on_triton(fn, shape):
     """On the GPU cases ``ours`` is the Triton path (CUDA's default; forced for the interpreter under the dry run)."""
-    if not _gpu_case(shape):
+    if not gpu_case(shape):
         return fn
 
     def run():
@@ -112,7 +103,7 @@ def test_bench_nearest_code(bench, shape, dtype, dev, provider):
     M, K, d = shape
     dtype = getattr(torch, dtype)  # parametrised by name: pytest-benchmark stores params as JSON
     device = torch.device(dev)
-    z, codebook = _inputs(M, K, d, dtype, device)
+    z, codebook = codebook_inputs(M, K, d, dtype, device)
     es = z.element_size()
     common = {
         "kernel": "nearest_code",
@@ -123,16 +114,16 @@ def test_bench_nearest_code(bench, shape, dtype, dev, provider):
         "bytes_moved": M * d * es + K * d * 4 + M * (8 + 4 + d * 4),
     }
 
-    ours = _triton(lambda: nearest_code(z, codebook, check_finite=False), shape)
+    ours = on_triton(lambda: nearest_code(z, codebook, check_finite=False), shape)
 
     def anchor():
         return _unilm_lookup(z, codebook)
 
     if provider == "ours-bf16ops":
-        if dtype != torch.float32 or not _gpu_case(shape):
+        if dtype != torch.float32 or not gpu_case(shape):
             pytest.skip("bf16 operands for float32 inputs: a CUDA-only variant")
         bench(
-            _triton(lambda: nearest_code(z, codebook, check_finite=False, precision="bf16"), shape),
+            on_triton(lambda: nearest_code(z, codebook, check_finite=False, precision="bf16"), shape),
             provider="ours-bf16ops",
             **common,
         )
@@ -144,19 +135,10 @@ def test_bench_nearest_code(bench, shape, dtype, dev, provider):
         zn = F.normalize(z.float(), dim=-1)
         gap = (zn * codebook[want]).sum(-1) - (zn * codebook[got]).sum(-1)
         assert gap.max().item() < (2e-2 if dtype == torch.bfloat16 else 1e-4)
-        bench(
-            ours,
-            provider="ours",
-            reference=anchor,
-            peak_memory_bytes=peak_memory(ours, device),
-            **common,
-        )
-    elif provider == "reference":
-        bench(anchor, provider="reference", peak_memory_bytes=peak_memory(anchor, device), **common)
-    elif provider == "compile":
-        fn = _compiled(_unilm_lookup, dev, z, codebook)
-        bench(fn, provider="compile", peak_memory_bytes=peak_memory(fn, device), **common)
-    else:
+    if provider in ("ours", "reference", "compile"):
+        bench_provider(bench, provider, ours, anchor, lambda: compiled_anchor(_unilm_lookup, dev, z, codebook),
+                       device, common)
+    elif provider == "faiss":
         if importlib.util.find_spec("faiss") is None:
             pytest.skip("faiss is not installed (no faiss row)")
         import faiss
@@ -180,60 +162,3 @@ def test_bench_nearest_code(bench, shape, dtype, dev, provider):
             search = lambda: index.search(zn, 1)  # noqa: E731
             note = "faiss CPU IndexFlatIP on numpy arrays (normalised once, outside the timed call)"
         bench(search, provider="faiss", note=note, **common)
-
-
-def _ema_cases():
-    return [
-        pytest.param(GPU_SHAPE, GPU_DEV, marks=_GPU_MARKS, id="gpu"),
-        pytest.param(CPU, "cpu", id="cpu"),
-    ]
-
-
-@pytest.mark.parametrize("shape,dev", _ema_cases())
-@pytest.mark.parametrize("provider", ["ours", "reference", COMPILE, "torch-index_add"])
-def test_bench_ema_update(bench, shape, dev, provider):
-    M, K, d = shape
-    device = torch.device(dev)
-    z, codebook = _inputs(M, K, d, torch.float32, device)
-    z = F.normalize(z, dim=-1)
-    indices = torch.randint(0, K, (M,), device=device)
-    cluster, embed_sum = torch.zeros(K, device=device), torch.zeros(K, d, device=device)
-    common = {
-        "kernel": "codebook_ema_update",
-        "shape": f"M{M} K{K} d{d}",
-        "dtype": torch.float32,
-        "device": device,
-        "flops": 4 * M * d + 12 * K * d,
-        "anchor_flops": 2 * M * K * d,
-        "bytes_moved": M * d * 4 + M * 8 + 4 * K * d * 4 + 3 * K * 4,
-    }
-    cb_anchor, cl_anchor = codebook.clone(), cluster.clone()
-
-    def anchor():
-        _unilm_ema(cb_anchor, cl_anchor, z, indices)
-
-    ours = _triton(lambda: ema_codebook_update(codebook, cluster, embed_sum, z, indices, check_inputs=False), shape)
-
-    if provider == "ours":
-        bench(
-            ours,
-            provider="ours",
-            reference=anchor,
-            peak_memory_bytes=peak_memory(ours, device),
-            **common,
-        )
-    elif provider == "reference":
-        bench(anchor, provider="reference", peak_memory_bytes=peak_memory(anchor, device), **common)
-    elif provider == "compile":
-        fn = _compiled(_unilm_ema, dev, cb_anchor, cl_anchor, z, indices)
-        bench(fn, provider="compile", peak_memory_bytes=peak_memory(fn, device), **common)
-    else:
-        cb2, cl2 = codebook.clone(), cluster.clone()
-        es2 = torch.zeros_like(embed_sum)
-
-        def index_add():
-            counts, sums = ref.ema_scatter_reference(z, indices, K, True, 1e-5)
-            es2.copy_(sums)
-            ref.ema_finalize_reference(cb2, cl2, counts, es2, 0.99, 1e-5, True)
-
-        bench(index_add, provider="torch-index_add", peak_memory_bytes=peak_memory(index_add, device), **common)

@@ -1,0 +1,240 @@
+"""nearest_code: the fused nearest-code lookup (Triton under the interpreter vs the reference), ties, mixed
+dtypes, straight-through gradients, input checks, the sm_90 AOT compile of the codebook kernels."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TOLERANCES, assert_close, poison
+
+from kernels import nearest_code, use_backend
+from kernels._checks import acc_dtype
+from kernels.codebook import reference as ref
+
+BACKENDS = ["triton", "reference"]
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+# unit roundoff of the score-GEMM operands (the Triton interpreter truncates fp32 -> bf16: one full ulp)
+OPERAND_ROUNDOFF = {
+    torch.float64: 1e-13,
+    torch.float32: 1e-6,
+    torch.bfloat16: 2.0**-7,
+    torch.float16: 2.0**-10,
+}
+
+
+def _lookup_tolerance(x, cb_used, dtype, normalize):
+    """Per-row bound on the score error from rounding both GEMM operands: 2u ||x|| max||c||.
+
+    Doubled for the L2 score (2 <x, c> - ||c||^2)."""
+    u = OPERAND_ROUNDOFF[dtype]
+    bound = 2 * u * x.norm(dim=-1) * cb_used.norm(dim=-1).max()
+    return (bound * (1 if normalize else 2) + TOLERANCES[dtype][0]).to(torch.float64)
+
+
+def _exact_scores(z, codebook, normalize, eps=1e-12):
+    x = z.detach().reshape(-1, z.shape[-1]).to(torch.float64)
+    cb = ref.prepare_codebook(codebook, normalize, eps, torch.float64)
+    if normalize:
+        x = ref.l2n(x, eps)
+        return x, cb, x @ cb.t()
+    return x, cb, 2 * x @ cb.t() - (cb * cb).sum(-1)
+
+
+def _check_lookup(z, codebook, normalize, indices, z_q, sim, dtype):
+    x, cb64, scores = _exact_scores(z, codebook, normalize)
+    flat_idx = indices.reshape(-1)
+    assert flat_idx.dtype == torch.int64 and (flat_idx >= 0).all() and (flat_idx < codebook.shape[0]).all()
+    top2 = scores.topk(min(2, scores.shape[1]), dim=1).values
+    tol = _lookup_tolerance(x, cb64, dtype, normalize)
+    chosen = scores.gather(1, flat_idx[:, None]).squeeze(1)
+    # the chosen code is never worse than the best by more than the rounding bound ...
+    assert (chosen >= top2[:, 0] - tol).all(), (
+        f"chosen similarity below best by {(top2[:, 0] - chosen).max():.3g}"
+    )
+    # ... and where the best is separated from the runner-up by more than that bound, it is the argmax
+    if scores.shape[1] > 1:
+        clear = (top2[:, 0] - top2[:, 1]) > 2 * tol
+        assert clear.float().mean() > 0.5, "test data has too many near-ties to be meaningful"
+        assert torch.equal(flat_idx[clear], scores.argmax(1)[clear])
+    # z_q is exactly the (normalised) codebook row as used by the op, in the promoted dtype
+    out_dtype = torch.promote_types(z.dtype, codebook.dtype)
+    cdt = acc_dtype(out_dtype)
+    cb_used = ref.prepare_codebook(codebook, normalize, 1e-12, cdt)
+    assert z_q.dtype == out_dtype
+    assert torch.equal(z_q.detach().reshape(-1, z.shape[-1]), cb_used[flat_idx].to(out_dtype))
+    # the reported similarity is the exact score of the chosen code (fp32/fp64 accumulation)
+    assert sim.dtype == cdt
+    assert_close(
+        sim.reshape(-1),
+        chosen,
+        dtype=cdt,
+        atol=1e-5 if cdt == torch.float32 else 1e-10,
+        rtol=1e-5 if cdt == torch.float32 else 1e-10,
+        name="similarity",
+    )
+
+
+@pytest.fixture(autouse=True)
+def _poison_outputs(monkeypatch):
+    """Every buffer the Triton launchers allocate starts NaN (or a sentinel), so unwritten elements fail."""
+
+    def alloc(shape, dtype, device):
+        return poison(torch.empty(shape, dtype=dtype, device=device))
+
+    monkeypatch.setattr("kernels._buffers.empty", alloc)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("normalize", [True, False], ids=["cos", "l2"])
+@pytest.mark.parametrize("d", [32, 13])
+def test_lookup_forward_backward_vs_reference(backend, dtype, normalize, d, device):
+    M, K = 777, 1000
+    codebook = torch.randn(K, d, dtype=torch.float64)
+    if normalize:
+        codebook = F.normalize(codebook, dim=-1)
+    codebook = codebook.to(dtype)
+    # 2/3 of the rows near a code (clear winners even in bf16), 1/3 random (many near-ties)
+    base = torch.randn(M, 2 * d, dtype=torch.float64)
+    near = torch.randint(0, K, (2 * M // 3,))
+    base[: near.numel(), ::2] = 2.0 * codebook[near].to(torch.float64) + 0.3 * base[: near.numel(), ::2]
+    codebook = codebook.to(device)
+    z = base.to(device, dtype)[:, ::2]  # non-contiguous rows and columns
+    assert not z.is_contiguous()
+    z = z.detach().requires_grad_(True)
+    zr = z.detach().clone().requires_grad_(True)
+    with use_backend(backend, op="nearest_code"):
+        idx, z_q, sim = nearest_code(z, codebook, normalize)
+    _check_lookup(z, codebook, normalize, idx, z_q, sim, dtype)
+
+    # straight-through gradient: identical to autograd of F.normalize on the reference path
+    g = torch.randn(M, d, dtype=torch.float64).to(device, z_q.dtype)
+    (z_q * g).sum().backward()
+    _, zq_ref, _ = ref.nearest_code_reference(zr, codebook, normalize)
+    (zq_ref * g).sum().backward()
+    assert z.grad.dtype == dtype
+    assert_close(z.grad, zr.grad, dtype=dtype, name="dz")
+    if dtype == torch.float64 and normalize:
+        # and equal to the analytic projection (g - x <x, g>) / ||z|| in float64
+        zz = z.detach()
+        n = zz.norm(dim=-1, keepdim=True)
+        x = zz / n
+        expected = (g - x * (x * g).sum(-1, keepdim=True)) / n
+        assert_close(z.grad, expected, dtype=torch.float64, name="dz analytic")
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("normalize", [True, False], ids=["cos", "l2"])
+def test_triton_launcher_writes_every_output(normalize, device):
+    """Call the launchers directly on NaN/sentinel-poisoned buffers (the autouse fixture): every element must be
+    written."""
+    from kernels.codebook import nearest_code_triton as tk
+
+    M, K, d = 301, 333, 13
+    z = torch.randn(M, d, device=device)
+    cb = ref.prepare_codebook(torch.randn(K, d, device=device), normalize, 1e-12, torch.float32).contiguous()
+    cb_sq = None if normalize else (cb * cb).sum(-1)
+    idx, zq, sim = tk.nearest_code_forward(z, cb, cb, cb_sq, normalize, 1e-12, "ieee", torch.float32)
+    ridx, _, rsim = ref.nearest_code_scores_reference(z, cb, normalize)
+    assert torch.equal(idx, ridx)
+    assert torch.equal(zq, cb[idx])
+    assert_close(sim, rsim, dtype=torch.float32, name="similarity")
+    g = torch.randn(M, d, device=device)
+    gz = tk.nearest_code_backward(z, g, 1e-12)
+    zr = z.clone().requires_grad_(True)
+    F.normalize(zr, dim=-1, eps=1e-12).backward(g)
+    assert_close(gz, zr.grad, dtype=torch.float32, name="dz")
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("normalize", [True, False], ids=["cos", "l2"])
+@pytest.mark.parametrize("K", [300, 256], ids=["ragged_K", "even_K"])
+def test_ties_resolve_to_lowest_index(backend, normalize, K, device):
+    d = 13
+    codebook = F.normalize(torch.randn(K, d), dim=-1)
+    # duplicates of code 7 inside the same 128-wide tile (60) and in later tiles (135 at the same tile
+    # position as 7, 150, K-1)
+    for j in (60, 135, 150, K - 1):
+        codebook[j] = codebook[7]
+    # z points at code 7 (slightly perturbed, still nearest), plus rows equidistant to everything
+    z = torch.cat([3 * codebook[7] + 1e-3 * torch.randn(50, d), codebook[150:151].expand(5, d)]).to(device)
+    codebook = codebook.to(device)
+    with use_backend(backend, op="nearest_code"):
+        idx = nearest_code(z, codebook, normalize).indices
+    assert (idx == 7).all(), idx
+    # an all-identical codebook: every row must pick code 0
+    same = codebook[3:4].expand(K, d).contiguous()
+    with use_backend(backend, op="nearest_code"):
+        idx = nearest_code(torch.randn(40, d, device=device), same, normalize).indices
+    assert (idx == 0).all()
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_leading_dims_mixed_dtypes_and_empty(backend, device):
+    codebook = F.normalize(torch.randn(257, 32), dim=-1)  # fp32 codebook, bf16 activations (autocast case)
+    near = codebook[torch.randint(0, 257, (3, 67))]
+    z = (2 * near + 0.3 * torch.randn(3, 67, 32)).to(device, torch.bfloat16).requires_grad_(True)
+    codebook = codebook.to(device)
+    with use_backend(backend, op="nearest_code"):
+        idx, z_q, sim = nearest_code(z, codebook)
+    assert idx.shape == (3, 67) and z_q.shape == (3, 67, 32) and sim.shape == (3, 67)
+    assert z_q.dtype == torch.float32
+    _check_lookup(z, codebook, True, idx, z_q, sim, torch.bfloat16)
+    z_q.sum().backward()
+    assert z.grad.dtype == torch.bfloat16 and torch.isfinite(z.grad.float()).all()
+    with use_backend(backend, op="nearest_code"):
+        e_idx, e_zq, e_sim = nearest_code(torch.randn(0, 5, 32, device=device), codebook)
+    assert e_idx.shape == (0, 5) and e_zq.shape == (0, 5, 32) and e_sim.shape == (0, 5)
+
+
+def test_cpu_default_is_reference_and_zero_norm_rows():
+    from kernels.codebook.nearest_code import OP, validate
+
+    z = torch.randn(9, 13)
+    z[2] = 0.0  # zero row: F.normalize semantics (x / eps) -> all scores 0 -> lowest index
+    codebook = torch.randn(21, 13)
+    assert OP.select(validate(z, codebook)).backend == "reference"
+    idx, _, sim = nearest_code(z, codebook)
+    assert idx[2] == 0 and sim[2] == 0
+
+
+def test_bad_inputs_raise_clear_errors():
+    cb = torch.randn(10, 8)
+    with pytest.raises(ValueError, match=r"z must have shape \[\.\.\., d\] with d = codebook.shape\[1\] = 8"):
+        nearest_code(torch.randn(4, 7), cb)
+    with pytest.raises(ValueError, match="codebook is empty"):
+        nearest_code(torch.randn(4, 8), torch.randn(0, 8))
+    with pytest.raises(ValueError, match="codebook: expected 2-D tensor"):
+        nearest_code(torch.randn(4, 8), torch.randn(8))
+    with pytest.raises(TypeError, match=r"z: expected dtype in \(float32, bfloat16, float16, float64\), got int64"):
+        nearest_code(torch.ones(4, 8, dtype=torch.int64), cb)
+    with pytest.raises(TypeError, match="codebook: expected a torch.Tensor"):
+        nearest_code(torch.randn(4, 8), [[1.0] * 8])
+    z = torch.randn(4, 8)
+    z[1, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"z contains 1 non-finite value\(s\)"):
+        nearest_code(z, cb)
+    bad_cb = cb.clone()
+    bad_cb[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="codebook contains 1 non-finite"):
+        nearest_code(torch.randn(4, 8), bad_cb)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        nearest_code(torch.randn(4, 8), cb, precision="int8")
+
+
+def test_kernels_compile_for_sm90_without_a_gpu():
+    """Ahead-of-time compile for an H100 target with the JIT's real specialisation, at the BEiT v2 tokenizer
+    shape (M 50176, K 8192, d 32): three of the lookup's autotune configs (bf16, TF32, the spill-free IEEE fp32
+    tile), its backward and the EMA kernels. Catches typing and lowering errors the interpreter cannot see;
+    every autotune config for every precision: ``python -m bench.static_gpu_check --ops codebook``."""
+    from _aot import run_static
+
+    results = run_static("codebook")
+    assert len(results) == 6
+    lookups = {r["case"].split(" config")[0]: r for r in results if r["kernel"] == "_nearest_code_fwd_kernel"}
+    assert lookups["z=bfloat16 dot=bfloat16/ieee cosine"]["found"] == "wgmma"
+    assert lookups["z=float32 dot=float32/tf32 cosine"]["found"] == "wgmma"
+    ieee = lookups["z=float32 dot=float32/ieee cosine"]
+    assert ieee["found"] == "none" and ieee["spill_stores"] == 0  # FMA dots, the tile that does not spill
