@@ -60,7 +60,8 @@ import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 OP_TESTS = ["tests/test_attention.py", "tests/test_nearest_code.py", "tests/test_ema_codebook_update.py",
-            "tests/test_vector_quantizer.py", "tests/test_masked_ops.py",
+            "tests/test_vector_quantizer.py", "tests/test_masked_token_scatter.py",
+            "tests/test_gather_masked.py", "tests/test_masked_cross_entropy.py",
             "tests/test_sparse_conv.py", "tests/test_masked_batch_norm.py"]
 PYTEST = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider"]
 TRAIN = "bench/test_bench_train_step.py"

@@ -53,7 +53,8 @@ SMEM_LIMIT = {80: 166912, 90: 232448}  # max shared memory per block (bytes, opt
 SMS = {80: 108, 90: 132}  # SM counts of A100 / H100 SXM (launchers size some grids by them)
 BF16, FP16, FP32, FP64 = torch.bfloat16, torch.float16, torch.float32, torch.float64
 I64, U8, I32 = torch.int64, torch.uint8, torch.int32
-OPS = ("attention", "window_attention", "codebook", "masked", "sparse_conv", "masked_bn")
+OPS = ("attention", "window_attention", "codebook", "masked_token_scatter", "gather_masked", "masked_cross_entropy",
+       "sparse_conv", "masked_bn")
 
 
 class Ptr:
@@ -303,28 +304,27 @@ def codebook_cases() -> list[Case]:
 
 
 # ------------------------------------------------------------------------------------------------------------
-# masked image modelling (kernels/masked/triton_{scatter,gather,ce}.py)
+# masked image modelling (kernels/masked/{masked_token_scatter,gather_masked,masked_cross_entropy}_triton.py)
 
 MS = "kernels.masked"
+MIM = (256, 196, 768, 75)  # B, N, D, k: BEiT ViT-B/16 pre-training
 
 
-def masked_cases() -> list[Case]:
-    import triton
+def masked_token_scatter_cases() -> list[Case]:
     import triton.language as tl
 
     from kernels.masked import masked_token_scatter_triton as triton_scatter
-    from kernels.masked import triton_ce, triton_gather
 
-    B, N, D, k = 256, 196, 768, 75  # BEiT ViT-B/16 pre-training
+    B, N, D, _k = MIM
     N_out = N + 1
     cases = []
     for dt in (BF16, FP16, FP32):
-        e = torch.tensor([], dtype=dt).element_size()
         name = str(dt)[6:]
         acc = tl.float32
         br, bd = triton_scatter._fwd_blocks(D)
         cases.append(Case(
-            "masked", f"{MS}.masked_token_scatter_triton:_masked_token_scatter_fwd_kernel", f"{name} B{B} N{N} D{D} cls+pos",
+            "masked_token_scatter", f"{MS}.masked_token_scatter_triton:_masked_token_scatter_fwd_kernel",
+            f"{name} B{B} N{N} D{D} cls+pos",
             [Ptr(dt), Ptr(U8), Ptr(FP32), Ptr(FP32), Ptr(FP32), Ptr(dt), B * N_out, N, D, N_out, 0,
              N * D, D, 1, N, 1, D, 1, 1, 1],
             dict(HAS_POS=True, HAS_CLS=True, ACC=acc, BLOCK_R=br, BLOCK_D=bd, num_warps=4), ci=dt == BF16))
@@ -333,31 +333,57 @@ def masked_cases() -> list[Case]:
         splits = max(1, min(B, math.ceil(4 * SMS[90] / tiles)))
         per = math.ceil(B / splits)
         cases.append(Case(
-            "masked", f"{MS}.masked_token_scatter_triton:_masked_token_scatter_bwd_kernel", f"{name} B{B} split {per}",
+            "masked_token_scatter", f"{MS}.masked_token_scatter_triton:_masked_token_scatter_bwd_kernel",
+            f"{name} B{B} split {per}",
             [Ptr(dt), Ptr(U8), Ptr(dt), Ptr(FP32), Ptr(FP32), B, N, D, N_out, N_out * D, D, 1, N, 1],
             dict(B_PER_SPLIT=per, HAS_CLS=True, NEED_X=True, NEED_TOK=True, NEED_COLSUM=True, ACC=acc,
                  BLOCK_N=bn_, BLOCK_D=bd2, num_warps=4), ci=dt == BF16))
-        gbn, gbd = triton_gather._blocks(N, D)
+    return cases
+
+
+def gather_masked_cases() -> list[Case]:
+    from kernels.masked import gather_masked_triton
+
+    B, N, D, k = MIM
+    N_out = N + 1
+    cases = []
+    for dt in (BF16, FP16, FP32):
+        e = torch.tensor([], dtype=dt).element_size()
+        name = str(dt)[6:]
+        gbn, gbd = gather_masked_triton._blocks(N, D)
         for fixed in (True, False):
             off = Ptr(U8) if fixed else Ptr(I64)
             # h = encoder_out[:, 1:] (a strided view one row in), as the trainer passes it
             cases.append(Case(
-                "masked", f"{MS}.triton_gather:_gather_masked_fwd_kernel", f"{name} {'fixed k' if fixed else 'variable'}",
+                "gather_masked", f"{MS}.gather_masked_triton:_gather_masked_fwd_kernel",
+                f"{name} {'fixed k' if fixed else 'variable'}",
                 [Ptr(dt, offset_bytes=D * e), Ptr(U8), off, Ptr(dt), D, N_out * D, D, 1, N, 1],
                 dict(N=N, K=k if fixed else 0, FIXED=fixed, BLOCK_N=gbn, BLOCK_D=gbd, BLOCK_K=16, num_warps=4),
                 ci=dt == BF16 and fixed))
             cases.append(Case(
-                "masked", f"{MS}.triton_gather:_gather_masked_bwd_kernel", f"{name} {'fixed k' if fixed else 'variable'}",
+                "gather_masked", f"{MS}.gather_masked_triton:_gather_masked_bwd_kernel",
+                f"{name} {'fixed k' if fixed else 'variable'}",
                 [Ptr(dt), Ptr(U8), off, Ptr(dt), D, D, 1, N, 1],
                 dict(N=N, K=k if fixed else 0, FIXED=fixed, BLOCK_N=gbn, BLOCK_D=gbd, num_warps=4)))
-        if dt == FP16:
-            continue
+    return cases
+
+
+def masked_cross_entropy_cases() -> list[Case]:
+    import triton
+    import triton.language as tl
+
+    from kernels.masked import masked_cross_entropy_triton as ce
+
+    cases = []
+    for dt in (BF16, FP32):
+        name = str(dt)[6:]
         for V in (8192, 65536):
-            block_v = triton.next_power_of_2(V) if V <= triton_ce.MAX_SINGLE_PASS_V else triton_ce.MULTI_PASS_BLOCK_V
+            block_v = triton.next_power_of_2(V) if V <= ce.MAX_SINGLE_PASS_V else ce.MULTI_PASS_BLOCK_V
             cases.append(Case(
-                "masked", f"{MS}.triton_ce:_masked_ce_fwd_kernel", f"{name} V{V} BLOCK_V {block_v}",
+                "masked_cross_entropy", f"{MS}.masked_cross_entropy_triton:_masked_cross_entropy_fwd_kernel",
+                f"{name} V{V} BLOCK_V {block_v}",
                 [Ptr(dt), Ptr(I64), Ptr(FP32), Ptr(I32), V, -100],
-                dict(V=V, WRITE_GRAD=True, ACC=acc, BLOCK_V=block_v, num_warps=8 if block_v >= 2048 else 4),
+                dict(V=V, WRITE_GRAD=True, ACC=tl.float32, BLOCK_V=block_v, num_warps=8 if block_v >= 2048 else 4),
                 ci=dt == BF16 and V == 8192))
     return cases
 
@@ -469,7 +495,8 @@ def masked_bn_cases() -> list[Case]:
 
 
 BUILDERS = {"attention": attention_cases, "window_attention": window_attention_cases, "codebook": codebook_cases,
-            "masked": masked_cases,
+            "masked_token_scatter": masked_token_scatter_cases, "gather_masked": gather_masked_cases,
+            "masked_cross_entropy": masked_cross_entropy_cases,
             "sparse_conv": sparse_conv_cases, "masked_bn": masked_bn_cases}
 
 

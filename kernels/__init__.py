@@ -26,12 +26,9 @@ from kernels.sparse_conv import (
     sparse_conv2d,
     to_sparse,
 )
-from kernels.masked import (
-    MaskedLMHead,
-    MaskedTokenEmbedding,
-    gather_masked,
-    masked_cross_entropy,
-)
+from kernels.masked import MaskedLMHead, MaskedTokenEmbedding
+from kernels.masked.gather_masked import gather_masked
+from kernels.masked.masked_cross_entropy import masked_cross_entropy
 from kernels.masked.masked_token_scatter import masked_token_scatter
 from kernels.codebook import VectorQuantizer
 from kernels.codebook.codebook_usage import codebook_usage

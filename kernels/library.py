@@ -32,18 +32,19 @@ import torch
 
 from kernels._library import NAMESPACE
 from kernels._library import attention as _attention
-from kernels._library import masked as _masked
 from kernels._library import sparse_conv as _sparse_conv
 from kernels._library import window_attention as _window_attention
 
 attention = _attention.attention
 from kernels.codebook import ema_codebook_update as _ema_codebook_update  # noqa: E402,F401 (its ops)
 from kernels.codebook import nearest_code as _nearest_code  # noqa: E402
+from kernels.masked import gather_masked as _gather_masked  # noqa: E402
+from kernels.masked import masked_cross_entropy as _masked_cross_entropy  # noqa: E402
 from kernels.masked import masked_token_scatter as _masked_token_scatter  # noqa: E402
 
 masked_token_scatter = _masked_token_scatter.masked_token_scatter
-gather_masked = _masked.gather_masked
-masked_cross_entropy = _masked.masked_cross_entropy
+gather_masked = _gather_masked.gather_masked
+masked_cross_entropy = _masked_cross_entropy.masked_cross_entropy
 nearest_code = _nearest_code.nearest_code
 sparse_conv2d = _sparse_conv.sparse_conv2d
 window_attention = _window_attention.window_attention

@@ -369,7 +369,7 @@ def test_masked_token_scatter_and_gather_real_shapes(device, dtype):
 @pytest.mark.parametrize("chunk_rows", [None, 128], ids=["one-chunk", "chunks-of-128"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
 def test_masked_cross_entropy_real_shapes(device, dtype, chunk_rows):
-    from kernels.masked import triton_ce
+    from kernels.masked import masked_cross_entropy_triton as ce_triton
     from kernels.masked.reference import masked_cross_entropy_reference
 
     B, N, D, k, V = (MIM[n] for n in ("B", "N", "D", "k", "V"))
@@ -396,12 +396,12 @@ def test_masked_cross_entropy_real_shapes(device, dtype, chunk_rows):
         assert_like_torch(f"CE {n}", a, lo, e, EPS[dtype])
     if device.type == "cuda" and dtype != torch.float32:
         # grad_W accumulates over chunks with torch.addmm(..., out_dtype=fp32) where torch has it
-        assert triton_ce._OUT_DTYPE_MM is not None
+        assert ce_triton._OUT_DTYPE_MM is not None
 
 
 def test_ce_addmm_out_dtype_path(device):
     """The fp32-accumulating GEMM of grad_W: ``torch.addmm(acc, a, b, out_dtype=fp32)`` (bf16 a, b)."""
-    from kernels.masked import triton_ce
+    from kernels.masked import masked_cross_entropy_triton as ce_triton
 
     if device.type != "cuda":
         pytest.skip("addmm(out_dtype=) is the CUDA path; the dry run has nothing to check here")
@@ -409,13 +409,13 @@ def test_ce_addmm_out_dtype_path(device):
     bm = torch.randn(600, 776, device=device, dtype=torch.bfloat16)
     acc = torch.randn(4096, 776, device=device)
     want = acc.double() + a.double() @ bm.double()
-    old = triton_ce._OUT_DTYPE_MM
-    triton_ce._OUT_DTYPE_MM = None  # probe again
+    old = ce_triton._OUT_DTYPE_MM
+    ce_triton._OUT_DTYPE_MM = None  # probe again
     try:
-        got = triton_ce._accumulate_mm(acc.clone(), a, bm)
-        path = triton_ce._OUT_DTYPE_MM
+        got = ce_triton._accumulate_mm(acc.clone(), a, bm)
+        path = ce_triton._OUT_DTYPE_MM
     finally:
-        triton_ce._OUT_DTYPE_MM = old if old is not None else triton_ce._OUT_DTYPE_MM
+        ce_triton._OUT_DTYPE_MM = old if old is not None else ce_triton._OUT_DTYPE_MM
     assert got.dtype == torch.float32
     err = _max_err(got, want)
     if path is False:
@@ -427,7 +427,7 @@ def test_ce_addmm_out_dtype_path(device):
 
 def test_masked_cross_entropy_multi_pass_softmax(device):
     """V = 65536 > 16384: the kernel walks each row in 4096-wide slices (two passes)."""
-    from kernels.masked.reference import linear_cross_entropy_reference
+    from kernels.masked.reference import masked_cross_entropy_rows_reference
 
     M, D, V = sized((300, 256, 65536), (8, 16, 20000))
     g = torch.Generator(device="cpu").manual_seed(5)
@@ -437,11 +437,11 @@ def test_masked_cross_entropy_multi_pass_softmax(device):
     with use_backend("triton"):
         loss = kernels.masked_cross_entropy(h, w, None, t)
     r64_in = [_f64(h), _f64(w)]
-    r64 = linear_cross_entropy_reference(r64_in[0], r64_in[1], None, t)
+    r64 = masked_cross_entropy_rows_reference(r64_in[0], r64_in[1], None, t)
     assert abs(loss.item() - r64.item()) <= 2e-2 * abs(r64.item())
     got = _grads(loss, [h, w], None)
     want = _grads(r64, r64_in, None)
-    low = _grads(linear_cross_entropy_reference(h, w, None, t), [h, w], None)
+    low = _grads(masked_cross_entropy_rows_reference(h, w, None, t), [h, w], None)
     for n, a, lo, e in zip(("grad_h", "grad_W"), got, low, want):
         assert_like_torch(f"CE V=65536 {n}", a, lo, e, EPS[torch.bfloat16])
 

@@ -14,7 +14,6 @@ from torch._dynamo.testing import CompileCounterWithBackend
 import kernels
 from kernels import library
 from kernels._library import attention as A
-from kernels._library import masked as M
 from kernels._library import sparse_conv as SC
 
 DTYPES = (torch.float32, torch.float64)
@@ -131,18 +130,19 @@ def test_gather_masked_op(dtype, num_masked):
     B, N, D = 3, 7, 5
     h = _leaf(torch.randn(B, N + 1, D, dtype=dtype)[:, 1:])  # skip a cls row: non-contiguous
     mask = _mask_k(B, N, 3) if num_masked else torch.rand(B, N) < 0.5
-    out = library.gather_masked(h, mask, num_masked)
+    args = (h, mask, -1 if num_masked is None else num_masked)
+    out = library.op("gather_masked_fwd")(*args)
     ref = kernels.gather_masked(h, mask, num_masked)
     assert_close(out, ref, dtype=dtype, name="out")
     g = torch.randn_like(out)
     assert_close(_grads(out, [h], g)[0], _grads(ref, [h], g)[0], dtype=dtype, name="gh")
-    torch.library.opcheck(M.gather_masked_fwd, (h, mask, -1 if num_masked is None else num_masked))
+    torch.library.opcheck(library.op("gather_masked_fwd"), args)
 
 
 def test_gather_masked_short_row_gets_nan_and_no_gradient_leak():
     h = _leaf(torch.randn(2, 5, 3, dtype=torch.float64))
     mask = torch.tensor([[1, 1, 0, 0, 0], [1, 0, 0, 0, 0]], dtype=torch.bool)  # row 1 holds 1 < k = 2
-    out = M.gather_masked_fwd(h, mask, 2)
+    out = library.op("gather_masked_fwd")(h, mask, 2)
     assert torch.isnan(out[3]).all() and torch.isfinite(out[:3]).all()
     (gh,) = torch.autograd.grad(out, h, torch.ones_like(out))
     expected = mask.unsqueeze(-1).expand_as(h).to(torch.float64)
@@ -161,21 +161,26 @@ def test_masked_cross_entropy_op(dtype, with_bias, num_masked):
     t = torch.randint(0, V, (B, N))
     t[0, mask[0].nonzero()[0, 0]] = -100  # one ignored masked row
     inputs = [x for x in (h, w, b) if x is not None]
-    loss, acc = library.masked_cross_entropy(h, w, b, t, mask, return_accuracy=True, num_masked=num_masked)
+    fwd = library.op("masked_cross_entropy_fwd")
+    if num_masked is None:  # as when compiled: every row, the unmasked ones ignored (static shapes)
+        h_rows, t_rows = h.reshape(-1, D), torch.where(mask, t, -100).reshape(-1)
+    else:
+        h_rows, t_rows = library.op("gather_masked_fwd")(h, mask, num_masked), t[mask]
+    loss, acc, *_ = fwd(h_rows, w, b, t_rows, -100, dtype, 0, True, True, with_bias)
     rloss, racc = kernels.masked_cross_entropy(h, w, b, t, mask, return_accuracy=True, num_masked=num_masked)
     assert_close(loss, rloss.to(loss.dtype), dtype=dtype, name="loss")
     assert_close(acc, racc.to(acc.dtype), dtype=dtype, name="accuracy")
     _close_all(_grads(loss, inputs, None), _grads(rloss, inputs, None), dtype, ["gh", "gw", "gb"])
     h2 = _leaf(h.detach()[mask])
-    torch.library.opcheck(M.masked_cross_entropy_fwd, (h2, w, b, t[mask], -100, dtype, 0, True, True, with_bias))
-    torch.library.opcheck(M.masked_cross_entropy_fwd, (h2, w, b, t[mask], -100, dtype, 5, True, False, False))
+    torch.library.opcheck(fwd, (h2, w, b, t[mask], -100, dtype, 0, True, True, with_bias))
+    torch.library.opcheck(fwd, (h2, w, b, t[mask], -100, dtype, 5, True, False, False))
 
 
 def test_masked_cross_entropy_op_all_rows_ignored_is_zero():
     h = _leaf(torch.randn(4, 3, dtype=torch.float64))
     w = _leaf(torch.randn(5, 3, dtype=torch.float64))
     t = torch.full((4,), -100)
-    loss = library.masked_cross_entropy(h, w, None, t)
+    loss = library.op("masked_cross_entropy_fwd")(h, w, None, t, -100, torch.float64, 0, True, True, False)[0]
     assert loss.item() == 0.0
     gh, gw = torch.autograd.grad(loss, (h, w))
     assert not gh.any() and not gw.any()

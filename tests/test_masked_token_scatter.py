@@ -2,7 +2,8 @@
 
 import pytest
 import torch
-from conftest import TOLERANCES, assert_close, poison
+from _masked import f64, grads, poison_outputs, triton_backend  # noqa: F401 (poison_outputs: autouse)
+from conftest import TOLERANCES, assert_close
 
 import kernels
 from kernels.masked import masked_token_scatter_triton as triton_scatter
@@ -12,35 +13,6 @@ from kernels.masked.reference import masked_token_scatter_reference
 pytestmark = pytest.mark.interpreter
 
 FLOATS = [torch.float32, torch.bfloat16, torch.float16]
-
-
-@pytest.fixture(autouse=True)
-def _poison_outputs(monkeypatch):
-    """Every buffer the Triton launchers allocate starts NaN (or a sentinel), so unwritten elements fail."""
-
-    def alloc(shape, dtype, device):
-        return poison(torch.empty(shape, dtype=dtype, device=device))
-
-    monkeypatch.setattr("kernels._buffers.empty", alloc)
-
-
-def triton_backend():
-    return kernels.use_backend("triton")
-
-
-def fixed_mask(B, N, k, device):
-    return torch.stack([torch.randperm(N, device=device) < k for _ in range(B)])
-
-
-def f64(t):
-    return None if t is None else t.detach().double().requires_grad_(t.requires_grad)
-
-
-def grads(out, inputs, g):
-    live = [t for t in inputs if t is not None]
-    got = torch.autograd.grad(out, live, g)
-    it = iter(got)
-    return [None if t is None else next(it) for t in inputs]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -212,3 +184,23 @@ def test_scatter_bad_inputs(device):
         kernels.masked_token_scatter(x, mask, torch.zeros(8, device="meta"))
 
 
+@pytest.mark.cuda
+def test_cuda_beit_shapes(device):
+    if device.type != "cuda":
+        pytest.skip("needs --device cuda")
+    B, N, D = 4, 196, 768
+    check_scatter(B, N, D, torch.bfloat16, device, cls=True, pos_rows=N + 1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the interpreter does not type-check like the compiler: build the kernels for sm_90 (no GPU needed)
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm90():
+    """Scatter forward and backward compiled for sm_90 as the JIT builds them at the BEiT shapes (B 256,
+    N 196, D 768; unit strides as constants); no spills. All dtypes:
+    ``python -m bench.static_gpu_check --ops masked_token_scatter``."""
+    from _aot import run_static
+
+    results = run_static("masked_token_scatter")
+    assert len(results) == 2 and all(r["spill_stores"] == 0 for r in results)

@@ -95,7 +95,8 @@ def test_every_triton_launcher_is_device_guarded():
     import importlib
     import inspect
 
-    modules = ["kernels.masked.masked_token_scatter_triton", "kernels.masked.triton_gather", "kernels.masked.triton_ce",
+    modules = ["kernels.masked.masked_token_scatter_triton", "kernels.masked.gather_masked_triton",
+               "kernels.masked.masked_cross_entropy_triton",
                "kernels.attn.attention_triton", "kernels.attn.window_attention_triton",
                "kernels.codebook.nearest_code_triton", "kernels.codebook.ema_codebook_update_triton",
                "kernels.sparse_conv.triton_kernels", "kernels.sparse_conv.triton_bn"]

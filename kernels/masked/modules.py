@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels.masked.ce_function import masked_cross_entropy
+from kernels.masked.masked_cross_entropy import masked_cross_entropy
 from kernels.masked.masked_token_scatter import masked_token_scatter
 
 

@@ -68,16 +68,25 @@ def gather_targets(targets, mask, num_masked=None):
     return torch.gather(targets, 1, masked_positions(mask, int(num_masked))).reshape(-1)
 
 
-def linear_cross_entropy_reference(h, weight, bias, targets, ignore_index=-100, return_accuracy=False):
-    """Plain torch: full logits, fp32 cross-entropy, mean over non-ignored rows (0 when there are none).
-
-    h [M, D], weight [V, D], bias [V] or None, targets [M] int64. The GEMM runs in the Triton path's dtype:
-    ``promote_types(h.dtype, weight.dtype)``, or the autocast dtype when autocast is on for the device (every
-    operand is cast to it, so mixed dtypes such as float64 ``h`` with a float32 ``weight`` work).
-    """
+def compute_dtype(h, weight):
+    """The GEMM dtype of masked_cross_entropy (both backends): the autocast dtype when autocast is on for the
+    device (like ``nn.Linear`` under autocast), else ``promote_types(h.dtype, weight.dtype)``."""
     dev = h.device.type
-    autocast = torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)
-    dt = torch.get_autocast_dtype(dev) if autocast else torch.promote_types(h.dtype, weight.dtype)
+    if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return torch.promote_types(h.dtype, weight.dtype)
+
+
+def masked_cross_entropy_rows_reference(h, weight, bias, targets, ignore_index=-100, return_accuracy=False,
+                                        dtype=None):
+    """masked_cross_entropy of pre-gathered rows: full logits, fp32 cross-entropy, mean over non-ignored rows
+    (0 when there are none).
+
+    h [M, D], weight [V, D], bias [V] or None, targets [M] int64. The GEMM runs in ``dtype``, by default
+    :func:`compute_dtype` (every operand is cast to it, so mixed dtypes such as float64 ``h`` with a float32
+    ``weight`` work).
+    """
+    dt = dtype or compute_dtype(h, weight)
     h, weight = h.to(dt), weight.to(dt)
     bias = None if bias is None else bias.to(dt)
     logits = F.linear(h, weight, bias)
@@ -96,11 +105,12 @@ def linear_cross_entropy_reference(h, weight, bias, targets, ignore_index=-100, 
 def masked_cross_entropy_reference(
     h, weight, bias, targets, mask=None, ignore_index=-100, return_accuracy=False, num_masked=None
 ):
-    """Gather the masked rows of ``h``/``targets`` (if ``mask`` is given) then the linear cross-entropy."""
+    """Gather the masked rows of ``h``/``targets`` (if ``mask`` is given), then
+    :func:`masked_cross_entropy_rows_reference`."""
     if mask is not None:
         h = gather_masked_reference(h, mask, num_masked)
         targets = gather_targets(targets, mask, num_masked)
     else:
         h = h.reshape(-1, h.shape[-1])
         targets = targets.reshape(-1)
-    return linear_cross_entropy_reference(h, weight, bias, targets, ignore_index, return_accuracy)
+    return masked_cross_entropy_rows_reference(h, weight, bias, targets, ignore_index, return_accuracy)

@@ -1,135 +1,20 @@
-"""masked_token_scatter, gather_masked, masked_cross_entropy: Triton (interpreter on CPU) vs fp64 oracle."""
+"""masked_cross_entropy: Triton (interpreter on CPU) vs the float64 reference; validation, dispatch,
+the custom op."""
 
 import pytest
 import torch
-from conftest import TOLERANCES, assert_close, poison
+from _masked import f64, fixed_mask, grads, poison_outputs, triton_backend  # noqa: F401 (autouse fixture)
+from conftest import TOLERANCES, assert_close
 
 import kernels
-from kernels.masked import triton_ce, triton_gather
-from kernels.masked.reference import (
-    gather_masked_reference,
-    masked_cross_entropy_reference,
-)
+from kernels import library
+from kernels.masked import masked_cross_entropy_triton as ce_triton
+from kernels.masked.masked_cross_entropy import validate as validate_ce
+from kernels.masked.reference import masked_cross_entropy_reference, masked_cross_entropy_rows_reference
 
 pytestmark = pytest.mark.interpreter
 
 FLOATS = [torch.float32, torch.bfloat16, torch.float16]
-
-
-@pytest.fixture(autouse=True)
-def _poison_outputs(monkeypatch):
-    """Every buffer the Triton launchers allocate starts NaN (or a sentinel), so unwritten elements fail."""
-
-    def alloc(shape, dtype, device):
-        return poison(torch.empty(shape, dtype=dtype, device=device))
-
-    for mod in ("triton_gather", "triton_ce"):
-        monkeypatch.setattr(f"kernels.masked.{mod}._alloc", alloc)
-
-
-def triton_backend():
-    return kernels.use_backend("triton")
-
-
-def fixed_mask(B, N, k, device):
-    return torch.stack([torch.randperm(N, device=device) < k for _ in range(B)])
-
-
-def f64(t):
-    return None if t is None else t.detach().double().requires_grad_(t.requires_grad)
-
-
-def grads(out, inputs, g):
-    live = [t for t in inputs if t is not None]
-    got = torch.autograd.grad(out, live, g)
-    it = iter(got)
-    return [None if t is None else next(it) for t in inputs]
-
-
-# ----------------------------------------------------------------------------------------------------------
-# gather_masked
-
-
-def check_gather(B, N, D, k, dtype, device, noncontig=False, variable=False):
-    base = torch.randn(B, N + 1, D, dtype=dtype, device=device)
-    h = (base[:, 1:] if noncontig else base[:, :N].contiguous()).requires_grad_(True)
-    mask = torch.rand(B, N, device=device) < 0.4 if variable else fixed_mask(B, N, k, device)
-    with triton_backend():
-        out = kernels.gather_masked(h, mask, None if variable else k)
-    hh = f64(h)
-    ref = gather_masked_reference(hh, mask, None if variable else k)
-    assert out.shape == ref.shape and out.dtype == dtype
-    assert_close(out, ref, dtype=dtype, atol=0, rtol=0, name="gather")
-    g = torch.randn_like(out)
-    (got,) = torch.autograd.grad(out, h, g)
-    (want,) = torch.autograd.grad(ref, hh, g.double())
-    assert_close(got, want, dtype=dtype, atol=0, rtol=0, name="grad_h")
-
-
-@pytest.mark.parametrize("N,D,k", [(13, 100, 5), (50, 37, 20), (197, 24, 75)])
-def test_gather_fp64_matches_reference(device, N, D, k):
-    check_gather(3, N, D, k, torch.float64, device, noncontig=True)
-
-
-@pytest.mark.parametrize("k", [0, 13], ids=["none_masked", "all_masked"])
-def test_gather_empty_and_full(device, k):
-    check_gather(2, 13, 40, k, torch.float32, device)
-
-
-@pytest.mark.parametrize("dtype", FLOATS)
-def test_gather_dtypes(device, dtype):
-    check_gather(2, 50, 100, 17, dtype, device, noncontig=True)
-
-
-def test_gather_wide_d(device):
-    check_gather(2, 13, 384, 6, torch.float32, device)
-
-
-def test_gather_variable_counts(device):
-    check_gather(4, 50, 33, None, torch.float32, device, noncontig=True, variable=True)
-    # uniform counts detected without num_masked take the fixed path
-    h = torch.randn(3, 13, 8, device=device)
-    mask = fixed_mask(3, 13, 4, device)
-    with triton_backend():
-        assert_close(kernels.gather_masked(h, mask), h[mask], atol=0, rtol=0, name="detected k")
-
-
-def test_gather_count_mismatch(device, monkeypatch):
-    h = torch.randn(2, 13, 8, device=device)
-    mask = torch.zeros(2, 13, dtype=torch.bool, device=device)
-    mask[0, :6] = True
-    mask[1, 2:5] = True
-    if device.type != "cpu":  # on CUDA the count check costs a sync, so it runs only in debug mode
-        monkeypatch.setenv("KERNELS_DEBUG", "1")
-    with pytest.raises(ValueError, match="mask: num_masked=5 but row 0 has 6"):
-        kernels.gather_masked(h, mask, 5)
-    # without the (host-side) check the kernel keeps the first k and NaN-fills missing slots
-    out = triton_gather.gather_masked_forward(h, mask, k=5)
-    assert_close(out[:5], h[0, :5], atol=0, rtol=0, name="row 0 first k")
-    assert_close(out[5:8], h[1, 2:5], atol=0, rtol=0, name="row 1")
-    assert torch.isnan(out[8:]).all()
-    ref = gather_masked_reference(h, mask, 5)
-    assert_close(ref[:8], out[:8], atol=0, rtol=0, name="reference agrees")
-    assert torch.isnan(ref[8:]).all()
-
-
-def test_gather_bad_inputs(device):
-    h = torch.randn(2, 5, 8, device=device)
-    mask = torch.zeros(2, 5, dtype=torch.bool, device=device)
-    with pytest.raises(ValueError, match="num_masked: expected 0 <= num_masked <= N=5"):
-        kernels.gather_masked(h, mask, 6)
-    with pytest.raises(TypeError, match="num_masked: expected an int"):
-        kernels.gather_masked(h, mask, 2.0)
-    with pytest.raises(ValueError, match="mask: expected shape"):
-        kernels.gather_masked(h, mask.t())
-    with pytest.raises(TypeError, match="mask: expected dtype bool"):
-        kernels.gather_masked(h, mask.int())
-    with pytest.raises(ValueError, match="one device"):
-        kernels.gather_masked(h, mask.to("meta"))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# masked_cross_entropy
 
 
 def make_ce_inputs(B, N, D, V, dtype, device, bias=True, k=None, hit_rows=True):
@@ -202,8 +87,8 @@ def test_ce_variable_mask_and_ignore_index(device):
 
 def test_ce_pregathered_rows_and_multi_pass(device, monkeypatch):
     """[M, D] input with mask=None; V walked in 16-wide slices (the path used when V > 16384)."""
-    monkeypatch.setattr(triton_ce, "MAX_SINGLE_PASS_V", 16)
-    monkeypatch.setattr(triton_ce, "MULTI_PASS_BLOCK_V", 16)
+    monkeypatch.setattr(ce_triton, "MAX_SINGLE_PASS_V", 16)
+    monkeypatch.setattr(ce_triton, "MULTI_PASS_BLOCK_V", 16)
     h, w, b, t, _ = make_ce_inputs(1, 23, 30, 75, torch.float64, device)
     h2 = h.detach()[0].requires_grad_(True)
     t2 = torch.stack([t[0], t[0]], dim=1)[:, 0]  # strided targets
@@ -242,13 +127,13 @@ def test_ce_no_grad_and_module(device, monkeypatch):
     t = torch.randint(0, 37, (2, 13), device=device)
     m = fixed_mask(2, 13, 5, device)
     calls = []
-    real = triton_ce.linear_cross_entropy_forward
+    real = ce_triton.masked_cross_entropy_forward
 
     def spy(*args, **kwargs):
         calls.append((kwargs["need_h"], kwargs["need_w"], kwargs["need_b"]))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(triton_ce, "linear_cross_entropy_forward", spy)
+    monkeypatch.setattr(ce_triton, "masked_cross_entropy_forward", spy)
     with triton_backend():
         with torch.no_grad():
             loss_ng = head(h, t, mask=m, num_masked=5)
@@ -291,19 +176,17 @@ def test_ce_autocast_bf16(device):
 @pytest.mark.parametrize("need", [(1, 1, 1), (1, 0, 0), (0, 1, 0), (0, 0, 1), (0, 1, 1), (1, 0, 1), (1, 1, 0)])
 def test_ce_launcher_gradient_subsets_over_chunks(device, need):
     """grad_b rides along grad_W's GEMM (ones column): every subset of needed grads, several chunks, fp64."""
-    from kernels.masked.reference import linear_cross_entropy_reference
-
     need_h, need_w, need_b = (bool(n) for n in need)
     h = torch.randn(29, 12, dtype=torch.float64, device=device)
     w = torch.randn(37, 12, dtype=torch.float64, device=device)
     b = torch.randn(37, dtype=torch.float64, device=device)
     t = torch.randint(0, 37, (29,), device=device)
     t[3] = -100
-    loss, _acc, gh, gw, gb, inv_n = triton_ce.linear_cross_entropy_forward(
+    loss, _acc, gh, gw, gb, inv_n = ce_triton.masked_cross_entropy_forward(
         h, w, b, t, chunk_rows=8, need_h=need_h, need_w=need_w, need_b=need_b
     )
     hr, wr, br = (x.clone().requires_grad_() for x in (h, w, b))
-    ref = linear_cross_entropy_reference(hr, wr, br, t)
+    ref = masked_cross_entropy_rows_reference(hr, wr, br, t)
     ref.backward()
     assert_close(loss, ref.detach(), name="loss")
     for got, want, on, name in ((gh, hr.grad, need_h, "grad_h"), (gw, wr.grad, need_w, "grad_w"),
@@ -318,7 +201,7 @@ def test_ce_kernel_poisons_out_of_range_target(device):
     h = torch.randn(4, 8, device=device)
     w = torch.randn(5, 8, device=device)
     t = torch.tensor([0, 7, -100, 2], device=device)
-    loss, _acc, _gh, gw, gb, inv_n = triton_ce.linear_cross_entropy_forward(h, w, None, t, need_w=False)
+    loss, _acc, _gh, gw, gb, inv_n = ce_triton.masked_cross_entropy_forward(h, w, None, t, need_w=False)
     assert torch.isnan(loss) and gw is None and gb is None and inv_n.item() == pytest.approx(1 / 3)
 
 
@@ -351,6 +234,35 @@ def test_ce_bad_inputs(device, monkeypatch):
         ce(h, w.to("meta"), b, t, m)
 
 
+def test_cpu_default_is_reference(device):
+    if device.type != "cpu":
+        pytest.skip("CPU dispatch check")
+    h, w, b, t, m = make_ce_inputs(2, 5, 8, 7, torch.float32, device, k=2)
+    inputs = validate_ce(h, w, b, t, m, num_masked=2)
+    assert kernels.REGISTRY["masked_cross_entropy"].select(inputs).backend == "reference"
+    with triton_backend():
+        assert kernels.REGISTRY["masked_cross_entropy"].select(inputs).backend == "triton"
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("need", [(True, True, True), (True, False, False), (False, True, False)])
+def test_custom_op_and_eager_agree(device, with_bias, need):
+    """library.op("masked_cross_entropy_fwd") with its registered autograd (what a compiled graph runs, here
+    on gathered rows) and the eager path give the same loss, accuracy and gradients."""
+    h, w, b, t, m = make_ce_inputs(3, 9, 6, 11, torch.float64, device, bias=with_bias, k=4)
+    t[0, m[0].nonzero()[0, 0]] = -100  # one ignored masked row
+    rloss, racc = kernels.masked_cross_entropy(h, w, b, t, m, return_accuracy=True, num_masked=4)
+    h2 = kernels.gather_masked(h, m, 4)
+    loss, acc, *_ = library.op("masked_cross_entropy_fwd")(h2, w, b, t[m], -100, torch.float64, 0, *need)
+    assert_close(loss, rloss, name="loss")
+    assert_close(acc, racc, name="accuracy")
+    wanted = [x for x, n in zip((h, w, b), need) if x is not None and n]
+    got = torch.autograd.grad(loss * 1.7, wanted)
+    want = torch.autograd.grad(rloss * 1.7, wanted)
+    for a, e in zip(got, want):
+        assert_close(a, e, name="grad")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # CUDA only: BEiT-sized inputs, and no host synchronisation on the fast paths
 
@@ -360,8 +272,6 @@ def test_cuda_beit_shapes(device):
     if device.type != "cuda":
         pytest.skip("needs --device cuda")
     B, N, D, k, V = 4, 196, 768, 75, 8192
-    check_scatter(B, N, D, torch.bfloat16, device, cls=True, pos_rows=N + 1)
-    check_gather(B, N, D, k, torch.bfloat16, device, noncontig=True)
     h, w, b, t, m = make_ce_inputs(B, N, D, V, torch.bfloat16, device, k=k)
     check_ce(h, w, b, t, m, torch.bfloat16, num_masked=k, chunk_rows=128)
 
@@ -388,24 +298,14 @@ def test_cuda_fast_paths_do_not_sync(device):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# the interpreter does not type-check like the compiler: build every kernel for sm_90 (no GPU needed)
+# the interpreter does not type-check like the compiler: build the kernel for sm_90 (no GPU needed)
 
 @pytest.mark.slow
 def test_kernels_compile_for_sm90():
-    """Scatter (fwd/bwd), fixed-count gather and the cross-entropy kernel compiled for sm_90 as the JIT builds
-    them at the BEiT shapes (B 256, N 196, D 768, V 8192; unit strides as constants); no spills. All dtypes,
-    both gather paths, V = 65536: ``python -m bench.static_gpu_check --ops masked``."""
+    """The cross-entropy kernel compiled for sm_90 as the JIT builds it at the BEiT shapes (V 8192; unit
+    strides as constants); no spills. All dtypes, V = 65536:
+    ``python -m bench.static_gpu_check --ops masked_cross_entropy``."""
     from _aot import run_static
 
-    results = run_static("masked")
-    assert len(results) == 4 and all(r["spill_stores"] == 0 for r in results)
-
-
-def test_gather_cpu_default_is_reference(device):
-    if device.type != "cpu":
-        pytest.skip("CPU dispatch check")
-    x = torch.randn(2, 5, 8)
-    mask = torch.zeros(2, 5, dtype=torch.bool)
-    assert kernels.REGISTRY["gather_masked"].select(x, mask, 0).backend == "reference"
-    with triton_backend():
-        assert kernels.REGISTRY["gather_masked"].select(x, mask, 0).backend == "triton"
+    results = run_static("masked_cross_entropy")
+    assert len(results) == 1 and all(r["spill_stores"] == 0 for r in results)

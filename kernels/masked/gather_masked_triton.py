@@ -1,4 +1,4 @@
-"""Triton kernels for gather_masked (imported lazily by the triton backend only).
+"""Triton kernels and launchers of gather_masked (imported by its triton backend only).
 
 One program per (batch row b, D tile) walks the mask row in BLOCK_N chunks and ranks the masked positions
 with an in-register prefix sum, so no index tensor is built:
@@ -19,12 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import _buffers
 from kernels._backend import launches_on_input_device
-
-
-def _alloc(shape, dtype, device):
-    """Every output buffer comes from here (tests swap it for a NaN-poisoning allocator)."""
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 @triton.jit
@@ -129,7 +125,7 @@ def gather_masked_forward(h, mask, k=None, offsets=None, total=None):
     B, N, D = h.shape
     fixed = k is not None
     total = B * k if fixed else int(total)
-    out = _alloc((total, D), h.dtype, h.device)
+    out = _buffers.empty((total, D), h.dtype, h.device)
     if out.numel() == 0:
         return out
     m8 = mask.view(torch.uint8)
@@ -161,7 +157,7 @@ def gather_masked_backward(grad_out, mask, k=None, offsets=None):
     """[M, D] -> [B, N, D]: the rows scattered back to their masked positions, zeros elsewhere."""
     B, N = mask.shape
     D = grad_out.shape[1]
-    gh = _alloc((B, N, D), grad_out.dtype, grad_out.device)
+    gh = _buffers.empty((B, N, D), grad_out.dtype, grad_out.device)
     if gh.numel() == 0:
         return gh
     fixed = k is not None

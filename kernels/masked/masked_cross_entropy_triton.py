@@ -1,4 +1,5 @@
-"""Chunked linear cross-entropy: cuBLAS GEMMs per chunk of rows + a Triton kernel for the softmax part.
+"""Triton kernel and launcher of masked_cross_entropy (imported by its triton backend only): the loss over
+pre-gathered rows, chunked: cuBLAS GEMMs per chunk of rows + a Triton kernel for the softmax part.
 
 For each chunk of c rows (c*V logits live at a time, never [M, V]):
     z      = h_c W^T + b                                   torch.addmm, compute dtype (e.g. bf16)
@@ -20,16 +21,14 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import _buffers
 from kernels._backend import launches_on_input_device
-
-
-def _alloc(shape, dtype, device):
-    """Every output buffer comes from here (tests swap it for a NaN-poisoning allocator)."""
-    return torch.empty(shape, dtype=dtype, device=device)
+from kernels._checks import acc_dtype
+from kernels._triton_common import tl_acc_dtype
 
 
 @triton.jit
-def _masked_ce_fwd_kernel(
+def _masked_cross_entropy_fwd_kernel(
     z_ptr,
     t_ptr,
     loss_ptr,
@@ -92,10 +91,6 @@ MULTI_PASS_BLOCK_V = 4096
 _OUT_DTYPE_MM = None  # whether torch.addmm(..., out_dtype=fp32) works here (CUDA, recent torch)
 
 
-def _acc_dtype(dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def _accumulate_mm(acc, a, b):
     """acc (fp32/fp64) + a @ b with a, b in the compute dtype; fp32 accumulate in cuBLAS when available."""
     global _OUT_DTYPE_MM
@@ -121,19 +116,10 @@ def default_chunk_rows(M, V, budget_elems=1 << 25):
 
 
 @launches_on_input_device
-def linear_cross_entropy_forward(
-    h,
-    weight,
-    bias,
-    targets,
-    ignore_index=-100,
-    dtype=None,
-    chunk_rows=None,
-    need_h=True,
-    need_w=True,
-    need_b=True,
-):
-    """Returns (loss, accuracy, grad_h*, grad_w*, grad_b*, 1/max(n_valid, 1)); grads are unscaled.
+def masked_cross_entropy_forward(h, weight, bias, targets, ignore_index=-100, dtype=None, chunk_rows=None, *,
+                                 need_h=True, need_w=True, need_b=True):
+    """h [M, D] (the gathered rows), targets [M] int64 -> (loss, accuracy, grad_h*, grad_w*, grad_b*,
+    1/max(n_valid, 1)); grads are unscaled.
 
     loss = sum loss_i / max(n_valid, 1), accuracy = sum hit_i / max(n_valid, 1): 0-dim fp32 tensors
     (fp64 when computing in fp64).
@@ -143,24 +129,24 @@ def linear_cross_entropy_forward(
     V = weight.shape[0]
     dev = h.device
     dtype = dtype or torch.promote_types(h.dtype, weight.dtype)
-    acc_t = torch.float64 if dtype == torch.float64 else torch.float32
+    acc_t = acc_dtype(dtype)
     need_b = need_b and bias is not None
     write_grad = need_h or need_w or need_b
     w = weight.to(dtype)
     b = bias.to(dtype) if bias is not None else None
     valid = targets != ignore_index
     n_valid = valid.sum().to(acc_t).clamp_min(1.0)
-    loss_rows = _alloc((M,), acc_t, dev)
-    hits = _alloc((M,), torch.int32, dev)
-    gh = _alloc((M, D), h.dtype, dev) if need_h else None
+    loss_rows = _buffers.empty((M,), acc_t, dev)
+    hits = _buffers.empty((M,), torch.int32, dev)
+    gh = _buffers.empty((M, D), h.dtype, dev) if need_h else None
     c = int(chunk_rows) if chunk_rows else default_chunk_rows(M, V)
     # [h_c | 1 | 0 ...]: D columns of h (when grad_W is needed), then a ones column for grad_b, padded to 8
     h_cols = D if need_w else 0
     cols = h_cols + (8 if need_b else 0)
-    gwb = torch.zeros((V, cols), dtype=acc_t, device=dev) if cols else None
+    gwb = _buffers.zeros((V, cols), acc_t, dev) if cols else None
     h_aug = None
     if need_b:
-        h_aug = torch.zeros((min(c, M), cols), dtype=dtype, device=dev)
+        h_aug = _buffers.zeros((min(c, M), cols), dtype, dev)
         h_aug[:, h_cols] = 1
     BLOCK_V = triton.next_power_of_2(V) if V <= MAX_SINGLE_PASS_V else MULTI_PASS_BLOCK_V
     num_warps = 8 if BLOCK_V >= 2048 else 4
@@ -172,7 +158,7 @@ def linear_cross_entropy_forward(
         else:
             hc = h[s:e].to(dtype)
         z = torch.addmm(b, hc, w.t()) if b is not None else torch.mm(hc, w.t())
-        _masked_ce_fwd_kernel[(e - s,)](
+        _masked_cross_entropy_fwd_kernel[(e - s,)](
             z,
             targets[s:e],
             loss_rows[s:e],
@@ -181,7 +167,7 @@ def linear_cross_entropy_forward(
             ignore_index,
             V=V,
             WRITE_GRAD=write_grad,
-            ACC=_acc_dtype(dtype),
+            ACC=tl_acc_dtype(dtype),
             BLOCK_V=BLOCK_V,
             num_warps=num_warps,
         )
