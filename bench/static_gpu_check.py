@@ -130,7 +130,7 @@ def attention_cases() -> list[Case]:
 
     cases = []
     for label, B, H, N, d, dt, prec, kinds in ATT_CASES:
-        precision = prec or "tf32"  # the launcher's _precision(): tf32 unless fp32 under "highest"
+        precision = prec or "tf32"  # the launchers' dot_precision(): tf32 unless fp32 under "highest"
         tc = _tc(dt, precision)
         name = str(dt).replace("torch.", "")
         q = Ptr(dt)

@@ -31,9 +31,9 @@ from __future__ import annotations
 import torch
 
 from kernels._library import NAMESPACE
-from kernels._library import attention as _attention
+from kernels.attn import attention as _attention
 from kernels._library import sparse_conv as _sparse_conv
-from kernels._library import window_attention as _window_attention
+from kernels.attn import window_attention as _window_attention
 
 attention = _attention.attention
 from kernels.codebook import ema_codebook_update as _ema_codebook_update  # noqa: E402,F401 (its ops)

@@ -13,7 +13,6 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 import kernels
 from kernels import library
-from kernels._library import attention as A
 from kernels._library import sparse_conv as SC
 
 DTYPES = (torch.float32, torch.float64)
@@ -74,19 +73,19 @@ def test_attention_op_matches_eager_and_opcheck(dtype, bias_shape):
     shapes = {"hqk": (H, Nq, Nk), "1hqk": (1, H, Nq, Nk), "bhqk": (B, H, Nq, Nk), "b1qk": (B, 1, Nq, Nk)}
     bias = None if bias_shape is None else _leaf(torch.randn(shapes[bias_shape], dtype=dtype))
     inputs = [t for t in (q, k, v, bias) if t is not None]
-    out = library.attention(q, k, v, bias, scale=0.37)
+    out = library.op("attention_fwd")(q, k, v, bias, 0.37, False)[0]
     ref = kernels.attention(q, k, v, bias, scale=0.37)
     assert_close(out, ref, dtype=dtype, name="out")
     assert out.transpose(1, 2).is_contiguous(), "output must be [B, Nq, H, d]-contiguous (free head merge)"
     g = torch.randn_like(out)
     _close_all(_grads(out, inputs, g), _grads(ref, inputs, g), dtype, ["dq", "dk", "dv", "dbias"])
-    torch.library.opcheck(A.attention_fwd, (q, k, v, bias, 0.37, False))
+    torch.library.opcheck(library.op("attention_fwd"), (q, k, v, bias, 0.37, False))
 
 
 def test_attention_lse_is_log2_sum_exp():
     q, k, v = _qkv(2, 2, 4, 5, 3, torch.float64)
     bias = torch.randn(2, 4, 5, dtype=torch.float64)
-    _, lse2 = A.attention_fwd(q, k, v, bias, 0.5, False)
+    _, lse2 = library.op("attention_fwd")(q, k, v, bias, 0.5, False)
     s = torch.matmul(q, k.transpose(-2, -1)) * 0.5 + bias
     assert lse2.dtype == torch.float32
     assert_close(lse2, torch.logsumexp(s, -1) / torch.log(torch.tensor(2.0, dtype=torch.float64)),
@@ -280,7 +279,8 @@ def test_registered_ops_run_the_triton_backend():
     cases = {
         "masked_cross_entropy": (lambda: library.masked_cross_entropy(h, w, None, t, mask, num_masked=2),
                                  lambda: kernels.masked_cross_entropy(h, w, None, t, mask, num_masked=2), (h, w)),
-        "attention": (lambda: library.attention(q, k, v, bias), lambda: kernels.attention(q, k, v, bias), (q, k, v, bias)),
+        "attention": (lambda: library.op("attention_fwd")(q, k, v, bias, 4 ** -0.5, False)[0],
+                      lambda: kernels.attention(q, k, v, bias), (q, k, v, bias)),
         "masked_token_scatter": (lambda: library.masked_token_scatter(h, mask, tok),
                                  lambda: kernels.masked_token_scatter(h, mask, tok), (h, tok)),
         "gather_masked": (lambda: library.gather_masked(h, mask, 2), lambda: kernels.gather_masked(h, mask, 2), (h,)),

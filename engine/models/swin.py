@@ -38,7 +38,7 @@ from torch import nn
 
 import kernels
 from kernels.attn.relative_position import relative_position_index
-from kernels.attn.window_attention_reference import window_attention_reference
+from kernels.attn.reference import window_attention_reference
 from engine.models.vit import DropPath
 
 SWIN_CONFIGS: dict[str, dict] = {

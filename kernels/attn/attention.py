@@ -1,12 +1,26 @@
-"""``attention(q, k, v, bias=None, scale=None)``: validation, dispatch and the autograd Function.
+"""``attention(q, k, v, bias=None, scale=None)``: ``softmax(q k^T * scale + bias) v``, one op (kernels/_op.py).
+
+Forward (``S = scale q k^T + bias``, ``P = softmax_row(S)``)::
+
+    out  = P v                                   [B, H, Nq, d], memory [B, Nq, H, d]-contiguous
+    lse2 = log2 sum_j exp(S_ij) = logsumexp(S) / ln 2      [B, H, Nq] float32 (saved for the backward)
+
+Backward (``g`` = dL/d out, ``delta_i = sum_j P_ij dP_ij``)::
+
+    dv = P^T g        dP = g v^T        dS = P * (dP - delta)
+    dq = scale dS k   dk = scale dS^T q   dbias = dS summed over the dims the bias broadcasts
 
 Backends (see :mod:`kernels._backend`):
 
 * ``triton``     FlashAttention-2 style fused forward (online softmax, log-sum-exp saved) and a fused
-  backward giving dq, dk, dv and dbias; dbias is reduced to the bias's own shape inside the kernels in
-  float32. CUDA tensors of float16/bfloat16/float32 with head dim <= 128 (CPU only under
-  ``TRITON_INTERPRET=1`` when forced).
-* ``reference``  the math path of :mod:`kernels.attn.reference` (any device, dtype, head dim).
+  backward giving dq, dk, dv and dbias (:mod:`kernels.attn.attention_triton`); dbias is reduced to the bias's
+  own shape inside the kernels in float32. CUDA tensors of float16/bfloat16/float32 with head dim <= 128
+  (CPU only under ``TRITON_INTERPRET=1`` when forced).
+* ``reference``  the math path of :mod:`kernels.attn.reference` (any device, dtype, head dim); its backward
+  is autograd's.
+
+The output layout is the same on every backend (the fake implementation promises it), so
+``out.transpose(1, 2).reshape(B, Nq, H * d)`` is a free view.
 
 Determinism: with a bias broadcast over the batch, the default backward adds each batch element's
 dbias tile with float32 atomics (order not fixed). ``deterministic=True``, ``KERNELS_DETERMINISTIC=1``
@@ -25,23 +39,50 @@ GPU only with ``KERNELS_CHECK_OVERFLOW=1`` (no sync stalls the GPU pipeline by d
 ``torch.compile`` or CUDA graph capture (see :func:`kernels.attn.reference.recompute_if_overflowed`).
 """
 
+# ruff: noqa: UP045
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 import os
+from typing import Optional  # custom-op schema inference: Optional[Tensor] works on every torch >= 2.11
 
 import torch
+from torch import Tensor
 
-from kernels import _backend
-from kernels.attn.reference import attention_reference, default_scale, recompute_if_overflowed
+from kernels._backend import define_op, triton_reasons
+from kernels._checks import FLOAT_DTYPES, TRITON_DTYPES, check_real, check_same_device, check_tensor
+from kernels._op import custom_op, eager_function, nothing, reference_grads
+from kernels.attn.reference import (
+    attention_log2_sum_exp,
+    attention_math,
+    attention_reference,
+    default_scale,
+    heads_last_empty,
+    recompute_if_overflowed,
+)
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TRITON_MAX_HEAD_DIM = 128
 
-attention_op = _backend.define_op(
-    "attention", "softmax(q k^T * scale + bias) v with a learnable additive bias and its gradient"
-)
+# ----------------------------------------------------------------------------------------------------------
+# inputs (the q/k/v and scale checks are shared with window_attention)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionInputs:
+    """Checked arguments: ``scale`` resolved to a float, ``deterministic`` to a bool."""
+
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    bias: Optional[Tensor]
+    scale: float
+    deterministic: bool
+
+    @property
+    def args(self) -> tuple:
+        return (self.q, self.k, self.v, self.bias, self.scale, self.deterministic)
 
 
 def deterministic_requested(deterministic: bool | None) -> bool:
@@ -52,20 +93,49 @@ def deterministic_requested(deterministic: bool | None) -> bool:
     return torch.are_deterministic_algorithms_enabled()
 
 
-def _check_inputs(q, k, v, bias, scale):
+def check_qkv(op: str, layout: str, q, k, v) -> None:
+    """q, k, v: 4-D floating tensors (``layout`` names the dims) of one dtype on one device."""
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+        check_tensor(name, t, dtypes=FLOAT_DTYPES)
         if t.dim() != 4:
-            raise ValueError(f"attention: {name} must be 4-D [B, H, N, d], got shape {tuple(t.shape)}")
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(
-                f"attention: {name} has dtype {t.dtype}; expected one of float16, bfloat16, float32, float64"
-            )
+            raise ValueError(f"{op}: {name} must be 4-D {layout}, got shape {tuple(t.shape)}")
     if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"attention: q, k, v must share a dtype, got q={q.dtype}, k={k.dtype}, v={v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"attention: q, k, v must be on one device, got q={q.device}, k={k.device}, v={v.device}")
+        raise TypeError(f"{op}: q, k, v must share a dtype, got q={q.dtype}, k={k.dtype}, v={v.dtype}")
+    check_same_device(q=q, k=k, v=v)
+
+
+def check_table(name: str, t, q) -> None:
+    """An optional floating tensor (bias, window mask) on q's device."""
+    check_tensor(name, t, dtypes=FLOAT_DTYPES, optional=True)
+    if t is not None:
+        check_same_device(q=q, **{name: t})
+
+
+def resolve_scale(scale, head_dim: int) -> float:
+    """``scale`` as a finite float; None: ``head_dim ** -0.5``."""
+    if scale is None:
+        return default_scale(head_dim)
+    value = check_real("scale", scale)
+    if not math.isfinite(value):
+        raise ValueError(f"scale must be a finite number, got {scale}")
+    return value
+
+
+def tensor_core_reasons(q: Tensor, max_head_dim: int, **tables: Tensor | None) -> list[str]:
+    """Why the fused Triton kernels (float16/bfloat16/float32 dots) cannot take these inputs."""
+    reasons = []
+    if q.dtype not in TRITON_DTYPES:
+        reasons.append(f"dtype {q.dtype} is not supported by the Triton kernel (float16, bfloat16, float32)")
+    if q.shape[-1] > max_head_dim:
+        reasons.append(f"head dim {q.shape[-1]} is not supported by the Triton kernel (at most {max_head_dim})")
+    for name, t in tables.items():
+        if t is not None and t.dtype == torch.float64:
+            reasons.append(f"a float64 {name} is not supported by the Triton kernel")
+    return reasons
+
+
+def validate(q, k, v, bias=None, scale=None, deterministic=None) -> AttentionInputs:
+    check_qkv("attention", "[B, H, N, d]", q, k, v)
     B, H, Nq, d = q.shape
     if d < 1 or Nq < 1 or k.shape[2] < 1:
         raise ValueError(f"attention: empty sequence or head dim: q {tuple(q.shape)}, k {tuple(k.shape)}")
@@ -77,13 +147,8 @@ def _check_inputs(q, k, v, bias, scale):
     if v.shape != k.shape:
         raise ValueError(f"attention: v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
     Nk = k.shape[2]
+    check_table("bias", bias, q)
     if bias is not None:
-        if not isinstance(bias, torch.Tensor):
-            raise TypeError(f"attention: bias must be a torch.Tensor or None, got {type(bias).__name__}")
-        if not bias.is_floating_point():
-            raise TypeError(f"attention: bias must be floating point, got {bias.dtype}")
-        if bias.device != q.device:
-            raise ValueError(f"attention: bias is on {bias.device} but q is on {q.device}")
         lead = tuple(bias.shape[:-2])
         ok = bias.dim() in (2, 3, 4) and tuple(bias.shape[-2:]) == (Nq, Nk)
         if ok and bias.dim() == 3:
@@ -95,10 +160,101 @@ def _check_inputs(q, k, v, bias, scale):
                 f"attention: bias of shape {tuple(bias.shape)} does not broadcast to [B, H, Nq, Nk] = "
                 f"[{B}, {H}, {Nq}, {Nk}]; expected [H, Nq, Nk], [1 or B, H, Nq, Nk] (or 1 for H)"
             )
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
-        raise TypeError(f"attention: scale must be a python float or None, got {type(scale).__name__}")
-    if scale is not None and not math.isfinite(scale):
-        raise ValueError(f"attention: scale must be a finite float, got {scale}")
+    return AttentionInputs(q, k, v, bias, resolve_scale(scale, d), deterministic_requested(deterministic))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# backends
+
+OP = define_op("attention", "softmax(q k^T * scale + bias) v with a learnable additive bias and its gradient")
+
+
+def _triton_reasons(i: AttentionInputs) -> list[str]:
+    return triton_reasons(i.q, i.k, i.v, i.bias) + tensor_core_reasons(i.q, TRITON_MAX_HEAD_DIM, bias=i.bias)
+
+
+@OP.register("triton", _triton_reasons, note="fused fwd+bwd incl. dbias")
+def _forward_triton(i: AttentionInputs) -> tuple[Tensor, Tensor]:
+    from kernels.attn.attention_triton import attention_forward
+
+    return attention_forward(i.q, i.k, i.v, i.bias, i.scale)
+
+
+@OP.register("reference", note="math path")
+def _forward_reference(i: AttentionInputs) -> tuple[Tensor, Tensor]:
+    """(out, lse2) for the custom op; eager calls run :func:`attention_reference` directly instead."""
+    out = heads_last_empty(i.q)
+    out.copy_(attention_reference(i.q, i.k, i.v, i.bias, i.scale))
+    return out, attention_log2_sum_exp(i.q, i.k, i.bias, i.scale)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# forward, backward and the autograd formula (once)
+
+
+def _forward(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], scale: float,
+             deterministic: bool) -> tuple[Tensor, Tensor]:
+    """(out, lse2); ``deterministic`` only matters to the backward (saved with the inputs)."""
+    i = AttentionInputs(q, k, v, bias, scale, deterministic)
+    return OP.select(i).fn(i)
+
+
+def _backward_kernels(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], out: Tensor,
+                      lse2: Tensor, scale: float, need_dbias: bool,
+                      deterministic: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The Triton backward: (dq, dk, dv, dbias); dbias in bias's shape and dtype, or 0 elements unless
+    ``need_dbias``."""
+    from kernels.attn.attention_triton import attention_backward
+
+    need_dbias = bool(need_dbias and bias is not None)
+    dq, dk, dv, db = attention_backward(grad_out, q, k, v, bias, out, lse2, scale, need_dbias=need_dbias,
+                                        deterministic=deterministic)
+    return dq, dk, dv, db if need_dbias else nothing(q)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, bias, scale, deterministic = inputs
+    out, lse2 = output
+    ctx.backend = OP.select(AttentionInputs(*inputs)).backend
+    ctx.scale, ctx.deterministic = scale, deterministic
+    ctx.save_for_backward(q, k, v, bias, *(() if ctx.backend == "reference" else (out, lse2)))
+    ctx.mark_non_differentiable(lse2)
+
+
+def _grads(bwd, ctx, grad_out, _grad_lse2):
+    needs = ctx.needs_input_grad
+    if ctx.backend == "reference":
+        grads = reference_grads(attention_math, ctx.saved_tensors, needs[:4], (grad_out,), scale=ctx.scale)
+        return (*grads, None, None)
+    q, k, v, bias, out, lse2 = ctx.saved_tensors
+    need_dbias = bias is not None and needs[3]
+    dq, dk, dv, db = bwd(grad_out, q, k, v, bias, out, lse2, ctx.scale, need_dbias, ctx.deterministic)
+    return dq, dk, dv, (db if need_dbias else None), None, None
+
+
+fwd_op = custom_op("attention_fwd", _forward)
+bwd_op = custom_op("attention_bwd", _backward_kernels)
+
+
+@fwd_op.register_fake
+def _(q, k, v, bias, scale, deterministic):
+    B, H, n_q, _ = q.shape
+    return heads_last_empty(q), q.new_empty((B, H, n_q), dtype=torch.float32)
+
+
+@bwd_op.register_fake
+def _(grad_out, q, k, v, bias, out, lse2, scale, need_dbias, deterministic):
+    db = bias.new_empty(bias.shape) if (need_dbias and bias is not None) else nothing(q)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), db
+
+
+fwd_op.register_autograd(functools.partial(_grads, bwd_op), setup_context=_setup_context)
+AttentionFunction = eager_function("AttentionFunction", _forward, _setup_context,
+                                   functools.partial(_grads, _backward_kernels))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# public API
 
 
 def attention(q, k, v, bias=None, scale=None, *, deterministic: bool | None = None):
@@ -118,68 +274,10 @@ def attention(q, k, v, bias=None, scale=None, *, deterministic: bool | None = No
         [B, H, Nq, d] in the dtype of q. The Triton backend returns a [B, Nq, H, d]-contiguous tensor
         viewed as [B, H, Nq, d], so ``out.transpose(1, 2).reshape(B, Nq, H * d)`` is free.
     """
-    _check_inputs(q, k, v, bias, scale)
-    scale = default_scale(q.shape[-1]) if scale is None else float(scale)
-    if torch.compiler.is_compiling():  # one opaque custom op in the graph (kernels.library)
-        from kernels._library.attention import attention as registered
-
-        return registered(q, k, v, bias, scale, deterministic_requested(deterministic))
-    return attention_op(q, k, v, bias, scale, deterministic_requested(deterministic))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# backends
-
-
-def _triton_reasons(q, k, v, bias, scale, deterministic):
-    reasons = list(_backend.triton_reasons(q, k, v, bias))
-    if q.dtype not in TRITON_DTYPES:
-        reasons.append(f"dtype {q.dtype} is not supported by the Triton kernel (float16, bfloat16, float32)")
-    if q.shape[-1] > TRITON_MAX_HEAD_DIM:
-        reasons.append(f"head dim {q.shape[-1]} is not supported by the Triton kernel (at most {TRITON_MAX_HEAD_DIM})")
-    if bias is not None and bias.dtype == torch.float64:
-        reasons.append("a float64 bias is not supported by the Triton kernel")
-    return reasons
-
-
-class AttentionFunction(torch.autograd.Function):
-    """Autograd wrapper of the Triton launchers (forward saves the log-sum-exp, backward recomputes P)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, bias, scale, deterministic):
-        from kernels.attn import attention_triton as triton_kernels
-
-        out, lse = triton_kernels.attention_forward(q, k, v, bias, scale)
-        ctx.save_for_backward(q, k, v, bias, out, lse)
-        ctx.scale = scale
-        ctx.deterministic = deterministic
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        from kernels.attn import attention_triton as triton_kernels
-
-        q, k, v, bias, out, lse = ctx.saved_tensors
-        need_dbias = bias is not None and ctx.needs_input_grad[3]
-        dq, dk, dv, dbias = triton_kernels.attention_backward(
-            grad_out, q, k, v, bias, out, lse, ctx.scale, need_dbias=need_dbias, deterministic=ctx.deterministic
-        )
-        return dq, dk, dv, dbias, None, None
-
-
-@attention_op.register("triton", _triton_reasons, note="fused fwd+bwd incl. dbias")
-def _attention_triton(q, k, v, bias, scale, deterministic):
-    if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (q, k, v, bias)):
-        # inference (e.g. the DINO teacher): no autograd node, nothing saved for a backward
-        from kernels.attn import attention_triton as triton_kernels
-
-        out = triton_kernels.attention_forward(q, k, v, bias, scale)[0]
-    else:
-        out = AttentionFunction.apply(q, k, v, bias, scale, deterministic)
-    return recompute_if_overflowed(out, q, k, v, bias, scale)
-
-
-@attention_op.register("reference", note="math path")
-def _attention_reference(q, k, v, bias, scale, deterministic):
-    return attention_reference(q, k, v, bias, scale)
+    i = validate(q, k, v, bias, scale, deterministic)
+    if torch.compiler.is_compiling():  # one opaque custom op in the graph
+        return fwd_op(*i.args)[0]
+    if OP.select(i).backend == "reference":
+        return attention_reference(i.q, i.k, i.v, i.bias, i.scale)
+    out = AttentionFunction.apply(*i.args)[0]
+    return recompute_if_overflowed(out, i.q, i.k, i.v, i.bias, i.scale)

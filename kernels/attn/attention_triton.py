@@ -16,7 +16,8 @@ All matmuls accumulate in float32; P and dS are rounded to the input dtype befor
 FlashAttention). Rows/columns past the sequence end are masked, so any N works (197, 50, 13, 1), and
 the head dim is padded to a power of two >= 16 by masked loads.
 
-This is the only module that imports triton; it is imported lazily by the triton backend.
+This module and window_attention_triton.py (which reuses its ``dot`` helpers) are the only ones of the family
+that import triton; the triton backends import them lazily.
 """
 
 from __future__ import annotations
@@ -27,14 +28,16 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import _buffers
 from kernels._backend import launches_on_input_device
+from kernels.attn.reference import heads_last_empty
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
 
 @triton.jit
-def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+def dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """``a @ b`` accumulated in float32. UPCAST (interpreter + bfloat16 only) converts the operands to
     float32 first (exact) because the numpy interpreter cannot multiply bfloat16 (stored as uint16)."""
     if UPCAST:
@@ -45,8 +48,8 @@ def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _dot_acc(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """``acc + a @ b`` (float32 accumulator); see :func:`_dot` for UPCAST."""
+def dot_acc(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """``acc + a @ b`` (float32 accumulator); see :func:`dot` for UPCAST."""
     if UPCAST:
         out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     else:
@@ -100,7 +103,7 @@ def _attention_fwd_kernel(
         n_ok = cols < N_K
         kt = tl.load(k_base + cols[None, :] * s_kn + offs_d[:, None] * s_kd,
                      mask=n_ok[None, :] & d_ok[:, None], other=0.0)
-        s = _dot(q, kt, PRECISION, UPCAST) * qk_scale2
+        s = dot(q, kt, PRECISION, UPCAST) * qk_scale2
         if HAS_BIAS:
             bias = tl.load(bias_base + offs_m[:, None] * s_bm + cols[None, :] * s_bn,
                            mask=m_ok[:, None] & n_ok[None, :], other=0.0)
@@ -114,7 +117,7 @@ def _attention_fwd_kernel(
         v = tl.load(v_base + cols[:, None] * s_vn + offs_d[None, :] * s_vd,
                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)
         acc = acc * alpha[:, None]
-        acc = _dot_acc(p.to(v.dtype), v, acc, PRECISION, UPCAST)
+        acc = dot_acc(p.to(v.dtype), v, acc, PRECISION, UPCAST)
         m_i = m_new
 
     empty = l_i == 0.0  # only when a whole row of the bias is -inf
@@ -205,18 +208,18 @@ def _attention_bwd_dkdv_kernel(
         valid = n_ok[:, None] & m_ok[None, :]
         qt = tl.load(q_base + offs_m[None, :] * s_qm + offs_d[:, None] * s_qd,
                      mask=m_ok[None, :] & d_ok[:, None], other=0.0)
-        s = _dot(k, qt, PRECISION, UPCAST) * qk_scale2
+        s = dot(k, qt, PRECISION, UPCAST) * qk_scale2
         if HAS_BIAS:
             bias = tl.load(bias_base + offs_m[None, :] * s_bm + offs_n[:, None] * s_bn, mask=valid, other=0.0)
             s += bias.to(tl.float32) * 1.4426950408889634
         lse2 = tl.load(L2 + row_base + offs_m, mask=m_ok, other=0.0)
         p = tl.where(valid, tl.math.exp2(s - lse2[None, :]), 0.0)
         do = tl.load(do_base + offs_m[:, None] * s_gm + offs_d[None, :] * s_gd, mask=md_mask, other=0.0)
-        dv = _dot_acc(p.to(do.dtype), do, dv, PRECISION, UPCAST)
-        dp = _dot(v, tl.trans(do), PRECISION, UPCAST)
+        dv = dot_acc(p.to(do.dtype), do, dv, PRECISION, UPCAST)
+        dp = dot(v, tl.trans(do), PRECISION, UPCAST)
         delta = tl.load(Delta + row_base + offs_m, mask=m_ok, other=0.0)
         ds = p * (dp - delta[None, :])
-        dk = _dot_acc(ds.to(qt.dtype), tl.trans(qt), dk, PRECISION, UPCAST)
+        dk = dot_acc(ds.to(qt.dtype), tl.trans(qt), dk, PRECISION, UPCAST)
         if DBIAS_MODE == 1:
             tl.store(db_base + offs_m[None, :] * s_dbm + offs_n[:, None] * s_dbn, ds, mask=valid)
         if DBIAS_MODE == 2:
@@ -277,14 +280,14 @@ def _attention_bwd_dq_kernel(
         nd_mask = n_ok[:, None] & d_ok[None, :]
         k = tl.load(k_base + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd, mask=nd_mask, other=0.0)
         v = tl.load(v_base + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd, mask=nd_mask, other=0.0)
-        s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale2
+        s = dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale2
         if HAS_BIAS:
             bias = tl.load(bias_base + offs_m[:, None] * s_bm + offs_n[None, :] * s_bn, mask=valid, other=0.0)
             s += bias.to(tl.float32) * 1.4426950408889634
         p = tl.where(valid, tl.math.exp2(s - lse2[:, None]), 0.0)
-        dp = _dot(do, tl.trans(v), PRECISION, UPCAST)
+        dp = dot(do, tl.trans(v), PRECISION, UPCAST)
         ds = p * (dp - delta[:, None])
-        dq = _dot_acc(ds.to(k.dtype), k, dq, PRECISION, UPCAST)
+        dq = dot_acc(ds.to(k.dtype), k, dq, PRECISION, UPCAST)
 
     dq = dq * scale
     tl.store(DQ + b * s_dqb + h * s_dqh + offs_m[:, None] * s_dqm + offs_d[None, :] * s_dqd,
@@ -342,9 +345,9 @@ def _attention_bwd_dbias_kernel(
         row = (b * H + h) * N_Q + offs_m
         lse2 = tl.load(L2 + row, mask=m_ok & b_ok, other=0.0)
         delta = tl.load(Delta + row, mask=m_ok & b_ok, other=0.0)
-        s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale2 + bias2
+        s = dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale2 + bias2
         p = tl.where(valid & b_ok, tl.math.exp2(s - lse2[:, None]), 0.0)
-        dp = _dot(do, tl.trans(v), PRECISION, UPCAST)
+        dp = dot(do, tl.trans(v), PRECISION, UPCAST)
         acc += p * (dp - delta[:, None])
     tl.store(DBias + g * s_dbg + h * s_dbh + offs_m[:, None] * s_dbm + offs_n[None, :] * s_dbn, acc, mask=valid)
 
@@ -353,13 +356,13 @@ def _attention_bwd_dbias_kernel(
 # launchers
 
 
-def _precision(dtype: torch.dtype) -> str:
+def dot_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
         return "ieee"
     return "tf32"
 
 
-def _upcast(q: torch.Tensor) -> bool:
+def interpreter_upcast(q: torch.Tensor) -> bool:
     """bfloat16 dots on the numpy interpreter (CPU tensors) need float32 operands."""
     return q.device.type != "cuda" and q.dtype == torch.bfloat16
 
@@ -385,7 +388,7 @@ def _blocks(n_q: int, head_dim: int, dtype: torch.dtype, device: torch.device, b
     block_d = max(16, triton.next_power_of_2(head_dim))
     if device.type != "cuda":
         return _launch(32, 32, block_d, 4, 1)
-    ieee = dtype == torch.float32 and _precision(dtype) == "ieee"
+    ieee = dtype == torch.float32 and dot_precision(dtype) == "ieee"
     row_bytes = block_d * (4 if dtype == torch.float32 else 2)
     if ieee or row_bytes >= 512:
         return _launch(32, 32, block_d, 4 if ieee else 8, 1)
@@ -417,8 +420,8 @@ def attention_forward(q, k, v, bias, scale: float):
     [B, Nq, H, d]-contiguous buffer; lse2 [B, H, Nq] float32, base-2 log-sum-exp of the scaled scores."""
     B, H, n_q, d = q.shape
     n_k = k.shape[2]
-    out = torch.empty((B, n_q, H, d), device=q.device, dtype=q.dtype).permute(0, 2, 1, 3)
-    lse2 = torch.empty((B, H, n_q), device=q.device, dtype=torch.float32)
+    out = heads_last_empty(q)
+    lse2 = _buffers.empty((B, H, n_q), torch.float32, q.device)
     b4, sbias = _bias_view(bias, B, H)
     cfg = _blocks(n_q, d, q.dtype, q.device, backward=False)
     grid = (triton.cdiv(n_q, cfg["BLOCK_M"]) * B * H,)
@@ -427,7 +430,7 @@ def attention_forward(q, k, v, bias, scale: float):
         *q.stride(), *k.stride(), *v.stride(), *sbias, *out.stride(),
         H, n_q, n_k, d, scale * LOG2E,
         HAS_BIAS=bias is not None, K_TILES=triton.cdiv(n_k, cfg["BLOCK_N"]),
-        PRECISION=_precision(q.dtype), UPCAST=_upcast(q), **cfg,
+        PRECISION=dot_precision(q.dtype), UPCAST=interpreter_upcast(q), **cfg,
     )
     return out, lse2
 
@@ -448,21 +451,21 @@ def attention_backward(grad_out, q, k, v, bias, out, lse2, scale: float, need_db
     B, H, n_q, d = q.shape
     n_k = k.shape[2]
     cfg = _blocks(n_q, d, q.dtype, q.device, backward=True)
-    prec = _precision(q.dtype)
-    upcast = _upcast(q)
+    prec = dot_precision(q.dtype)
+    upcast = interpreter_upcast(q)
     b4, sbias = _bias_view(bias, B, H)
     bias_arg = b4 if b4 is not None else q
     has_bias = bias is not None
 
-    delta = torch.empty((B, H, n_q), device=q.device, dtype=torch.float32)
+    delta = _buffers.empty((B, H, n_q), torch.float32, q.device)
     _attention_bwd_preprocess_kernel[(triton.cdiv(n_q, cfg["BLOCK_M"]) * B * H,)](
         out, grad_out, delta, *out.stride(), *grad_out.stride(), H, n_q, d,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"],
     )
 
-    dq = torch.empty_like(q)
-    dk = torch.empty_like(k)
-    dv = torch.empty_like(v)
+    dq = _buffers.empty_like(q)
+    dk = _buffers.empty_like(k)
+    dv = _buffers.empty_like(v)
 
     # dbias buffer (float32) per mode
     dbias_mode = 0
@@ -470,10 +473,10 @@ def attention_backward(grad_out, q, k, v, bias, out, lse2, scale: float, need_db
     dbuf = None
     if need_dbias and per_batch:
         dbias_mode = 1
-        dbuf = torch.empty((B, H, n_q, n_k), device=q.device, dtype=torch.float32)
+        dbuf = _buffers.empty((B, H, n_q, n_k), torch.float32, q.device)
     elif need_dbias and not deterministic:
         dbias_mode = 2
-        dbuf = torch.zeros((1, H, n_q, n_k), device=q.device, dtype=torch.float32)
+        dbuf = _buffers.zeros((1, H, n_q, n_k), torch.float32, q.device)  # float32 atomics add into it
     db_arg = dbuf if dbuf is not None else delta
     db_strides = dbuf.stride() if dbuf is not None else (0, 0, 0, 0)
 
@@ -497,7 +500,7 @@ def attention_backward(grad_out, q, k, v, bias, out, lse2, scale: float, need_db
         groups = _dbias_groups(tiles, B, q.device)
         per_group = math.ceil(B / groups)
         groups = math.ceil(B / per_group)
-        dbuf = torch.empty((groups, H, n_q, n_k), device=q.device, dtype=torch.float32)
+        dbuf = _buffers.empty((groups, H, n_q, n_k), torch.float32, q.device)
         _attention_bwd_dbias_kernel[(triton.cdiv(n_q, cfg["BLOCK_M"]), triton.cdiv(n_k, cfg["BLOCK_N"]), H * groups)](
             q, k, v, bias_arg, grad_out, lse2, delta, dbuf,
             *q.stride(), *k.stride(), *v.stride(), *sbias[1:], *grad_out.stride(), *dbuf.stride(),

@@ -1,5 +1,5 @@
 """``window_attention(q, k, v, bias, window_mask=None, scale=None)``: Swin's window attention with its relative
-position bias and shifted-window mask, fused.
+position bias and shifted-window mask, fused; one op (kernels/_op.py).
 
 Swin's blocks attend inside windows of N = Wh*Ww tokens (36 for 6x6, 49 for 7x7). q, k, v are
 [B*nW, H, N, d] with the window index of row b equal to ``b mod nW`` (the order of Swin's window partition);
@@ -7,53 +7,70 @@ the learnable relative position bias [H, N, N] is shared by every window, and in
 mask [nW, N, N] (0 / -100) keeps tokens of different regions apart. timm and the official code add both to a
 materialised [B*nW, H, N, N] score tensor; here they are added inside the kernels.
 
+Forward (row b of B*nW, window ``w = b mod nW``; ``S = scale q k^T + bias + mask[w]``, ``P = softmax_row(S)``)::
+
+    out = P v                    [B*nW, H, N, d], memory [B*nW, N, H, d]-contiguous
+
+Backward (``g`` = dL/d out; P recomputed, nothing saved but the inputs)::
+
+    dv = P^T g    dP = g v^T    dS = P * (dP - rowsum(P dP))
+    dq = scale dS k    dk = scale dS^T q    dbias = sum_b dS[b]   (no gradient for the constant mask)
+
 Backends (see :mod:`kernels._backend`):
 
-* ``triton``     one fused forward and one fused backward kernel (:mod:`.window_attention_triton`): the whole
-  N x N tile of a (window, head) stays in registers, so no [B*nW, H, N, N] tensor is written; dbias is
-  summed over the windows in float32 per program and reduced once on the host (no atomics: bitwise
+* ``triton``     one fused forward and one fused backward kernel (:mod:`kernels.attn.window_attention_triton`):
+  the whole N x N tile of a (window, head) stays in registers, so no [B*nW, H, N, N] tensor is written; dbias
+  is summed over the windows in float32 per program and reduced once on the host (no atomics: bitwise
   reproducible). CUDA tensors of float16/bfloat16/float32 with N <= 64 and head dim <= 64 (CPU only under
   ``TRITON_INTERPRET=1`` when forced).
-* ``reference``  the math path of :mod:`.window_attention_reference` (any device, dtype, N and head dim);
-  the CPU default.
+* ``reference``  the math path of :mod:`kernels.attn.reference` (any device, dtype, N and head dim); the CPU
+  default; its backward is autograd's.
 
-float32 inputs: the Triton dots use TF32 when ``torch.get_float32_matmul_precision()`` is ``"high"`` or
-``"medium"`` and full IEEE float32 otherwise, as :func:`kernels.attention` does.
+The output layout is the same on every backend (the fake implementation promises it). float32 inputs: the
+Triton dots use TF32 when ``torch.get_float32_matmul_precision()`` is ``"high"`` or ``"medium"`` and full
+IEEE float32 otherwise, as :func:`kernels.attention` does.
 """
 
+# ruff: noqa: UP045
 from __future__ import annotations
 
+import dataclasses
+import functools
+from typing import Optional  # custom-op schema inference: Optional[Tensor] works on every torch >= 2.11
+
 import torch
+from torch import Tensor
 
-from kernels import _backend
-from kernels.attn.reference import default_scale
-from kernels.attn.window_attention_reference import window_attention_reference
+from kernels._backend import define_op, triton_reasons
+from kernels._op import custom_op, eager_function, nothing, reference_grads
+from kernels.attn.attention import check_qkv, check_table, resolve_scale, tensor_core_reasons
+from kernels.attn.reference import heads_last_empty, window_attention_reference
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TRITON_MAX_TOKENS = 64
 TRITON_MAX_HEAD_DIM = 64
 
-window_attention_op = _backend.define_op(
-    "window_attention",
-    "Swin window attention softmax(q k^T * scale + bias + mask[b mod nW]) v, dbias summed over the windows",
-)
+# ----------------------------------------------------------------------------------------------------------
+# inputs
 
 
-def _check_inputs(q, k, v, bias, window_mask, scale):
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"window_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"window_attention: {name} must be 4-D [B*nW, H, N, d], got shape {tuple(t.shape)}")
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"window_attention: {name} has dtype {t.dtype}; expected one of float16, bfloat16, "
-                            "float32, float64")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"window_attention: q, k, v must share a dtype, got q={q.dtype}, k={k.dtype}, v={v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"window_attention: q, k, v must be on one device, got q={q.device}, k={k.device}, "
-                         f"v={v.device}")
+@dataclasses.dataclass(frozen=True)
+class WindowAttentionInputs:
+    """Checked arguments: ``scale`` resolved to a float."""
+
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    bias: Optional[Tensor]
+    window_mask: Optional[Tensor]
+    scale: float
+
+    @property
+    def args(self) -> tuple:
+        return (self.q, self.k, self.v, self.bias, self.window_mask, self.scale)
+
+
+def validate(q, k, v, bias=None, window_mask=None, scale=None) -> WindowAttentionInputs:
+    check_qkv("window_attention", "[B*nW, H, N, d]", q, k, v)
     BW, H, N, d = q.shape
     if min(BW, H, N, d) < 1:
         raise ValueError(f"window_attention: q has an empty dimension: {tuple(q.shape)}")
@@ -61,24 +78,12 @@ def _check_inputs(q, k, v, bias, window_mask, scale):
         if t.shape != q.shape:
             raise ValueError(f"window_attention: {name} must have the shape of q [B*nW, H, N, d] = {tuple(q.shape)} "
                              f"(self-attention inside each window), got {tuple(t.shape)}")
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor):
-            raise TypeError(f"window_attention: bias must be a torch.Tensor or None, got {type(bias).__name__}")
-        if not bias.is_floating_point():
-            raise TypeError(f"window_attention: bias must be floating point, got {bias.dtype}")
-        if bias.device != q.device:
-            raise ValueError(f"window_attention: bias is on {bias.device} but q is on {q.device}")
-        if tuple(bias.shape) != (H, N, N):
-            raise ValueError(f"window_attention: bias must be the relative position bias [H, N, N] = [{H}, {N}, {N}] "
-                             f"of q {tuple(q.shape)}, got {tuple(bias.shape)}")
+    check_table("bias", bias, q)
+    if bias is not None and tuple(bias.shape) != (H, N, N):
+        raise ValueError(f"window_attention: bias must be the relative position bias [H, N, N] = [{H}, {N}, {N}] "
+                         f"of q {tuple(q.shape)}, got {tuple(bias.shape)}")
+    check_table("window_mask", window_mask, q)
     if window_mask is not None:
-        if not isinstance(window_mask, torch.Tensor):
-            raise TypeError(f"window_attention: window_mask must be a torch.Tensor or None, "
-                            f"got {type(window_mask).__name__}")
-        if not window_mask.is_floating_point():
-            raise TypeError(f"window_attention: window_mask must be floating point (0 / -100), got {window_mask.dtype}")
-        if window_mask.device != q.device:
-            raise ValueError(f"window_attention: window_mask is on {window_mask.device} but q is on {q.device}")
         if window_mask.dim() != 3 or tuple(window_mask.shape[1:]) != (N, N) or window_mask.shape[0] < 1:
             raise ValueError(f"window_attention: window_mask must be [nW, N, N] = [nW, {N}, {N}], "
                              f"got {tuple(window_mask.shape)}")
@@ -88,8 +93,105 @@ def _check_inputs(q, k, v, bias, window_mask, scale):
         if window_mask.requires_grad:
             raise ValueError("window_attention: window_mask is a constant and gets no gradient; pass it detached "
                              "(e.g. a buffer)")
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
-        raise TypeError(f"window_attention: scale must be a python float or None, got {type(scale).__name__}")
+    return WindowAttentionInputs(q, k, v, bias, window_mask, resolve_scale(scale, d))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# backends
+
+OP = define_op(
+    "window_attention",
+    "Swin window attention softmax(q k^T * scale + bias + mask[b mod nW]) v, dbias summed over the windows",
+)
+
+
+def _triton_reasons(i: WindowAttentionInputs) -> list[str]:
+    reasons = triton_reasons(i.q, i.k, i.v, i.bias, i.window_mask)
+    reasons += tensor_core_reasons(i.q, TRITON_MAX_HEAD_DIM, bias=i.bias, window_mask=i.window_mask)
+    if i.q.shape[2] > TRITON_MAX_TOKENS:
+        reasons.append(f"windows of {i.q.shape[2]} tokens are not supported by the Triton kernel (at most "
+                       f"{TRITON_MAX_TOKENS}, an 8x8 window)")
+    return reasons
+
+
+@OP.register("triton", _triton_reasons, note="fused fwd + fused bwd, dbias without atomics")
+def _forward_triton(i: WindowAttentionInputs) -> Tensor:
+    from kernels.attn.window_attention_triton import window_attention_forward
+
+    return window_attention_forward(*i.args)
+
+
+@OP.register("reference", note="math path")
+def _forward_reference(i: WindowAttentionInputs) -> Tensor:
+    """The custom op's reference forward (in the kernels' output layout); eager calls run
+    :func:`window_attention_reference` directly instead."""
+    return heads_last_empty(i.q).copy_(window_attention_reference(*i.args))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# forward, backward and the autograd formula (once)
+
+
+def _forward(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], window_mask: Optional[Tensor],
+             scale: float) -> Tensor:
+    """out [B*nW, H, N, d] in q's dtype."""
+    i = WindowAttentionInputs(q, k, v, bias, window_mask, scale)
+    return OP.select(i).fn(i)
+
+
+def _backward_kernels(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor],
+                      window_mask: Optional[Tensor], scale: float,
+                      need_dbias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The Triton backward: (dq, dk, dv, dbias); dbias [H, N, N] in bias's dtype, or 0 elements unless
+    ``need_dbias``."""
+    from kernels.attn.window_attention_triton import window_attention_backward
+
+    need_dbias = bool(need_dbias and bias is not None)
+    dq, dk, dv, db = window_attention_backward(grad_out, q, k, v, bias, window_mask, scale, need_dbias)
+    return dq, dk, dv, db if need_dbias else nothing(q)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, bias, window_mask, scale = inputs
+    ctx.backend = OP.select(WindowAttentionInputs(*inputs)).backend
+    ctx.save_for_backward(q, k, v, bias, window_mask)  # both backends recompute P from the inputs
+    ctx.scale = scale
+
+
+def _grads(bwd, ctx, grad_out):
+    needs = ctx.needs_input_grad
+    if ctx.backend == "reference":
+        grads = reference_grads(window_attention_reference, ctx.saved_tensors, needs[:5], (grad_out,),
+                                scale=ctx.scale)
+        return (*grads, None)
+    q, k, v, bias, window_mask = ctx.saved_tensors
+    need_dbias = bias is not None and needs[3]
+    dq, dk, dv, db = bwd(grad_out, q, k, v, bias, window_mask, ctx.scale, need_dbias)
+    return dq, dk, dv, (db if need_dbias else None), None, None
+
+
+fwd_op = custom_op("window_attention_fwd", _forward)
+bwd_op = custom_op("window_attention_bwd", _backward_kernels)
+
+
+@fwd_op.register_fake
+def _(q, k, v, bias, window_mask, scale):
+    return heads_last_empty(q)
+
+
+@bwd_op.register_fake
+def _(grad_out, q, k, v, bias, window_mask, scale, need_dbias):
+    db = bias.new_empty(bias.shape) if (need_dbias and bias is not None) else nothing(q)
+    return heads_last_empty(q), heads_last_empty(k), heads_last_empty(v), db
+
+
+fwd_op.register_autograd(functools.partial(_grads, bwd_op), setup_context=_setup_context)
+WindowAttentionFunction = eager_function("WindowAttentionFunction", _forward, _setup_context,
+                                         functools.partial(_grads, _backward_kernels))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# public API
 
 
 def window_attention(q, k, v, bias=None, window_mask=None, scale=None):
@@ -108,66 +210,9 @@ def window_attention(q, k, v, bias=None, window_mask=None, scale=None):
         [B*nW, H, N, d] in q's dtype. The Triton backend returns a [B*nW, N, H, d]-contiguous tensor viewed
         as [B*nW, H, N, d], so ``out.transpose(1, 2).reshape(B*nW, N, H * d)`` is free.
     """
-    _check_inputs(q, k, v, bias, window_mask, scale)
-    scale = default_scale(q.shape[-1]) if scale is None else float(scale)
-    if torch.compiler.is_compiling():  # one opaque custom op in the graph (kernels.library)
-        from kernels._library.window_attention import window_attention as registered
-
-        return registered(q, k, v, bias, window_mask, scale)
-    return window_attention_op(q, k, v, bias, window_mask, scale)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# backends
-
-
-def _triton_reasons(q, k, v, bias, window_mask, scale):
-    reasons = list(_backend.triton_reasons(q, k, v, bias, window_mask))
-    if q.dtype not in TRITON_DTYPES:
-        reasons.append(f"dtype {q.dtype} is not supported by the Triton kernel (float16, bfloat16, float32)")
-    if q.shape[2] > TRITON_MAX_TOKENS:
-        reasons.append(f"windows of {q.shape[2]} tokens are not supported by the Triton kernel (at most "
-                       f"{TRITON_MAX_TOKENS}, an 8x8 window)")
-    if q.shape[3] > TRITON_MAX_HEAD_DIM:
-        reasons.append(f"head dim {q.shape[3]} is not supported by the Triton kernel (at most {TRITON_MAX_HEAD_DIM})")
-    for name, t in (("bias", bias), ("window_mask", window_mask)):
-        if t is not None and t.dtype == torch.float64:
-            reasons.append(f"a float64 {name} is not supported by the Triton kernel")
-    return reasons
-
-
-class WindowAttentionFunction(torch.autograd.Function):
-    """Autograd wrapper of the Triton launchers (the backward recomputes P; nothing but the inputs is saved)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, bias, window_mask, scale):
-        from kernels.attn import window_attention_triton as wt
-
-        out = wt.window_attention_forward(q, k, v, bias, window_mask, scale)
-        ctx.save_for_backward(q, k, v, bias, window_mask)
-        ctx.scale = scale
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        from kernels.attn import window_attention_triton as wt
-
-        q, k, v, bias, window_mask = ctx.saved_tensors
-        need_dbias = bias is not None and ctx.needs_input_grad[3]
-        dq, dk, dv, dbias = wt.window_attention_backward(grad_out, q, k, v, bias, window_mask, ctx.scale, need_dbias)
-        return dq, dk, dv, dbias, None, None
-
-
-@window_attention_op.register("triton", _triton_reasons, note="fused fwd + fused bwd, dbias without atomics")
-def _window_attention_triton(q, k, v, bias, window_mask, scale):
-    if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (q, k, v, bias)):
-        from kernels.attn import window_attention_triton as wt
-
-        return wt.window_attention_forward(q, k, v, bias, window_mask, scale)
-    return WindowAttentionFunction.apply(q, k, v, bias, window_mask, scale)
-
-
-@window_attention_op.register("reference", note="math path")
-def _window_attention_reference(q, k, v, bias, window_mask, scale):
-    return window_attention_reference(q, k, v, bias, window_mask, scale)
+    i = validate(q, k, v, bias, window_mask, scale)
+    if torch.compiler.is_compiling():  # one opaque custom op in the graph
+        return fwd_op(*i.args)
+    if OP.select(i).backend == "reference":
+        return window_attention_reference(*i.args)
+    return WindowAttentionFunction.apply(*i.args)

@@ -30,8 +30,10 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import _buffers
 from kernels._backend import launches_on_input_device
-from kernels.attn.attention_triton import _dot, _precision, _upcast
+from kernels.attn.attention_triton import dot, dot_precision, interpreter_upcast
+from kernels.attn.reference import heads_last_empty
 
 LOG2E = 1.4426950408889634
 
@@ -66,7 +68,7 @@ def _window_attention_fwd_kernel(
     q = tl.load(Q + x_off, mask=nd, other=0.0)
     k = tl.load(K + x_off, mask=nd, other=0.0)
     v = tl.load(V + x_off, mask=nd, other=0.0)
-    s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale2
+    s = dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale2
     if HAS_BIAS:
         bias = tl.load(Bias + h * N * N + nn_off, mask=valid, other=0.0)
         s += bias.to(tl.float32) * 1.4426950408889634
@@ -78,7 +80,7 @@ def _window_attention_fwd_kernel(
     m = tl.where(m == float("-inf"), 0.0, m)
     p = tl.math.exp2(s - m[:, None])
     l = tl.sum(p, 1)
-    acc = _dot(p.to(v.dtype), v, PRECISION, UPCAST)
+    acc = dot(p.to(v.dtype), v, PRECISION, UPCAST)
     out = acc / tl.where(l == 0.0, 1.0, l)[:, None]
     tl.store(O + b * s_ob + h * s_oh + offs[:, None] * s_om + offs_d[None, :] * s_od,
              out.to(O.dtype.element_ty), mask=nd)
@@ -127,7 +129,7 @@ def _window_attention_bwd_kernel(
         v = tl.load(v_blk, boundary_check=(0, 1), padding_option="zero")
         do = tl.load(g_blk, boundary_check=(0, 1), padding_option="zero")
         # transposed orientation (rows = keys j, columns = queries i): dV and dK need no transposed tile
-        st = _dot(k, tl.trans(q), PRECISION, UPCAST) * qk_scale2
+        st = dot(k, tl.trans(q), PRECISION, UPCAST) * qk_scale2
         if HAS_BIAS or HAS_MASK:  # re-read per row from L1/L2: cheaper than keeping N x N tiles live
             extra = tl.zeros([BLOCK, BLOCK], tl.float32)
             if HAS_BIAS:
@@ -144,15 +146,15 @@ def _window_attention_bwd_kernel(
         l = tl.sum(pt, 0)
         pt = pt / tl.where(l == 0.0, 1.0, l)[None, :]
 
-        dv = _dot(pt.to(do.dtype), do, PRECISION, UPCAST)
+        dv = dot(pt.to(do.dtype), do, PRECISION, UPCAST)
         dv_blk = tl.make_block_ptr(DV + b * s_yb + h * s_yh, (rows, HEAD_DIM), (s_ym, s_yd), (0, 0), (BLOCK, BLOCK_D), (1, 0))
         tl.store(dv_blk, dv.to(DV.dtype.element_ty), boundary_check=(0, 1))
-        dpt = _dot(v, tl.trans(do), PRECISION, UPCAST)
+        dpt = dot(v, tl.trans(do), PRECISION, UPCAST)
         dst = pt * (dpt - tl.sum(pt * dpt, 0)[None, :])  # padding queries (and short rows) have dO = 0: dS = 0
-        dk = _dot(dst.to(q.dtype), q, PRECISION, UPCAST) * scale
+        dk = dot(dst.to(q.dtype), q, PRECISION, UPCAST) * scale
         dk_blk = tl.make_block_ptr(DK + b * s_yb + h * s_yh, (rows, HEAD_DIM), (s_ym, s_yd), (0, 0), (BLOCK, BLOCK_D), (1, 0))
         tl.store(dk_blk, dk.to(DK.dtype.element_ty), boundary_check=(0, 1))
-        dq = _dot(tl.trans(dst.to(k.dtype)), k, PRECISION, UPCAST) * scale
+        dq = dot(tl.trans(dst.to(k.dtype)), k, PRECISION, UPCAST) * scale
         dq_blk = tl.make_block_ptr(DQ + b * s_yb + h * s_yh, (rows, HEAD_DIM), (s_ym, s_yd), (0, 0), (BLOCK, BLOCK_D), (1, 0))
         tl.store(dq_blk, dq.to(DQ.dtype.element_ty), boundary_check=(0, 1))
         if NEED_DBIAS:
@@ -183,12 +185,6 @@ def _options(blocks: dict, dtype: torch.dtype, backward: bool) -> dict:
     return {"num_warps": 8 if wide else 4, "num_stages": 1}
 
 
-def _out_buffer(like: torch.Tensor) -> torch.Tensor:
-    """[BW, H, N, d] viewed over a [BW, N, H, d]-contiguous buffer: the head merge after it is free."""
-    BW, H, N, d = like.shape
-    return torch.empty((BW, N, H, d), device=like.device, dtype=like.dtype).permute(0, 2, 1, 3)
-
-
 def _shared_layout(q, k, v):
     """q, k, v with one set of strides (the kernels read them with one offset tile): as given when they are
     views of one qkv projection or all contiguous, else contiguous copies (rare)."""
@@ -209,14 +205,14 @@ def window_attention_forward(q, k, v, bias, window_mask, scale: float):
     BW, H, N, d = q.shape
     nW = window_mask.shape[0] if window_mask is not None else 1
     q, k, v = _shared_layout(q, k, v)
-    out = _out_buffer(q)
+    out = heads_last_empty(q)
     cfg = _blocks(N, d)
     b_arg, m_arg = _tables(bias, window_mask, q)
     _window_attention_fwd_kernel[(BW * H,)](
         q, k, v, b_arg, m_arg, out, *q.stride(), *out.stride(),
         H, nW, N, d, scale * LOG2E,
         HAS_BIAS=bias is not None, HAS_MASK=window_mask is not None,
-        PRECISION=_precision(q.dtype), UPCAST=_upcast(q), **cfg, **_options(cfg, q.dtype, backward=False),
+        PRECISION=dot_precision(q.dtype), UPCAST=interpreter_upcast(q), **cfg, **_options(cfg, q.dtype, backward=False),
     )
     return out
 
@@ -246,8 +242,8 @@ def window_attention_backward(grad_out, q, k, v, bias, window_mask, scale: float
     q, k, v = _shared_layout(q, k, v)
     per_group = _rows_per_group(BW, _dbias_groups(BW, H, q.device))
     groups = math.ceil(BW / per_group)
-    dq, dk, dv = _out_buffer(q), _out_buffer(k), _out_buffer(v)
-    dbuf = torch.empty((groups, H, N, N), device=q.device, dtype=torch.float32) if need_dbias else None
+    dq, dk, dv = heads_last_empty(q), heads_last_empty(k), heads_last_empty(v)
+    dbuf = _buffers.empty((groups, H, N, N), torch.float32, q.device) if need_dbias else None
     cfg = _blocks(N, d)
     b_arg, m_arg = _tables(bias, window_mask, q)
     _window_attention_bwd_kernel[(groups * H,)](
@@ -255,7 +251,7 @@ def window_attention_backward(grad_out, q, k, v, bias, window_mask, scale: float
         *q.stride(), *grad_out.stride(), *dq.stride(),
         BW, H, nW, N, d, scale, scale * LOG2E,
         ROWS_PER_GROUP=per_group, HAS_BIAS=bias is not None, HAS_MASK=window_mask is not None,
-        NEED_DBIAS=need_dbias, PRECISION=_precision(q.dtype), UPCAST=_upcast(q), **cfg,
+        NEED_DBIAS=need_dbias, PRECISION=dot_precision(q.dtype), UPCAST=interpreter_upcast(q), **cfg,
         **_options(cfg, q.dtype, backward=True),
     )
     dbias = None
