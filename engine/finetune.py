@@ -225,23 +225,25 @@ def save_finetune_results(source, cfg: dict, results: dict, data_dir) -> Path | 
 # ------------------------------------------------------------------------------------------------ main
 def build_finetune_parser():
     """``build_parser`` with this command's name and, in ``--help``, the defaults a bare ``python -m
-    engine.finetune`` resolves (SPEC < the finetune method's defaults < the CPU preset), not engine.pretrain's."""
+    engine.finetune`` resolves (the options' < the finetune method's defaults < the CPU preset), not
+    engine.pretrain's."""
     import re
 
     from engine.methods.finetune import FineTune
-    from engine.trainer.config import SPEC, load_preset
+    from engine.trainer.config import all_options, load_preset
 
     parser = one_line_errors(build_parser(prog=PROG))
     parser.description = __doc__.splitlines()[0].split(": ", 1)[1]
-    shown = {k: v[0] for k, v in SPEC.items()}
+    options = all_options()
+    shown = {k: o.default for k, o in options.items()}
     shown.update(FineTune.defaults)
     try:
         preset, _ = load_preset(DEFAULT_PRESET)
-        shown.update({k: v for k, v in preset.items() if k in SPEC and not isinstance(v, dict)})
+        shown.update({k: v for k, v in preset.items() if k in options and not isinstance(v, dict)})
     except ConfigError:
         pass
     for action in parser._actions:
-        if action.dest in SPEC and action.help:
+        if action.dest in options and action.help:
             action.help = re.sub(r"\(default: .*\)$", f"(default: {shown[action.dest]})", action.help)
     return parser
 

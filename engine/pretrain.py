@@ -19,28 +19,27 @@ on non-finite values, 4 data error, 5 checkpoint error, 6 a peer rank stopped an
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
 from engine import exit_codes as codes
-from engine.cli_common import check_output_dir, fail as _fail
-from engine.cli_common import install_stop_handlers as _install_stop_handlers
-from engine.cli_common import one_line_errors as _one_line_errors
+from engine.cli_common import (data_dir_or_exit, fail as _fail, find_resume_or_exit, fit_or_exit, one_line_errors,
+                               report_preempted, write_run_config)
 from engine.trainer.config import ConfigError, build_parser, dump_config, resolve
-from engine.trainer.loop import OutputDirError
 
 
 def build_loader(cfg: dict, method, data_dir, dist) -> object:
-    from engine.data import build_pretrain_loader
+    """The pre-training loader of ``method``'s data recipe (``--crop-scale`` replacing its crop scale)."""
+    from engine.data import LoaderOptions, build_pretrain_loader
 
-    kw = dict(method.loader_kwargs())
+    recipe = method.data_recipe()
     if cfg.get("crop_scale") is not None:
-        kw["crop_scale"] = tuple(cfg["crop_scale"])
-    # a tokenizer method (dvae, vqkd) reuses the augmentation recipe named by its ``loader_method``
-    return build_pretrain_loader(
-        getattr(method, "loader_method", None) or cfg["method"], str(data_dir), batch_size=cfg["batch_size"], image_size=cfg["image_size"], seed=cfg["seed"],
-        shard_id=dist.rank, num_shards=dist.world_size, num_threads=cfg["num_threads"],
-        device="gpu" if dist.device.type == "cuda" else "cpu", **kw)
+        recipe = dataclasses.replace(recipe, crop_scale=tuple(cfg["crop_scale"]))
+    options = LoaderOptions(batch_size=cfg["batch_size"], seed=cfg["seed"], shard_id=dist.rank,
+                            num_shards=dist.world_size, num_threads=cfg["num_threads"],
+                            device="gpu" if dist.device.type == "cuda" else "cpu")
+    return build_pretrain_loader(recipe, str(data_dir), image_size=cfg["image_size"], options=options)
 
 
 def final_knn(cfg: dict, method, data_dir, device) -> dict[str, float]:
@@ -55,13 +54,15 @@ def final_knn(cfg: dict, method, data_dir, device) -> dict[str, float]:
 
 def check_method_options(method) -> None:
     """Build one mask of the method's recipe now, so that a bad mask option fails before any training."""
-    fn = method.loader_kwargs().get("mask_fn")
+    fn = method.mask_fn()
     if fn is not None:
         fn(1, 0)
 
 
 def main(argv=None) -> int:
-    parser = _one_line_errors(build_parser())
+    """The command line (``argv``: its arguments, default ``sys.argv[1:]``); returns the exit status, or exits
+    with it (``SystemExit``) on an error. Any method registered in this process can be run."""
+    parser = one_line_errors(build_parser())
     prog = parser.prog
     args = vars(parser.parse_args(argv))
     from engine.methods import UnknownMethodError, build_method, get_method
@@ -73,33 +74,16 @@ def main(argv=None) -> int:
     if args.get("print_config"):
         print(dump_config(cfg), end="")
         return codes.OK
-    from engine.trainer import Trainer, NonFiniteLossError, find_resume, init_distributed, seed_everything
-    from engine.trainer.checkpoint import CheckpointError
-    from engine.trainer.distributed import barrier, cleanup, is_timeout_error
+    from engine.trainer import Trainer, init_distributed, seed_everything
+    from engine.trainer.distributed import barrier, cleanup
 
-    try:
-        resume = find_resume(cfg["resume"], cfg["output_dir"])
-        check_output_dir(cfg, resume)
-    except FileNotFoundError as exc:
-        _fail(prog, str(exc), codes.CHECKPOINT)
-    except ConfigError as exc:
-        _fail(prog, str(exc))
+    resume = find_resume_or_exit(cfg, prog)
     try:
         dist = init_distributed(cfg["device"], timeout_s=cfg["dist_timeout"])
     except ValueError as exc:
         _fail(prog, str(exc))
     seed_everything(cfg["seed"] + dist.rank)
-    try:
-        if cfg["data"] is None:
-            from engine.data import builtin_dataset
-
-            data_dir = builtin_dataset(image_size=cfg["image_size"]) if dist.is_main else None
-            barrier()
-            data_dir = builtin_dataset(image_size=cfg["image_size"])
-        else:
-            data_dir = Path(cfg["data"])
-    except OSError as exc:
-        _fail(prog, f"data: {exc}", codes.DATA)
+    data_dir = data_dir_or_exit(cfg, dist, prog)
     try:
         method = build_method(cfg["method"], cfg)
         check_method_options(method)
@@ -125,32 +109,10 @@ def main(argv=None) -> int:
               f"({trainer.steps_per_epoch}/epoch)  lr {trainer.lr:.3g}  batch {cfg['batch_size']}x"
               f"{dist.world_size}x{cfg['accum_steps']}  precision {cfg['precision']}  device {dist.device}"
               + (f"  resume {resume}" if resume else ""), flush=True)
-        out_dir = Path(cfg["output_dir"])
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.yaml").write_text(dump_config(cfg))
-    _install_stop_handlers(trainer)
-    try:
-        summary = trainer.fit(resume=resume)
-    except NonFiniteLossError as exc:
-        _fail(prog, str(exc), codes.NON_FINITE)
-    except CheckpointError as exc:
-        _fail(prog, str(exc), codes.CHECKPOINT)
-    except OutputDirError as exc:
-        _fail(prog, str(exc))
-    except RuntimeError as exc:
-        if dist.enabled and is_timeout_error(exc):
-            first = str(exc).strip().splitlines()[0][:200]
-            _fail(prog, f"rank {dist.rank}: a peer rank stopped answering for --dist-timeout "
-                        f"{cfg['dist_timeout']:g} s ({first}); the last checkpoint is "
-                        f"{trainer._last_finite_text()}; restart the job with --resume", codes.DISTRIBUTED)
-        raise
+    write_run_config(cfg, dist)
+    summary = fit_or_exit(trainer, cfg, dist, prog, resume)
     if summary.get("preempted"):
-        if dist.is_main:
-            print(f"pre-empted ({summary['preempted']}) at step {summary['step']}/{summary['total_steps']}: "
-                  f"checkpoint {trainer.last_checkpoint} saved; continue with the same command and --resume",
-                  flush=True)
-        cleanup()
-        return codes.PREEMPTED
+        return report_preempted(trainer, summary, dist)
     if dist.is_main:
         print(f"trained {summary['step']}/{summary['total_steps']} steps in {summary['seconds']:.1f}s; "
               f"checkpoint {trainer.last_checkpoint}", flush=True)

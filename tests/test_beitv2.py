@@ -247,9 +247,8 @@ def _trainer(cfg):
 
     seed_everything(cfg["seed"])
     m = build_method(cfg["method"], cfg)
-    loader = build_pretrain_loader(m.loader_method, builtin_dataset(image_size=32), batch_size=cfg["batch_size"],
-                                   image_size=32, seed=cfg["seed"], num_threads=1, backend="torch",
-                                   **m.loader_kwargs())
+    loader = build_pretrain_loader(m.data_recipe(), builtin_dataset(image_size=32), batch_size=cfg["batch_size"],
+                                   image_size=32, seed=cfg["seed"], num_threads=1, backend="torch")
     return Trainer(m, loader, cfg)
 
 

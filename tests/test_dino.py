@@ -241,8 +241,8 @@ def test_dino_method_hands_its_variant_to_the_loader():
                        local_crops=1, local_crops_scale="0.3,0.5", color_jitter=0.0),
                   method_defaults_fn=lambda m: get_method(m).defaults)
     m = build_method("dino", cfg)
-    ld = build_pretrain_loader(m.loader_method, builtin_dataset(image_size=32), batch_size=8, image_size=32,
-                               num_threads=1, backend="torch", **m.loader_kwargs())
+    ld = build_pretrain_loader(m.data_recipe(), builtin_dataset(image_size=32), batch_size=8, image_size=32,
+                               num_threads=1, backend="torch")
     assert ld.recipe.views[2].scale == (0.3, 0.5) and ld.recipe.views[0].jitter_p == 0.0
     batch = next(iter(ld))
     assert [tuple(c.shape) for c in batch["crops"]] == [(8, 3, 32, 32)] * 2 + [(8, 3, 16, 16)]

@@ -44,9 +44,8 @@ def train_tiny(method_name, out_dir, steps=2):
     cfg = resolve(cli, method_defaults_fn=lambda m: get_method(m).defaults)
     seed_everything(cfg["seed"])
     method = build_method(method_name, cfg)
-    loader = build_pretrain_loader(getattr(method, "loader_method", None) or method_name,
-                                   builtin_dataset(image_size=32), batch_size=8, image_size=32, seed=cfg["seed"],
-                                   num_threads=1, backend="torch", **method.loader_kwargs())
+    loader = build_pretrain_loader(method.data_recipe(), builtin_dataset(image_size=32), batch_size=8, image_size=32,
+                                   seed=cfg["seed"], num_threads=1, backend="torch")
     trainer = Trainer(method, loader, cfg)
     trainer.fit()
     trainer.logger.close()
@@ -150,9 +149,8 @@ def test_predict_uses_the_methods_masks_and_identity_case(runs, name, monkeypatc
             t = (t - t.mean(-1, keepdim=True)) / (t.var(-1, keepdim=True) + 1e-6).sqrt()
             return t.reshape(2, 4, 4, 3, 8, 8).permute(0, 3, 1, 4, 2, 5).reshape(2, 3, 32, 32)
         monkeypatch.setattr(method, "reconstruct", normalised)
-    kw = method.loader_kwargs()
-    monkeypatch.setattr(method, "loader_kwargs", lambda: {
-        "mask_fn": lambda b, s: {"mask": torch.zeros_like(kw["mask_fn"](b, s)["mask"])}})
+    fn = method.mask_fn()
+    monkeypatch.setattr(method, "mask_fn", lambda: lambda b, s: {"mask": torch.zeros_like(fn(b, s)["mask"])})
     out = vrec.predict(method, images)
     cols = vrec.composite(images, out["pred"], out["mask"])
     torch.testing.assert_close(cols["pasted"], images, rtol=1e-5, atol=1e-5)

@@ -1,19 +1,29 @@
 """Registry of pre-training methods.
 
-``@register("name")`` on a :class:`PretrainMethod` subclass makes it buildable by name. Known names are
-looked up lazily by importing ``engine.methods.<name>``, so a method only needs its own module
-(beit.py, beitv2.py, spark.py plug in the same way as simmim.py and dino.py).
+``@register("name")`` on a :class:`PretrainMethod` subclass makes it buildable by name, from any module. A
+built-in method is a module of this package, imported on demand: ``get_method("x")`` imports
+``engine.methods.x``, and the lists (:func:`available_methods`, :func:`registered_methods`) import every module
+of the package first -- so a new method is one file here (or one ``@register`` anywhere) and nothing else: its
+defaults, options, data recipe and masks are declared by its class (:mod:`engine.methods.base`).
 """
 
 from __future__ import annotations
 
 import importlib
+import pkgutil
 
 from engine.methods.base import PretrainMethod
 
-KNOWN_METHODS = ("beit", "beitv2", "simmim", "spark", "dino", "dvae", "vqkd")
 _REGISTRY: dict[str, type[PretrainMethod]] = {}
 _NOT_PRETRAINING: set[str] = set()
+
+
+def _builtin_modules() -> tuple[str, ...]:
+    """The modules of this package (candidate built-in methods), by name."""
+    return tuple(sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")))
+
+
+KNOWN_METHODS = _builtin_modules()  # modules of this package; the methods are those that register
 
 
 class UnknownMethodError(ValueError):
@@ -35,6 +45,12 @@ def register(name: str, *, pretraining: bool = True):
     return deco
 
 
+def unregister(name: str) -> None:
+    """Remove a registered method (a test's own, say); unknown names are ignored."""
+    _REGISTRY.pop(name, None)
+    _NOT_PRETRAINING.discard(name)
+
+
 def _try_import(name: str) -> None:
     if name in _REGISTRY:
         return
@@ -46,20 +62,24 @@ def _try_import(name: str) -> None:
             raise
 
 
+def registered_methods() -> list[type[PretrainMethod]]:
+    """Every registered method class, the built-ins imported first: pre-training methods by name, then the
+    others (fine-tuning) by name."""
+    for name in KNOWN_METHODS:
+        _try_import(name)
+    return [_REGISTRY[n] for n in sorted(_REGISTRY, key=lambda n: (n in _NOT_PRETRAINING, n))]
+
+
 def available_methods() -> list[str]:
     """Names of the pre-training methods whose implementation can be imported (the same list whatever
     else the process has imported)."""
-    for name in KNOWN_METHODS:
-        _try_import(name)
-    return sorted(n for n in _REGISTRY if n not in _NOT_PRETRAINING)
+    return [cls.name for cls in registered_methods() if cls.name not in _NOT_PRETRAINING]
 
 
 def get_method(name: str) -> type[PretrainMethod]:
     _try_import(name)
     if name not in _REGISTRY:
         have = ", ".join(available_methods()) or "none"
-        if name in KNOWN_METHODS:
-            raise UnknownMethodError(f"method {name!r} is not implemented yet; available: {have}")
         raise UnknownMethodError(f"unknown method {name!r}; available: {have}")
     return _REGISTRY[name]
 
@@ -69,4 +89,4 @@ def build_method(name: str, cfg: dict) -> PretrainMethod:
 
 
 __all__ = ["KNOWN_METHODS", "PretrainMethod", "UnknownMethodError", "available_methods", "build_method",
-           "get_method", "register"]
+           "get_method", "register", "registered_methods", "unregister"]

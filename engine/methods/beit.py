@@ -16,6 +16,7 @@ Without ``--tokenizer`` the method refuses to build (train one with ``--method d
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
@@ -23,7 +24,8 @@ from torch import nn
 
 import kernels
 from engine.methods import register
-from engine.methods.base import PretrainMethod, backbone_from_cfg
+from engine.methods.base import MASK_RATIO, PretrainMethod, backbone_from_cfg
+from engine.trainer.config import Option
 
 
 def default_num_masked(num_patches: int, ratio: float = 0.4) -> int:
@@ -69,11 +71,16 @@ class MaskedTokenMethod(PretrainMethod):
 
     tokenizer_kinds: tuple[str, ...] = ()
     tokenizer_how = ""
+    options = (
+        MASK_RATIO,
+        Option("tokenizer", None, str, "beit/beitv2: tokenizer (a --method dvae/vqkd run, or a DALL-E encoder)"),
+        Option("num_mask_patches", None, int, "beit/beitv2 masked patches (75 at 14x14, else round(mask_ratio*N))",
+               range=">=1"),
+    )
 
     def __init__(self, cfg: dict):
         super().__init__(cfg)
-        c = {**self.defaults, **{k: v for k, v in cfg.items() if v is not None}}
-        self.c = c
+        c = self.c
         self.tokenizer = require_tokenizer(c, self.name, self.tokenizer_kinds, self.tokenizer_how)
         self.backbone = backbone_from_cfg(c, use_mask_token=True)
         self.patch = self.backbone.patch_size
@@ -92,11 +99,10 @@ class MaskedTokenMethod(PretrainMethod):
         self.tokenizer.train(False)
         return self
 
-    def loader_kwargs(self) -> dict:
-        fn = functools.partial(
+    def mask_fn(self):
+        return functools.partial(
             _blockwise_mask_fn, grid=self.grid, num_masked=self.num_masked, min_block=self.min_block
         )
-        return {"mask_fn": fn}
 
     def encoder(self) -> nn.Module:
         return self.backbone
@@ -145,6 +151,10 @@ class BEiT(MaskedTokenMethod):
     )
     tokenizer_kinds = ("dvae", "dalle")
     tokenizer_how = "--method dvae"
+    options = MaskedTokenMethod.options + (
+        Option("tokenizer_size", None, int, "beit: tokenizer view size (default: patch grid x tokenizer cell)",
+               range=">=1"),
+    )
 
     def __init__(self, cfg: dict):
         super().__init__(cfg)
@@ -155,8 +165,8 @@ class BEiT(MaskedTokenMethod):
                 f"-token grid but the patch grid is {self.grid}x{self.grid}: use {want}"
             )
 
-    def loader_kwargs(self) -> dict:
-        return {**super().loader_kwargs(), "tokenizer_size": self.tokenizer_size}
+    def data_recipe(self):
+        return dataclasses.replace(super().data_recipe(), tokenizer_size=self.tokenizer_size)
 
     @property
     def tokenizer_size(self) -> int:

@@ -33,6 +33,7 @@ from torch import nn
 
 from engine.methods import register
 from engine.methods.beit import BEiT, MaskedTokenMethod
+from engine.trainer.config import Option
 from engine.models.vit import Block, _attn_proj
 
 
@@ -48,6 +49,10 @@ class BEiTv2(MaskedTokenMethod):
     defaults = {**BEiT.defaults, "beta2": 0.98, "drop_path": 0.0}
     tokenizer_kinds = ("vqkd",)
     tokenizer_how = "--method vqkd"
+    options = MaskedTokenMethod.options + (
+        Option("early_layer", None, int, "beitv2 [CLS]-aggregation source layer (9 of 12; scaled by depth)",
+               range=">=1"),
+    )
 
     def __init__(self, cfg: dict):
         super().__init__(cfg)

@@ -57,6 +57,7 @@ from engine.methods import register
 from engine.methods.base import PretrainMethod, backbone_from_cfg
 from engine.models.heads import DINOHead
 from engine.models.vit import DropPath
+from engine.trainer.config import Option
 from engine.trainer.distributed import all_reduce_, is_dist, world_size
 from engine.trainer.schedules import cosine_schedule, warmup_constant_schedule
 
@@ -164,11 +165,31 @@ class DINO(PretrainMethod):
                     bottleneck_dim=256, norm_last_layer=True, use_bn_in_head=False, local_crops=8,
                     momentum_teacher=0.996, center_momentum=0.9, warmup_teacher_temp=0.04, teacher_temp=0.04,
                     warmup_teacher_temp_epochs=0, student_temp=0.1, freeze_last_layer=1)
+    options = (
+        Option("out_dim", None, int, "DINO prototypes (65536 in the paper)", range=">=1"),
+        Option("head_hidden_dim", None, int, "DINO head MLP width (2048)", range=">=1"),
+        Option("bottleneck_dim", None, int, "DINO head bottleneck (256)", range=">=1"),
+        Option("norm_last_layer", None, bool, "DINO: weight-norm gain fixed to 1"),
+        Option("local_crops", None, int, "DINO local crops", range=">=0"),
+        Option("local_size", None, int, "DINO local crop size", range=">=1"),
+        Option("momentum_teacher", None, float, "DINO teacher EMA momentum start (cosine to 1)", range="[0,1]"),
+        Option("center_momentum", None, float, "DINO centering momentum", range="[0,1]"),
+        Option("warmup_teacher_temp", None, float, "DINO teacher temperature at step 0", range="(0,inf)"),
+        Option("teacher_temp", None, float, "DINO teacher temperature after warm-up", range="(0,inf)"),
+        Option("warmup_teacher_temp_epochs", None, float, "DINO teacher temperature warm-up epochs", range="[0,inf)"),
+        Option("student_temp", None, float, "DINO student temperature", range="(0,inf)"),
+        Option("freeze_last_layer", None, int, "DINO: epochs with the last head layer frozen", range=">=0"),
+        Option("use_bn_in_head", None, bool, "DINO: BatchNorm1d after each hidden layer of the head (the original's "
+                                             "--use_bn_in_head; images start apart at init)"),
+        Option("local_crops_scale", None, str, "DINO local crop scale range 'lo,hi' (default (0.05, 0.4) at >= 192 "
+                                               "px, following the image size below)"),
+        Option("color_jitter", None, float, "colour-jitter strength factor of the recipe (1 = published; 0 = none)",
+               range="[0,inf)"),
+    )
 
     def __init__(self, cfg: dict):
         super().__init__(cfg)
-        c = {**self.defaults, **{k: v for k, v in cfg.items() if v is not None}}
-        self.c = c
+        c = self.c
         backbone = dino_backbone(c)
         head = DINOHead(int(backbone.embed_dim), int(c["out_dim"]), int(c["head_hidden_dim"]),
                         int(c["bottleneck_dim"]), norm_last_layer=bool(c["norm_last_layer"]),
@@ -228,19 +249,14 @@ class DINO(PretrainMethod):
         torch._foreach_mul_(t, m)
         torch._foreach_add_(t, s, alpha=1.0 - m)
 
-    @property
-    def loader_method(self) -> str:
-        """The recipe: DINO's, or a variant with ``local_crops_scale`` / ``color_jitter`` (engine.data.augment)."""
-        from engine.data.augment import recipe_variant
+    def data_recipe(self):
+        """DINO's multi-crop recipe with its crop count/size, ``local_crops_scale`` and ``color_jitter``."""
+        from engine.data import DataRecipe
 
-        return recipe_variant("dino", local_crops_scale=_pair(self.c.get("local_crops_scale"), "local_crops_scale"),
-                              color_jitter=self.c.get("color_jitter"))
-
-    def loader_kwargs(self) -> dict:
-        kw = {"local_crops": int(self.c["local_crops"])}
-        if self.c.get("local_size"):
-            kw["local_size"] = int(self.c["local_size"])
-        return kw
+        c = self.c
+        return DataRecipe("dino", local_crops=int(c["local_crops"]), local_size=int(c["local_size"]) if c.get("local_size") else None,
+                          local_crops_scale=_pair(c.get("local_crops_scale"), "local_crops_scale"),
+                          color_jitter=c.get("color_jitter"))
 
     def encoder(self) -> nn.Module:
         return self.teacher.backbone

@@ -32,8 +32,9 @@ from torch import nn
 
 import kernels
 from engine.methods import register
-from engine.methods.base import PretrainMethod
+from engine.methods.base import TOKENIZER_WIDTH, VOCAB_SIZE, PretrainMethod
 from engine.models.dvae import DVAE, kl_to_uniform, map_pixels
+from engine.trainer.config import Option
 from engine.trainer.schedules import cosine_schedule, warmup_constant_schedule
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -47,8 +48,8 @@ def imagenet_to_unit(images: torch.Tensor) -> torch.Tensor:
     return (images * std + mean).clamp(0, 1)
 
 
-def dvae_from_cfg(cfg: dict) -> DVAE:
-    c = {**DVAEMethod.defaults, **{k: v for k, v in cfg.items() if v is not None}}
+def dvae_from_cfg(c: dict) -> DVAE:
+    """The dVAE of a method config with its defaults filled in (``DVAEMethod.c``)."""
     return DVAE(
         vocab_size=int(c["vocab_size"]), hidden=int(c["tokenizer_width"]), cell=int(c["tokenizer_cell"])
     )
@@ -70,7 +71,7 @@ class DVAEFeatures(nn.Module):
 
 @register("dvae")
 class DVAEMethod(PretrainMethod):
-    loader_method = "simmim"  # one RandomResizedCrop view is all the tokenizer needs
+    recipe = "simmim"  # one RandomResizedCrop view is all the tokenizer needs
     defaults = dict(
         blr=1e-3,
         weight_decay=1e-4,
@@ -86,11 +87,21 @@ class DVAEMethod(PretrainMethod):
         kl_weight=1e-3,
         kl_warmup_steps=5000,
     )
+    options = (
+        VOCAB_SIZE,
+        TOKENIZER_WIDTH,
+        Option("tokenizer_cell", None, int, "dvae pixels per token side (8 = DALL-E; a power of 2)", range=">=1"),
+        Option("gumbel_temp", None, float, "dvae Gumbel-softmax temperature at step 0", range="(0,inf)"),
+        Option("gumbel_temp_end", None, float, "dvae Gumbel-softmax temperature at the end (cosine anneal)",
+               range="(0,inf)"),
+        Option("kl_weight", None, float, "dvae weight of KL(q || uniform)", range="[0,inf)"),
+        Option("kl_warmup_steps", None, int, "dvae: the KL weight ramps linearly from 0 over this many updates "
+                                             "(DALL-E: 5000)", range=">=0"),
+    )
 
     def __init__(self, cfg: dict):
         super().__init__(cfg)
-        c = {**self.defaults, **{k: v for k, v in cfg.items() if v is not None}}
-        self.c = c
+        c = self.c
         self.tokenizer = dvae_from_cfg(c)
         if int(c["image_size"]) % self.tokenizer.cell:
             raise ValueError(

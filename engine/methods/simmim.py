@@ -21,7 +21,8 @@ from torch import nn
 
 import kernels
 from engine.methods import register
-from engine.methods.base import PretrainMethod, backbone_from_cfg
+from engine.methods.base import MASK_RATIO, PretrainMethod, backbone_from_cfg
+from engine.trainer.config import Option
 from engine.methods.simmim_swin import build_swin_simmim, is_swin_cfg, swin_reconstruct
 
 
@@ -46,9 +47,12 @@ class SimMIM(PretrainMethod):
     defaults = dict(blr=5e-5, weight_decay=0.05, clip_grad=5.0, warmup_epochs=10, min_lr=5e-7, drop_path=0.1,
                     init_values=0.1, use_abs_pos_emb=False, use_shared_rel_pos_bias=True, qv_bias=True,
                     mask_ratio=0.6, pool="mean")
+    options = (MASK_RATIO, Option("mask_patch_size", None, int, "SimMIM mask unit in pixels (default 32 at >=192 px, "
+                                  "scaled down below)", range=">=1"))
 
     def __init__(self, cfg: dict):
         super().__init__(cfg)
+        cfg = self.c
         self.swin = is_swin_cfg(cfg)
         if self.swin:  # Swin: mask token at the patch embedding, stride-32 decoder (engine/methods/simmim_swin.py)
             self.backbone, self.decoder = build_swin_simmim(cfg)
@@ -57,7 +61,7 @@ class SimMIM(PretrainMethod):
         self.patch = self.backbone.patch_size
         self.image_size = int(cfg["image_size"])
         self.mask_patch = int(cfg.get("mask_patch_size") or default_mask_patch(self.image_size, self.patch))
-        self.ratio = float(cfg.get("mask_ratio", 0.6))
+        self.ratio = float(cfg["mask_ratio"])
         self.in_chans = 3
         if not self.swin:
             self.decoder = nn.Sequential(
@@ -65,10 +69,9 @@ class SimMIM(PretrainMethod):
                 nn.PixelShuffle(self.patch),
             )
 
-    def loader_kwargs(self) -> dict:
-        fn = functools.partial(_simmim_mask_fn, image_size=self.image_size, mask_patch=self.mask_patch,
-                               patch=self.patch, ratio=self.ratio)
-        return {"mask_fn": fn}
+    def mask_fn(self):
+        return functools.partial(_simmim_mask_fn, image_size=self.image_size, mask_patch=self.mask_patch,
+                                 patch=self.patch, ratio=self.ratio)
 
     def encoder(self) -> nn.Module:
         return self.backbone

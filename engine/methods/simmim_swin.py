@@ -76,6 +76,7 @@ class SwinSimMIM(PretrainMethod):
 
     defaults = dict(blr=1e-4, weight_decay=0.05, clip_grad=5.0, warmup_epochs=10, min_lr=5e-6, drop_path=0.0,
                     use_abs_pos_emb=False, mask_ratio=0.6, pool="mean")
+    recipe = "simmim"
 
     def __init__(self, cfg: dict):
         super().__init__(cfg)
@@ -87,11 +88,11 @@ class SwinSimMIM(PretrainMethod):
         self.patch = self.backbone.patch_size
         self.image_size = int(cfg["image_size"])
         self.mask_patch = int(cfg.get("mask_patch_size") or default_mask_patch(self.image_size, self.patch))
-        self.ratio = float(cfg.get("mask_ratio") or 0.6)
+        self.ratio = float(self.c["mask_ratio"])
 
-    def loader_kwargs(self) -> dict:
-        return {"mask_fn": functools.partial(_mask_fn, image_size=self.image_size, mask_patch=self.mask_patch,
-                                             patch=self.patch, ratio=self.ratio)}
+    def mask_fn(self):
+        return functools.partial(_mask_fn, image_size=self.image_size, mask_patch=self.mask_patch,
+                                 patch=self.patch, ratio=self.ratio)
 
     def encoder(self) -> nn.Module:
         return self.backbone

@@ -31,7 +31,8 @@ from torch import nn
 
 import kernels
 from engine.methods import register
-from engine.methods.base import PretrainMethod
+from engine.methods.base import MASK_RATIO, PretrainMethod
+from engine.trainer.config import Option
 from engine.models.convnext import CONVNEXT_CONFIGS, build_convnext
 from engine.models.resnet import RESNET_CONFIGS, build_resnet
 from engine.models.spark_decoder import Densifier, LightDecoder
@@ -91,11 +92,12 @@ class SparK(PretrainMethod):
         pool="mean",
         decoder_width=768,
     )
+    options = (MASK_RATIO,
+               Option("decoder_width", None, int, "spark decoder width at the smallest scale (768)", range=">=1"))
 
     def __init__(self, cfg: dict):
         super().__init__(cfg)
-        c = {**self.defaults, **{k: v for k, v in cfg.items() if v is not None}}
-        self.c = c
+        c = self.c
         net = build_convnet(str(c["model"]), drop_path=float(c.get("drop_path") or 0.0))
         self.ratio = int(net.downsample_ratio)
         self.image_size = int(c["image_size"])
@@ -125,8 +127,8 @@ class SparK(PretrainMethod):
         self.densify = Densifier(list(reversed(net.feature_channels)), widths, norm)
         self.strides = list(reversed(net.feature_strides))  # smallest scale first
 
-    def loader_kwargs(self) -> dict:
-        return {"mask_fn": functools.partial(_spark_mask_fn, grid=self.grid, ratio=self.mask_ratio)}
+    def mask_fn(self):
+        return functools.partial(_spark_mask_fn, grid=self.grid, ratio=self.mask_ratio)
 
     def encoder(self) -> nn.Module:
         return self.net

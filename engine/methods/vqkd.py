@@ -26,8 +26,9 @@ from torch import nn
 
 import kernels
 from engine.methods import register
-from engine.methods.base import PretrainMethod, backbone_from_cfg
+from engine.methods.base import TOKENIZER_WIDTH, VOCAB_SIZE, PretrainMethod, backbone_from_cfg
 from engine.models.vqkd import VQKD, cosine_distill_loss
+from engine.trainer.config import Option
 
 RANDOM_TEACHER_SEED = 1234
 _ANNOUNCED: set = set()
@@ -77,8 +78,8 @@ def load_teacher(cfg: dict) -> tuple[nn.Module, str]:
     return enc.eval(), desc
 
 
-def vqkd_from_cfg(cfg: dict, teacher_dim: int) -> VQKD:
-    c = {**VQKDMethod.defaults, **{k: v for k, v in cfg.items() if v is not None}}
+def vqkd_from_cfg(c: dict, teacher_dim: int) -> VQKD:
+    """The VQ-KD tokenizer of a method config with its defaults filled in (``VQKDMethod.c``)."""
     enc = backbone_from_cfg(  # the VQ-KD encoder is unilm's fine-tuning ViT: timm's trunc_normal_ cut-offs
         c,
         drop_path_rate=0.0,
@@ -100,7 +101,7 @@ def vqkd_from_cfg(cfg: dict, teacher_dim: int) -> VQKD:
 
 @register("vqkd")
 class VQKDMethod(PretrainMethod):
-    loader_method = "beitv2"  # the tokenizer is trained on the view BEiT v2 later tokenizes
+    recipe = "beitv2"  # the tokenizer is trained on the view BEiT v2 later tokenizes
     defaults = dict(
         blr=1.5e-4,
         weight_decay=1e-4,
@@ -115,11 +116,17 @@ class VQKDMethod(PretrainMethod):
         codebook_dim=32,
         decoder_depth=3,
     )
+    options = (
+        Option("teacher", None, str, "vqkd: frozen teacher checkpoint (default: a random ViT, not CLIP/DINO)"),
+        VOCAB_SIZE,
+        Option("codebook_dim", None, int, "vqkd code dimension (32)", range=">=1"),
+        TOKENIZER_WIDTH,
+        Option("decoder_depth", None, int, "vqkd decoder blocks (3)", range=">=1"),
+    )
 
     def __init__(self, cfg: dict):
         super().__init__(cfg)
-        c = {**self.defaults, **{k: v for k, v in cfg.items() if v is not None}}
-        self.c = c
+        c = self.c
         teacher, desc = load_teacher(c)
         _announce(desc)
         self.teacher_desc = desc

@@ -76,7 +76,7 @@ def predict(method, images: torch.Tensor, seed: int = 0) -> dict[str, torch.Tens
     if name not in METHODS:
         raise VizError(f"reconstruction needs a --method {' or '.join(METHODS)} checkpoint, got --method {name}")
     B = images.shape[0]
-    mask = method.loader_kwargs()["mask_fn"](B, seed)["mask"].to(images.device)  # [B, g, g], True = masked
+    mask = method.mask_fn()(B, seed)["mask"].to(images.device)  # [B, g, g], True = masked
     if name == "simmim":
         pred = method.reconstruct(images, mask)
     else:
