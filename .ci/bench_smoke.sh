@@ -24,8 +24,8 @@ cases=(
     "bench/test_bench_gather_masked.py::test_bench_gather_masked[fwd+bwd-ours-cpu-small-fp32]"
     "bench/test_bench_masked_cross_entropy.py::test_bench_masked_cross_entropy[fwd+bwd-ours-cpu-small-fp32]"
     "bench/test_bench_masked_cross_entropy.py::test_bench_masked_cross_entropy[fwd+bwd-three-gemms-cpu-small-fp32]"
-    "bench/test_bench_sparse_conv.py::test_sparse_conv_cpu[ours-rn50_l1_3x3-fwd]"
-    "bench/test_bench_sparse_conv.py::test_masked_batch_norm_cpu[ours-fwd+bwd]"
+    "bench/test_bench_sparse_conv2d.py::test_sparse_conv_cpu[ours-rn50_l1_3x3-fwd]"
+    "bench/test_bench_masked_batch_norm.py::test_masked_batch_norm_cpu[ours-fwd+bwd]"
     "bench/test_bench_train_step.py::test_train_step_cpu[simmim-ours]"
     "bench/test_bench_window_attention.py::test_window_attention_cpu[reference-fwd+bwd]"
 )

@@ -62,7 +62,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 OP_TESTS = ["tests/test_attention.py", "tests/test_nearest_code.py", "tests/test_ema_codebook_update.py",
             "tests/test_vector_quantizer.py", "tests/test_masked_token_scatter.py",
             "tests/test_gather_masked.py", "tests/test_masked_cross_entropy.py",
-            "tests/test_sparse_conv.py", "tests/test_masked_batch_norm.py"]
+            "tests/test_sparse_conv2d.py", "tests/test_masked_batch_norm.py"]
 PYTEST = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider"]
 TRAIN = "bench/test_bench_train_step.py"
 BENCH_OPTS = ["--benchmark-only", "--benchmark-max-time=0.2", "--benchmark-min-rounds=3", "-q", "-rfEs"]

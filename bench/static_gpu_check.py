@@ -389,9 +389,9 @@ def masked_cross_entropy_cases() -> list[Case]:
 
 
 # ------------------------------------------------------------------------------------------------------------
-# SparK sparse convolution at the ResNet-50 / ConvNeXt layer shapes (kernels/sparse_conv/triton_kernels.py)
+# SparK sparse convolution at the ResNet-50 / ConvNeXt layer shapes (kernels/sparse_conv/sparse_conv2d_triton.py)
 
-SC = "kernels.sparse_conv.triton_kernels"
+SC = "kernels.sparse_conv.sparse_conv2d_triton"
 # name: (Cin, Cout, kernel, stride, depthwise, stride of the layer's input w.r.t. the image) -- bench/ layers
 LAYERS = {
     "rn50_stem_7x7s2": (3, 64, 7, 2, False, 1),
@@ -406,7 +406,7 @@ LAYERS = {
 
 
 def sparse_conv_cases() -> list[Case]:
-    from kernels.sparse_conv import triton_kernels as tk
+    from kernels.sparse_conv import sparse_conv2d_triton as tk
 
     batch, image = 32, 224
     cases = []
@@ -464,13 +464,13 @@ def sparse_conv_cases() -> list[Case]:
 
 
 # ------------------------------------------------------------------------------------------------------------
-# masked batch norm (kernels/sparse_conv/triton_bn.py)
+# masked batch norm (kernels/sparse_conv/masked_batch_norm_triton.py)
 
-BNK = "kernels.sparse_conv.triton_bn"
+BNK = "kernels.sparse_conv.masked_batch_norm_triton"
 
 
 def masked_bn_cases() -> list[Case]:
-    from kernels.sparse_conv import triton_bn as tb
+    from kernels.sparse_conv import masked_batch_norm_triton as tb
 
     B, C, H = 32, 256, 56  # ResNet-50 stage 1 at 224 px
     R, S = B * H * H, H * H

@@ -17,15 +17,9 @@ from kernels.attn import MultiheadSelfAttention, RelativePositionBias
 from kernels.attn.attention import attention
 from kernels.attn.window_attention import window_attention
 from kernels.masks import blockwise_masks, random_masks, simmim_masks, spark_masks
-from kernels.sparse_conv import (
-    SparseBatchNorm2d,
-    SparseConv2d,
-    SparseLayerNorm,
-    masked_batch_norm,
-    sparse_context,
-    sparse_conv2d,
-    to_sparse,
-)
+from kernels.sparse_conv import SparseBatchNorm2d, SparseConv2d, SparseLayerNorm, sparse_context, to_sparse
+from kernels.sparse_conv.masked_batch_norm import masked_batch_norm
+from kernels.sparse_conv.sparse_conv2d import sparse_conv2d
 from kernels.masked import MaskedLMHead, MaskedTokenEmbedding
 from kernels.masked.gather_masked import gather_masked
 from kernels.masked.masked_cross_entropy import masked_cross_entropy

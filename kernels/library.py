@@ -20,8 +20,7 @@ avoids the custom-op dispatch overhead. The op implementations select their back
 same declarations (:mod:`kernels._backend`), so ``KERNELS_BACKEND`` / ``use_backend`` hold inside compiled
 graphs. Data-dependent input checks (targets in range, finite values, per-row mask counts) need a host
 sync and are skipped while compiling. The backward ops are not themselves differentiable (no double
-backward), as in eager. ``kernels.sparse_conv2d`` is routed once its module calls :func:`sparse_conv2d`
-below when compiling; until then call ``kernels.library.sparse_conv2d`` in compiled code.
+backward), as in eager.
 
 Importing this module registers every op; it imports neither triton nor ``kernels._C``.
 """
@@ -32,7 +31,6 @@ import torch
 
 from kernels._library import NAMESPACE
 from kernels.attn import attention as _attention
-from kernels._library import sparse_conv as _sparse_conv
 from kernels.attn import window_attention as _window_attention
 
 attention = _attention.attention
@@ -41,12 +39,13 @@ from kernels.codebook import nearest_code as _nearest_code  # noqa: E402
 from kernels.masked import gather_masked as _gather_masked  # noqa: E402
 from kernels.masked import masked_cross_entropy as _masked_cross_entropy  # noqa: E402
 from kernels.masked import masked_token_scatter as _masked_token_scatter  # noqa: E402
+from kernels.sparse_conv import sparse_conv2d as _sparse_conv2d  # noqa: E402
 
 masked_token_scatter = _masked_token_scatter.masked_token_scatter
 gather_masked = _gather_masked.gather_masked
 masked_cross_entropy = _masked_cross_entropy.masked_cross_entropy
 nearest_code = _nearest_code.nearest_code
-sparse_conv2d = _sparse_conv.sparse_conv2d
+sparse_conv2d = _sparse_conv2d.sparse_conv2d
 window_attention = _window_attention.window_attention
 
 # public op -> the custom ops that implement it

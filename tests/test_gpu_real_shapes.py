@@ -493,7 +493,7 @@ def _conv_case(name, dtype, device):
 
 @pytest.mark.parametrize("name,dtype", CONV_CASES, ids=[f"{n}-{str(d)[6:]}" for n, d in CONV_CASES])
 def test_sparse_conv_real_layer_shapes(device, name, dtype):
-    from kernels.sparse_conv import sparse_conv2d
+    from kernels import sparse_conv2d
     from kernels.sparse_conv.reference import sparse_conv2d_reference
 
     x, active, a_out, w, b, params = _conv_case(name, dtype, device)
@@ -522,7 +522,9 @@ BN = sized((32, 56, 256), (2, 8, 16))  # ResNet-50 stage 1: batch 32, 56 x 56, 2
 @pytest.mark.parametrize("dtype,layout", [(torch.bfloat16, "channels_last"), (torch.bfloat16, "nchw"),
                                           (torch.float32, "channels_last")], ids=["bf16-cl", "bf16-nchw", "fp32-cl"])
 def test_masked_batch_norm_real_shape(device, dtype, layout):
-    from kernels.sparse_conv import masked_batch_norm, masked_batch_norm_reference, upsample_active
+    from kernels import masked_batch_norm
+    from kernels.sparse_conv import upsample_active
+    from kernels.sparse_conv.reference import masked_batch_norm_reference
 
     B, R, C = BN
     keep = ~kernels.spark_masks(B, 7 if not DRY else 2, 7 if not DRY else 2, 0.6, seed=0)

@@ -99,7 +99,7 @@ def test_every_triton_launcher_is_device_guarded():
                "kernels.masked.masked_cross_entropy_triton",
                "kernels.attn.attention_triton", "kernels.attn.window_attention_triton",
                "kernels.codebook.nearest_code_triton", "kernels.codebook.ema_codebook_update_triton",
-               "kernels.sparse_conv.triton_kernels", "kernels.sparse_conv.triton_bn"]
+               "kernels.sparse_conv.sparse_conv2d_triton", "kernels.sparse_conv.masked_batch_norm_triton"]
     checked = 0
     for module in modules:
         mod = importlib.import_module(module)

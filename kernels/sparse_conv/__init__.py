@@ -1,18 +1,15 @@
 """Sparse (submanifold) convolution for masked convnets (SparK): kernels, activity maps, sparse modules.
 
-``sparse_conv2d(x, active, weight, ...) -> (out, active_out)``; modules and ``to_sparse(model)`` run a dense
-ResNet/ConvNeXt sparsely inside ``with sparse_context(active):``.
+The ops live in their own modules (``from kernels import sparse_conv2d, masked_batch_norm``):
+:mod:`kernels.sparse_conv.sparse_conv2d` (``sparse_conv2d(x, active, weight, ...) -> (out, active_out)``) and
+:mod:`kernels.sparse_conv.masked_batch_norm`; their oracles in :mod:`kernels.sparse_conv.reference`. The
+modules and ``to_sparse(model)`` run a dense ResNet/ConvNeXt sparsely inside ``with sparse_context(active):``.
 """
 
 from kernels.sparse_conv.active import active_site_index, conv_output_size, downsample_active, upsample_active
-from kernels.sparse_conv.batch_norm import (
-    MaskedBatchNormFunction,
-    masked_batch_norm,
-    masked_batch_norm_reference,
-)
 from kernels.sparse_conv.context import ActivityMaps, current_maps, sparse_context
 from kernels.sparse_conv.convert import SparseReport, to_sparse
-from kernels.sparse_conv.function import SparseConv2dFunction, sparse_conv2d
+from kernels.sparse_conv.masked_batch_norm import MaskedBatchNormFunction
 from kernels.sparse_conv.modules import (
     SparseAdaptiveAvgPool2d,
     SparseAvgPool2d,
@@ -21,6 +18,7 @@ from kernels.sparse_conv.modules import (
     SparseLayerNorm,
     SparseMaxPool2d,
 )
+from kernels.sparse_conv.sparse_conv2d import SparseConv2dFunction
 
 __all__ = [
     "ActivityMaps",
@@ -37,10 +35,7 @@ __all__ = [
     "conv_output_size",
     "current_maps",
     "downsample_active",
-    "masked_batch_norm",
-    "masked_batch_norm_reference",
     "sparse_context",
-    "sparse_conv2d",
     "to_sparse",
     "upsample_active",
 ]

@@ -24,7 +24,8 @@ from __future__ import annotations
 import torch
 
 
-def _pair(v, name):
+def pair(v, name: str) -> tuple[int, int]:
+    """``v`` (an int or a pair of ints, not bools) as a pair; a TypeError naming ``name`` otherwise."""
     if isinstance(v, bool):
         raise TypeError(f"{name}: expected an int or a pair of ints, got {v!r}")
     if isinstance(v, int):
@@ -40,11 +41,11 @@ def _pair(v, name):
 
 def conv_output_size(size, kernel_size, stride=1, padding=0, dilation=1):
     """``(Ho, Wo)`` of a convolution (same formula as ``F.conv2d``)."""
-    (H, W), (kh, kw) = size, _pair(kernel_size, "kernel_size")
+    (H, W), (kh, kw) = size, pair(kernel_size, "kernel_size")
     (sh, sw), (ph, pw), (dh, dw) = (
-        _pair(stride, "stride"),
-        _pair(padding, "padding"),
-        _pair(dilation, "dilation"),
+        pair(stride, "stride"),
+        pair(padding, "padding"),
+        pair(dilation, "dilation"),
     )
     return ((H + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
 
@@ -59,7 +60,7 @@ def downsample_active(active: torch.Tensor, stride=1, out_size=None) -> torch.Te
             f"active: expected a bool tensor [B, H, W], got {getattr(active, 'dtype', type(active))} "
             f"{tuple(getattr(active, 'shape', ()))}"
         )
-    sh, sw = _pair(stride, "stride")
+    sh, sw = pair(stride, "stride")
     if sh < 1 or sw < 1:
         raise ValueError(f"stride must be >= 1, got {(sh, sw)}")
     B, H, W = active.shape
@@ -96,7 +97,7 @@ def _any_cells(a: torch.Tensor, dim: int, s: int, n_out: int) -> torch.Tensor:
 
 def upsample_active(active: torch.Tensor, factor) -> torch.Tensor:
     """Nearest upsampling of a coarse map (e.g. SparK's 7x7 unit mask to a 56x56 feature map)."""
-    fh, fw = _pair(factor, "factor")
+    fh, fw = pair(factor, "factor")
     out = active
     if fh > 1:
         out = out.repeat_interleave(fh, dim=1)

@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.sparse_conv.active import _pair, conv_output_size, downsample_active
-from kernels.sparse_conv.batch_norm import masked_batch_norm
+from kernels.sparse_conv.active import conv_output_size, downsample_active, pair
 from kernels.sparse_conv.context import current_maps
-from kernels.sparse_conv.function import groups_supported, sparse_conv2d
+from kernels.sparse_conv.masked_batch_norm import masked_batch_norm
+from kernels.sparse_conv.sparse_conv2d import groups_supported, sparse_conv2d
 
 
 def _mask(active: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -48,7 +48,7 @@ def _resolve_padding(conv: nn.Conv2d):
         if any(t % 2 for t in total):
             return None
         return (total[0] // 2, total[1] // 2)
-    return _pair(tuple(conv.padding), "padding")
+    return pair(tuple(conv.padding), "padding")
 
 
 def conv_unsupported_reason(conv: nn.Conv2d) -> str | None:
@@ -277,7 +277,7 @@ class SparseAdaptiveAvgPool2d(nn.AdaptiveAvgPool2d):
 
     @classmethod
     def from_dense(cls, pool: nn.AdaptiveAvgPool2d) -> SparseAdaptiveAvgPool2d:
-        if _pair(
+        if pair(
             pool.output_size if not isinstance(pool.output_size, list) else tuple(pool.output_size),
             "output_size",
         ) != (1, 1):

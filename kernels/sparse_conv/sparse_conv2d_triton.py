@@ -1,9 +1,10 @@
 """Triton kernels of sparse convolution: implicit GEMM over the list of active sites (NHWC, zero halos).
 
-Notation as in :mod:`kernels.sparse_conv.function`; ``p(o, k)`` is the input site read by output site ``o``
-at kernel offset ``k = kh * KW + kw``. Site lists are padded to the dense size (``active_site_index``), and a
-device-side count makes programs past the last active site exit at once, so no host sync sizes the grid.
-This file is the only one that imports triton; it is imported lazily by the triton backend.
+Notation as in :mod:`kernels.sparse_conv.sparse_conv2d`; ``p(o, k)`` is the input site read by output site
+``o`` at kernel offset ``k = kh * KW + kw``. Site lists are padded to the dense size (``active_site_index``),
+and a device-side count makes programs past the last active site exit at once, so no host sync sizes the
+grid. This file imports triton; it is imported lazily by the triton backend. Output buffers come from
+``kernels._buffers``.
 """
 
 from __future__ import annotations
@@ -12,13 +13,16 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import _buffers
 from kernels._backend import launches_on_input_device
+from kernels._checks import acc_dtype
 from kernels.sparse_conv.active import active_site_index
+from kernels.sparse_conv.layout import as_u8, check_out_buffer
 
 
 @triton.jit
 def _neighbour(
-    s, m_ok, act_src, H_src, W_src, H_dst, W_dst, kh, kw, SH, SW, PH, PW, DH, DW, TRANSPOSED: tl.constexpr
+    s, m_ok, act_src, H_src, W_src, H_dst, W_dst, kh, kw, SH, SW, PH, PW, DH, DW, TRANSPOSED: tl.constexpr,
 ):
     """Row index (in the src grid) of the site that dst site ``s`` reads at offset (kh, kw), and its validity.
 
@@ -50,35 +54,10 @@ def _neighbour(
 
 @triton.jit
 def _sparse_conv_fwd_kernel(
-    src,
-    act_src,
-    sites,
-    count,
-    w,
-    bias,
-    dst,
-    H_src,
-    W_src,
-    H_dst,
-    W_dst,
-    KDIM: tl.constexpr,
-    NDIM: tl.constexpr,
-    KH: tl.constexpr,
-    KW: tl.constexpr,
-    SH,
-    SW,
-    PH,
-    PW,
-    DH,
-    DW,
-    TRANSPOSED: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    USE_DOT: tl.constexpr,
-    DOT_F32: tl.constexpr,
-    ACC_F64: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    src, act_src, sites, count, w, bias, dst, H_src, W_src, H_dst, W_dst, KDIM: tl.constexpr,
+    NDIM: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, SH, SW, PH, PW, DH, DW, TRANSPOSED: tl.constexpr,
+    HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr, DOT_F32: tl.constexpr, ACC_F64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Implicit GEMM over a block of active dst sites x a block of dst channels.
 
@@ -141,31 +120,9 @@ def _sparse_conv_fwd_kernel(
 
 @triton.jit
 def _sparse_dwconv_fwd_kernel(
-    src,
-    act_src,
-    sites,
-    count,
-    w,
-    bias,
-    dst,
-    H_src,
-    W_src,
-    H_dst,
-    W_dst,
-    C,
-    KH: tl.constexpr,
-    KW: tl.constexpr,
-    SH,
-    SW,
-    PH,
-    PW,
-    DH,
-    DW,
-    TRANSPOSED: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    ACC_F64: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+    src, act_src, sites, count, w, bias, dst, H_src, W_src, H_dst, W_dst, C, KH: tl.constexpr,
+    KW: tl.constexpr, SH, SW, PH, PW, DH, DW, TRANSPOSED: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ACC_F64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Depthwise: dst[o, c] = bias[c] + sum_k src[p(o,k), c] * w[k, c] (transposed: dx[p, c] from g)."""
     pid_m = tl.program_id(0)
@@ -206,34 +163,9 @@ def _sparse_dwconv_fwd_kernel(
 
 @triton.jit
 def _sparse_conv_wgrad_kernel(
-    x,
-    act_in,
-    g,
-    sites,
-    count,
-    dw_part,
-    db_part,
-    H,
-    W,
-    Ho,
-    Wo,
-    CIN,
-    COUT,
-    KW: tl.constexpr,
-    SH,
-    SW,
-    PH,
-    PW,
-    DH,
-    DW,
-    SPLIT,
-    HAS_BIAS: tl.constexpr,
-    USE_DOT: tl.constexpr,
-    DOT_F32: tl.constexpr,
-    ACC_F64: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_CI: tl.constexpr,
-    BLOCK_CO: tl.constexpr,
+    x, act_in, g, sites, count, dw_part, db_part, H, W, Ho, Wo, CIN, COUT, KW: tl.constexpr, SH, SW, PH, PW,
+    DH, DW, SPLIT, HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr, DOT_F32: tl.constexpr,
+    ACC_F64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
 ):
     """dW[k, ci, co] = sum_o x[p(o,k), ci] * g[o, co] over the active o of this split (blocks pid_s, pid_s +
     SPLIT, ...); written to dw_part[pid_s] and summed on the host side of the launch (deterministic).
@@ -290,30 +222,8 @@ def _sparse_conv_wgrad_kernel(
 
 @triton.jit
 def _sparse_dwconv_wgrad_kernel(
-    x,
-    act_in,
-    g,
-    sites,
-    count,
-    dw_part,
-    db_part,
-    H,
-    W,
-    Ho,
-    Wo,
-    C,
-    KW: tl.constexpr,
-    SH,
-    SW,
-    PH,
-    PW,
-    DH,
-    DW,
-    SPLIT,
-    HAS_BIAS: tl.constexpr,
-    ACC_F64: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+    x, act_in, g, sites, count, dw_part, db_part, H, W, Ho, Wo, C, KW: tl.constexpr, SH, SW, PH, PW, DH, DW,
+    SPLIT, HAS_BIAS: tl.constexpr, ACC_F64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Depthwise dW[k, c] = sum_o x[p(o,k), c] * g[o, c] (split over site blocks, partials per split);
     the k = 0 programs also write dbias partials sum_o g[o, c]."""
@@ -355,7 +265,7 @@ def _sparse_dwconv_wgrad_kernel(
 
 
 # ----------------------------------------------------------------------------------------------------------
-# launchers (same signatures as kernels.sparse_conv.native)
+# launchers (same signatures as kernels.sparse_conv.sparse_conv2d_native)
 
 
 def _use_dot(dtype) -> bool:
@@ -367,16 +277,8 @@ def _dot_f32(t) -> bool:
     return t.device.type == "cpu" and t.dtype == torch.bfloat16
 
 
-def _acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _blocks(n: int, lo: int = 16, hi: int = 64) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(1, n))))
-
-
-def _u8(active):
-    return active.contiguous().view(torch.uint8)
 
 
 def _grid_sites(n_dense: int, block: int) -> int:
@@ -392,79 +294,51 @@ def _split(n_dense: int, block_m: int, device, partial_elems: int) -> int:
     return max(1, min(64, cap, triton.cdiv(n_dense, block_m * 4)))
 
 
-def _check_buffer(name, buf, shape, like):
-    if buf.shape != shape or buf.dtype != like.dtype or not buf.is_contiguous():
-        raise ValueError(
-            f"{name}: expected a contiguous {like.dtype} buffer of shape {tuple(shape)}, "
-            f"got {buf.dtype} {tuple(buf.shape)}"
-        )
+def _out(out, name, shape, like):
+    if out is None:
+        return _buffers.empty(shape, like.dtype, like.device)
+    check_out_buffer(name, out, shape, like)
+    return out
+
+
+def _conv_args(stride, padding, dilation):
+    return (stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1])
 
 
 def _gather_gemm(src, act_src, act_dst, w, bias, out, transposed, depthwise, kdim, ndim, geom):
-    (H_src, W_src, H_dst, W_dst, KH, KW, stride, padding, dilation) = geom
+    """``out[dst site, n] = sum_k sum_c src[neighbour, c] w[k, c, n]`` at the active dst sites (zeros elsewhere);
+    ``geom = (H_src, W_src, H_dst, W_dst, KH, KW, stride, padding, dilation)``."""
+    H_src, W_src, H_dst, W_dst, KH, KW, stride, padding, dilation = geom
     sites, count = active_site_index(act_dst)
     out.view(-1, ndim)[:] = 0  # inactive rows (the kernel writes every active row)
     n_dense = sites.numel()
     acc64 = src.dtype == torch.float64
     common = (H_src, W_src, H_dst, W_dst)
-    conv = (stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1])
+    conv = _conv_args(stride, padding, dilation)
     bias_arg = bias if bias is not None else out
+    flags = dict(TRANSPOSED=transposed, HAS_BIAS=bias is not None, ACC_F64=acc64)
     if depthwise:
         # 16 sites x 64 channels: the largest tile ptxas keeps in registers (sm_90, 49 taps; 32 x 64 spills)
         BM, BC = (16 if src.device.type == "cuda" else 32), _blocks(ndim, 16, 64)
         grid = (_grid_sites(n_dense, BM), triton.cdiv(ndim, BC))
         _sparse_dwconv_fwd_kernel[grid](
-            src,
-            _u8(act_src),
-            sites,
-            count,
-            w,
-            bias_arg,
-            out,
-            *common,
-            ndim,
-            KH,
-            KW,
-            *conv,
-            TRANSPOSED=transposed,
-            HAS_BIAS=bias is not None,
-            ACC_F64=acc64,
-            BLOCK_M=BM,
-            BLOCK_C=BC,
+            src, as_u8(act_src), sites, count, w, bias_arg, out, *common, ndim, KH, KW, *conv,
+            **flags, BLOCK_M=BM, BLOCK_C=BC,
         )
-    else:
-        if src.device.type == "cuda":
-            # 128 sites x 64 channels x 32-deep K steps, 4 warps: no register spills on sm_90 (ptxas -v, bf16;
-            # the per-row gather addressing costs registers: 64 x 128 x 64 spilled ~2.8 KB per thread)
-            BM, BN, BK = 128, _blocks(ndim, 16, 64), _blocks(kdim, 16, 32)
-        else:  # interpreter: small tiles keep the emulation fast
-            BM, BN, BK = 32, _blocks(ndim, 16, 64), _blocks(kdim, 16, 32)
-        if acc64:  # fp64 runs the broadcast-multiply-sum path: keep the 3-D product small
-            BM, BN, BK = 16, 16, 16
-        grid = (_grid_sites(n_dense, BM), triton.cdiv(ndim, BN))
-        _sparse_conv_fwd_kernel[grid](
-            src,
-            _u8(act_src),
-            sites,
-            count,
-            w,
-            bias_arg,
-            out,
-            *common,
-            kdim,
-            ndim,
-            KH,
-            KW,
-            *conv,
-            TRANSPOSED=transposed,
-            HAS_BIAS=bias is not None,
-            USE_DOT=_use_dot(src.dtype),
-            DOT_F32=_dot_f32(src),
-            ACC_F64=acc64,
-            BLOCK_M=BM,
-            BLOCK_N=BN,
-            BLOCK_K=BK,
-        )
+        return out
+    if src.device.type == "cuda":
+        # 128 sites x 64 channels x 32-deep K steps, 4 warps: no register spills on sm_90 (ptxas -v, bf16;
+        # the per-row gather addressing costs registers: 64 x 128 x 64 spilled ~2.8 KB per thread)
+        BM, BN, BK = 128, _blocks(ndim, 16, 64), _blocks(kdim, 16, 32)
+    else:  # interpreter: small tiles keep the emulation fast
+        BM, BN, BK = 32, _blocks(ndim, 16, 64), _blocks(kdim, 16, 32)
+    if acc64:  # fp64 runs the broadcast-multiply-sum path: keep the 3-D product small
+        BM, BN, BK = 16, 16, 16
+    grid = (_grid_sites(n_dense, BM), triton.cdiv(ndim, BN))
+    _sparse_conv_fwd_kernel[grid](
+        src, as_u8(act_src), sites, count, w, bias_arg, out, *common, kdim, ndim, KH, KW, *conv,
+        **flags, USE_DOT=_use_dot(src.dtype), DOT_F32=_dot_f32(src), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
+    )
     return out
 
 
@@ -479,24 +353,10 @@ def forward(x_nhwc, active_in, active_out, weight, bias, stride, padding, dilati
         wp = weight.reshape(Cout, KH * KW).t().contiguous()
     else:
         wp = weight.permute(2, 3, 1, 0).reshape(KH * KW, cin_g, Cout).contiguous()
-    shape = (B, Ho, Wo, Cout)
-    if out is None:
-        out = x_nhwc.new_empty(shape)
-    _check_buffer("out", out, shape, x_nhwc)
+    out = _out(out, "out", (B, Ho, Wo, Cout), x_nhwc)
     geom = (H, W, Ho, Wo, KH, KW, stride, padding, dilation)
-    return _gather_gemm(
-        x_nhwc,
-        active_in,
-        active_out,
-        wp,
-        None if bias is None else bias.contiguous(),
-        out,
-        False,
-        depthwise,
-        Cin,
-        Cout,
-        geom,
-    )
+    bias = None if bias is None else bias.contiguous()
+    return _gather_gemm(x_nhwc, active_in, active_out, wp, bias, out, False, depthwise, Cin, Cout, geom)
 
 
 @launches_on_input_device
@@ -511,29 +371,14 @@ def backward_input(g_nhwc, active_in, active_out, weight, stride, padding, dilat
         wp = weight.reshape(Cout, KH * KW).t().contiguous()
     else:
         wp = weight.permute(2, 3, 0, 1).reshape(KH * KW, Cout, cin_g).contiguous()
-    shape = (B, H, W, Cin)
-    if out is None:
-        out = g_nhwc.new_empty(shape)
-    _check_buffer("dx", out, shape, g_nhwc)
+    out = _out(out, "dx", (B, H, W, Cin), g_nhwc)
     geom = (Ho, Wo, H, W, KH, KW, stride, padding, dilation)
     return _gather_gemm(g_nhwc, active_out, active_in, wp, None, out, True, depthwise, Cout, Cin, geom)
 
 
 @launches_on_input_device
-def backward_weight(
-    x_nhwc,
-    g_nhwc,
-    active_in,
-    active_out,
-    weight_shape,
-    stride,
-    padding,
-    dilation,
-    depthwise,
-    need_bias=True,
-    out=None,
-    out_bias=None,
-):
+def backward_weight(x_nhwc, g_nhwc, active_in, active_out, weight_shape, stride, padding, dilation, depthwise,
+                    need_bias=True, out=None, out_bias=None):
     """``(dweight [Cout, Cin/groups, KH, KW], dbias [Cout] or None)`` (fp32/fp64 partials, summed here)."""
     _, H, W, Cin = x_nhwc.shape
     _, Ho, Wo, Cout = g_nhwc.shape
@@ -541,83 +386,41 @@ def backward_weight(
     K = KH * KW
     x_nhwc, g_nhwc = x_nhwc.contiguous(), g_nhwc.contiguous()
     sites, count = active_site_index(active_out)
-    acc = _acc_dtype(x_nhwc.dtype)
-    conv = (stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1])
+    acc = acc_dtype(x_nhwc.dtype)
+    dev = x_nhwc.device
+    args = (x_nhwc, as_u8(active_in), g_nhwc, sites, count)
+    geom = (H, W, Ho, Wo)
+    conv = _conv_args(stride, padding, dilation)
     BM = 16 if acc == torch.float64 else 32
-    split = _split(sites.numel(), BM, x_nhwc.device, K * (1 if depthwise else Cin) * Cout)
+    split = _split(sites.numel(), BM, dev, K * (1 if depthwise else Cin) * Cout)
+    # every partial is written by exactly one program (no atomics): uninitialised buffers are fine
+    db_part = _buffers.empty((split, Cout), acc, dev)
+    flags = dict(HAS_BIAS=need_bias, ACC_F64=acc == torch.float64, BLOCK_M=BM)
     if depthwise:
         BC = _blocks(Cout, 16, 64)
-        dw_part = torch.zeros((split, K, Cout), device=x_nhwc.device, dtype=acc)
-        db_part = torch.zeros((split, Cout), device=x_nhwc.device, dtype=acc)
-        grid = (K, triton.cdiv(Cout, BC), split)
-        _sparse_dwconv_wgrad_kernel[grid](
-            x_nhwc,
-            _u8(active_in),
-            g_nhwc,
-            sites,
-            count,
-            dw_part,
-            db_part,
-            H,
-            W,
-            Ho,
-            Wo,
-            Cout,
-            KW,
-            *conv,
-            split,
-            HAS_BIAS=need_bias,
-            ACC_F64=acc == torch.float64,
-            BLOCK_M=BM,
-            BLOCK_C=BC,
+        dw_part = _buffers.empty((split, K, Cout), acc, dev)
+        _sparse_dwconv_wgrad_kernel[(K, triton.cdiv(Cout, BC), split)](
+            *args, dw_part, db_part, *geom, Cout, KW, *conv, split, **flags, BLOCK_C=BC,
         )
         dw = dw_part.sum(0).t().reshape(Cout, 1, KH, KW)
     else:
-        BCI, BCO = _blocks(Cin, 16, 32), _blocks(Cout, 16, 64)
-        if acc == torch.float64:
-            BCI, BCO = 16, 16
-        n_ci = triton.cdiv(Cin, BCI)
-        dw_part = torch.zeros((split, K, Cin, Cout), device=x_nhwc.device, dtype=acc)
-        db_part = torch.zeros((split, Cout), device=x_nhwc.device, dtype=acc)
-        grid = (K * n_ci, triton.cdiv(Cout, BCO), split)
-        _sparse_conv_wgrad_kernel[grid](
-            x_nhwc,
-            _u8(active_in),
-            g_nhwc,
-            sites,
-            count,
-            dw_part,
-            db_part,
-            H,
-            W,
-            Ho,
-            Wo,
-            Cin,
-            Cout,
-            KW,
-            *conv,
-            split,
-            HAS_BIAS=need_bias,
-            USE_DOT=_use_dot(x_nhwc.dtype),
-            DOT_F32=_dot_f32(x_nhwc),
-            ACC_F64=acc == torch.float64,
-            BLOCK_M=BM,
-            BLOCK_CI=BCI,
-            BLOCK_CO=BCO,
+        BCI, BCO = (16, 16) if acc == torch.float64 else (_blocks(Cin, 16, 32), _blocks(Cout, 16, 64))
+        dw_part = _buffers.empty((split, K, Cin, Cout), acc, dev)
+        _sparse_conv_wgrad_kernel[(K * triton.cdiv(Cin, BCI), triton.cdiv(Cout, BCO), split)](
+            *args, dw_part, db_part, *geom, Cin, Cout, KW, *conv, split, **flags,
+            USE_DOT=_use_dot(x_nhwc.dtype), DOT_F32=_dot_f32(x_nhwc), BLOCK_CI=BCI, BLOCK_CO=BCO,
         )
         dw = dw_part.sum(0).reshape(KH, KW, Cin, Cout).permute(3, 2, 0, 1)
     dw = dw.to(x_nhwc.dtype)
     if out is not None:
-        _check_buffer("dweight", out, tuple(weight_shape), dw)
-        out.copy_(dw)
-        dw = out
+        check_out_buffer("dweight", out, tuple(weight_shape), dw)
+        dw = out.copy_(dw)
     else:
         dw = dw.contiguous()
     db = None
     if need_bias:
         db = db_part.sum(0).to(x_nhwc.dtype)
         if out_bias is not None:
-            _check_buffer("dbias", out_bias, (Cout,), db)
-            out_bias.copy_(db)
-            db = out_bias
+            check_out_buffer("dbias", out_bias, (Cout,), db)
+            db = out_bias.copy_(db)
     return dw, db

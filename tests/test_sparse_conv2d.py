@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from conftest import assert_close, poison
 from torch import nn
 
-from kernels import NotSupportedError, use_backend
+from kernels import NotSupportedError, sparse_conv2d, use_backend
 from kernels._backend import native_reasons
 from kernels.sparse_conv import (
     SparseAdaptiveAvgPool2d,
@@ -17,14 +17,24 @@ from kernels.sparse_conv import (
     SparseMaxPool2d,
     downsample_active,
     sparse_context,
-    sparse_conv2d,
     to_sparse,
     upsample_active,
 )
-from kernels.sparse_conv.function import sparse_conv_op
+from kernels.sparse_conv.sparse_conv2d import OP as sparse_conv_op
+from kernels.sparse_conv.sparse_conv2d import SparseConv2dInputs
 from kernels.sparse_conv.reference import sparse_conv2d_reference
 
 needs_native = pytest.mark.skipif(bool(native_reasons()), reason="kernels._C is not built")
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs(monkeypatch):
+    """Every buffer the native/Triton launchers allocate starts NaN (or a sentinel), so unwritten elements fail."""
+
+    def alloc(shape, dtype, device):
+        return poison(torch.empty(shape, dtype=dtype, device=device))
+
+    monkeypatch.setattr("kernels._buffers.empty", alloc)
 
 
 def _inputs(B, C, Cout, H, W, k, groups, density, dtype, *, noncontig=False, garbage=True):
@@ -75,7 +85,8 @@ def _check_against_reference(x, active, w, b, stride, padding, groups, dtype, ba
 def test_native_float64_matches_reference(H, W, C, depthwise, k, stride, density):
     groups, Cout = (C, C) if depthwise else (1, 24 if C == 3 else 17)
     x, active, w, b = _inputs(2, C, Cout, H, W, k, groups, density, torch.float64, noncontig=(H == 28))
-    assert sparse_conv_op.select(x, active, active, w, b, (1, 1), (0, 0), (1, 1), groups).backend == "native"
+    inputs = SparseConv2dInputs(x, active, active, w, b, (1, 1), (0, 0), (1, 1), groups)
+    assert sparse_conv_op.select(inputs).backend == "native"
     a_out = _check_against_reference(x, active, w, b, stride, k // 2, groups, torch.float64, "native")
     assert torch.equal(a_out, downsample_active(active, stride, a_out.shape[1:]))
 
@@ -111,7 +122,7 @@ def test_native_dilation_padding_and_explicit_active_out():
 @pytest.mark.native
 @pytest.mark.parametrize("depthwise", [False, True])
 def test_native_launchers_write_every_element(depthwise):
-    from kernels.sparse_conv import native
+    from kernels.sparse_conv import sparse_conv2d_native as native
 
     C, Cout = (6, 6) if depthwise else (5, 19)
     x, active, w, b = _inputs(2, C, Cout, 9, 7, 3, C if depthwise else 1, 0.5, torch.float64)
@@ -128,7 +139,7 @@ def test_native_launchers_write_every_element(depthwise):
     ref = sparse_conv2d_reference(xr, active, a_out, wr, br, 2, 1, 1, C if depthwise else 1)
     rx, rw, rb = torch.autograd.grad(ref, (xr, wr, br), g.permute(0, 3, 1, 2))
     assert_close(dx.permute(0, 3, 1, 2), rx, name="dx")
-    shape = (9, Cout) if depthwise else (9, C, native._padded(Cout, torch.float64))
+    shape = (9, Cout) if depthwise else (9, C, native.padded(Cout, torch.float64))
     dw_buf, db_buf = (
         poison(torch.empty(shape, dtype=torch.float64)),
         poison(torch.empty(Cout, dtype=torch.float64)),
@@ -201,7 +212,8 @@ def test_triton_matches_reference(C, Cout, groups, k, stride, density, dtype, de
     x, active, w, b = _inputs(2, C, Cout, 7, 6, k, groups, density, dtype, noncontig=(k == 3))
     x, active, w, b = (t.to(device) for t in (x, active, w, b))
     assert (
-        sparse_conv_op.not_supported_reasons("triton", x, active, active, w, b, (1, 1), (0, 0), (1, 1), 1)
+        sparse_conv_op.not_supported_reasons("triton", SparseConv2dInputs(x, active, active, w, b, (1, 1), (0, 0),
+                                                                          (1, 1), 1))
         != []
         or device.type == "cuda"
     )
@@ -222,7 +234,7 @@ def test_triton_matches_reference(C, Cout, groups, k, stride, density, dtype, de
 @pytest.mark.interpreter
 @pytest.mark.parametrize("depthwise", [False, True])
 def test_triton_launchers_write_every_active_element(depthwise, device):
-    from kernels.sparse_conv import triton_kernels as tk
+    from kernels.sparse_conv import sparse_conv2d_triton as tk
 
     C, Cout = (4, 4) if depthwise else (3, 5)
     groups = C if depthwise else 1
@@ -351,7 +363,7 @@ def test_bad_inputs_raise_clear_errors():
         sparse_conv2d(x, active, w, torch.randn(5))
     with pytest.raises(TypeError, match="weight: expected dtype float32"):
         sparse_conv2d(x, active, w.double(), b)
-    with pytest.raises(ValueError, match="x: expected a 4-D tensor"):
+    with pytest.raises(ValueError, match="x: expected 4-D tensor"):
         sparse_conv2d(x[0], active, w, b)
     with pytest.raises(ValueError, match="active_out: expected shape"):
         sparse_conv2d(x, active, w, b, padding=1, active_out=active[:, :5])

@@ -11,7 +11,7 @@ every reduction writes one partial per row tile (no atomics, deterministic), sum
 
 Forward: two reading passes (sum, centred squares: the two-pass variance, as exact as the reference) and one
 read + write; backward: one reading pass and one read + write. The eager formulation makes about three times
-as many passes over the activation.
+as many passes over the activation. Every output buffer comes from ``kernels._buffers``.
 """
 
 from __future__ import annotations
@@ -20,8 +20,10 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import _buffers
 from kernels._backend import launches_on_input_device
-from kernels.sparse_conv.batch_norm import bcs_strides
+from kernels._checks import acc_dtype
+from kernels.sparse_conv.layout import bcs_strides, empty_as
 
 
 @triton.jit
@@ -117,11 +119,6 @@ def _masked_bn_apply_kernel(
     tl.store(dst, y.to(OUT.dtype.element_ty), mask=r_ok[:, None] & c_ok[None, :])
 
 
-def _alloc_like(t: torch.Tensor) -> torch.Tensor:
-    """Every output buffer comes from here (the tests swap it for a NaN-poisoning allocator)."""
-    return torch.empty_like(t)
-
-
 def _blocks(C: int, device: torch.device, apply: bool = False) -> tuple[int, int]:
     """Row x channel tiles. On CUDA: 64 x 64 for the reductions, 32 x 64 for the elementwise passes (the dx
     pass holds x, dy and three int64 address tiles: 64 x 64 spills on sm_90 with 4 warps; ptxas -v)."""
@@ -134,10 +131,10 @@ def _partials(x, dy, mask_u8, mean, rstd, mode):
     B, C, H, W = x.shape
     R, S = B * H * W, H * W
     block_r, block_c = _blocks(C, x.device)
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(x.dtype)
     n_tiles = triton.cdiv(R, block_r)
-    p1 = torch.empty((n_tiles, C), dtype=acc, device=x.device)
-    p2 = torch.empty((n_tiles, C), dtype=acc, device=x.device) if mode == 2 else p1
+    p1 = _buffers.empty((n_tiles, C), acc, x.device)
+    p2 = _buffers.empty((n_tiles, C), acc, x.device) if mode == 2 else p1
     dy_arg = dy if dy is not None else x
     _masked_bn_partial_kernel[(n_tiles, triton.cdiv(C, block_c))](
         x, dy_arg, mask_u8, mean if mean is not None else p1, rstd if rstd is not None else p1, p1, p2,
@@ -151,7 +148,7 @@ def _apply(x, dy, mask_u8, k0, k1, k2, k3, mode):
     B, C, H, W = x.shape
     R, S = B * H * W, H * W
     block_r, block_c = _blocks(C, x.device, apply=True)
-    out = _alloc_like(x)  # same memory format as x (NCHW or channels_last)
+    out = empty_as(x)  # same memory format as x (NCHW or channels_last)
     dy_arg = dy if dy is not None else x
     _masked_bn_apply_kernel[(triton.cdiv(R, block_r), triton.cdiv(C, block_c))](
         x, dy_arg, mask_u8, k0, k1, k2 if k2 is not None else k0, k3 if k3 is not None else k0, out,

@@ -1,17 +1,16 @@
 """Launchers of the C++ (OpenMP) masked batch norm in ``kernels._C`` (CPU, float32/float64).
 
-Same signatures as :mod:`kernels.sparse_conv.triton_bn` (the autograd Function takes either module); the
-maths is in ``csrc/masked_bn.cpp``. x and dy are read in place (NCHW or channels_last), outputs keep x's
-memory format.
+Same signatures as :mod:`kernels.sparse_conv.masked_batch_norm_triton`; the maths is in ``csrc/masked_bn.cpp``.
+x and dy are read in place (NCHW or channels_last), outputs keep x's memory format; every output buffer
+comes from ``kernels._buffers``.
 """
 
 from __future__ import annotations
 
 import torch
 
-from kernels import _backend
-from kernels.sparse_conv.batch_norm import bcs_strides
-from kernels.sparse_conv.native import _threads
+from kernels import _backend, _buffers
+from kernels.sparse_conv.layout import bcs_strides, empty_as
 
 
 def _layout(t: torch.Tensor) -> list[int]:
@@ -19,45 +18,40 @@ def _layout(t: torch.Tensor) -> list[int]:
     return [B, C, H * W, *bcs_strides(t)]
 
 
-def _alloc_like(t: torch.Tensor) -> torch.Tensor:
-    """Every output buffer comes from here (the tests swap it for a NaN-poisoning allocator)."""
-    return torch.empty_like(t)
-
-
 def masked_batch_norm_forward(x, mask_u8, n, weight, bias, eps):
     """``(y, mean, var, rstd)`` with statistics in x's dtype (fp32 or fp64)."""
     C = x.shape[1]
-    lib = _backend.native()
-    mean, var = x.new_empty(C), x.new_empty(C)
+    lib, threads = _backend.native(), _backend.native_threads()
+    mean, var = _buffers.empty((C,), x.dtype, x.device), _buffers.empty((C,), x.dtype, x.device)
     is64 = x.dtype == torch.float64
     lib.masked_bn_stats(x.data_ptr(), mask_u8.data_ptr(), _layout(x), float(n), mean.data_ptr(), var.data_ptr(),
-                        is64, _threads())
+                        is64, threads)
     rstd = torch.rsqrt(var + eps)
     scale = (rstd * weight.to(rstd.dtype) if weight is not None else rstd).contiguous()
     shift = ((bias.to(rstd.dtype) if bias is not None else 0.0) - mean * scale).contiguous()
-    y = _alloc_like(x)
+    y = empty_as(x)
     lib.masked_bn_apply(x.data_ptr(), mask_u8.data_ptr(), _layout(x), _layout(y), scale.data_ptr(),
-                        shift.data_ptr(), y.data_ptr(), is64, _threads())
+                        shift.data_ptr(), y.data_ptr(), is64, threads)
     return y, mean, var, rstd
 
 
 def masked_batch_norm_backward(dy, x, mask_u8, n, mean, rstd, weight, need_x):
     """``(dx or None, g_w, g_b)``."""
     C = x.shape[1]
-    lib = _backend.native()
+    lib, threads = _backend.native(), _backend.native_threads()
     is64 = x.dtype == torch.float64
     dy = dy.to(x.dtype)
-    g_b, g_w = x.new_empty(C), x.new_empty(C)
+    g_b, g_w = _buffers.empty((C,), x.dtype, x.device), _buffers.empty((C,), x.dtype, x.device)
     lib.masked_bn_backward_reduce(dy.data_ptr(), x.data_ptr(), mask_u8.data_ptr(), _layout(dy), _layout(x),
-                                  mean.data_ptr(), rstd.data_ptr(), g_b.data_ptr(), g_w.data_ptr(), is64, _threads())
+                                  mean.data_ptr(), rstd.data_ptr(), g_b.data_ptr(), g_w.data_ptr(), is64, threads)
     dx = None
     if need_x:
         n_safe = max(float(n), 1.0)
         k0 = (rstd * weight.to(rstd.dtype) if weight is not None else rstd).contiguous()
         k2 = (g_b / n_safe).contiguous()
         k3 = (rstd * g_w / n_safe).contiguous()
-        dx = _alloc_like(x)
+        dx = empty_as(x)
         lib.masked_bn_backward_dx(dy.data_ptr(), x.data_ptr(), mask_u8.data_ptr(), _layout(dy), _layout(x),
                                   _layout(dx), k0.data_ptr(), mean.contiguous().data_ptr(), k2.data_ptr(),
-                                  k3.data_ptr(), dx.data_ptr(), is64, _threads())
+                                  k3.data_ptr(), dx.data_ptr(), is64, threads)
     return dx, g_w, g_b
