@@ -10,7 +10,10 @@ Nothing imports triton before :func:`pytest_configure` runs: the conftests impor
 
 from __future__ import annotations
 
+import hashlib
 import os
+import pathlib
+import tempfile
 
 import pytest
 
@@ -36,9 +39,23 @@ def resolve_device(value: str) -> str:
     return value
 
 
+def _kernels_source_hash() -> str:
+    root = pathlib.Path(__file__).parent / "kernels"
+    h = hashlib.blake2b(digest_size=8)
+    for path in sorted(root.rglob("*.py")):
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
 def pytest_configure(config):
     """Resolve ``--device`` once; afterwards ``config.getoption("--device")`` is ``cpu``, ``cuda`` or
-    ``cuda:<i>`` everywhere (tests/conftest.py's ``device`` fixture reads it)."""
+    ``cuda:<i>`` everywhere (tests/conftest.py's ``device`` fixture reads it).
+
+    Inductor's on-disk caches are keyed per source state of ``kernels/``: torch's AOT-autograd cache does not
+    see the Python autograd formula of a custom op, so a graph compiled before an edit of that formula would
+    be reused with the old backward (measured: a stale backward graph calling ``attention_bwd``)."""
     device = resolve_device(config.getoption("--device"))
     config.option.device = device
     os.environ.setdefault("TRITON_INTERPRET", "1" if device == "cpu" else "0")
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR",
+                          os.path.join(tempfile.gettempdir(), f"torchinductor_ssl_{_kernels_source_hash()}"))

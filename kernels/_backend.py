@@ -214,6 +214,9 @@ class Op:
             _forced_now.reset(token)
 
     def select(self, *args, **kwargs) -> Implementation:
+        pinned = _pinned.get()
+        if pinned is not None and pinned.op == self.name:
+            return pinned
         forced = forced_backend(self.name)
         order = (forced,) if forced else BACKENDS
         why: dict[str, list[str]] = {}
@@ -229,8 +232,29 @@ class Op:
     def __call__(self, *args, **kwargs):
         return self.select(*args, **kwargs).fn(*args, **kwargs)
 
+    def pinned(self, impl: Implementation) -> "_Pin":
+        """``with op.pinned(impl):`` -- inside the block :meth:`select` returns ``impl`` without asking again: the
+        public function selected once, and the eager wrapper's forward and setup must not pay for it twice."""
+        return _Pin(impl)
+
     def describe(self) -> dict[str, str]:
         return {b: (self.impls[b].note or "yes") if b in self.impls else "-" for b in BACKENDS}
+
+
+_pinned: contextvars.ContextVar[Implementation | None] = contextvars.ContextVar("kernels_pinned", default=None)
+
+
+class _Pin:
+    __slots__ = ("impl", "token")
+
+    def __init__(self, impl: Implementation):
+        self.impl = impl
+
+    def __enter__(self):
+        self.token = _pinned.set(self.impl)
+
+    def __exit__(self, *exc):
+        _pinned.reset(self.token)
 
 
 REGISTRY: dict[str, Op] = {}

@@ -52,10 +52,19 @@ def nothing(like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tenso
 def eager_function(name: str, forward: Callable, setup_context: Callable, backward: Callable):
     """A ``torch.autograd.Function`` subclass running ``forward`` / ``setup_context`` / ``backward``: the
     functions a custom op registers, without its dispatch cost. ``backward(ctx, *grads)`` returns one
-    gradient (or None) per forward input."""
+    gradient (or None) per forward input.
+
+    The class uses the ``forward(ctx, *args)`` form and calls ``setup_context`` itself: a Function that
+    declares ``setup_context`` has its arguments bound with ``inspect.Signature.bind`` on every call (10-25 us
+    in eager mode, the largest part of an op call at small shapes)."""
+
+    def forward_with_ctx(ctx, *args):
+        out = forward(*args)
+        setup_context(ctx, args, out)
+        return out
+
     return type(name, (torch.autograd.Function,), {
-        "forward": staticmethod(forward),
-        "setup_context": staticmethod(setup_context),
+        "forward": staticmethod(forward_with_ctx),
         "backward": staticmethod(torch.autograd.function.once_differentiable(backward)),
         "__doc__": f"Eager autograd wrapper of the {name} custom op (same forward, setup and backward).",
     })

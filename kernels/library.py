@@ -1,52 +1,53 @@
 """The kernels as ``torch.library`` custom ops (namespace ``ssl_kernels``), for ``torch.compile`` and export.
 
-Registered ops (``torch.ops.ssl_kernels.<name>``), each with a fake (meta) implementation; the
-differentiable ones have ``register_autograd`` whose backward calls the ``*_bwd`` op:
+Every op module registers its custom ops once, with a fake (meta) implementation and, where differentiable,
+``register_autograd`` (the pattern of :mod:`kernels._op`):
 
-    attention_fwd / attention_bwd                     kernels.attention
-    masked_token_scatter_fwd / _bwd                   kernels.masked_token_scatter
-    gather_masked_fwd / _bwd                          kernels.gather_masked
-    masked_cross_entropy_fwd                          kernels.masked_cross_entropy (grads made in the fwd)
-    nearest_code_fwd / _bwd                           kernels.nearest_code
-    codebook_ema_scatter, codebook_ema_finalize       kernels.ema_codebook_update (in place, no autograd)
-    sparse_conv2d_fwd / _bwd                          kernels.sparse_conv2d
-    window_attention_fwd / _bwd                       kernels.window_attention (Swin)
+    attention_fwd / attention_bwd                     kernels/attn/attention.py
+    window_attention_fwd / _bwd                       kernels/attn/window_attention.py (Swin)
+    masked_token_scatter_fwd / _bwd                   kernels/masked/masked_token_scatter.py
+    gather_masked_fwd / _bwd                          kernels/masked/gather_masked.py
+    masked_cross_entropy_fwd                          kernels/masked/masked_cross_entropy.py (grads made in the fwd)
+    nearest_code_fwd / _bwd                           kernels/codebook/nearest_code.py
+    codebook_ema_scatter, codebook_ema_finalize       kernels/codebook/ema_codebook_update.py (in place)
+    sparse_conv2d_fwd / _bwd                          kernels/sparse_conv/sparse_conv2d.py
 
-Routing. The functional APIs (``kernels.attention`` ...) call the registered ops **while compiling**
-(``torch.compiler.is_compiling()``): Dynamo then sees one opaque node per op (no graph break, no tracing
-into Triton launchers or the C++ extension), and Inductor fuses everything around it. In eager mode they
-keep their direct path (the Triton ``autograd.Function`` on GPU, plain autograd on the reference), which
-avoids the custom-op dispatch overhead. The op implementations select their backend at run time with the
-same declarations (:mod:`kernels._backend`), so ``KERNELS_BACKEND`` / ``use_backend`` hold inside compiled
-graphs. Data-dependent input checks (targets in range, finite values, per-row mask counts) need a host
-sync and are skipped while compiling. The backward ops are not themselves differentiable (no double
-backward), as in eager.
+Routing. The public functions (``kernels.attention`` ...) call their forward custom op **while compiling**:
+Dynamo sees one opaque node per op (no graph break, no tracing into Triton launchers or the C++ extension) and
+Inductor fuses around it. In eager mode they run the same forward, backward and autograd formula through a
+plain ``autograd.Function`` (custom-op dispatch costs tens of microseconds a call; bench/test_bench_dispatch.py)
+or, on the reference backend, the reference itself. The ops select their backend at run time with the same
+declarations (:mod:`kernels._backend`), so ``KERNELS_BACKEND`` / ``use_backend`` hold inside compiled graphs.
+Data-dependent input checks (targets in range, finite values, per-row mask counts) need a host sync and are
+skipped while compiling. The backward ops are not themselves differentiable (no double backward), as in eager.
+``masked_batch_norm`` has no custom op: compiled graphs trace its reference, whose reductions Inductor fuses.
 
-Importing this module registers every op; it imports neither triton nor ``kernels._C``.
+``library.<op>`` is the public function itself (kept so that older imports work); ``op(name)`` gives the
+registered ``torch.ops.ssl_kernels.<name>`` packet. Importing this module imports neither triton nor
+``kernels._C``.
 """
 
 from __future__ import annotations
 
 import torch
 
-from kernels._library import NAMESPACE
-from kernels.attn import attention as _attention
-from kernels.attn import window_attention as _window_attention
+from kernels._op import NAMESPACE
+from kernels.attn import attention as _attention_module
+from kernels.attn import window_attention as _window_attention_module
+from kernels.codebook import ema_codebook_update as _ema_module  # noqa: F401 (registers its ops)
+from kernels.codebook import nearest_code as _nearest_code_module
+from kernels.masked import gather_masked as _gather_masked_module
+from kernels.masked import masked_cross_entropy as _masked_cross_entropy_module
+from kernels.masked import masked_token_scatter as _masked_token_scatter_module
+from kernels.sparse_conv import sparse_conv2d as _sparse_conv2d_module
 
-attention = _attention.attention
-from kernels.codebook import ema_codebook_update as _ema_codebook_update  # noqa: E402,F401 (its ops)
-from kernels.codebook import nearest_code as _nearest_code  # noqa: E402
-from kernels.masked import gather_masked as _gather_masked  # noqa: E402
-from kernels.masked import masked_cross_entropy as _masked_cross_entropy  # noqa: E402
-from kernels.masked import masked_token_scatter as _masked_token_scatter  # noqa: E402
-from kernels.sparse_conv import sparse_conv2d as _sparse_conv2d  # noqa: E402
-
-masked_token_scatter = _masked_token_scatter.masked_token_scatter
-gather_masked = _gather_masked.gather_masked
-masked_cross_entropy = _masked_cross_entropy.masked_cross_entropy
-nearest_code = _nearest_code.nearest_code
-sparse_conv2d = _sparse_conv2d.sparse_conv2d
-window_attention = _window_attention.window_attention
+attention = _attention_module.attention
+window_attention = _window_attention_module.window_attention
+masked_token_scatter = _masked_token_scatter_module.masked_token_scatter
+gather_masked = _gather_masked_module.gather_masked
+masked_cross_entropy = _masked_cross_entropy_module.masked_cross_entropy
+nearest_code = _nearest_code_module.nearest_code
+sparse_conv2d = _sparse_conv2d_module.sparse_conv2d
 
 # public op -> the custom ops that implement it
 OPS: dict[str, tuple[str, ...]] = {

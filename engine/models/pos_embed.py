@@ -8,7 +8,7 @@ Layouts (this engine's ViT, :mod:`engine.models.vit`; the names timm/unilm use i
 * per-layer tables ``blocks.<i>.rel_pos_bias.relative_position_bias_table`` [R, H]
   (unilm ``blocks.<i>.attn.relative_position_bias_table``; BEiT / SimMIM fine-tuning);
 * ``R = (2 Wh - 1)(2 Ww - 1) + 3``: row ``(dy + Wh - 1)(2 Ww - 1) + (dx + Ww - 1)`` holds offset (dy, dx), then
-  the three [CLS] rows (cls->token, token->cls, cls->cls; :mod:`kernels.attention.relative_position`);
+  the three [CLS] rows (cls->token, token->cls, cls->cls; :mod:`kernels.attn.relative_position`);
 * absolute ``pos_embed`` [1, extra + Wh * Ww, D] (``extra`` = 1 for the [CLS] row).
 
 :func:`expand_shared_rel_pos_bias` is what unilm ``beit/run_class_finetuning.py`` and SimMIM's

@@ -278,7 +278,9 @@ def attention(q, k, v, bias=None, scale=None, *, deterministic: bool | None = No
     i = validate(q, k, v, bias, scale, deterministic)
     if torch.compiler.is_compiling():  # one opaque custom op in the graph
         return fwd_op(*i.args)[0]
-    if OP.select(i).backend == "reference":
+    impl = OP.select(i)
+    if impl.backend == "reference":
         return attention_reference(i.q, i.k, i.v, i.bias, i.scale)
-    out = AttentionFunction.apply(*i.args)[0]
+    with OP.pinned(impl):
+        out = AttentionFunction.apply(*i.args)[0]
     return recompute_if_overflowed(out, i.q, i.k, i.v, i.bias, i.scale)

@@ -213,6 +213,8 @@ def window_attention(q, k, v, bias=None, window_mask=None, scale=None):
     i = validate(q, k, v, bias, window_mask, scale)
     if torch.compiler.is_compiling():  # one opaque custom op in the graph
         return fwd_op(*i.args)
-    if OP.select(i).backend == "reference":
+    impl = OP.select(i)
+    if impl.backend == "reference":
         return window_attention_reference(*i.args)
-    return WindowAttentionFunction.apply(*i.args)
+    with OP.pinned(impl):
+        return WindowAttentionFunction.apply(*i.args)

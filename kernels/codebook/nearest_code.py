@@ -246,5 +246,9 @@ def nearest_code(z, codebook, normalize=True, *, eps=1e-12, precision="auto", ch
         zq, idx, sim = fwd_op(*i.args)
     else:
         impl = OP.select(i)
-        zq, idx, sim = impl.fn(i) if impl.backend == "reference" else NearestCodeFunction.apply(*i.args)
+        if impl.backend == "reference":
+            zq, idx, sim = impl.fn(i)
+        else:
+            with OP.pinned(impl):
+                zq, idx, sim = NearestCodeFunction.apply(*i.args)
     return NearestCode(idx.reshape(lead), zq.reshape(*lead, d), sim.reshape(lead))

@@ -197,4 +197,5 @@ def gather_masked(h, mask, num_masked=None):
     impl = OP.select(i)
     if impl.backend == "reference":
         return impl.fn(i)
-    return GatherMaskedFunction.apply(i.h, i.mask, i.k)
+    with OP.pinned(impl):
+        return GatherMaskedFunction.apply(i.h, i.mask, i.k)

@@ -194,4 +194,5 @@ def masked_token_scatter(x, mask, mask_token, pos_embed=None, cls_token=None):
     impl = OP.select(i)
     if impl.backend == "reference":
         return impl.fn(i)
-    return MaskedTokenScatterFunction.apply(*i.tensors)
+    with OP.pinned(impl):
+        return MaskedTokenScatterFunction.apply(*i.tensors)

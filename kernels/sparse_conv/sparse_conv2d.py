@@ -323,4 +323,5 @@ def sparse_conv2d(x, active, weight, bias=None, stride=1, padding=0, dilation=1,
     impl = OP.select(i)
     if impl.backend == "reference":
         return impl.fn(i), i.active_out
-    return SparseConv2dFunction.apply(*i.args), i.active_out
+    with OP.pinned(impl):
+        return SparseConv2dFunction.apply(*i.args), i.active_out
