@@ -309,3 +309,17 @@ def test_kernels_compile_for_sm90():
 
     results = run_static("masked_cross_entropy")
     assert len(results) == 1 and all(r["spill_stores"] == 0 for r in results)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_grad_weight_chunks_accumulate_in_fp32(dtype):
+    """Each chunk's grad_W product reaches the fp32 accumulator unrounded: 1 + 2^-12 is exact in fp32 but not
+    in bf16 (8 bits) or fp16 (11 bits), so a product rounded to the compute dtype first would give 1."""
+    from kernels.masked import masked_cross_entropy_triton as ce
+
+    acc = torch.zeros(1, 1, dtype=torch.float32)
+    a = torch.tensor([[1.0, 2.0**-12]], dtype=dtype)
+    b = torch.ones(2, 1, dtype=dtype)
+    out = ce._accumulate_mm(acc, a, b)
+    assert out.dtype == torch.float32
+    assert out.item() == 1.0 + 2.0**-12

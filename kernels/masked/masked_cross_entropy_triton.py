@@ -92,7 +92,8 @@ _OUT_DTYPE_MM = None  # whether torch.addmm(..., out_dtype=fp32) works here (CUD
 
 
 def _accumulate_mm(acc, a, b):
-    """acc (fp32/fp64) + a @ b with a, b in the compute dtype; fp32 accumulate in cuBLAS when available."""
+    """acc (fp32/fp64) + a @ b with a, b in the compute dtype, accumulated and returned in acc's dtype on every
+    path: cuBLAS with an fp32 output where torch offers it, else the product in acc's dtype."""
     global _OUT_DTYPE_MM
     if a.dtype == acc.dtype:
         return acc.addmm_(a, b)
@@ -103,7 +104,9 @@ def _accumulate_mm(acc, a, b):
             return res
         except (RuntimeError, TypeError, NotImplementedError):
             _OUT_DTYPE_MM = False
-    return acc.add_(torch.mm(a, b))
+    # without cuBLAS's fp32 output a bf16/fp16 product would be rounded to 8/11 bits per chunk before it
+    # reaches the fp32 accumulator: take the product in the accumulator's dtype instead (slower, exact)
+    return acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
 
 def default_chunk_rows(M, V, budget_elems=1 << 25):
