@@ -5,6 +5,7 @@
     python -m engine.finetune                                          # the CPU preset (below)
 
 Presets (``--config``): ``finetune_beit_vit_base``, ``finetune_beitv2_vit_base``, ``finetune_simmim_vit_base``,
+``finetune_simmim_swin_base`` (SimMIM Swin-B: 224 px, ``--window-size 7``, layer decay 0.9),
 ``finetune_spark_resnet50`` (the official recipes; each file lists its sources and deviations), and
 ``finetune_cpu``, the default: the default pre-training job's checkpoint (``python -m engine.pretrain`` writes
 ``output/pretrain``) fine-tuned on 10% of the labels of the built-in 32-px digits (a fixed per-class subset,

@@ -381,3 +381,148 @@ def test_build_encoder_round_trips_configs():
         kind = enc.config.get("arch", "vit")
         again = build_encoder(kind, dict(enc.config))
         assert list(again.state_dict()) == list(enc.state_dict())
+
+
+# ------------------------------------------------------------------------------------------------ Swin (SimMIM)
+def swin_spec(name="swin_pico", **kw):
+    from engine.models.swin import build_swin
+
+    enc = build_swin(name, use_mask_token=True, **kw)
+    return {"kind": "swin", "config": dict(enc.config), "source": None, "source_method": "simmim"}, enc
+
+
+def test_swin_layer_ids_follow_simmim_get_swin_layer_by_hand():
+    """SimMIM get_swin_layer, our (timm's) names: the merging SimMIM calls layers.{s-1}.downsample is
+    layers.{s}.downsample here and takes sum(depths[:s]), the id of the block before it."""
+    from engine.methods.finetune import swin_layer_ids
+
+    tiny, N = swin_layer_ids((2, 2, 6, 2))
+    assert N == 12
+    names = {"mask_token": 0, "patch_embed.proj.weight": 0, "patch_embed.norm.bias": 0,
+             "layers.0.blocks.0.attn.qkv.weight": 1, "layers.0.blocks.1.attn.relative_position_bias_table": 2,
+             "layers.1.downsample.reduction.weight": 2, "layers.1.downsample.norm.weight": 2,
+             "layers.1.blocks.0.norm1.weight": 3, "layers.1.blocks.1.mlp.fc2.bias": 4,
+             "layers.2.downsample.reduction.weight": 4, "layers.2.blocks.0.attn.proj.weight": 5,
+             "layers.2.blocks.5.mlp.fc1.weight": 10, "layers.3.downsample.norm.bias": 10,
+             "layers.3.blocks.0.norm2.weight": 11, "layers.3.blocks.1.attn.qkv.bias": 12,
+             "norm.weight": 13, "head.fc.weight": 13, "absolute_pos_embed": 13}  # APE: official else-branch
+    assert {n: tiny(n) for n in names} == names
+    pico, N = swin_layer_ids((2, 2, 2, 2))  # swin_pico
+    assert N == 8
+    assert [pico(n) for n in ("patch_embed.proj.bias", "layers.0.blocks.1.norm1.weight",
+                              "layers.2.downsample.reduction.weight", "layers.2.blocks.1.mlp.fc1.weight",
+                              "layers.3.downsample.norm.weight", "layers.3.blocks.1.mlp.fc2.weight",
+                              "norm.bias")] == [0, 2, 4, 6, 6, 8, 9]
+    base, N = swin_layer_ids((2, 2, 18, 2))  # Swin-B: 26 ids, as SimMIM's num_layers + 2
+    assert N == 24 and base("layers.2.blocks.17.attn.qkv.weight") == 22 and base("layers.3.downsample.norm.weight") \
+        == 22 and base("layers.3.blocks.1.mlp.fc2.weight") == 24 and base("norm.weight") == 25
+
+
+def test_swin_groups_lr_scale_and_weight_decay_by_hand():
+    """swin_pico with layer decay 0.9: 10 ids, lr_scale = 0.9^(9 - id); no wd on 1-D, biases, rel-pos tables."""
+    spec, _ = swin_spec()
+    m = FineTune(ft_cfg(backbone=spec, layer_decay=0.9, drop_path=0.0, head_init_scale=None))
+    table = {n: (g["lr_scale"], g["apply_wd"]) for g in m.optimizer_groups() for n in g["names"]}
+    expect = {
+        "backbone.patch_embed.proj.weight": (0.9 ** 9, True),
+        "backbone.patch_embed.norm.weight": (0.9 ** 9, False),
+        "backbone.layers.0.blocks.0.attn.qkv.weight": (0.9 ** 8, True),
+        "backbone.layers.0.blocks.0.attn.relative_position_bias_table": (0.9 ** 8, False),
+        "backbone.layers.1.downsample.reduction.weight": (0.9 ** 7, True),  # id 2
+        "backbone.layers.1.downsample.norm.weight": (0.9 ** 7, False),
+        "backbone.layers.2.blocks.1.mlp.fc1.weight": (0.9 ** 3, True),      # id 4 + 1 + 1
+        "backbone.layers.3.blocks.1.attn.qkv.bias": (0.9 ** 1, False),      # id 8
+        "backbone.norm.weight": (1.0, False),                               # the final norm is kept
+        "head.weight": (1.0, True),
+        "head.bias": (1.0, False),
+    }
+    for name, (scale, wd) in expect.items():
+        assert table[name][0] == pytest.approx(scale) and table[name][1] == wd, (name, table[name])
+    assert "backbone.mask_token" not in table and m.fc_norm is None and m.kind == "swin" and not m.sync_batchnorm
+    assert len(table) == len([p for p in m.parameters() if p.requires_grad])
+    assert sorted({round(s, 12) for s, _ in table.values()}) == sorted(round(0.9 ** k, 12) for k in range(10))
+    assert m.head.weight.std() > 0.01  # trunc-normal 0.02, no init scale (SimMIM's Swin)
+    # the Swin default decay (0.9) and the preset's recipe
+    assert FineTune(ft_cfg(backbone=spec, layer_decay=None)).layer_decay == 0.9
+    pre = ft_cfg(config="finetune_simmim_swin_base")
+    assert (pre["layer_decay"], pre["window_size"], pre["image_size"], pre["head_init_scale"], pre["drop_path"],
+            pre["blr"], pre["warmup_epochs"], pre["epochs"]) == (0.9, 7, 224, 1.0, 0.1, 6.25e-4, 20, 100)
+
+
+def test_swin_backbone_computes_the_pretrained_function_and_windows():
+    """Same resolution: the fine-tuning backbone is the pre-trained encoder (final norm, mean). Another one:
+    the per-block tables resampled (geometric, no [CLS] rows) to the new windows, or one clear error."""
+    from engine.models.pos_embed import resize_rel_pos_table
+
+    torch.manual_seed(0)
+    spec, enc = swin_spec()
+    m = FineTune(ft_cfg(backbone=spec, drop_path=0.0))
+    assert m.load_pretrained(enc.state_dict()) == ["not used: mask_token"]
+    x = torch.randn(2, 3, 32, 32)
+    m.eval()
+    enc.eval()
+    torch.testing.assert_close(m.features(x), enc.forward_features(x).mean(dim=(1, 2)), rtol=1e-5, atol=1e-5)
+    big = FineTune(ft_cfg(backbone=spec, drop_path=0.0, image_size=64, window_size=8))
+    notes = big.load_pretrained(enc.state_dict())
+    assert notes[0] == ("relative position tables resampled (geometric) for the new windows: window 4 -> 8 "
+                        "(6 blocks), window 2 -> 4 (2 blocks)")  # stage 3: 2x2 map -> 4x4 map (one window each)
+    key = "layers.0.blocks.1.attn.relative_position_bias_table"
+    assert big.backbone.state_dict()[key].shape == (15 * 15, 2)
+    torch.testing.assert_close(big.backbone.state_dict()[key],
+                               resize_rel_pos_table(enc.state_dict()[key], (4, 4), (8, 8), with_cls=False))
+    assert big.classify(torch.randn(2, 3, 64, 64)).shape == (2, 10)
+    with pytest.raises(ValueError, match=r"stage maps 24/12/6/3 .* 4x4 windows do not tile .* give --window-size "
+                                         r"3 or 6"):
+        FineTune(ft_cfg(backbone=spec, image_size=48))
+    with pytest.raises(ValueError, match="give --window-size"):  # --init random, the model's window
+        FineTune(ft_cfg(backbone={"kind": "swin", "config": None, "source": None, "source_method": None},
+                        model="swin_pico", image_size=48))
+    assert FineTune(ft_cfg(backbone=spec, image_size=48, window_size=6)).backbone.config["window_size"] == 6
+
+
+@pytest.fixture
+def _keep_signal_handlers():
+    import signal
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    yield
+    for s, h in saved.items():
+        signal.signal(s, h)
+
+
+def test_simmim_swin_pico_pretrain_then_finetune_cli(tmp_path, capsys, _keep_signal_handlers):
+    """engine.pretrain --method simmim --model swin_pico (3 steps), then engine.finetune from it (evaluated,
+    eval.json) and from --init random --model swin_pico (3 steps each): both finish and log finite losses."""
+    import json
+    from pathlib import Path
+
+    from engine import finetune as ft
+    from engine import pretrain as pt
+    from engine.trainer import checkpoint as ckpt
+
+    pre = tmp_path / "pre"
+    assert pt.main(["--method", "simmim", "--model", "swin_pico", "--max-steps", "3", "--batch-size", "16",
+                    "--num-threads", "1", "--output-dir", str(pre), "--print-every", "1000", "--no-final-knn"]) == 0
+    capsys.readouterr()
+    fast = ["--no-compare-random", "--max-steps", "3", "--train-fraction", "0.1", "--batch-size", "16", "--epochs",
+            "1", "--eval-every", "1", "--num-threads", "1", "--print-every", "1"]
+    from engine.data import builtin_dataset
+
+    train_only = tmp_path / "train-only"  # no val/: the random-init run skips the (slow on CPU) evaluation
+    train_only.mkdir()
+    (train_only / "train").symlink_to(Path(builtin_dataset(image_size=32)) / "train", target_is_directory=True)
+    runs = {"pretrained": ["--checkpoint", str(pre)],
+            "random": ["--init", "random", "--model", "swin_pico", "--checkpoint", "", "--data", str(train_only)]}
+    for init, args in runs.items():
+        out_dir = tmp_path / f"ft-{init}"
+        code = ft.main([*args, "--output-dir", str(out_dir), *fast])
+        out = capsys.readouterr().out
+        assert code == 0, out
+        assert "backbone swin" in out and "trained 3/" in out and "layer decay 0.75" in out, out
+        losses = [json.loads(x)["loss"] for x in open(out_dir / "log.jsonl") if '"loss"' in x]
+        assert len(losses) >= 3 and all(math.isfinite(v) for v in losses), losses
+        assert ckpt.load(out_dir / ckpt.LAST)["config"]["backbone"]["kind"] == "swin"
+        if init == "pretrained":
+            assert f"pretrained init from {pre}" in out and "note: not used: mask_token" in out, out
+    res = json.loads((pre / "eval.json").read_text())["finetune/cpu"]
+    assert 0 <= res["finetune_top1"] <= 100

@@ -7,13 +7,19 @@ reads from ``--checkpoint``)::
     ViT, mean pooling (BEiT, BEiT v2, SimMIM):  logits = head(fc_norm(mean_i x_i))   x = blocks(embed(img))
                                                 (the encoder's final norm is dropped, fc_norm is new)
     ViT, [CLS] pooling (DINO, ``--pool cls``):  logits = head(norm(x)[:, 0])
+    Swin (SimMIM, ``--model swin_*``):           logits = head(mean_i norm(x)_i)  (the encoder's final norm kept,
+                                                as SimMIM's Swin: norm, avgpool, head)
     ResNet / ConvNeXt (SparK):                  logits = head(GAP(features))     (ConvNeXt: LN after the GAP)
 
 with ``drop_path`` as stochastic depth, BEiT-style relative position bias as one table per layer (a shared
 pre-training table is copied into every layer; tables and absolute position embeddings are resampled when
-the resolution differs, :mod:`engine.models.pos_embed`). The head is initialised trunc-normal std 0.02 times
-``head_init_scale`` (BEiT's ``init_scale``, 0.001 for ViTs; 1.0 for convnets, which keeps timm's ResNet
-``fc`` init and ConvNeXt's trunc-normal 0.02), zero bias.
+the resolution differs, :mod:`engine.models.pos_embed`). Swin's relative position tables are per block already;
+when the fine-tuning window differs (SimMIM: pre-trained at 192 px / window 6, fine-tuned at 224 px /
+``--window-size 7``) each is resampled with the same geometric rule (SimMIM ``remap_pretrained_keys_swin``), and a
+window that does not tile the stage maps at ``--image-size`` is refused with the windows that would
+(:func:`check_swin_window`). The head is initialised trunc-normal std 0.02 times ``head_init_scale`` (BEiT's
+``init_scale``, 0.001 for ViTs; 1.0 for Swin, as SimMIM's Swin ``_init_weights``, and for convnets, which keeps
+timm's ResNet ``fc`` init and ConvNeXt's trunc-normal 0.02), zero bias.
 
 Loss: per batch, mixup / cutmix and label smoothing give soft targets (:mod:`engine.data.mixup`; the loader
 draws the parameters) and the loss is the soft-target cross-entropy (``--loss ce``; it equals timm's
@@ -28,6 +34,14 @@ layer_decay ** (L + 1 - layer_id)`` over ``L + 2`` layer ids:
   ``norm``, ``fc_norm``, ``head``) -> L + 1. No weight decay on 1-D parameters, ``*.bias``, ``pos_embed`` and
   ``cls_token`` (the models' ``no_weight_decay()``); relative position tables *are* decayed, as in both
   official scripts (BEiT's ``--disable_weight_decay_on_rel_pos_bias`` is off by default).
+* Swin (SimMIM ``optimizer.py`` ``get_swin_layer``, ``N = sum(depths)``): ``mask_token``, ``patch_embed.*`` -> 0;
+  block j of stage s (``layers.s.blocks.j.*``) -> ``sum(depths[:s]) + j + 1``; the patch merging between stage
+  s - 1 and s (``layers.s.downsample.*`` in timm's layout, SimMIM's ``layers.{s-1}.downsample``) ->
+  ``sum(depths[:s])``, the id of the last block before it; everything else (``norm``, ``head``, and
+  ``absolute_pos_embed`` as in the official function, whose last branch takes it) -> N + 1. Default decay 0.9
+  (SimMIM Swin-B 100-epoch recipe; 0.8 after 800 epochs, 0.7 for Swin-L). No weight decay on 1-D parameters,
+  ``*.bias``, ``absolute_pos_embed`` and the relative position tables (Swin's ``no_weight_decay()`` /
+  ``no_weight_decay_keywords()``).
 * ResNet (SparK ``downstream_imagenet/models``): stem -> 0, ``layer1`` -> 1, ``layer2`` -> 2 + b // blk2,
   ``layer3`` -> 2 + N2 + b // blk3, ``layer4`` -> N, ``fc``/head -> N + 1, with SparK's (blk2, blk3) per depth
   ((2, 3) for ResNet-50/101, (4, 4) for 152/200) and ``ceil(L / 2)`` for the CPU/other depths (our extension);
@@ -52,6 +66,8 @@ from engine.trainer.config import Option
 MEAN_POOL_METHODS = ("simmim", "beit", "beitv2")
 VIT_NO_WD = ("pos_embed", "cls_token")
 CONV_NO_WD_KEYS = ("cls_token", "pos_embed", "mask_token", "gamma")
+SWIN_NO_WD_KEYS = ("absolute_pos_embed", "relative_position_bias_table")
+DEFAULT_LAYER_DECAY = {"vit": 0.65, "swin": 0.9, "resnet": 0.7, "convnext": 0.7}
 _RUN_BY = "--method finetune is run by python -m engine.finetune (it reads the backbone from --checkpoint)"
 
 
@@ -65,6 +81,52 @@ def finetune_vit_config(config: dict, cfg: dict, pool: str) -> dict:
         c["drop_path_rate"] = float(cfg["drop_path"])
     if c.get("use_shared_rel_pos_bias"):
         c["use_shared_rel_pos_bias"], c["use_rel_pos_bias"] = False, True
+    return c
+
+
+def swin_stage_maps(img_size: int, patch_size: int, stages: int) -> list[int]:
+    grid = int(img_size) // int(patch_size)
+    return [grid // 2 ** i for i in range(int(stages))]
+
+
+def swin_window_fits(maps, window: int) -> bool:
+    """Every stage map is a multiple of the window or not larger than it (then it is one window, no shift)."""
+    return all(r <= window or r % window == 0 for r in maps)
+
+
+def check_swin_window(img_size: int, patch_size: int, stages: int, window: int,
+                      pretrained: tuple[int, int] | None = None) -> None:
+    """ValueError naming the ``--window-size`` values that fit when ``window`` does not tile Swin's stage maps at
+    ``img_size`` (``pretrained`` = the checkpoint's (image size, window), for the message)."""
+    maps = swin_stage_maps(img_size, patch_size, stages)
+    if maps[0] * int(patch_size) != int(img_size) or any(maps[0] % 2 ** i for i in range(int(stages))):
+        return  # not a window problem: the model names the image size it needs
+    if swin_window_fits(maps, int(window)):
+        return
+    fits = sorted((w for w in range(1, maps[0] + 1) if swin_window_fits(maps, w)),
+                  key=lambda w: (abs(w - int(window)), -w))[:2]
+    was = (f" (pre-trained at {pretrained[0]} px with window {pretrained[1]}; the tables are resampled to the new "
+           f"window)") if pretrained else ""
+    raise ValueError(f"Swin at --image-size {img_size} has stage maps {'/'.join(map(str, maps))} (patch "
+                     f"{patch_size}), which {window}x{window} windows do not tile{was}: give --window-size "
+                     f"{' or '.join(map(str, sorted(fits)))} (each map must be a multiple of the window or not larger "
+                     f"than it; SimMIM fine-tunes its 192-px window-6 Swin at 224 px with --window-size 7), or "
+                     f"another --image-size")
+
+
+def finetune_swin_config(config: dict, cfg: dict) -> dict:
+    """The fine-tuning Swin's config from the pre-trained one: the run's resolution, ``--window-size`` (default:
+    the pre-trained window), drop path, no mask token, no classifier (the method's ``head``). ValueError with
+    the windows that fit when the window does not tile the stage maps."""
+    c = dict(config)
+    c.update(img_size=int(cfg["image_size"]), use_mask_token=False, num_classes=0, global_pool="mean")
+    if cfg.get("window_size") is not None:
+        c["window_size"] = int(cfg["window_size"])
+    if cfg.get("drop_path") is not None:
+        c["drop_path_rate"] = float(cfg["drop_path"])
+    check_swin_window(c["img_size"], int(c.get("patch_size", 4)), len(c.get("depths", (2, 2, 6, 2))),
+                      int(c.get("window_size", 7)),
+                      (config.get("img_size"), config.get("window_size")) if config.get("img_size") else None)
     return c
 
 
@@ -117,6 +179,28 @@ def resnet_layer_ids(layers) -> tuple[callable, int]:
     return layer_id, N
 
 
+def swin_layer_ids(depths) -> tuple[callable, int]:
+    """``(name -> layer id, N)`` of SimMIM's Swin layer decay (``get_swin_layer``), ``N = sum(depths)``, ``N + 2``
+    ids (the head at ``N + 1``), for this engine's (timm's) parameter names."""
+    depths = [int(d) for d in depths]
+    starts = [sum(depths[:s]) for s in range(len(depths))]
+    N = sum(depths)
+
+    def layer_id(name: str) -> int:
+        if name == "mask_token" or name.startswith("patch_embed"):
+            return 0
+        if name.startswith("layers."):
+            parts = name.split(".")
+            stage = int(parts[1])
+            if parts[2] == "downsample":  # the merging after stage - 1: SimMIM's layers.{stage-1}.downsample
+                return starts[stage]
+            if parts[2] == "blocks":
+                return starts[stage] + int(parts[3]) + 1
+        return N + 1
+
+    return layer_id, N
+
+
 def convnext_layer_ids(depths) -> tuple[callable, int]:
     N = 12 if int(depths[2]) > 9 else 6
 
@@ -132,6 +216,33 @@ def convnext_layer_ids(depths) -> tuple[callable, int]:
         return N + 1
 
     return layer_id, N
+
+
+def adapt_swin_tables(state_dict: dict, target: dict) -> tuple[dict, list[str]]:
+    """Swin's per-block relative position tables resampled (geometric, as SimMIM ``remap_pretrained_keys_swin``)
+    where the fine-tuning window differs, and an absolute table (``ape``) resized bicubic (our extension; the
+    official code has none to resize). Returns the new state dict and notes for the run's log."""
+    from engine.models.pos_embed import resize_pos_embed, resize_rel_pos_table, window_of_table
+
+    out, notes, moves = dict(state_dict), [], {}
+    for key, t in target.items():
+        src = out.get(key)
+        if not key.endswith("relative_position_bias_table") or src is None or src.shape == t.shape \
+                or src.ndim != 2 or src.shape[1] != t.shape[1]:
+            continue  # a heads mismatch stays, for load_pretrained to name
+        sw, dw = window_of_table(src.shape[0], with_cls=False), window_of_table(t.shape[0], with_cls=False)
+        out[key] = resize_rel_pos_table(src, sw, dw, mode="geometric", with_cls=False)
+        moves[f"{sw[0]} -> {dw[0]}"] = moves.get(f"{sw[0]} -> {dw[0]}", 0) + 1
+    if moves:
+        notes.append("relative position tables resampled (geometric) for the new windows: "
+                     + ", ".join(f"window {k} ({n} blocks)" for k, n in moves.items()))
+    key = "absolute_pos_embed"
+    if key in out and key in target and out[key].shape != target[key].shape:
+        side = int(round(math.sqrt(target[key].shape[1])))
+        before = out[key].shape[1]
+        out[key] = resize_pos_embed(out[key], (side, side), num_extra=0)
+        notes.append(f"absolute position embedding resized (bicubic) from {before} to {side * side} patches")
+    return out, notes
 
 
 # ------------------------------------------------------------------------------------------------ the method
@@ -175,7 +286,7 @@ class FineTune(PretrainMethod):
         if not isinstance(spec, dict) or spec.get("kind") not in KINDS:
             raise ValueError(_RUN_BY)
         self.kind = spec["kind"]
-        self.sync_batchnorm = self.kind != "vit"  # SparK's downstream recipe: sbn=True under DDP
+        self.sync_batchnorm = self.kind in ("resnet", "convnext")  # SparK's downstream recipe: sbn=True under DDP
         self.num_classes = int(cfg.get("num_classes") or 0)
         if self.num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {cfg.get('num_classes')!r} (default: the train folder's)")
@@ -201,6 +312,24 @@ class FineTune(PretrainMethod):
                 self.fc_norm = nn.LayerNorm(dim, eps=eps)
             else:
                 self.fc_norm = None
+        elif self.kind == "swin":
+            from engine.models.swin import swin_from_cfg
+
+            if self.pool not in ("mean", "avg"):
+                raise ValueError(f"--pool {self.pool}: Swin has no cls token; it is fine-tuned with mean pooling")
+            self.pool = "mean"
+            if config:
+                self.backbone = build_encoder("swin", finetune_swin_config(config, cfg))
+            else:  # --init random --model swin_*: the model's own window unless --window-size
+                from engine.models.swin import SWIN_CONFIGS
+
+                base = dict(SWIN_CONFIGS[str(cfg["model"])])
+                patch = int(cfg.get("patch_size") or base.get("patch_size", 4))
+                window = int(cfg.get("window_size") or base.get("window_size", 7))
+                check_swin_window(int(cfg["image_size"]), patch, len(base["depths"]), window)
+                self.backbone = swin_from_cfg(cfg, use_mask_token=False, num_classes=0)
+            dim = self.backbone.num_features
+            self.fc_norm = None  # SimMIM's Swin: the encoder's final norm, then the mean, then the head
         else:
             from engine.methods.spark import build_convnet
 
@@ -221,7 +350,7 @@ class FineTune(PretrainMethod):
             self.head.weight.mul_(scale)
             self.head.bias.mul_(scale)
         layer_decay = cfg.get("layer_decay")
-        self.layer_decay = float(layer_decay) if layer_decay is not None else (0.65 if self.kind == "vit" else 0.7)
+        self.layer_decay = float(layer_decay) if layer_decay is not None else DEFAULT_LAYER_DECAY[self.kind]
 
     # ---------------------------------------------------------------------------------- model
     def encoder(self) -> nn.Module:
@@ -250,6 +379,8 @@ class FineTune(PretrainMethod):
         notes = []
         if self.kind == "vit":
             sd, notes = adapt_position_tables(sd, target)
+        elif self.kind == "swin":
+            sd, notes = adapt_swin_tables(sd, target)
         dropped = sorted(k for k in sd if k not in target)
         allowed = [k for k in dropped if k == "mask_token" or (self.fc_norm is not None and k.startswith("norm."))]
         bad = [k for k in dropped if k not in allowed]
@@ -275,7 +406,9 @@ class FineTune(PretrainMethod):
         if self.kind == "vit":
             n = int(self.backbone.depth) + 2
             return (lambda name: vit_layer_id(name, n)), n
-        if self.kind == "resnet":
+        if self.kind == "swin":
+            fn, N = swin_layer_ids(self.backbone.config["depths"])
+        elif self.kind == "resnet":
             fn, N = resnet_layer_ids(self.backbone.config["layers"])
         else:
             fn, N = convnext_layer_ids(self.backbone.config["depths"])
@@ -287,6 +420,8 @@ class FineTune(PretrainMethod):
         rest = name.split(".", 1)[1] if name.startswith("backbone.") else name
         if self.kind == "vit":
             return rest in VIT_NO_WD
+        if self.kind == "swin":
+            return any(k in rest for k in SWIN_NO_WD_KEYS)
         return any(k in name for k in CONV_NO_WD_KEYS)
 
     def optimizer_groups(self) -> list[dict]:
@@ -307,5 +442,6 @@ class FineTune(PretrainMethod):
         return [groups[k] for k in sorted(groups)]
 
 
-__all__ = ["ENCODER_PREFIX", "KINDS", "FineTune", "Source", "build_encoder", "convnext_layer_ids", "default_pool",
-           "finetune_vit_config", "kind_of", "load_source", "resnet_layer_ids", "vit_layer_id"]
+__all__ = ["ENCODER_PREFIX", "KINDS", "FineTune", "Source", "adapt_swin_tables", "build_encoder", "check_swin_window",
+           "convnext_layer_ids", "default_pool", "finetune_swin_config", "finetune_vit_config", "kind_of",
+           "load_source", "resnet_layer_ids", "swin_layer_ids", "vit_layer_id"]

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-KINDS = ("vit", "resnet", "convnext")
+KINDS = ("vit", "resnet", "convnext", "swin")
 # where each pre-training method keeps the encoder that engine.eval evaluates (``method.encoder()``)
 ENCODER_PREFIX = {"simmim": "backbone.", "beit": "backbone.", "beitv2": "backbone.", "spark": "net.",
                   "dino": "teacher.backbone.", "vqkd": "tokenizer.encoder.", "finetune": "backbone."}
@@ -21,17 +21,20 @@ ENCODER_PREFIX = {"simmim": "backbone.", "beit": "backbone.", "beitv2": "backbon
 
 # ------------------------------------------------------------------------------------------------ architecture
 def kind_of(encoder_config: dict | None, model: str | None = None) -> str:
-    if encoder_config and encoder_config.get("arch") in ("resnet", "convnext"):
+    if encoder_config and encoder_config.get("arch") in ("resnet", "convnext", "swin"):
         return encoder_config["arch"]
     if encoder_config:
         return "vit"
     from engine.models.convnext import CONVNEXT_CONFIGS
     from engine.models.resnet import RESNET_CONFIGS
+    from engine.models.swin import is_swin
 
     if model in RESNET_CONFIGS:
         return "resnet"
     if model in CONVNEXT_CONFIGS:
         return "convnext"
+    if is_swin(model):
+        return "swin"
     return "vit"
 
 
@@ -44,9 +47,10 @@ def build_encoder(kind: str, config: dict, **overrides) -> nn.Module:
     """The encoder of ``kind`` from its ``config`` (``encoder.config`` as checkpoints store it)."""
     from engine.models.convnext import ConvNeXt
     from engine.models.resnet import ResNet
+    from engine.models.swin import SwinTransformer
     from engine.models.vit import VisionTransformer
 
-    cls = {"vit": VisionTransformer, "resnet": ResNet, "convnext": ConvNeXt}[kind]
+    cls = {"vit": VisionTransformer, "resnet": ResNet, "convnext": ConvNeXt, "swin": SwinTransformer}[kind]
     c = dict(config)
     c.update({k: v for k, v in overrides.items() if v is not None})
     for key in ("layers", "widths", "depths", "dims"):
@@ -147,6 +151,7 @@ _FROM_TIMM = {
                  (r"^stages\.(\d+)\.blocks\.(\d+)\.(norm\.|gamma$)", r"stages.\1.\2.\3"),
                  (r"^head\.norm\.", r"norm.")],
     "resnet": [],
+    "swin": [],  # engine.models.swin uses timm's names already
 }
 
 
@@ -178,7 +183,7 @@ def _source_from_safetensors(path: Path) -> Source:
     except ValueError:
         config = {}
     layout = (meta.get("layout") or "").lower()
-    if not config or layout not in ("vit", "beit", "resnet", "convnext"):
+    if not config or layout not in ("vit", "beit", "resnet", "convnext", "swin"):
         raise CheckpointError(f"--checkpoint {path}: no engine.export metadata (layout {layout or 'missing'}, "
                               "config); export the checkpoint with python -m engine.export")
     kind = "vit" if layout in ("vit", "beit") else layout
