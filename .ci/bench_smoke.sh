@@ -28,6 +28,7 @@ cases=(
     "bench/test_bench_masked_batch_norm.py::test_masked_batch_norm_cpu[ours-fwd+bwd]"
     "bench/test_bench_train_step.py::test_train_step_cpu[simmim-ours]"
     "bench/test_bench_window_attention.py::test_window_attention_cpu[reference-fwd+bwd]"
+    "bench/test_bench_dispatch.py::test_dispatch_cpu[masked_token_scatter-eager]"
 )
 BENCH_DATA_IMAGES=64 python -m pytest -p no:cacheprovider "${cases[@]}" --benchmark-only -q \
     --benchmark-max-time=0.05 --benchmark-min-rounds=1 \
