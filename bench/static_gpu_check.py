@@ -48,6 +48,8 @@ import time  # noqa: E402
 
 import torch  # noqa: E402
 
+from bench.shapes import SPARK_CONV_LAYERS as LAYERS  # noqa: E402 (Cin, Cout, kernel, stride, depthwise, input stride)
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMEM_LIMIT = {80: 166912, 90: 232448}  # max shared memory per block (bytes, opt-in): A100, H100/H200
 SMS = {80: 108, 90: 132}  # SM counts of A100 / H100 SXM (launchers size some grids by them)
@@ -392,17 +394,6 @@ def masked_cross_entropy_cases() -> list[Case]:
 # SparK sparse convolution at the ResNet-50 / ConvNeXt layer shapes (kernels/sparse_conv/sparse_conv2d_triton.py)
 
 SC = "kernels.sparse_conv.sparse_conv2d_triton"
-# name: (Cin, Cout, kernel, stride, depthwise, stride of the layer's input w.r.t. the image) -- bench/ layers
-LAYERS = {
-    "rn50_stem_7x7s2": (3, 64, 7, 2, False, 1),
-    "rn50_l1_3x3": (64, 64, 3, 1, False, 4),
-    "rn50_l1_1x1": (256, 64, 1, 1, False, 4),
-    "rn50_l2_3x3s2": (128, 128, 3, 2, False, 4),
-    "rn50_l3_3x3": (256, 256, 3, 1, False, 16),
-    "rn50_l4_3x3": (512, 512, 3, 1, False, 32),
-    "cnxb_dw7_s1": (128, 128, 7, 1, True, 4),
-    "cnxb_dw7_s3": (512, 512, 7, 1, True, 16),
-}
 
 
 def sparse_conv_cases() -> list[Case]:

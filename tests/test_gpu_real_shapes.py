@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
+from bench.shapes import SPARK_CONV_LAYERS as LAYERS  # (Cin, Cout, kernel, stride, depthwise, input stride)
 from kernels import use_backend
 
 DRY = os.environ.get("GPU_PLAN_DRY_RUN", "") not in ("", "0")
@@ -449,17 +450,6 @@ def test_masked_cross_entropy_multi_pass_softmax(device):
 # ------------------------------------------------------------------------------------------------------------
 # SparK: sparse convolution at the ResNet-50 / ConvNeXt layer shapes, masked batch norm
 
-# name: (Cin, Cout, kernel, stride, depthwise, stride of the layer's input w.r.t. the image)
-LAYERS = {
-    "rn50_stem_7x7s2": (3, 64, 7, 2, False, 1),
-    "rn50_l1_3x3": (64, 64, 3, 1, False, 4),
-    "rn50_l1_1x1": (256, 64, 1, 1, False, 4),
-    "rn50_l2_3x3s2": (128, 128, 3, 2, False, 4),
-    "rn50_l3_3x3": (256, 256, 3, 1, False, 16),
-    "rn50_l4_3x3": (512, 512, 3, 1, False, 32),
-    "cnxb_dw7_s1": (128, 128, 7, 1, True, 4),
-    "cnxb_dw7_s3": (512, 512, 7, 1, True, 16),
-}
 CONV_BATCH, CONV_IMAGE = sized((4, 224), (1, 64))
 CONV_CASES = [(n, torch.bfloat16) for n in LAYERS] + [
     (n, dt) for dt in (torch.float16, torch.float32) for n in ("rn50_l1_3x3", "rn50_l2_3x3s2", "cnxb_dw7_s1")]
