@@ -28,7 +28,7 @@ from typing import Optional  # custom-op schema inference: Optional[Tensor] work
 import torch
 from torch import Tensor
 
-from kernels._backend import define_op, native_reasons, triton_reasons, use_backend
+from kernels._backend import define_op, native_reasons, triton_reasons
 from kernels._checks import FLOAT_DTYPES, NATIVE_DTYPES, check_mask, check_same_device, check_tensor, dtype_name
 from kernels._op import custom_op, eager_function, nothing, reference_grads
 from kernels.sparse_conv.active import conv_output_size, downsample_active, pair
@@ -223,7 +223,7 @@ def _backward_kernels(grad_out: Tensor, x: Tensor, active_in: Tensor, active_out
                       stride: list[int], padding: list[int], dilation: list[int], groups: int, need_x: bool,
                       need_w: bool, need_b: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(dx channels_last, dW, db) in the dtypes of x and weight on the backend that takes these inputs (the
-    one that ran the forward: :func:`_grads` forces it); 0-element where not requested."""
+    one that ran the forward: :func:`_grads` pins it); 0-element where not requested."""
     i = SparseConv2dInputs(x, active_in, active_out, weight, None, stride, padding, dilation, groups)
     backend = OP.select(i).backend
     if backend == "reference":  # a compiled graph run under another backend than it was traced with
@@ -262,7 +262,7 @@ def _grads(bwd, ctx, grad_out):
     x, active_in, active_out, weight = ctx.saved_tensors
     need_x, _, _, need_w, need_b = needs[:5]
     need_b = bool(need_b and has_bias)
-    with use_backend(ctx.backend, op=OP.name):  # the backward runs where the forward ran
+    with OP.pinned(OP.impls[ctx.backend]):  # the backward runs where the forward ran, without selecting again
         dx, dw, db = bwd(grad_out, x, active_in, active_out, weight, stride, padding, dilation, groups, need_x,
                          need_w, need_b)
     return (dx if need_x else None, None, None, dw if need_w else None, db if need_b else None,
