@@ -131,6 +131,7 @@ def attention_cases() -> list[Case]:
     from kernels.attn import attention_triton as tk
 
     cases = []
+    cuda = torch.device("cuda")
     for label, B, H, N, d, dt, prec, kinds in ATT_CASES:
         precision = prec or "tf32"  # the launchers' dot_precision(): tf32 unless fp32 under "highest"
         tc = _tc(dt, precision)
@@ -140,69 +141,66 @@ def attention_cases() -> list[Case]:
         cs = _contig(B, H, N, d)  # q/k/v/dO/out viewed [B, H, N, d] (same specialisation as the qkv views)
         scale = d**-0.5
         for sm in (90, 80):
+            cap = (sm // 10, sm % 10)
             old = torch.get_float32_matmul_precision()
             torch.set_float32_matmul_precision("highest" if precision == "ieee" else "high")  # what _blocks reads
             try:
-                fcfg = tk._blocks(N, d, dt, torch.device("cuda"), False, capability=(sm // 10, sm % 10))
-                bcfg = tk._blocks(N, d, dt, torch.device("cuda"), True, capability=(sm // 10, sm % 10))
+                fcfgs = tk.forward_configs(N, d, dt, cuda, capability=cap)
+                bcfg = tk._blocks(N, d, dt, cuda, True, capability=cap)
             finally:
                 torch.set_float32_matmul_precision(old)
             for kind in kinds:
                 has_bias = kind != "none"
-                bias = Ptr(FP32) if has_bias else q
+                # a bias shared over the batch reaches the kernels prepared (times log2e; bf16 for bf16 inputs)
+                bias_log2 = kind == "shared"
+                bias = (Ptr(BF16 if dt == BF16 else FP32) if bias_log2 else Ptr(FP32)) if has_bias else q
                 sbias = {"shared": (0, N * N, N, 1), "per-batch": (H * N * N, N * N, N, 1), "none": (0, 0, 0, 0)}[kind]
                 tag = f"{label} {name} N{N} d{d} bias={kind}"
-                first = kind == kinds[0]
-                # forward
-                opts = {"num_warps": fcfg["num_warps"], "num_stages": fcfg["num_stages"]}
-                blocks = {k: fcfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_D")}
-                cases.append(Case(
-                    "attention", f"{ATT}:_attention_fwd_kernel", tag,
-                    [q, q, q, bias, q, f32, *cs, *cs, *cs, *sbias, *cs, H, N, N, d, scale * tk.LOG2E],
-                    dict(HAS_BIAS=has_bias, K_TILES=math.ceil(N / blocks["BLOCK_N"]), PRECISION=precision,
-                         UPCAST=False, **blocks, **opts),
-                    _expect(tc, blocks["BLOCK_M"], opts["num_warps"]), sms=(sm,),
-                    ci=(sm == 90 and label == "vitb" and dt == BF16 and kind == "shared")
-                    or (sm == 90 and label == "vitb-ieee")))
-                # backward: preprocess (launcher defaults: 4 warps, 3 stages), dK/dV, dQ, deterministic dbias
+                # forward: every autotune candidate (BLOCK_N is shared, so are the peeled tile counts)
+                bn = fcfgs[0]["BLOCK_N"]
+                for ci_, fcfg in enumerate(fcfgs):
+                    opts = {"num_warps": fcfg["num_warps"], "num_stages": fcfg["num_stages"]}
+                    blocks = {k: fcfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_D")}
+                    cand = f" candidate {ci_}: M{blocks['BLOCK_M']} w{opts['num_warps']}" if len(fcfgs) > 1 else ""
+                    cases.append(Case(
+                        "attention", f"{ATT}:_attention_fwd_kernel", tag + cand,
+                        [q, q, q, bias, q, f32, *cs, *cs, *cs, *sbias, *cs, H, N, N, scale * tk.LOG2E],
+                        dict(HAS_BIAS=has_bias, BIAS_LOG2=bias_log2, PRESCALE_Q=dt == FP32, FULL_TILES=N // bn,
+                             HAS_TAIL=N % bn != 0, HEAD_DIM=d, PRECISION=precision, UPCAST=False, **blocks, **opts),
+                        _expect(tc, blocks["BLOCK_M"], opts["num_warps"]), sms=(sm,),
+                        ci=(sm == 90 and label == "vitb" and dt == BF16 and kind == "shared")
+                        or (sm == 90 and label == "vitb-ieee")))
+                # backward: dQ (+ delta), then dK/dV (+ dbias, batch-grouped for a shared bias)
                 bopts = {"num_warps": bcfg["num_warps"], "num_stages": bcfg["num_stages"]}
                 bblocks = {k: bcfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_D")}
-                if first:
-                    cases.append(Case("attention", f"{ATT}:_attention_bwd_preprocess_kernel", f"{label} {name} d{d}",
-                                      [q, q, f32, *cs, *cs, H, N, d],
-                                      dict(BLOCK_M=bblocks["BLOCK_M"], BLOCK_D=bblocks["BLOCK_D"]), sms=(sm,)))
-                modes = {"shared": (2, 0), "per-batch": (1,), "none": (0,)}[kind]
-                for mode in modes:
-                    db_strides = {0: (0, 0, 0, 0), 1: (H * N * N, N * N, N, 1), 2: (H * N * N, N * N, N, 1)}[mode]
-                    db = f32
-                    cases.append(Case(
-                        "attention", f"{ATT}:_attention_bwd_dkdv_kernel", f"{tag} dbias_mode={mode}",
-                        [q, q, q, bias, q, f32, f32, q, q, db, *cs, *cs, *cs, *sbias, *cs, *cs, *cs, *db_strides,
-                         H, N, N, d, scale, scale * tk.LOG2E],
-                        dict(HAS_BIAS=has_bias, DBIAS_MODE=mode, Q_TILES=math.ceil(N / bblocks["BLOCK_M"]),
-                             PRECISION=precision, UPCAST=False, **bblocks, **bopts),
-                        _expect(tc, min(bblocks["BLOCK_N"], bblocks["BLOCK_M"]), bopts["num_warps"]), sms=(sm,),
-                        ci=(label == "vitb" and dt == BF16 and kind == "shared" and mode == 2)))
+                bm, bn = bblocks["BLOCK_M"], bblocks["BLOCK_N"]
                 cases.append(Case(
                     "attention", f"{ATT}:_attention_bwd_dq_kernel", tag,
-                    [q, q, q, bias, q, f32, f32, q, *cs, *cs, *cs, *sbias, *cs, *cs, H, N, N, d, scale,
+                    [q, q, q, bias, q, q, f32, f32, q, *cs, *cs, *cs, *sbias, *cs, *cs, *cs, H, N, N, scale,
                      scale * tk.LOG2E],
-                    dict(HAS_BIAS=has_bias, K_TILES=math.ceil(N / bblocks["BLOCK_N"]), PRECISION=precision,
-                         UPCAST=False, **bblocks, **bopts),
-                    _expect(tc, bblocks["BLOCK_M"], bopts["num_warps"]), sms=(sm,),
+                    dict(HAS_BIAS=has_bias, BIAS_LOG2=bias_log2, FULL_TILES=N // bn, HAS_TAIL=N % bn != 0,
+                         HEAD_DIM=d, PRECISION=precision, UPCAST=False, **bblocks, **bopts),
+                    _expect(tc, bm, bopts["num_warps"]), sms=(sm,),
                     ci=(sm == 90 and label == "vitb" and dt == BF16 and kind == "shared")))
-                if kind == "shared":  # deterministic mode: the batch-looping dbias kernel
-                    tiles = math.ceil(N / bblocks["BLOCK_M"]) * math.ceil(N / bblocks["BLOCK_N"]) * H
-                    groups = max(1, min(B, math.ceil(4 * SMS[sm] / max(1, tiles))))
-                    per_group = math.ceil(B / groups)
-                    groups = math.ceil(B / per_group)
+                k_tiles = math.ceil(N / bn)
+                modes = {"shared": (2, 0), "per-batch": (1,), "none": (0,)}[kind]
+                for mode in modes:
+                    per_group, groups = 1, B
+                    if mode == 2:
+                        groups = tk._batch_groups(k_tiles * H, B, cuda, sms=SMS[sm])
+                        per_group = math.ceil(B / groups)
+                        groups = math.ceil(B / per_group)
+                    db_strides = {0: (0, 0, 0, 0), 1: _contig(B, H, N, N), 2: _contig(groups, H, N, N)}[mode]
                     cases.append(Case(
-                        "attention", f"{ATT}:_attention_bwd_dbias_kernel", f"{tag} deterministic",
-                        [q, q, q, bias, q, f32, f32, f32, *cs, *cs, *cs, *sbias[1:], *cs, *_contig(groups, H, N, N),
-                         B, H, N, N, d, scale * tk.LOG2E],
-                        dict(BATCH_PER_GROUP=per_group, PRECISION=precision, UPCAST=False, **bblocks, **bopts),
-                        _expect(tc, bblocks["BLOCK_M"], bopts["num_warps"]), sms=(sm,),
-                        ci=(sm == 90 and label == "vitb" and dt == BF16)))
+                        "attention", f"{ATT}:_attention_bwd_dkdv_kernel",
+                        f"{tag} dbias_mode={mode}" + (f" group={per_group}" if mode == 2 else ""),
+                        [q, q, q, bias, q, f32, f32, q, q, f32, *cs, *cs, *cs, *sbias, *cs, *cs, *cs, *db_strides,
+                         B, H, N, N, scale, scale * tk.LOG2E],
+                        dict(HAS_BIAS=has_bias, BIAS_LOG2=bias_log2, DBIAS_MODE=mode, GROUP=per_group,
+                             Q_TILES=math.ceil(N / bm), HEAD_DIM=d, PRECISION=precision, UPCAST=False,
+                             **bblocks, **bopts),
+                        _expect(tc, min(bn, bm), bopts["num_warps"]), sms=(sm,),
+                        ci=(label == "vitb" and dt == BF16 and kind == "shared" and mode == 2)))
     return cases
 
 
@@ -271,24 +269,25 @@ def codebook_cases() -> list[Case]:
     M, K, D = 50_176, 8192, 32  # BEiT v2 tokenizer batch: 256 x 196 vectors, 8192 codes of 32 dims
     cases = []
     lookups = [  # (z dtype, dot operand dtype, input_precision, normalize)
-        (FP32, FP32, "ieee", True), (FP32, FP32, "tf32", True), (BF16, BF16, "ieee", True),
-        (FP16, FP16, "ieee", True), (FP32, FP32, "ieee", False), (BF16, BF16, "ieee", False),
+        (FP32, FP32, "ieee", True), (FP32, FP32, "tf32", True), (FP32, FP32, "tf32x3", True),
+        (BF16, BF16, "ieee", True), (FP16, FP16, "ieee", True), (FP32, FP32, "ieee", False),
+        (FP32, FP32, "tf32x3", False), (BF16, BF16, "ieee", False),
     ]
     for zdt, dotdt, prec, norm in lookups:
-        tc = dotdt in (BF16, FP16) or prec == "tf32"
+        tc = dotdt in (BF16, FP16) or prec in ("tf32", "tf32x3")
         name = f"z={str(zdt)[6:]} dot={str(dotdt)[6:]}/{prec} {'cosine' if norm else 'l2'}"
-        for i, cfg in enumerate(tk._lookup_configs()):
+        for i, cfg in enumerate(tk._lookup_configs(tc)):  # the configs the launcher autotunes for this dot
             kw = dict(cfg.kwargs)
             cases.append(Case(
                 "codebook", f"{CB}:_nearest_code_fwd_kernel",
                 f"{name} config {i}: M{kw['BLOCK_M']} K{kw['BLOCK_K']} w{cfg.num_warps} s{cfg.num_stages}",
                 [Ptr(zdt), Ptr(FP32), Ptr(dotdt), Ptr(FP32), Ptr(FP32), Ptr(I64), Ptr(FP32), Ptr(FP32),
                  M, D, D, 1, D, 1e-12],
-                dict(K=K, NORMALIZE=norm, INPUT_PRECISION=prec, DOT_UPCAST=False, SEPARATE_OUT=False, BLOCK_D=32,
-                     **kw, num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+                dict(K=K, NORMALIZE=norm, INPUT_PRECISION=prec, DOT_UPCAST=False, EMULATE_TF32=0,
+                     SEPARATE_OUT=False, BLOCK_D=32, **kw, num_warps=cfg.num_warps, num_stages=cfg.num_stages),
                 _expect(tc, kw["BLOCK_M"], cfg.num_warps), no_spill=False,
-                ci=(i == 0 and zdt == BF16 and norm) or (i == 8 and zdt == FP32 and prec == "ieee" and norm)
-                or (i == 1 and prec == "tf32")))
+                ci=(i == 0 and zdt == BF16 and norm) or (i == 0 and zdt == FP32 and prec == "ieee" and norm)
+                or (i == 1 and prec == "tf32x3" and norm)))
     block_m, _ = tk.row_tiles(D)  # the launchers' tile (BLOCK_D = D = 32)
     for zdt in (FP32, BF16):
         cases.append(Case("codebook", f"{CB}:_nearest_code_bwd_kernel", f"z={str(zdt)[6:]}",
@@ -339,7 +338,7 @@ def masked_token_scatter_cases() -> list[Case]:
             f"{name} B{B} split {per}",
             [Ptr(dt), Ptr(U8), Ptr(dt), Ptr(FP32), Ptr(FP32), B, N, D, N_out, N_out * D, D, 1, N, 1],
             dict(B_PER_SPLIT=per, HAS_CLS=True, NEED_X=True, NEED_TOK=True, NEED_COLSUM=True, ACC=acc,
-                 BLOCK_N=bn_, BLOCK_D=bd2, num_warps=4), ci=dt == BF16))
+                 ROWS=triton_scatter.BWD_ROWS, BLOCK_N=bn_, BLOCK_D=bd2, num_warps=4), ci=dt == BF16))
     return cases
 
 

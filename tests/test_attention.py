@@ -5,6 +5,8 @@ Every kernel output buffer is NaN-poisoned at allocation (``poisoned_alloc``), s
 fails to write shows up as a NaN against the float64 reference (``kernels._buffers.empty`` is patched).
 """
 
+import math
+
 import pytest
 import torch
 from conftest import assert_close, poison
@@ -84,14 +86,15 @@ FP32_CASES = [
     (2, 2, 37, 37, 32, "head_bcast"),
     (2, 2, 1, 1, 32, "shared"),
     (1, 2, 13, 50, 32, "shared"),  # Nq != Nk
-    (1, 1, 197, 197, 32, "shared"),
+    (2, 1, 17, 17, 32, "shared"),  # one q-tile: the dbias band summed in registers; key tail only
+    (2, 1, 64, 64, 16, "shared"),  # whole key tiles only (no peeled tail); d=16
+    (2, 1, 197, 197, 32, "shared"),  # ViT's N: prepared bias, 6 full key tiles + tail, dbias band read-add-write
+    (1, 1, 197, 197, 32, "batch"),
 ]
 
 
-# deterministic mode only changes the dbias of a bias shared over the batch (one N=197 case is enough)
-FP32_PARAMS = [(*case, False) for case in FP32_CASES] + [
-    (*case, True) for case in FP32_CASES if case[-1] in ("shared", "shared4") and case[2] != 197
-]
+# the flag is accepted and changes nothing now (every mode is deterministic): one shared-bias case with it set
+FP32_PARAMS = [(*case, False) for case in FP32_CASES] + [(*FP32_CASES[1], True)]
 
 
 @interpreter
@@ -154,19 +157,41 @@ def test_triton_low_precision_fp32_bias_with_bf16_inputs(device, poisoned_alloc)
 
 @interpreter
 @pytest.mark.parametrize("groups", [1, 2])
-def test_deterministic_dbias_is_bitwise_reproducible(device, poisoned_alloc, monkeypatch, groups):
+@pytest.mark.parametrize("N", [17, 50])
+def test_dbias_is_deterministic_by_construction(device, poisoned_alloc, monkeypatch, groups, N):
+    """Two default runs (no deterministic flag) are bitwise equal, and equal to a deterministic=True run; the
+    grouped dK/dV kernel sums dbias over its batch group in registers (N=17: one q-tile) or in its own band of
+    the group's partial (N=50: two q-tiles); groups=2 with B=3 leaves a short last group."""
     from kernels.attn import attention_triton as triton_kernels
 
-    # groups=2 with B=3 exercises the batch-group split with a short last group
-    monkeypatch.setattr(triton_kernels, "_dbias_groups", lambda tiles, B, dev: groups)
-    B, H, N, d = 3, 2, 50, 32
+    monkeypatch.setattr(triton_kernels, "_batch_groups", lambda programs, B, dev, sms=None: groups)
+    B, H, d = 3, 2, 32
     q, k, v, bias = _fresh(B, H, N, N, d, torch.float32, device, "shared")
     grad = torch.randn(B, H, N, d, device=device)
-    runs = [_run(q, k, v, bias, grad, "triton", deterministic=True)[1] for _ in range(2)]
-    for a, b, name in zip(runs[0], runs[1], NAMES):
-        assert torch.equal(a, b), f"{name} differs between two deterministic runs"
+    runs = [_run(q, k, v, bias, grad, "triton", deterministic=det)[1] for det in (False, False, True)]
+    for other in runs[1:]:
+        for a, b, name in zip(runs[0], other, NAMES):
+            assert torch.equal(a, b), f"{name} differs between two runs"
     _, ref_grads = _reference64(q, k, v, bias, grad)
-    assert_close(runs[0][3], ref_grads[3], dtype=torch.float32, name="dbias")
+    for name, g, r in zip(NAMES, runs[0], ref_grads):
+        assert_close(g, r, dtype=torch.float32, name=name)
+
+
+def test_forward_candidates_and_batch_groups():
+    """The launch plan without a GPU: the 128-row, 8-warp forward tile is an autotune candidate for 2-byte inputs
+    with d <= 64 next to the default; the dK/dV batch groups fill ~4 programs per SM (ViT-B on 132 SMs: 11
+    groups of 24 batch elements)."""
+    from kernels.attn import attention_triton as tk
+
+    cuda = torch.device("cuda")
+    fwd = tk.forward_configs(197, 64, torch.bfloat16, cuda, capability=(9, 0))
+    assert [(c["BLOCK_M"], c["BLOCK_N"], c["num_warps"]) for c in fwd] == [(64, 64, 4), (128, 64, 8)]
+    assert len(tk.forward_configs(197, 128, torch.bfloat16, cuda, capability=(9, 0))) == 1
+    assert len(tk.forward_configs(197, 64, torch.bfloat16, torch.device("cpu"))) == 1
+    groups = tk._batch_groups(4 * 12, 256, cuda, sms=132)
+    assert groups == 11 and math.ceil(256 / groups) == 24
+    assert tk._batch_groups(4 * 12, 3, cuda, sms=132) == 3
+    assert tk._batch_groups(4 * 12, 256, torch.device("cpu")) == 1
 
 
 def test_deterministic_request_sources(monkeypatch):

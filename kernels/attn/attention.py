@@ -13,8 +13,9 @@ Backward (``g`` = dL/d out, ``delta_i = sum_j P_ij dP_ij``)::
 Backends (see :mod:`kernels._backend`):
 
 * ``triton``     FlashAttention-2 style fused forward (online softmax, log-sum-exp saved) and a fused
-  backward giving dq, dk, dv and dbias (:mod:`kernels.attn.attention_triton`); dbias is reduced to the bias's
-  own shape inside the kernels in float32. CUDA tensors of float16/bfloat16/float32 with head dim <= 128
+  backward giving dq, dk, dv and dbias (:mod:`kernels.attn.attention_triton`: one forward launch, two backward
+  launches, 2 + 7 tile GEMMs; its docstring gives the cost model); dbias is reduced over the batch inside the
+  kernels in float32. CUDA tensors of float16/bfloat16/float32 with head dim <= 128
   (CPU only under ``TRITON_INTERPRET=1`` when forced).
 * ``reference``  the math path of :mod:`kernels.attn.reference` (any device, dtype, head dim); its backward
   is autograd's.
@@ -22,11 +23,12 @@ Backends (see :mod:`kernels._backend`):
 The output layout is the same on every backend (the fake implementation promises it), so
 ``out.transpose(1, 2).reshape(B, Nq, H * d)`` is a free view.
 
-Determinism: with a bias broadcast over the batch, the default backward adds each batch element's
-dbias tile with float32 atomics (order not fixed). ``deterministic=True``, ``KERNELS_DETERMINISTIC=1``
-or ``torch.use_deterministic_algorithms(True)`` switch to a kernel in which each program owns a
-(head, q-tile, k-tile) block of dbias and loops over the batch in a fixed order: bitwise-reproducible.
-dq, dk, dv never use atomics. A per-batch bias ([B,H,N,N]) is written without atomics in both modes.
+Determinism: every backend is bitwise reproducible with or without ``deterministic``. The Triton backward
+sums the dbias of a bias broadcast over the batch in batch groups, each (head, key tile, group) program owning
+its band of the group's float32 partial, and the partials are summed in a fixed order: no atomics, so
+nothing is left for a deterministic mode to fix and it costs nothing. ``deterministic=True``,
+``KERNELS_DETERMINISTIC=1`` and ``torch.use_deterministic_algorithms(True)`` are still accepted (and still
+resolved by :func:`deterministic_requested`) for API compatibility; they no longer change the kernels.
 
 float32 inputs: the Triton dots use TF32 when ``torch.get_float32_matmul_precision()`` is ``"high"``
 or ``"medium"`` and full IEEE float32 otherwise (the PyTorch default, "highest").
@@ -268,8 +270,8 @@ def attention(q, k, v, bias=None, scale=None, *, deterministic: bool | None = No
             returned in its own shape and dtype, accumulated in float32; the batch reduction happens in
             the kernels, a head reduction (bias with 1 in place of H) is a torch sum afterwards.
         scale: multiplier of ``q k^T``; default ``d ** -0.5``.
-        deterministic: bitwise-reproducible dbias (see module docstring); default from
-            ``KERNELS_DETERMINISTIC`` or ``torch.are_deterministic_algorithms_enabled()``.
+        deterministic: accepted for compatibility; every result is bitwise reproducible whatever its value
+            (see the module docstring).
 
     Returns:
         [B, H, Nq, d] in the dtype of q. The Triton backend returns a [B, Nq, H, d]-contiguous tensor

@@ -8,13 +8,45 @@ Notation (one batch element b and head h): ``S = scale * Q K^T + bias``, ``P = s
     dP = dO V^T,   dS = P * (dP - delta[:, None])   (gradient w.r.t. S, hence w.r.t. bias)
     dV = P^T dO,   dQ = scale * dS K,   dK = scale * dS^T Q,   dbias = sum over broadcast dims of dS
 
-Kernels: ``_attention_fwd_kernel`` (O and L2), ``_attention_bwd_preprocess_kernel`` (delta),
-``_attention_bwd_dkdv_kernel`` (dK, dV; dbias stored per batch or added with atomics),
-``_attention_bwd_dq_kernel`` (dQ) and ``_attention_bwd_dbias_kernel`` (deterministic dbias for a bias
-shared over the batch: each program owns a (head, q-tile, k-tile) block and loops over the batch).
+Kernels (three launches per training step, plus one elementwise bias preparation when the bias is shared):
+
+* ``_attention_fwd_kernel`` (O and L2), one program per (q-tile, b, h). The score of a tile is one FFMA per
+  element, ``S2 = (Q K^T) * scale log2e + bias2``, with ``bias2 = bias * log2e`` prepared once per call when
+  the bias is shared over the batch (:func:`prepare_bias`: in bf16 for bf16 inputs, else float32; read B times
+  from L2 by the kernels); a float32 q is pre-scaled by ``scale log2e`` in registers instead (exact to one
+  rounding; a 16-bit q is not, since rounding ``q * scale`` to 16 bits would add an error to every score). The
+  key tiles are peeled: ``N_K // BLOCK_N`` full tiles without column masks, then one masked tail tile (N=197
+  at BLOCK_N=64: three unmasked tiles and one tail).
+* ``_attention_bwd_dq_kernel`` (dQ and delta), one program per (q-tile, b, h), runs first: it computes
+  ``delta = rowsum(dO * O)`` for its rows (no pre-pass kernel), stores it for the dK/dV kernel, and
+  accumulates dQ over the key tiles (peeled like the forward).
+* ``_attention_bwd_dkdv_kernel`` (dK, dV, dbias), one program per (k-tile, h, group of ``GROUP`` batch
+  elements), looping over its batch elements in increasing order and, for each, over the q-tiles. For a bias
+  shared over the batch the program owns the dbias column band ``[all q rows, its k-tile]`` of its group's
+  partial, so the band is summed over the group without atomics in a fixed order: in registers when the q
+  rows fit one tile (N <= BLOCK_M, e.g. DINO's N=37/50), else by plain loads and stores of the program's own
+  partial (each thread re-reads exactly the elements it stored: same pointer tensor, same layout). The
+  partials of the ``G`` groups are summed by one ``torch.sum`` over a [G, H, N, N] float32 buffer, or written
+  in place when one group covers the batch. dbias is therefore deterministic by construction, in every mode.
+  A per-batch bias ([B,H,N,N]) gets ``dS`` stored directly (``GROUP = 1``).
+
+Cost model (per (b, h), ``Np_q``/``Np_k`` = N padded to the q/k tiles, ``e`` = bytes per element):
+
+* forward: 2 tile GEMMs (``Q K^T``, ``P V``): ``4 Np_q Np_k d`` FLOPs issued (``4 N^2 d`` useful); HBM
+  bytes ``4 N d e`` (q, k, v read, o written) + ``4 N`` (L2) + the bias once per step; K/V re-read from L2
+  ``ceil(N / BLOCK_M)`` times, the bias tile once per (b, h); 1 launch (+1 bias preparation).
+* backward: 7 tile GEMMs -- dQ kernel 3 (``Q K^T``, ``dO V^T``, ``dS K``), dK/dV kernel 4 (``K Q^T``,
+  ``V dO^T``, ``P^T dO``, ``dS^T Q``) -- so ``14 Np_q Np_k d`` FLOPs issued (FlashAttention-2's single kernel
+  does 5 with float32 atomics on dQ; here S and dP are recomputed once more so that nothing is atomic). HBM
+  bytes ``9 N d e`` (q, k, v, o, dO read; dq, dk, dv written) + ``8 N`` (L2 read, delta written and read) +
+  dbias ``4 G H N^2`` float32 partials written and read once by the group sum; 2 launches (+1 bias
+  preparation, +1 group sum when G > 1, +1 cast of dbias to the bias's dtype when it is not float32).
+  ``bench/targets.py`` gives the floors at the ViT-B shape.
+
 All matmuls accumulate in float32; P and dS are rounded to the input dtype before their dots (as in
 FlashAttention). Rows/columns past the sequence end are masked, so any N works (197, 50, 13, 1), and
-the head dim is padded to a power of two >= 16 by masked loads.
+the head dim is padded to a power of two >= 16 by masked loads (``HEAD_DIM`` is a constexpr, so the mask
+folds away when d is a power of two). No kernel uses atomics.
 
 This module and window_attention_triton.py (which reuses its ``dot`` helpers) are the only ones of the family
 that import triton; the triton backends import them lazily.
@@ -58,6 +90,55 @@ def dot_acc(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _scores(qk, bias_ptrs, bias_mask, qk_scale2, HAS_BIAS: tl.constexpr, BIAS_LOG2: tl.constexpr,
+            PRESCALED: tl.constexpr):
+    """Base-2 scores of a tile from the raw ``q k^T`` (or ``k q^T``): ``qk * scale log2e + bias2``, one FFMA
+    per element when the bias is prepared (``BIAS_LOG2``: already times log2e) or q is pre-scaled."""
+    if PRESCALED:
+        s = qk
+    else:
+        s = qk * qk_scale2
+    if HAS_BIAS:
+        bias = tl.load(bias_ptrs, mask=bias_mask, other=0.0).to(tl.float32)
+        if BIAS_LOG2:
+            s = s + bias
+        else:
+            s = s + bias * 1.4426950408889634
+    return s
+
+
+@triton.jit
+def _fwd_tile(q, acc, m_i, l_i, k_base, v_base, bias_base, offs_m, m_ok, cols, offs_d, d_ok,
+              s_kn, s_kd, s_vn, s_vd, s_bm, s_bn, N_K, qk_scale2,
+              HAS_BIAS: tl.constexpr, BIAS_LOG2: tl.constexpr, PRESCALED: tl.constexpr, MASK_N: tl.constexpr,
+              PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """One online-softmax step over the key tile ``cols``; column masks only when ``MASK_N`` (the tail)."""
+    if MASK_N:
+        n_ok = cols < N_K
+        kt = tl.load(k_base + cols[None, :] * s_kn + offs_d[:, None] * s_kd, mask=n_ok[None, :] & d_ok[:, None],
+                     other=0.0)
+        v = tl.load(v_base + cols[:, None] * s_vn + offs_d[None, :] * s_vd, mask=n_ok[:, None] & d_ok[None, :],
+                    other=0.0)
+        bias_mask = m_ok[:, None] & n_ok[None, :]
+    else:
+        kt = tl.load(k_base + cols[None, :] * s_kn + offs_d[:, None] * s_kd, mask=d_ok[:, None], other=0.0)
+        v = tl.load(v_base + cols[:, None] * s_vn + offs_d[None, :] * s_vd, mask=d_ok[None, :], other=0.0)
+        bias_mask = m_ok[:, None]
+    s = _scores(dot(q, kt, PRECISION, UPCAST), bias_base + offs_m[:, None] * s_bm + cols[None, :] * s_bn,
+                bias_mask, qk_scale2, HAS_BIAS, BIAS_LOG2, PRESCALED)
+    if MASK_N:
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row whose bias is -inf so far
+    alpha = tl.math.exp2(m_i - m_use)
+    p = tl.math.exp2(s - m_use[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = dot_acc(p.to(v.dtype), v, acc, PRECISION, UPCAST)
+    return acc, m_new, l_i
+
+
+@triton.jit
 def _attention_fwd_kernel(
     Q, K, V, Bias, O, L2,
     s_qb, s_qh, s_qm, s_qd,
@@ -65,15 +146,16 @@ def _attention_fwd_kernel(
     s_vb, s_vh, s_vn, s_vd,
     s_bb, s_bh, s_bm, s_bn,
     s_ob, s_oh, s_om, s_od,
-    H, N_Q, N_K, HEAD_DIM, qk_scale2,
-    HAS_BIAS: tl.constexpr, K_TILES: tl.constexpr,
+    H, N_Q, N_K, qk_scale2,
+    HAS_BIAS: tl.constexpr, BIAS_LOG2: tl.constexpr, PRESCALE_Q: tl.constexpr,
+    FULL_TILES: tl.constexpr, HAS_TAIL: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """Forward over one (q-tile, b, h): online softmax over the k-tiles.
 
-    For each k-tile: ``s2 = (q k^T) * scale * log2e + bias * log2e`` (padding columns -> -inf),
-    ``m_new = max(m, rowmax(s2))``, ``acc = acc * 2^(m - m_new) + 2^(s2 - m_new) v``,
+    For each k-tile: ``s2 = (q k^T) * scale * log2e + bias * log2e`` (padding columns -> -inf, tail tile
+    only), ``m_new = max(m, rowmax(s2))``, ``acc = acc * 2^(m - m_new) + 2^(s2 - m_new) v``,
     ``l = l * 2^(m - m_new) + rowsum(2^(s2 - m_new))``. Finally ``O = acc / l`` and
     ``L2 = m + log2(l)`` (float32, base 2), saved for the backward.
     """
@@ -89,8 +171,10 @@ def _attention_fwd_kernel(
     m_ok = offs_m < N_Q
     d_ok = offs_d < HEAD_DIM
 
-    q_ptrs = Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qm + offs_d[None, :] * s_qd
-    q = tl.load(q_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qm + offs_d[None, :] * s_qd,
+                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    if PRESCALE_Q:  # float32 q: fold scale * log2e into q once (one rounding) instead of into every score
+        q = q * qk_scale2
     k_base = K + b * s_kb + h * s_kh
     v_base = V + b * s_vb + h * s_vh
     bias_base = Bias + b * s_bb + h * s_bh
@@ -98,27 +182,14 @@ def _attention_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for tile in range(K_TILES):
-        cols = tile * BLOCK_N + offs_n
-        n_ok = cols < N_K
-        kt = tl.load(k_base + cols[None, :] * s_kn + offs_d[:, None] * s_kd,
-                     mask=n_ok[None, :] & d_ok[:, None], other=0.0)
-        s = dot(q, kt, PRECISION, UPCAST) * qk_scale2
-        if HAS_BIAS:
-            bias = tl.load(bias_base + offs_m[:, None] * s_bm + cols[None, :] * s_bn,
-                           mask=m_ok[:, None] & n_ok[None, :], other=0.0)
-            s += bias.to(tl.float32) * 1.4426950408889634
-        s = tl.where(n_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_use)
-        p = tl.math.exp2(s - m_use[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + cols[:, None] * s_vn + offs_d[None, :] * s_vd,
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        acc = acc * alpha[:, None]
-        acc = dot_acc(p.to(v.dtype), v, acc, PRECISION, UPCAST)
-        m_i = m_new
+    for tile in range(FULL_TILES):
+        acc, m_i, l_i = _fwd_tile(q, acc, m_i, l_i, k_base, v_base, bias_base, offs_m, m_ok, tile * BLOCK_N + offs_n,
+                                  offs_d, d_ok, s_kn, s_kd, s_vn, s_vd, s_bm, s_bn, N_K, qk_scale2,
+                                  HAS_BIAS, BIAS_LOG2, PRESCALE_Q, False, PRECISION, UPCAST)
+    if HAS_TAIL:
+        acc, m_i, l_i = _fwd_tile(q, acc, m_i, l_i, k_base, v_base, bias_base, offs_m, m_ok,
+                                  FULL_TILES * BLOCK_N + offs_n, offs_d, d_ok, s_kn, s_kd, s_vn, s_vd, s_bm, s_bn,
+                                  N_K, qk_scale2, HAS_BIAS, BIAS_LOG2, PRESCALE_Q, True, PRECISION, UPCAST)
 
     empty = l_i == 0.0  # only when a whole row of the bias is -inf
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -129,14 +200,51 @@ def _attention_fwd_kernel(
 
 
 @triton.jit
-def _attention_bwd_preprocess_kernel(
-    O, DO, Delta,
+def _dq_tile(q, do, lse2, delta, dq, k_base, v_base, bias_base, offs_m, m_ok, cols, offs_d, d_ok,
+             s_kn, s_kd, s_vn, s_vd, s_bm, s_bn, N_K, qk_scale2,
+             HAS_BIAS: tl.constexpr, BIAS_LOG2: tl.constexpr, MASK_N: tl.constexpr,
+             PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """``dQ += dS K`` over the key tile ``cols`` (3 tile GEMMs); column masks only when ``MASK_N``."""
+    if MASK_N:
+        n_ok = cols < N_K
+        nd_mask = n_ok[:, None] & d_ok[None, :]
+        valid = m_ok[:, None] & n_ok[None, :]
+    else:
+        nd_mask = d_ok[None, :]
+        valid = m_ok[:, None]
+    k = tl.load(k_base + cols[:, None] * s_kn + offs_d[None, :] * s_kd, mask=nd_mask, other=0.0)
+    v = tl.load(v_base + cols[:, None] * s_vn + offs_d[None, :] * s_vd, mask=nd_mask, other=0.0)
+    s = _scores(dot(q, tl.trans(k), PRECISION, UPCAST), bias_base + offs_m[:, None] * s_bm + cols[None, :] * s_bn,
+                valid, qk_scale2, HAS_BIAS, BIAS_LOG2, False)
+    p = tl.math.exp2(s - lse2[:, None])
+    if MASK_N:
+        p = tl.where(valid, p, 0.0)
+    dp = dot(do, tl.trans(v), PRECISION, UPCAST)
+    ds = p * (dp - delta[:, None])
+    return dot_acc(ds.to(k.dtype), k, dq, PRECISION, UPCAST)
+
+
+@triton.jit
+def _attention_bwd_dq_kernel(
+    Q, K, V, Bias, O, DO, L2, Delta, DQ,
+    s_qb, s_qh, s_qm, s_qd,
+    s_kb, s_kh, s_kn, s_kd,
+    s_vb, s_vh, s_vn, s_vd,
+    s_bb, s_bh, s_bm, s_bn,
     s_ob, s_oh, s_om, s_od,
     s_gb, s_gh, s_gm, s_gd,
-    H, N_Q, HEAD_DIM,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    s_dqb, s_dqh, s_dqm, s_dqd,
+    H, N_Q, N_K, scale, qk_scale2,
+    HAS_BIAS: tl.constexpr, BIAS_LOG2: tl.constexpr, FULL_TILES: tl.constexpr, HAS_TAIL: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """``delta[b, h, i] = sum_c dO[b, h, i, c] * O[b, h, i, c]`` in float32."""
+    """dQ and delta for one (q-tile, b, h), looping over the k-tiles (no atomics).
+
+    ``delta = rowsum(dO * O)`` (float32, stored for the dK/dV kernel, which runs after this one),
+    ``s2 = q k^T * scale * log2e + bias * log2e``, ``p = 2^(s2 - L2)``, ``dp = dO v^T``,
+    ``ds = p * (dp - delta)``, ``dQ += ds k``; ``dQ *= scale``.
+    """
     # 1-D grid (no 65535 limit on B*H): q-tiles fastest, so the k/v of one (b, h) stay hot in L2
     q_tiles = tl.cdiv(N_Q, BLOCK_M)
     pid_m = tl.program_id(0) % q_tiles
@@ -144,12 +252,35 @@ def _attention_bwd_preprocess_kernel(
     b = (pid_bh // H).to(tl.int64)  # 64-bit batch offsets: B*H*N*d may exceed 2^31
     h = pid_bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m < N_Q)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    o = tl.load(O + b * s_ob + h * s_oh + offs_m[:, None] * s_om + offs_d[None, :] * s_od, mask=mask, other=0.0)
-    do = tl.load(DO + b * s_gb + h * s_gh + offs_m[:, None] * s_gm + offs_d[None, :] * s_gd, mask=mask, other=0.0)
+    m_ok = offs_m < N_Q
+    d_ok = offs_d < HEAD_DIM
+    md_mask = m_ok[:, None] & d_ok[None, :]
+
+    q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qm + offs_d[None, :] * s_qd, mask=md_mask, other=0.0)
+    do = tl.load(DO + b * s_gb + h * s_gh + offs_m[:, None] * s_gm + offs_d[None, :] * s_gd, mask=md_mask, other=0.0)
+    o = tl.load(O + b * s_ob + h * s_oh + offs_m[:, None] * s_om + offs_d[None, :] * s_od, mask=md_mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(Delta + pid_bh * N_Q + offs_m, delta, mask=offs_m < N_Q)
+    tl.store(Delta + pid_bh * N_Q + offs_m, delta, mask=m_ok)
+    lse2 = tl.load(L2 + pid_bh * N_Q + offs_m, mask=m_ok, other=0.0)
+    k_base = K + b * s_kb + h * s_kh
+    v_base = V + b * s_vb + h * s_vh
+    bias_base = Bias + b * s_bb + h * s_bh
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for tile in range(FULL_TILES):
+        dq = _dq_tile(q, do, lse2, delta, dq, k_base, v_base, bias_base, offs_m, m_ok, tile * BLOCK_N + offs_n,
+                      offs_d, d_ok, s_kn, s_kd, s_vn, s_vd, s_bm, s_bn, N_K, qk_scale2,
+                      HAS_BIAS, BIAS_LOG2, False, PRECISION, UPCAST)
+    if HAS_TAIL:
+        dq = _dq_tile(q, do, lse2, delta, dq, k_base, v_base, bias_base, offs_m, m_ok,
+                      FULL_TILES * BLOCK_N + offs_n, offs_d, d_ok, s_kn, s_kd, s_vn, s_vd, s_bm, s_bn, N_K,
+                      qk_scale2, HAS_BIAS, BIAS_LOG2, True, PRECISION, UPCAST)
+
+    dq = dq * scale
+    tl.store(DQ + b * s_dqb + h * s_dqh + offs_m[:, None] * s_dqm + offs_d[None, :] * s_dqd,
+             dq.to(DQ.dtype.element_ty), mask=md_mask)
 
 
 @triton.jit
@@ -163,193 +294,85 @@ def _attention_bwd_dkdv_kernel(
     s_dkb, s_dkh, s_dkn, s_dkd,
     s_dvb, s_dvh, s_dvn, s_dvd,
     s_dbb, s_dbh, s_dbm, s_dbn,
-    H, N_Q, N_K, HEAD_DIM, scale, qk_scale2,
-    HAS_BIAS: tl.constexpr, DBIAS_MODE: tl.constexpr, Q_TILES: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    B, H, N_Q, N_K, scale, qk_scale2,
+    HAS_BIAS: tl.constexpr, BIAS_LOG2: tl.constexpr, DBIAS_MODE: tl.constexpr, GROUP: tl.constexpr,
+    Q_TILES: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """dK, dV for one (k-tile, b, h), looping over the q-tiles (no atomics for dK, dV).
+    """dK, dV (and dbias) for one (k-tile, h, batch group g): batch elements ``g*GROUP ...`` in order, each
+    looping over the q-tiles (no atomics anywhere).
 
     Transposed orientation: ``s2T = k q^T * scale * log2e + bias^T * log2e``, ``pT = 2^(s2T - L2)``,
     ``dV += pT dO``, ``dpT = v dO^T``, ``dsT = pT * (dpT - delta)``, ``dK += dsT q``; ``dK *= scale``.
-    DBIAS_MODE 1 stores ``dsT`` into DBias[b] (a per-batch bias: every element written once);
-    DBIAS_MODE 2 adds it atomically into DBias[0] (a bias shared over the batch; float32, unordered);
-    DBIAS_MODE 0 skips it (no bias gradient, or the deterministic dbias kernel does it).
+    DBIAS_MODE 1 stores ``dsT`` into DBias[b] (a per-batch bias; GROUP = 1). DBIAS_MODE 2 sums ``dsT`` over the
+    group into DBias[g] (a bias shared over the batch): in a register tile when ``Q_TILES == 1``, else by
+    read-add-write of the program's own column band (the first batch element of the group writes it).
+    DBIAS_MODE 0: no bias gradient.
     """
     k_tiles = tl.cdiv(N_K, BLOCK_N)
     pid_n = tl.program_id(0) % k_tiles
-    pid_bh = tl.program_id(0) // k_tiles
-    b = (pid_bh // H).to(tl.int64)  # 64-bit batch offsets: B*H*N*d may exceed 2^31
-    h = pid_bh % H
+    pid_hg = tl.program_id(0) // k_tiles
+    h = pid_hg % H
+    g = pid_hg // H
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     n_ok = offs_n < N_K
     d_ok = offs_d < HEAD_DIM
     nd_mask = n_ok[:, None] & d_ok[None, :]
+    db_base = DBias + g.to(tl.int64) * s_dbb + h * s_dbh
+    db_acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)  # DBIAS_MODE 2 with one q-tile: the band in registers
 
-    k = tl.load(K + b * s_kb + h * s_kh + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd, mask=nd_mask, other=0.0)
-    v = tl.load(V + b * s_vb + h * s_vh + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd, mask=nd_mask, other=0.0)
-    q_base = Q + b * s_qb + h * s_qh
-    do_base = DO + b * s_gb + h * s_gh
-    bias_base = Bias + b * s_bb + h * s_bh
-    if DBIAS_MODE == 1:
-        db_base = DBias + b * s_dbb + h * s_dbh
-    else:
-        db_base = DBias + h * s_dbh
-    row_base = pid_bh * N_Q
+    for i in range(GROUP):
+        b_ok = g * GROUP + i < B  # the last group may be short: its missing elements re-read b = B - 1, unstored
+        b = tl.minimum(g * GROUP + i, B - 1).to(tl.int64)  # 64-bit batch offsets: B*H*N*d may exceed 2^31
+        k = tl.load(K + b * s_kb + h * s_kh + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd, mask=nd_mask,
+                    other=0.0)
+        v = tl.load(V + b * s_vb + h * s_vh + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd, mask=nd_mask,
+                    other=0.0)
+        q_base = Q + b * s_qb + h * s_qh
+        do_base = DO + b * s_gb + h * s_gh
+        bias_base = Bias + b * s_bb + h * s_bh
+        row_base = (b * H + h) * N_Q
+        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        for tile in range(Q_TILES):
+            offs_m = tile * BLOCK_M + offs_m0
+            m_ok = offs_m < N_Q
+            valid = n_ok[:, None] & m_ok[None, :]
+            qt = tl.load(q_base + offs_m[None, :] * s_qm + offs_d[:, None] * s_qd,
+                         mask=m_ok[None, :] & d_ok[:, None], other=0.0)
+            s = _scores(dot(k, qt, PRECISION, UPCAST), bias_base + offs_m[None, :] * s_bm + offs_n[:, None] * s_bn,
+                        valid, qk_scale2, HAS_BIAS, BIAS_LOG2, False)
+            lse2 = tl.load(L2 + row_base + offs_m, mask=m_ok, other=0.0)
+            p = tl.where(valid, tl.math.exp2(s - lse2[None, :]), 0.0)
+            do = tl.load(do_base + offs_m[:, None] * s_gm + offs_d[None, :] * s_gd,
+                         mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+            dv = dot_acc(p.to(do.dtype), do, dv, PRECISION, UPCAST)
+            dp = dot(v, tl.trans(do), PRECISION, UPCAST)
+            delta = tl.load(Delta + row_base + offs_m, mask=m_ok, other=0.0)
+            ds = p * (dp - delta[None, :])
+            dk = dot_acc(ds.to(qt.dtype), tl.trans(qt), dk, PRECISION, UPCAST)
+            if DBIAS_MODE == 1:
+                tl.store(DBias + b * s_dbb + h * s_dbh + offs_m[None, :] * s_dbm + offs_n[:, None] * s_dbn, ds,
+                         mask=valid & b_ok)
+            if DBIAS_MODE == 2:
+                if Q_TILES == 1:
+                    db_acc = tl.where(b_ok, db_acc + ds, db_acc)
+                else:  # this program's own band of DBias[g]: plain read-add-write, fixed batch order
+                    db_ptrs = db_base + offs_m[None, :] * s_dbm + offs_n[:, None] * s_dbn
+                    prev = tl.load(db_ptrs, mask=valid & (i > 0), other=0.0)
+                    tl.store(db_ptrs, prev + ds, mask=valid & b_ok)
+        dk = dk * scale
+        tl.store(DK + b * s_dkb + h * s_dkh + offs_n[:, None] * s_dkn + offs_d[None, :] * s_dkd,
+                 dk.to(DK.dtype.element_ty), mask=nd_mask & b_ok)
+        tl.store(DV + b * s_dvb + h * s_dvh + offs_n[:, None] * s_dvn + offs_d[None, :] * s_dvd,
+                 dv.to(DV.dtype.element_ty), mask=nd_mask & b_ok)
 
-    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    for tile in range(Q_TILES):
-        offs_m = tile * BLOCK_M + offs_m0
-        m_ok = offs_m < N_Q
-        md_mask = m_ok[:, None] & d_ok[None, :]
-        valid = n_ok[:, None] & m_ok[None, :]
-        qt = tl.load(q_base + offs_m[None, :] * s_qm + offs_d[:, None] * s_qd,
-                     mask=m_ok[None, :] & d_ok[:, None], other=0.0)
-        s = dot(k, qt, PRECISION, UPCAST) * qk_scale2
-        if HAS_BIAS:
-            bias = tl.load(bias_base + offs_m[None, :] * s_bm + offs_n[:, None] * s_bn, mask=valid, other=0.0)
-            s += bias.to(tl.float32) * 1.4426950408889634
-        lse2 = tl.load(L2 + row_base + offs_m, mask=m_ok, other=0.0)
-        p = tl.where(valid, tl.math.exp2(s - lse2[None, :]), 0.0)
-        do = tl.load(do_base + offs_m[:, None] * s_gm + offs_d[None, :] * s_gd, mask=md_mask, other=0.0)
-        dv = dot_acc(p.to(do.dtype), do, dv, PRECISION, UPCAST)
-        dp = dot(v, tl.trans(do), PRECISION, UPCAST)
-        delta = tl.load(Delta + row_base + offs_m, mask=m_ok, other=0.0)
-        ds = p * (dp - delta[None, :])
-        dk = dot_acc(ds.to(qt.dtype), tl.trans(qt), dk, PRECISION, UPCAST)
-        if DBIAS_MODE == 1:
-            tl.store(db_base + offs_m[None, :] * s_dbm + offs_n[:, None] * s_dbn, ds, mask=valid)
-        if DBIAS_MODE == 2:
-            tl.atomic_add(db_base + offs_m[None, :] * s_dbm + offs_n[:, None] * s_dbn, ds, mask=valid)
-
-    dk = dk * scale
-    tl.store(DK + b * s_dkb + h * s_dkh + offs_n[:, None] * s_dkn + offs_d[None, :] * s_dkd,
-             dk.to(DK.dtype.element_ty), mask=nd_mask)
-    tl.store(DV + b * s_dvb + h * s_dvh + offs_n[:, None] * s_dvn + offs_d[None, :] * s_dvd,
-             dv.to(DV.dtype.element_ty), mask=nd_mask)
-
-
-@triton.jit
-def _attention_bwd_dq_kernel(
-    Q, K, V, Bias, DO, L2, Delta, DQ,
-    s_qb, s_qh, s_qm, s_qd,
-    s_kb, s_kh, s_kn, s_kd,
-    s_vb, s_vh, s_vn, s_vd,
-    s_bb, s_bh, s_bm, s_bn,
-    s_gb, s_gh, s_gm, s_gd,
-    s_dqb, s_dqh, s_dqm, s_dqd,
-    H, N_Q, N_K, HEAD_DIM, scale, qk_scale2,
-    HAS_BIAS: tl.constexpr, K_TILES: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-):
-    """dQ for one (q-tile, b, h), looping over the k-tiles (no atomics).
-
-    ``s2 = q k^T * scale * log2e + bias * log2e``, ``p = 2^(s2 - L2)``, ``dp = dO v^T``,
-    ``ds = p * (dp - delta)``, ``dQ += ds k``; ``dQ *= scale``.
-    """
-    # 1-D grid (no 65535 limit on B*H): q-tiles fastest, so the k/v of one (b, h) stay hot in L2
-    q_tiles = tl.cdiv(N_Q, BLOCK_M)
-    pid_m = tl.program_id(0) % q_tiles
-    pid_bh = tl.program_id(0) // q_tiles
-    b = (pid_bh // H).to(tl.int64)  # 64-bit batch offsets: B*H*N*d may exceed 2^31
-    h = pid_bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n0 = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    m_ok = offs_m < N_Q
-    d_ok = offs_d < HEAD_DIM
-    md_mask = m_ok[:, None] & d_ok[None, :]
-
-    q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qm + offs_d[None, :] * s_qd, mask=md_mask, other=0.0)
-    do = tl.load(DO + b * s_gb + h * s_gh + offs_m[:, None] * s_gm + offs_d[None, :] * s_gd, mask=md_mask, other=0.0)
-    lse2 = tl.load(L2 + pid_bh * N_Q + offs_m, mask=m_ok, other=0.0)
-    delta = tl.load(Delta + pid_bh * N_Q + offs_m, mask=m_ok, other=0.0)
-    k_base = K + b * s_kb + h * s_kh
-    v_base = V + b * s_vb + h * s_vh
-    bias_base = Bias + b * s_bb + h * s_bh
-
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for tile in range(K_TILES):
-        offs_n = tile * BLOCK_N + offs_n0
-        n_ok = offs_n < N_K
-        valid = m_ok[:, None] & n_ok[None, :]
-        nd_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd, mask=nd_mask, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd, mask=nd_mask, other=0.0)
-        s = dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale2
-        if HAS_BIAS:
-            bias = tl.load(bias_base + offs_m[:, None] * s_bm + offs_n[None, :] * s_bn, mask=valid, other=0.0)
-            s += bias.to(tl.float32) * 1.4426950408889634
-        p = tl.where(valid, tl.math.exp2(s - lse2[:, None]), 0.0)
-        dp = dot(do, tl.trans(v), PRECISION, UPCAST)
-        ds = p * (dp - delta[:, None])
-        dq = dot_acc(ds.to(k.dtype), k, dq, PRECISION, UPCAST)
-
-    dq = dq * scale
-    tl.store(DQ + b * s_dqb + h * s_dqh + offs_m[:, None] * s_dqm + offs_d[None, :] * s_dqd,
-             dq.to(DQ.dtype.element_ty), mask=md_mask)
-
-
-@triton.jit
-def _attention_bwd_dbias_kernel(
-    Q, K, V, Bias, DO, L2, Delta, DBias,
-    s_qb, s_qh, s_qm, s_qd,
-    s_kb, s_kh, s_kn, s_kd,
-    s_vb, s_vh, s_vn, s_vd,
-    s_bh, s_bm, s_bn,
-    s_gb, s_gh, s_gm, s_gd,
-    s_dbg, s_dbh, s_dbm, s_dbn,
-    B, H, N_Q, N_K, HEAD_DIM, qk_scale2, BATCH_PER_GROUP: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-):
-    """Deterministic dbias of a bias shared over the batch, for one (q-tile, k-tile, h, group g).
-
-    ``DBias[g, h, tile] = sum_{b in group g, in increasing order} dS[b, h, tile]`` accumulated in
-    float32 registers (dS recomputed as in the dQ kernel) and stored once: no atomics, fixed order.
-    The host sums the groups in a fixed order (one group unless the grid would be too small).
-    """
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_hg = tl.program_id(2)
-    h = pid_hg % H
-    g = pid_hg // H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    m_ok = offs_m < N_Q
-    n_ok = offs_n < N_K
-    d_ok = offs_d < HEAD_DIM
-    md_mask = m_ok[:, None] & d_ok[None, :]
-    nd_mask = n_ok[:, None] & d_ok[None, :]
-    valid = m_ok[:, None] & n_ok[None, :]
-
-    bias = tl.load(Bias + h * s_bh + offs_m[:, None] * s_bm + offs_n[None, :] * s_bn, mask=valid, other=0.0)
-    bias2 = bias.to(tl.float32) * 1.4426950408889634
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for i in range(BATCH_PER_GROUP):
-        b = (g * BATCH_PER_GROUP + i).to(tl.int64)
-        b_ok = b < B  # the last group may be short
-        q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qm + offs_d[None, :] * s_qd,
-                    mask=md_mask & b_ok, other=0.0)
-        do = tl.load(DO + b * s_gb + h * s_gh + offs_m[:, None] * s_gm + offs_d[None, :] * s_gd,
-                     mask=md_mask & b_ok, other=0.0)
-        k = tl.load(K + b * s_kb + h * s_kh + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd,
-                    mask=nd_mask & b_ok, other=0.0)
-        v = tl.load(V + b * s_vb + h * s_vh + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd,
-                    mask=nd_mask & b_ok, other=0.0)
-        row = (b * H + h) * N_Q + offs_m
-        lse2 = tl.load(L2 + row, mask=m_ok & b_ok, other=0.0)
-        delta = tl.load(Delta + row, mask=m_ok & b_ok, other=0.0)
-        s = dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale2 + bias2
-        p = tl.where(valid & b_ok, tl.math.exp2(s - lse2[:, None]), 0.0)
-        dp = dot(do, tl.trans(v), PRECISION, UPCAST)
-        acc += p * (dp - delta[:, None])
-    tl.store(DBias + g * s_dbg + h * s_dbh + offs_m[:, None] * s_dbm + offs_n[None, :] * s_dbn, acc, mask=valid)
+    if DBIAS_MODE == 2:
+        if Q_TILES == 1:
+            tl.store(db_base + offs_m0[None, :] * s_dbm + offs_n[:, None] * s_dbn, db_acc,
+                     mask=n_ok[:, None] & (offs_m0 < N_Q)[None, :])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -404,14 +427,63 @@ def _blocks(n_q: int, head_dim: int, dtype: torch.dtype, device: torch.device, b
     return _launch(64, 64, block_d, 4, 2)
 
 
-def _bias_view(bias: torch.Tensor | None, B: int, H: int):
-    """4-D view [Bb, Hb, Nq, Nk] of the bias and its strides expanded to [B, H, ...] (0 on broadcast)."""
+def forward_configs(n_q: int, head_dim: int, dtype: torch.dtype, device: torch.device,
+                    capability: tuple[int, int] | None = None) -> list[dict]:
+    """The forward's launch candidates: :func:`_blocks`'s choice first, plus 128-row q-tiles with 8 warps
+    (half the K/V re-reads) for 2-byte inputs with d <= 64 on a GPU. With more than one candidate the CUDA
+    launcher autotunes between them (keyed on the shape); all share BLOCK_N, so the peeled tile counts hold."""
+    first = _blocks(n_q, head_dim, dtype, device, backward=False, capability=capability)
+    out = [first]
+    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and first["BLOCK_N"] == 64:
+        wide = _launch(128, 64, first["BLOCK_D"], 8, 2)
+        if wide != first and first["BLOCK_D"] <= 64:
+            out.append(wide)
+    return out
+
+
+def _batch_groups(programs_per_group: int, B: int, device: torch.device, sms: int | None = None) -> int:
+    """Batch groups of the dK/dV kernel for a bias shared over the batch: enough programs to fill the GPU
+    (about 4 per SM), each summing dbias over ``ceil(B / groups)`` batch elements. Fixed per shape and device,
+    so results stay bitwise reproducible. ``sms`` overrides the device query (ahead-of-time checks)."""
+    if device.type != "cuda" and sms is None:
+        return 1
+    sms = sms or torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(B, math.ceil(4 * sms / max(1, programs_per_group))))
+
+
+def prepare_bias(bias: torch.Tensor | None, q: torch.Tensor):
+    """``(bias4, strides, log2_scaled)``: the bias as a 4-D view [Bb, Hb, Nq, Nk] with strides expanded to
+    [B, H, ...] (0 on a broadcast dim). A bias shared over a batch of B > 1 is prepared once per call as
+    ``bias * log2(e)`` (bf16 for bf16 inputs, else float32; contiguous), so the kernels add it with no multiply;
+    ``log2_scaled`` says which form the kernels get."""
     if bias is None:
-        return None, (0, 0, 0, 0)
+        return None, (0, 0, 0, 0), False
+    B, H = q.shape[:2]
     b4 = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))
+    scaled = b4.shape[0] == 1 and B > 1
+    if scaled:
+        wide = torch.float64 if b4.dtype == torch.float64 else torch.float32
+        b4 = (b4.to(wide) * LOG2E).to(torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float32)
+        b4 = b4.contiguous()
     sb = b4.stride(0) if b4.shape[0] == B and B > 1 else 0
     sh = b4.stride(1) if b4.shape[1] == H and H > 1 else 0
-    return b4, (sb, sh, b4.stride(2), b4.stride(3))
+    return b4, (sb, sh, b4.stride(2), b4.stride(3)), scaled
+
+
+_FWD_TUNED: dict = {}
+
+
+def _forward_kernel(configs: list[dict]):
+    """The forward kernel to launch: plain with one candidate, else a ``triton.autotune`` over the candidates
+    (one wrapper per candidate list, cached)."""
+    if len(configs) == 1:
+        return _attention_fwd_kernel, configs[0]
+    key = tuple(tuple(sorted(c.items())) for c in configs)
+    if key not in _FWD_TUNED:
+        tune = [triton.Config({n: c[n] for n in ("BLOCK_M", "BLOCK_N", "BLOCK_D")}, num_warps=c["num_warps"],
+                              num_stages=c["num_stages"]) for c in configs]
+        _FWD_TUNED[key] = triton.autotune(tune, key=["H", "N_Q", "N_K"])(_attention_fwd_kernel)
+    return _FWD_TUNED[key], {}
 
 
 @launches_on_input_device
@@ -422,99 +494,70 @@ def attention_forward(q, k, v, bias, scale: float):
     n_k = k.shape[2]
     out = heads_last_empty(q)
     lse2 = _buffers.empty((B, H, n_q), torch.float32, q.device)
-    b4, sbias = _bias_view(bias, B, H)
-    cfg = _blocks(n_q, d, q.dtype, q.device, backward=False)
-    grid = (triton.cdiv(n_q, cfg["BLOCK_M"]) * B * H,)
-    _attention_fwd_kernel[grid](
+    b4, sbias, bias_log2 = prepare_bias(bias, q)
+    configs = forward_configs(n_q, d, q.dtype, q.device)
+    kernel, launch = _forward_kernel(configs)
+    block_n = configs[0]["BLOCK_N"]
+    kernel[lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]) * B * H,)](
         q, k, v, b4 if b4 is not None else q, out, lse2,
         *q.stride(), *k.stride(), *v.stride(), *sbias, *out.stride(),
-        H, n_q, n_k, d, scale * LOG2E,
-        HAS_BIAS=bias is not None, K_TILES=triton.cdiv(n_k, cfg["BLOCK_N"]),
-        PRECISION=dot_precision(q.dtype), UPCAST=interpreter_upcast(q), **cfg,
+        H, n_q, n_k, scale * LOG2E,
+        HAS_BIAS=bias is not None, BIAS_LOG2=bias_log2, PRESCALE_Q=q.dtype == torch.float32,
+        FULL_TILES=n_k // block_n, HAS_TAIL=n_k % block_n != 0, HEAD_DIM=d,
+        PRECISION=dot_precision(q.dtype), UPCAST=interpreter_upcast(q), **launch,
     )
     return out, lse2
 
 
-def _dbias_groups(n_tiles: int, B: int, device: torch.device) -> int:
-    """Batch groups of the deterministic dbias kernel: enough programs to fill the GPU (fixed per shape
-    and device, so results stay bitwise reproducible)."""
-    if device.type != "cuda":
-        return 1
-    target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(B, math.ceil(target / max(1, n_tiles))))
-
-
 @launches_on_input_device
-def attention_backward(grad_out, q, k, v, bias, out, lse2, scale: float, need_dbias: bool, deterministic: bool):
+def attention_backward(grad_out, q, k, v, bias, out, lse2, scale: float, need_dbias: bool,
+                       deterministic: bool = True):
     """Launch the backward kernels. Returns ``(dq, dk, dv, dbias)`` (dbias None unless ``need_dbias``),
-    dbias in the bias's shape and dtype."""
+    dbias in the bias's shape and dtype. Every output is deterministic; ``deterministic`` is accepted for
+    API compatibility and changes nothing (there is no atomic mode any more)."""
     B, H, n_q, d = q.shape
     n_k = k.shape[2]
     cfg = _blocks(n_q, d, q.dtype, q.device, backward=True)
-    prec = dot_precision(q.dtype)
-    upcast = interpreter_upcast(q)
-    b4, sbias = _bias_view(bias, B, H)
+    block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    common = dict(HEAD_DIM=d, PRECISION=dot_precision(q.dtype), UPCAST=interpreter_upcast(q), **cfg)
+    b4, sbias, bias_log2 = prepare_bias(bias, q)
     bias_arg = b4 if b4 is not None else q
     has_bias = bias is not None
 
     delta = _buffers.empty((B, H, n_q), torch.float32, q.device)
-    _attention_bwd_preprocess_kernel[(triton.cdiv(n_q, cfg["BLOCK_M"]) * B * H,)](
-        out, grad_out, delta, *out.stride(), *grad_out.stride(), H, n_q, d,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"],
-    )
-
     dq = _buffers.empty_like(q)
     dk = _buffers.empty_like(k)
     dv = _buffers.empty_like(v)
-
-    # dbias buffer (float32) per mode
-    dbias_mode = 0
-    per_batch = need_dbias and b4.shape[0] == B
-    dbuf = None
-    if need_dbias and per_batch:
-        dbias_mode = 1
-        dbuf = _buffers.empty((B, H, n_q, n_k), torch.float32, q.device)
-    elif need_dbias and not deterministic:
-        dbias_mode = 2
-        dbuf = _buffers.zeros((1, H, n_q, n_k), torch.float32, q.device)  # float32 atomics add into it
-    db_arg = dbuf if dbuf is not None else delta
-    db_strides = dbuf.stride() if dbuf is not None else (0, 0, 0, 0)
-
-    _attention_bwd_dkdv_kernel[(triton.cdiv(n_k, cfg["BLOCK_N"]) * B * H,)](
-        q, k, v, bias_arg, grad_out, lse2, delta, dk, dv, db_arg,
-        *q.stride(), *k.stride(), *v.stride(), *sbias, *grad_out.stride(),
-        *dk.stride(), *dv.stride(), *db_strides,
-        H, n_q, n_k, d, scale, scale * LOG2E,
-        HAS_BIAS=has_bias, DBIAS_MODE=dbias_mode, Q_TILES=triton.cdiv(n_q, cfg["BLOCK_M"]),
-        PRECISION=prec, UPCAST=upcast, **cfg,
-    )
-    _attention_bwd_dq_kernel[(triton.cdiv(n_q, cfg["BLOCK_M"]) * B * H,)](
-        q, k, v, bias_arg, grad_out, lse2, delta, dq,
-        *q.stride(), *k.stride(), *v.stride(), *sbias, *grad_out.stride(), *dq.stride(),
-        H, n_q, n_k, d, scale, scale * LOG2E,
-        HAS_BIAS=has_bias, K_TILES=triton.cdiv(n_k, cfg["BLOCK_N"]), PRECISION=prec, UPCAST=upcast, **cfg,
+    _attention_bwd_dq_kernel[(triton.cdiv(n_q, block_m) * B * H,)](
+        q, k, v, bias_arg, out, grad_out, lse2, delta, dq,
+        *q.stride(), *k.stride(), *v.stride(), *sbias, *out.stride(), *grad_out.stride(), *dq.stride(),
+        H, n_q, n_k, scale, scale * LOG2E,
+        HAS_BIAS=has_bias, BIAS_LOG2=bias_log2, FULL_TILES=n_k // block_n, HAS_TAIL=n_k % block_n != 0, **common,
     )
 
-    if need_dbias and dbias_mode == 0:
-        tiles = triton.cdiv(n_q, cfg["BLOCK_M"]) * triton.cdiv(n_k, cfg["BLOCK_N"]) * H
-        groups = _dbias_groups(tiles, B, q.device)
+    k_tiles = triton.cdiv(n_k, block_n)
+    per_batch = need_dbias and b4.shape[0] == B  # B == 1: any bias is per-batch (dS stored directly)
+    mode = 0 if not need_dbias else (1 if per_batch else 2)
+    per_group, groups, dbuf = 1, B, None
+    if mode == 2:
+        groups = _batch_groups(k_tiles * H, B, q.device)
         per_group = math.ceil(B / groups)
         groups = math.ceil(B / per_group)
         dbuf = _buffers.empty((groups, H, n_q, n_k), torch.float32, q.device)
-        _attention_bwd_dbias_kernel[(triton.cdiv(n_q, cfg["BLOCK_M"]), triton.cdiv(n_k, cfg["BLOCK_N"]), H * groups)](
-            q, k, v, bias_arg, grad_out, lse2, delta, dbuf,
-            *q.stride(), *k.stride(), *v.stride(), *sbias[1:], *grad_out.stride(), *dbuf.stride(),
-            B, H, n_q, n_k, d, scale * LOG2E,
-            BATCH_PER_GROUP=per_group, PRECISION=prec, UPCAST=upcast, **cfg,
-        )
-        if groups > 1:
-            dbuf = dbuf.sum(0, keepdim=True)  # fixed-order reduction over a handful of groups
+    elif mode == 1:
+        dbuf = _buffers.empty((B, H, n_q, n_k), torch.float32, q.device)
+    _attention_bwd_dkdv_kernel[(k_tiles * H * groups,)](
+        q, k, v, bias_arg, grad_out, lse2, delta, dk, dv, dbuf if dbuf is not None else delta,
+        *q.stride(), *k.stride(), *v.stride(), *sbias, *grad_out.stride(), *dk.stride(), *dv.stride(),
+        *(dbuf.stride() if dbuf is not None else (0, 0, 0, 0)),
+        B, H, n_q, n_k, scale, scale * LOG2E,
+        HAS_BIAS=has_bias, BIAS_LOG2=bias_log2, DBIAS_MODE=mode, GROUP=per_group, Q_TILES=triton.cdiv(n_q, block_m), **common,
+    )
 
-    dbias = None
-    if need_dbias:
-        if b4.shape[1] == 1 and H > 1:
-            dbuf = dbuf.sum(1, keepdim=True)
-        if b4.shape[0] == 1 and dbuf.shape[0] > 1:
-            dbuf = dbuf.sum(0, keepdim=True)
-        dbias = dbuf.reshape(bias.shape).to(bias.dtype)
-    return dq, dk, dv, dbias
+    if not need_dbias:
+        return dq, dk, dv, None
+    if b4.shape[0] == 1 and dbuf.shape[0] > 1:
+        dbuf = dbuf.sum(0, keepdim=True)  # fixed-order sum over the batch groups
+    if b4.shape[1] == 1 and H > 1:
+        dbuf = dbuf.sum(1, keepdim=True)  # a bias broadcast over the heads
+    return dq, dk, dv, dbuf.reshape(bias.shape).to(bias.dtype)
