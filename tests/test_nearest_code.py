@@ -21,11 +21,16 @@ OPERAND_ROUNDOFF = {
 }
 
 
-def _lookup_tolerance(x, cb_used, dtype, normalize):
+# fp32 GEMM operand precisions: one TF32 pass truncates both operands to 10-bit mantissas; tf32x3 splits them
+# into hi + lo TF32 parts (representation error ~2^-21) and drops lo*lo (~2^-22)
+PRECISION_ROUNDOFF = {"ieee": 1e-6, "tf32x3": 2.0**-19, "tf32": 2.0**-10}
+
+
+def _lookup_tolerance(x, cb_used, dtype, normalize, precision="auto"):
     """Per-row bound on the score error from rounding both GEMM operands: 2u ||x|| max||c||.
 
     Doubled for the L2 score (2 <x, c> - ||c||^2)."""
-    u = OPERAND_ROUNDOFF[dtype]
+    u = PRECISION_ROUNDOFF[precision] if dtype == torch.float32 and precision != "auto" else OPERAND_ROUNDOFF[dtype]
     bound = 2 * u * x.norm(dim=-1) * cb_used.norm(dim=-1).max()
     return (bound * (1 if normalize else 2) + TOLERANCES[dtype][0]).to(torch.float64)
 
@@ -39,12 +44,12 @@ def _exact_scores(z, codebook, normalize, eps=1e-12):
     return x, cb, 2 * x @ cb.t() - (cb * cb).sum(-1)
 
 
-def _check_lookup(z, codebook, normalize, indices, z_q, sim, dtype):
+def _check_lookup(z, codebook, normalize, indices, z_q, sim, dtype, precision="auto"):
     x, cb64, scores = _exact_scores(z, codebook, normalize)
     flat_idx = indices.reshape(-1)
     assert flat_idx.dtype == torch.int64 and (flat_idx >= 0).all() and (flat_idx < codebook.shape[0]).all()
     top2 = scores.topk(min(2, scores.shape[1]), dim=1).values
-    tol = _lookup_tolerance(x, cb64, dtype, normalize)
+    tol = _lookup_tolerance(x, cb64, dtype, normalize, precision)
     chosen = scores.gather(1, flat_idx[:, None]).squeeze(1)
     # the chosen code is never worse than the best by more than the rounding bound ...
     assert (chosen >= top2[:, 0] - tol).all(), (
@@ -132,9 +137,9 @@ def test_triton_launcher_writes_every_output(normalize, device):
 
     M, K, d = 301, 333, 13
     z = torch.randn(M, d, device=device)
-    cb = ref.prepare_codebook(torch.randn(K, d, device=device), normalize, 1e-12, torch.float32).contiguous()
-    cb_sq = None if normalize else (cb * cb).sum(-1)
-    idx, zq, sim = tk.nearest_code_forward(z, cb, cb, cb_sq, normalize, 1e-12, "ieee", torch.float32)
+    prep = tk.prepare_codebook(torch.randn(K, d, device=device), normalize, 1e-12, torch.float32, torch.float32)
+    cb = prep.cb
+    idx, zq, sim = tk.nearest_code_forward(z, prep, normalize, 1e-12, "ieee", torch.float32)
     ridx, _, rsim = ref.nearest_code_scores_reference(z, cb, normalize)
     assert torch.equal(idx, ridx)
     assert torch.equal(zq, cb[idx])
@@ -144,6 +149,114 @@ def test_triton_launcher_writes_every_output(normalize, device):
     zr = z.clone().requires_grad_(True)
     F.normalize(zr, dim=-1, eps=1e-12).backward(g)
     assert_close(gz, zr.grad, dtype=torch.float32, name="dz")
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("precision", ["ieee", "tf32", "tf32x3"])
+@pytest.mark.parametrize("normalize", [True, False], ids=["cos", "l2"])
+def test_fp32_precisions_judged_by_similarity(precision, normalize, device):
+    """fp32 inputs on each GEMM precision (the interpreter emulates TF32 rounding and the tf32x3 split): the pick
+    is within that precision's rounding bound of the best score, is the argmax where the best is clear, and
+    its reported similarity is exact. Odd shapes: M 333 (ragged row tile), K 301 (ragged code tile), d 19."""
+    M, K, d = 333, 301, 19
+    codebook = F.normalize(torch.randn(K, d, dtype=torch.float64), dim=-1).to(torch.float32)
+    z = torch.randn(M, d)
+    z[: 2 * M // 3] = 2 * codebook[torch.randint(0, K, (2 * M // 3,))] + 0.3 * z[: 2 * M // 3]
+    z, codebook = z.to(device), codebook.to(device)
+    with use_backend("triton", op="nearest_code"):
+        idx, z_q, sim = nearest_code(z, codebook, normalize, precision=precision)
+    _check_lookup(z, codebook, normalize, idx, z_q, sim, torch.float32, precision)
+
+
+@pytest.mark.interpreter
+def test_tf32_rounding_is_emulated_and_tf32x3_recovers_it(device):
+    """A two-code race decided below TF32's 10-bit mantissa (so the precision test above can fail): code 1 beats
+    code 0 by 2^-11 in exact and fp32 arithmetic; one TF32 pass truncates 1 - 2^-12 to 1 - 2^-11 and so prefers
+    code 0; the tf32x3 split recovers the low bits and picks code 1 again."""
+    from kernels.codebook import nearest_code_triton as tk
+
+    d = 16
+    cb = torch.ones(2, d, device=device)
+    cb[1, 0], cb[1, 1] = 1.0 + 2.0**-12, 1.0 - 2.0**-12  # ||c_1||^2 rounds to 16 = ||c_0||^2 in fp32
+    z = torch.ones(3, d, device=device)
+    z[:, 0] = 2.0  # <z, c_1> - <z, c_0> = 2^-12 exactly; TF32 makes it -2^-11
+    prep = tk.prepare_codebook(cb, False, 1e-12, torch.float32, torch.float32)
+    picks = {p: tk.nearest_code_forward(z, prep, False, 1e-12, p, torch.float32)[0].tolist()
+             for p in ("ieee", "tf32", "tf32x3")}
+    assert picks == {"ieee": [1, 1, 1], "tf32": [0, 0, 0], "tf32x3": [1, 1, 1]}, picks
+
+
+@pytest.mark.interpreter
+def test_prepared_codebook_cache_is_never_stale(device):
+    """cache_codebook=True reuses the prepared codebook only while the codebook is unchanged: the EMA update
+    (raw-pointer kernels), an in-place op, a dead-code restart, a new tensor and a different precision or
+    dtype all rebuild it; every lookup equals an uncached one."""
+    from kernels import ema_codebook_update
+    from kernels.codebook.nearest_code import PREPARED
+
+    K, d, M = 150, 13, 97
+    codebook = F.normalize(torch.randn(K, d), dim=-1).to(device)
+    cluster, embed_sum = torch.zeros(K, device=device), torch.zeros(K, d, device=device)
+    steps = torch.zeros(K, dtype=torch.int64, device=device)
+    PREPARED.clear()
+
+    def lookup(z, cb, **kw):
+        with use_backend("triton"):
+            cached = nearest_code(z, cb, cache_codebook=True, **kw)
+            fresh = nearest_code(z, cb, **kw)
+        assert torch.equal(cached.indices, fresh.indices) and torch.equal(cached.z_q, fresh.z_q)
+        assert torch.equal(cached.similarity, fresh.similarity)
+        return cached
+
+    z = torch.randn(M, d, device=device)
+    b0 = PREPARED.builds
+    first = lookup(z, codebook)
+    lookup(torch.randn(M, d, device=device), codebook)
+    assert PREPARED.builds == b0 + 1  # second call: a hit
+    with use_backend("triton"):  # EMA step: the Triton kernels write the codebook through raw pointers
+        ema_codebook_update(codebook, cluster, embed_sum, z, first.indices, decay=0.5, steps_since_used=steps)
+    after = lookup(z, codebook)
+    assert PREPARED.builds == b0 + 2
+    _check_lookup(z, codebook, True, after.indices, after.z_q, after.similarity, torch.float32)
+    with torch.no_grad():
+        codebook.mul_(-1.0)  # an in-place op (version bump): every pick changes
+    flipped = lookup(z, codebook)
+    assert PREPARED.builds == b0 + 3 and not torch.equal(flipped.indices, after.indices)
+    with use_backend("reference"):  # the reference EMA writes through .data (no bump of its own)
+        ema_codebook_update(codebook, cluster, embed_sum, z, flipped.indices, decay=0.5)
+    lookup(z, codebook)
+    assert PREPARED.builds == b0 + 4
+    steps.fill_(10)  # every code dead: the restart writes codebook.data[dead]
+    with use_backend("triton"):
+        ema_codebook_update(codebook, cluster, embed_sum, z, flipped.indices, dead_code_threshold=5,
+                            steps_since_used=steps, generator=torch.Generator(device).manual_seed(0))
+    restarted = lookup(z, codebook)
+    assert PREPARED.builds == b0 + 5
+    _check_lookup(z, codebook, True, restarted.indices, restarted.z_q, restarted.similarity, torch.float32)
+    lookup(z, codebook, precision="ieee")  # the same fp32 operands as tf32x3: the same prepared codebook
+    assert PREPARED.builds == b0 + 5
+    lookup(z.to(torch.bfloat16), codebook)  # bf16 operands: rebuilt
+    assert PREPARED.builds == b0 + 6
+    other = codebook.clone()  # same values, another tensor: its own entry, never the first one's
+    lookup(z, other)
+    assert PREPARED.builds == b0 + 7
+    PREPARED.clear()
+
+
+def test_vector_quantizer_turns_the_cache_on(monkeypatch):
+    from kernels.codebook import modules
+
+    seen = {}
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    real = modules.nearest_code
+    monkeypatch.setattr(modules, "nearest_code", spy)
+    vq = modules.VectorQuantizer(num_codes=16, dim=8, kmeans_init=False)
+    vq(torch.randn(5, 8))
+    assert seen.get("cache_codebook") is True
 
 
 @pytest.mark.interpreter
@@ -226,8 +339,8 @@ def test_bad_inputs_raise_clear_errors():
 
 def test_kernels_compile_for_sm90_without_a_gpu():
     """Ahead-of-time compile for an H100 target with the JIT's real specialisation, at the BEiT v2 tokenizer
-    shape (M 50176, K 8192, d 32): three of the lookup's autotune configs (bf16, TF32, the spill-free IEEE fp32
-    tile), its backward and the EMA kernels. Catches typing and lowering errors the interpreter cannot see;
+    shape (M 50176, K 8192, d 32): three of the lookup's autotune configs (bf16, tf32x3, IEEE fp32), its
+    backward and the EMA kernels. Catches typing and lowering errors the interpreter cannot see;
     every autotune config for every precision: ``python -m bench.static_gpu_check --ops codebook``."""
     from _aot import run_static
 
@@ -235,6 +348,6 @@ def test_kernels_compile_for_sm90_without_a_gpu():
     assert len(results) == 6
     lookups = {r["case"].split(" config")[0]: r for r in results if r["kernel"] == "_nearest_code_fwd_kernel"}
     assert lookups["z=bfloat16 dot=bfloat16/ieee cosine"]["found"] == "wgmma"
-    assert lookups["z=float32 dot=float32/tf32 cosine"]["found"] == "wgmma"
+    assert lookups["z=float32 dot=float32/tf32x3 cosine"]["found"] == "wgmma"  # the fp32 default
     ieee = lookups["z=float32 dot=float32/ieee cosine"]
     assert ieee["found"] == "none" and ieee["spill_stores"] == 0  # FMA dots, the tile that does not spill

@@ -31,6 +31,8 @@ in place (declared in the schema, so compiled graphs functionalise it)::
     ssl_kernels::codebook_ema_finalize(codebook!, cluster_size!, counts, sums, decay, eps, normalize, steps!)
 
 Eager calls run the same functions without the custom-op dispatch; the DDP all-reduce sits between them.
+An eager update ends by bumping the codebook's autograd version counter (``bump_version``), which is what
+invalidates the lookup's cached prepared codebook (``nearest_code(..., cache_codebook=True)``).
 """
 
 # ruff: noqa: UP045
@@ -314,7 +316,17 @@ def ema_codebook_update(codebook, cluster_size, embed_sum, z, indices, decay=0.9
                                               steps_since_used)
     if dead_code_threshold is not None:
         _restart_dead_codes(i, world)
+    if not compiling:
+        bump_version(codebook)
     return counts
+
+
+def bump_version(codebook: Tensor) -> None:
+    """Mark ``codebook`` as changed for the lookup's prepared-codebook cache (``nearest_code``'s
+    ``cache_codebook``): the Triton kernels, ``.data`` writes and NCCL broadcasts bypass autograd's version
+    counter, so the update bumps it once at its end (eager calls; compiled graphs never use the cache)."""
+    if not codebook.is_inference():
+        torch.autograd.graph.increment_version(codebook)
 
 
 def _restart_dead_codes(i: EmaUpdateInputs, world: int) -> None:

@@ -7,7 +7,9 @@ forward(z [..., d]) -> (z_q_st [..., d], indices [...], loss_commit)::
     training: k-means init of the codebook (and cluster_size) on the first batch, once;
               then ema_codebook_update(z_n, i)
 
-The codebook is a buffer (no gradient): it moves only by the EMA update.
+The codebook is a buffer (no gradient): it moves only by the EMA update (and the k-means init, load_state_dict),
+each of which bumps its version counter, so the lookup keeps its prepared (normalised, transposed) copy between
+steps (``cache_codebook=True``) and rebuilds it after each update.
 
 Non-finite inputs: rows of ``z`` holding a NaN or inf never reach the codebook. The EMA update skips them
 (they count for no code and add nothing to the sums, without a host sync), the k-means init uses only the
@@ -25,7 +27,7 @@ from torch import nn
 from kernels._checks import check_int, check_real
 from kernels.codebook import reference as ref
 from kernels.codebook.commitment_loss import commitment_loss
-from kernels.codebook.ema_codebook_update import ema_codebook_update
+from kernels.codebook.ema_codebook_update import bump_version, ema_codebook_update
 from kernels.codebook.kmeans_init_codebook import kmeans_init_codebook
 from kernels.codebook.nearest_code import PRECISIONS, nearest_code
 
@@ -111,6 +113,7 @@ class VectorQuantizer(nn.Module):
         if dist.is_available() and dist.is_initialized() and dist.get_world_size(self.process_group) > 1:
             src = dist.get_global_rank(self.process_group, 0) if self.process_group is not None else 0
             dist.broadcast(self.codebook, src=src, group=self.process_group)
+            bump_version(self.codebook)  # NCCL writes bypass the version counter the lookup's cache reads
         self.initialized.fill_(True)
         self._init_known = True
 
@@ -122,8 +125,9 @@ class VectorQuantizer(nn.Module):
         z_n = ref.l2n(z, 1e-12) if self.normalize else z  # F.normalize, without overflow for huge rows
         if self.training:
             self._maybe_init(z_n.detach())
-        indices, z_q, _ = nearest_code(
-            z, self.codebook, self.normalize, precision=self.precision, check_finite=self.check_inputs
+        indices, z_q, _ = nearest_code(  # the buffer changes only by the writers that bump its version
+            z, self.codebook, self.normalize, precision=self.precision, check_finite=self.check_inputs,
+            cache_codebook=True,
         )
         loss = self.commitment_weight * commitment_loss(z_n, z_q)
         if self.training:

@@ -19,9 +19,28 @@
 * dtypes: float16 / bfloat16 / float32 / float64. ``z_q`` has ``promote_types(z.dtype, codebook.dtype)``;
   ``best_similarity`` is float32 (float64 for float64 inputs) and is recomputed exactly (fp32/fp64) for
   the chosen code. ``precision`` sets the operand type of the score GEMM on the Triton path:
-  ``"auto"`` (float64 -> fp64, float32 -> fp32 IEEE, bfloat16/float16 ``z`` -> that type with fp32
-  accumulation), or force ``"ieee"``, ``"tf32"``, ``"bf16"``, ``"fp16"``. With reduced precision a
-  near-tie can pick a code whose exact similarity is below the best by up to the rounding error.
+  ``"auto"`` (float64 -> fp64; float32 -> ``"tf32x3"``; bfloat16/float16 ``z`` -> that type with fp32
+  accumulation), or force ``"ieee"`` (fp32 FMA units), ``"tf32"`` (one TF32 tensor-core pass, 10-bit
+  mantissas), ``"tf32x3"`` (three TF32 passes over the hi/lo split of both operands: ~2^-21 relative error
+  per product, on tensor cores at 3x the MMAs of ``"tf32"``), ``"bf16"``, ``"fp16"``. Why ``tf32x3`` is the
+  float32 default: the pick among near-ties depends on the score's rounding. One TF32 pass errs by up to
+  ~2^-10 ||x|| ||c|| (1e-3 on cosine scores, where thousands of codes in 32 dims are often that close), so it
+  changes many picks; ``tf32x3`` errs by ~1e-6, the order at which IEEE fp32 itself already departs from the
+  exact argmax, at tensor-core speed. ``"ieee"`` stays for callers who want the FMA path. With any reduced
+  precision a near-tie can pick a code whose exact similarity is below the best by up to the rounding error
+  (``best_similarity`` is still exact for the pick); the tests therefore judge reduced-precision picks by the
+  similarity value, not the index.
+* ``cache_codebook`` (eager calls on the Triton path, cosine only, a buffer -- not a Parameter nor a tensor
+  that requires grad): keep the prepared codebook (l2-normalised,
+  cast, transposed: a handful of small launches per call otherwise) between calls, keyed on the codebook
+  tensor itself (a weak reference), its ``data_ptr``, shape, strides, dtype and its autograd version counter
+  ``_version``. Every in-place torch op on the codebook bumps ``_version`` (so does ``load_state_dict``), and
+  this package's own writers -- the EMA update (whose kernels write through raw pointers), the k-means init,
+  the dead-code restarts and the DDP broadcasts -- bump it explicitly
+  (``torch.autograd.graph.increment_version``), so a stale entry is never read. A writer outside the version
+  counter (``codebook.data.copy_(...)``, a raw kernel, NCCL) must bump it too, or pass
+  ``cache_codebook=False`` (the default of this function; ``VectorQuantizer`` turns it on for its own buffer).
+  Compiled graphs never use the cache.
 * ``check_finite`` (default True) raises ``ValueError`` on NaN/inf in ``z`` or the codebook; it costs one
   reduction and a host sync, pass False in a hot loop once the inputs are known to be finite.
 * Huge values (``|z|`` or ``|c|`` beyond ~1e19, where ``||x||^2`` overflows float32) give the right codes:
@@ -39,8 +58,11 @@ similarity)`` (z_q first, so that tooling that sums the outputs starts from a fl
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
+import weakref
 from typing import NamedTuple
 
 import torch
@@ -58,7 +80,7 @@ from kernels._checks import (
 from kernels._op import custom_op, eager_function, reference_grads
 from kernels.codebook import reference as ref
 
-PRECISIONS = ("auto", "ieee", "tf32", "bf16", "fp16")
+PRECISIONS = ("auto", "ieee", "tf32", "tf32x3", "bf16", "fp16")
 MAX_TRITON_DIM = 256
 
 
@@ -113,10 +135,11 @@ def resolve_precision(precision: str, z_dtype: torch.dtype, out_dtype: torch.dty
     if out_dtype == torch.float64:
         return torch.float64, "ieee"
     if precision == "auto":
-        precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(z_dtype, "ieee")
+        precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(z_dtype, "tf32x3")
     return {
         "ieee": (torch.float32, "ieee"),
         "tf32": (torch.float32, "tf32"),
+        "tf32x3": (torch.float32, "tf32x3"),
         "bf16": (torch.bfloat16, "ieee"),
         "fp16": (torch.float16, "ieee"),
     }[precision]
@@ -137,17 +160,77 @@ def _triton_not_supported(i: NearestCodeInputs) -> list[str]:
     return reasons
 
 
+class PreparedCache:
+    """The prepared codebooks of recent eager lookups, one entry per codebook tensor (see ``cache_codebook`` in
+    the module docstring). An entry is used only when the same tensor object (weak reference: a new tensor at
+    a freed address never matches) has the same ``data_ptr``, layout, dtype, version counter and lookup
+    arguments; anything else rebuilds it."""
+
+    def __init__(self, max_entries: int = 8):
+        self.max_entries = max_entries
+        self.entries: dict[int, tuple] = {}
+        self.builds = 0  # how many times an entry was (re)built: the tests' probe
+
+    @staticmethod
+    def key(codebook: Tensor, *args) -> tuple:
+        return (codebook._version, codebook.data_ptr(), tuple(codebook.shape), codebook.stride(), codebook.dtype,
+                codebook.device, *args)
+
+    def get(self, codebook: Tensor, args: tuple, build):
+        k = self.key(codebook, *args)
+        ent = self.entries.get(id(codebook))
+        if ent is not None and ent[0]() is codebook and ent[1] == k:
+            return ent[2]
+        value = build()
+        self.builds += 1
+        if len(self.entries) >= self.max_entries:
+            self.entries.pop(next(iter(self.entries)))
+        cid = id(codebook)
+        self.entries.pop(cid, None)
+        ref_ = weakref.ref(codebook, lambda r, cid=cid: self._drop(cid, r))
+        self.entries[cid] = (ref_, k, value)
+        return value
+
+    def _drop(self, cid: int, ref_) -> None:
+        ent = self.entries.get(cid)
+        if ent is not None and ent[0] is ref_:
+            del self.entries[cid]
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+
+PREPARED = PreparedCache()
+_CACHE_ON = contextvars.ContextVar("nearest_code_cache", default=False)
+
+
+@contextlib.contextmanager
+def _cache_enabled(on: bool):
+    token = _CACHE_ON.set(on)
+    try:
+        yield
+    finally:
+        _CACHE_ON.reset(token)
+
+
+def _cacheable(codebook: Tensor, normalize: bool) -> bool:
+    return (_CACHE_ON.get() and normalize and not codebook.is_inference()
+            and not torch.compiler.is_compiling() and not isinstance(codebook, torch.nn.Parameter)
+            and not codebook.requires_grad)
+
+
 @OP.register("triton", _triton_not_supported)
 def _forward_triton(i: NearestCodeInputs) -> tuple[Tensor, Tensor, Tensor]:
-    from kernels.codebook.nearest_code_triton import nearest_code_forward
+    from kernels.codebook.nearest_code_triton import nearest_code_forward, prepare_codebook
 
     out_dtype = torch.promote_types(i.z.dtype, i.codebook.dtype)
-    cdt = acc_dtype(out_dtype)
-    cb = ref.prepare_codebook(i.codebook, i.normalize, i.eps, cdt).contiguous()
     dot_dtype, input_precision = resolve_precision(i.precision, i.z.dtype, out_dtype)
-    cb_dot = cb if dot_dtype == cdt else cb.to(dot_dtype)
-    cb_sq = None if i.normalize else (cb * cb).sum(-1)
-    idx, zq, sim = nearest_code_forward(i.z, cb, cb_dot, cb_sq, i.normalize, i.eps, input_precision, out_dtype)
+    args = (i.normalize, i.eps, dot_dtype, out_dtype)
+    if _cacheable(i.codebook, i.normalize):
+        prep = PREPARED.get(i.codebook, args, lambda: prepare_codebook(i.codebook, *args))
+    else:
+        prep = prepare_codebook(i.codebook, *args)
+    idx, zq, sim = nearest_code_forward(i.z, prep, i.normalize, i.eps, input_precision, out_dtype)
     return zq, idx, sim
 
 
@@ -227,7 +310,8 @@ NearestCodeFunction = eager_function("NearestCodeFunction", _forward, _setup_con
 # public API
 
 
-def nearest_code(z, codebook, normalize=True, *, eps=1e-12, precision="auto", check_finite=True) -> NearestCode:
+def nearest_code(z, codebook, normalize=True, *, eps=1e-12, precision="auto", check_finite=True,
+                 cache_codebook=False) -> NearestCode:
     """Nearest code of every row of ``z`` (see the module docstring for the maths and contract).
 
     Returns ``NearestCode(indices [...] int64, z_q [..., d] straight-through, similarity [...])`` where
@@ -249,6 +333,6 @@ def nearest_code(z, codebook, normalize=True, *, eps=1e-12, precision="auto", ch
         if impl.backend == "reference":
             zq, idx, sim = impl.fn(i)
         else:
-            with OP.pinned(impl):
+            with OP.pinned(impl), _cache_enabled(bool(cache_codebook)):
                 zq, idx, sim = NearestCodeFunction.apply(*i.args)
     return NearestCode(idx.reshape(lead), zq.reshape(*lead, d), sim.reshape(lead))

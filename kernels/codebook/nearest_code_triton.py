@@ -9,10 +9,24 @@ Forward, one launch over row tiles of z, streaming the codebook in tiles (no [M,
 Backward, one launch over row tiles: the straight-through gradient through ``l2n``
 (``dz = g / n - z <z, g> / n^3``, ``g / eps`` for rows with ``n <= eps``).
 
+Cost model (BEiT v2 tokenizer: M = 50176 rows, K = 8192 codes, d = 32; e = element size of z, e_c of the GEMM
+operands):
+
+* forward: ``2 M K d`` FLOPs of score GEMM (26.3 GFLOP; x3 MMAs for ``tf32x3``) + ``M K`` compares;
+  bytes ``M d e`` (z) + ``(M / BLOCK_M) K d e_c`` (the codebook re-read per row tile, from L2) + ``M d (e_out + 4)
+  + 12 M`` (z_q, the gathered rows, idx, sim) -- 6.4 MB + 8 MB of L2 reads at BLOCK_M 256 bf16. One launch;
+  the codebook preparation (l2n, cast, transpose: ~6 small launches, ``~5 K d`` bytes) is cached between EMA
+  steps (``PreparedCodebook``; see ``nearest_code.py``). Floor on an H100 SXM (~990 TFLOP/s dense bf16/fp16,
+  ~495 TF32): 27 us bf16, 53 us tf32, 160 us tf32x3; the fp32 IEEE path runs on FMA units (67 TFLOP/s fp32:
+  ~390 us + the compares).
+* backward: ``2 M d (e + e_g) + M d e`` bytes, ~8 M d FLOPs, one launch (memory bound: ~3 us at BEiT shapes).
+
 :func:`l2n_rows` is shared with the EMA kernels (``ema_codebook_update_triton.py``).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -39,6 +53,12 @@ def l2n_rows(x, eps):
 
 
 @triton.jit
+def _tf32(x):
+    """fp32 -> the TF32 value the tensor cores use (low 13 mantissa bits dropped), kept in fp32."""
+    return (x.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _nearest_code_fwd_kernel(
     Z,
     CB,
@@ -58,6 +78,7 @@ def _nearest_code_fwd_kernel(
     NORMALIZE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     DOT_UPCAST: tl.constexpr,
+    EMULATE_TF32: tl.constexpr,
     SEPARATE_OUT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -72,13 +93,16 @@ def _nearest_code_fwd_kernel(
 
         x_m = z_m / max(||z_m||, eps)   (NORMALIZE, overflow-safe: l2n_rows)   else  x_m = z_m
         s_mk = <x_m, c_k>               (NORMALIZE)   else  s_mk = 2 <x_m, c_k> - ||c_k||^2
-        i_m  = argmax_k s_mk     element-wise running max over the tiles (a later tile replaces a
-                                 position only if strictly greater), then the lowest index among the
-                                 maxima => lowest k on ties
+        i_m  = argmax_k s_mk     per tile: the row max and its first index (one reduction), then a
+                                 running per-row (best, index) that a later tile replaces only if strictly
+                                 greater => lowest k on ties
         ZQ[m] = CB_OUT[i_m];  SIM[m] = s_{m i_m} recomputed in the accumulation dtype from CB
                                  (exact for the pick)
 
-    Only a [BLOCK_M, BLOCK_K] score tile ever exists (registers); memory traffic O(M*D + (M/BLOCK_M)*K*D).
+    Only a [BLOCK_M, BLOCK_K] score tile ever exists (registers) -- no running [BLOCK_M, BLOCK_K] arrays, so
+    BLOCK_M = 256 fits; memory traffic O(M*D + (M/BLOCK_M)*K*D). ``EMULATE_TF32`` (interpreter only, whose
+    ``tl.dot`` ignores ``input_precision``): 1 rounds both operands to TF32 as the tensor cores read them, 3 runs
+    the 3-pass split of ``tf32x3`` explicitly, so the tests see the rounding the GPU has.
     K is a constexpr (fixed per model; also the Triton 3.6 interpreter cannot ``range`` over a runtime int
     with numpy >= 2.3).
     """
@@ -97,10 +121,16 @@ def _nearest_code_fwd_kernel(
     if DOT_UPCAST:  # interpreter: its bf16 tl.dot is wrong; exact emulation (rounded operands, fp32 products)
         xd = xd.to(tl.float32)
 
-    # element-wise running max over the codebook tiles (no cross-lane reduction inside the loop): position j
-    # of the tile keeps its best score and the first tile start k0 that reached it; one reduction at the end.
-    run_best = tl.full([BLOCK_M, BLOCK_K], float("-inf"), acc_ty)
-    run_k0 = tl.zeros([BLOCK_M, BLOCK_K], tl.int32)
+    if EMULATE_TF32 == 1:  # interpreter only: its dot ignores input_precision; round like the tensor cores
+        xd = _tf32(xd)
+    if EMULATE_TF32 == 3:
+        x_hi = _tf32(xd)
+        x_lo = _tf32(xd - x_hi)
+
+    # per tile: one row reduction of the [BLOCK_M, BLOCK_K] scores to (max, first argmax), then a running
+    # (best, index) pair per row -- only the score tile and two [BLOCK_M] vectors live across iterations
+    best = tl.full([BLOCK_M], float("-inf"), acc_ty)
+    best_idx = tl.zeros([BLOCK_M], tl.int32)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         cmask = cols < K
@@ -111,19 +141,25 @@ def _nearest_code_fwd_kernel(
         )  # [BLOCK_D, BLOCK_K]
         if DOT_UPCAST:
             c = c.to(tl.float32)
-        s = tl.dot(xd, c, input_precision=INPUT_PRECISION, out_dtype=acc_ty)
+        if EMULATE_TF32 == 3:  # the 3-pass split: hi*hi + hi*lo + lo*hi (lo*lo, ~2^-22 relative, dropped)
+            c_hi = _tf32(c)
+            c_lo = _tf32(c - c_hi)
+            s = tl.dot(x_hi, c_lo, input_precision="ieee", out_dtype=acc_ty)
+            s = tl.dot(x_lo, c_hi, s, input_precision="ieee", out_dtype=acc_ty)
+            s = tl.dot(x_hi, c_hi, s, input_precision="ieee", out_dtype=acc_ty)
+        else:
+            if EMULATE_TF32 == 1:
+                c = _tf32(c)
+            s = tl.dot(xd, c, input_precision=INPUT_PRECISION, out_dtype=acc_ty)
         if not NORMALIZE:
             csq = tl.load(CB_SQ + cols, mask=cmask, other=0.0)
             s = 2.0 * s - csq[None, :]
         if K % BLOCK_K != 0:  # static: only a ragged last tile needs the -inf padding
             s = tl.where(cmask[None, :], s, float("-inf"))
-        better = s > run_best  # strict: an earlier tile keeps a tie
-        run_best = tl.where(better, s, run_best)
-        run_k0 = tl.where(better, k0, run_k0)
-    best = tl.max(run_best, axis=1)
-    cand = run_k0 + tl.arange(0, BLOCK_K)[None, :]
-    # every position holding the row maximum holds its first index; the smallest of them is the lowest argmax
-    best_idx = tl.min(tl.where(run_best == best[:, None], cand, K), axis=1)
+        tile_best, tile_idx = tl.max(s, axis=1, return_indices=True, return_indices_tie_break_left=True)
+        better = tile_best > best  # strict: an earlier tile keeps a tie
+        best = tl.where(better, tile_best, best)
+        best_idx = tl.where(better, tile_idx + k0, best_idx)
 
     best_idx = tl.minimum(best_idx, K - 1)  # only reachable for padded rows (never stored)
     cq = tl.load(CB + best_idx[:, None].to(tl.int64) * D + offs_d[None, :], mask=zmask, other=0.0)
@@ -185,34 +221,75 @@ def _nearest_code_bwd_kernel(
     tl.store(GZ + r64 * D + offs_d[None, :], dz.to(GZ.dtype.element_ty), mask=mask)
 
 
-def _lookup_configs():
-    cfgs = []
-    for bm, bk, warps, stages in [
-        (64, 128, 4, 3),
-        (128, 128, 8, 3),
-        (128, 64, 4, 3),
-        (64, 256, 8, 3),
-        (128, 256, 8, 2),
-        (256, 128, 8, 3),
-        (64, 64, 4, 4),
-        # the fp32 "ieee" path (FMA dots) spills in every tile above on sm_90 (ptxas -v); these do not
-        (64, 64, 8, 3),
-        (32, 64, 4, 3),
-        (32, 32, 4, 3),
-    ]:
-        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=warps, num_stages=stages))
-    return cfgs
+# (BLOCK_M, BLOCK_K, num_warps, num_stages). Every config here compiles spill-free for sm_90 at the BEiT v2
+# tokenizer shape with the JIT's specialisation (``python -m bench.static_gpu_check --ops codebook``); the
+# configs that spilled (ptxas -v) were dropped. Tensor-core dots (bf16 / fp16 / tf32 / tf32x3 operands):
+TC_CONFIGS = [
+    (64, 128, 4, 3),
+    (128, 128, 8, 3),
+    (128, 64, 4, 3),
+    (64, 256, 8, 3),
+    (256, 64, 8, 3),
+    (256, 128, 8, 3),
+    (64, 64, 4, 4),
+]
+# fp32 IEEE dots (FMA units): the product tile lives in registers as plain fp32 FMAs
+FMA_CONFIGS = [
+    (64, 64, 4, 4),
+    (64, 64, 8, 3),
+    (128, 64, 8, 3),
+    (32, 64, 4, 3),
+    (32, 32, 4, 3),
+]
+
+
+def _lookup_configs(tensor_cores: Optional[bool] = None):
+    """The autotune configs of the lookup: those of tensor-core dots, of FMA (IEEE fp32) dots, or both."""
+    table = {True: TC_CONFIGS, False: FMA_CONFIGS, None: TC_CONFIGS + [c for c in FMA_CONFIGS if c not in TC_CONFIGS]}
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=st)
+            for bm, bk, w, st in table[tensor_cores]]
+
+
+def uses_tensor_cores(dot_dtype: torch.dtype, input_precision: str) -> bool:
+    return dot_dtype in (torch.bfloat16, torch.float16) or (
+        dot_dtype == torch.float32 and input_precision in ("tf32", "tf32x3"))
 
 
 # On CUDA the tile sizes are autotuned per (D, K, precision, dtypes) -- the first call per key compiles and times
 # every config (seconds; cached on disk afterwards); the interpreter uses the plain kernel.
-_nearest_code_fwd_tuned = triton.autotune(configs=_lookup_configs(), key=["D", "K", "INPUT_PRECISION"])(
-    _nearest_code_fwd_kernel
-)
+_KEY = ["D", "K", "INPUT_PRECISION"]
+_nearest_code_fwd_tuned = {
+    tc: triton.autotune(configs=_lookup_configs(tc), key=_KEY)(_nearest_code_fwd_kernel) for tc in (True, False)
+}
+
+
+class PreparedCodebook(NamedTuple):
+    """The codebook as the lookup kernel reads it (built once per codebook version; ``nearest_code.py`` caches
+    it between EMA steps): ``cb [K, D]`` as used (l2-normalised when ``normalize``) in the accumulation dtype,
+    ``cb_dot_t [D, K]`` transposed in the GEMM operand dtype, ``cb_out [K, D]`` in the output dtype (``cb``
+    itself when equal), ``cb_sq [K]`` = ``||c_k||^2`` (L2 only, else None)."""
+
+    cb: torch.Tensor
+    cb_dot_t: torch.Tensor
+    cb_out: torch.Tensor
+    cb_sq: Optional[torch.Tensor]
+
+
+def prepare_codebook(codebook, normalize, eps, dot_dtype, out_dtype) -> PreparedCodebook:
+    """Normalise / cast / transpose the codebook once (``~5 K D`` bytes, a handful of small launches)."""
+    cdt = acc_dtype(out_dtype)
+    cb = ref.prepare_codebook(codebook, normalize, eps, cdt).contiguous()
+    return _derive(cb, normalize, dot_dtype, out_dtype, cb)
+
+
+def _derive(cb, normalize, dot_dtype, out_dtype, cb_for_out) -> PreparedCodebook:
+    cb_dot_t = (cb if dot_dtype == cb.dtype else cb.to(dot_dtype)).t().contiguous()
+    cb_out = cb_for_out if out_dtype == cb_for_out.dtype else cb_for_out.to(out_dtype)
+    return PreparedCodebook(cb, cb_dot_t, cb_out, None if normalize else (cb * cb).sum(-1))
 
 
 @launches_on_input_device
-def nearest_code_forward(z2d, cb, cb_dot, cb_sq, normalize, eps, input_precision, out_dtype):
+def nearest_code_forward(z2d, prep: PreparedCodebook, normalize, eps, input_precision, out_dtype):
     """Launch the fused lookup; returns (indices int64 [M], z_q [M, D] out_dtype, similarity [M] cb.dtype).
 
     L2 (``normalize=False``): ``z`` and the codebook are multiplied by one power of two ``t``
@@ -222,29 +299,26 @@ def nearest_code_forward(z2d, cb, cb_dot, cb_sq, normalize, eps, input_precision
     in float64 afterwards.
     """
     M, D = z2d.shape
+    cb, cb_out = prep.cb, prep.cb_out
+    dot_dtype = prep.cb_dot_t.dtype
     K = cb.shape[0]
     dev = z2d.device
-    cb_out = cb if out_dtype == cb.dtype else cb.to(out_dtype)
     t = None
     if not normalize:
         # fp16 GEMM operands overflow at 65504: keep them below 2**14 there (4 * d * 2**28 fits fp32 sums)
-        t = ref.l2_scale(z2d, cb, cb.dtype, max_exponent=14 if cb_dot.dtype == torch.float16 else 32)
+        t = ref.l2_scale(z2d, cb, cb.dtype, max_exponent=14 if dot_dtype == torch.float16 else 32)
         z2d = z2d * t  # a 0-d tensor: z keeps its dtype; a power of two, so exact
-        scaled = cb * t
-        cb_dot = scaled if cb_dot is cb else scaled.to(cb_dot.dtype)
-        cb = scaled
-        cb_sq = (cb * cb).sum(-1)
+        prep = _derive(cb * t, False, dot_dtype, out_dtype, cb_out)
     idx = _buffers.empty((M,), torch.int64, dev)
     zq = _buffers.empty((M, D), out_dtype, dev)
     sim = _buffers.empty((M,), cb.dtype, dev)
-    assert cb.is_contiguous()
-    cb_dot_t = cb_dot.t().contiguous()  # [D, K]
+    assert prep.cb.is_contiguous() and prep.cb_dot_t.is_contiguous() and tuple(prep.cb_dot_t.shape) == (D, K)
     args = (
         z2d,
-        cb,
-        cb_dot_t,
-        cb_out,
-        cb_sq if cb_sq is not None else cb,
+        prep.cb,
+        prep.cb_dot_t,
+        prep.cb_out,
+        prep.cb_sq if prep.cb_sq is not None else prep.cb,
         idx,
         zq,
         sim,
@@ -255,18 +329,24 @@ def nearest_code_forward(z2d, cb, cb_dot, cb_sq, normalize, eps, input_precision
         zq.stride(0),
         eps,
     )
+    interp = interpreter_enabled() or z2d.device.type != "cuda"
+    emulate = 0
+    if interp and dot_dtype == torch.float32:
+        emulate = {"tf32": 1, "tf32x3": 3}.get(input_precision, 0)
     meta = {
         "K": K,
         "NORMALIZE": bool(normalize),
         "INPUT_PRECISION": input_precision,
-        "DOT_UPCAST": interpreter_enabled() and cb_dot.dtype == torch.bfloat16,
-        "SEPARATE_OUT": cb_out is not cb,
+        "DOT_UPCAST": interp and dot_dtype == torch.bfloat16,
+        "EMULATE_TF32": emulate,
+        "SEPARATE_OUT": prep.cb_out.data_ptr() != prep.cb.data_ptr(),
         "BLOCK_D": max(16, triton.next_power_of_2(D)),
     }
-    if interpreter_enabled() or z2d.device.type != "cuda":
+    if interp:
         _nearest_code_fwd_kernel[(triton.cdiv(M, 64),)](*args, BLOCK_M=64, BLOCK_K=128, **meta)
     else:
-        _nearest_code_fwd_tuned[lambda m: (triton.cdiv(M, m["BLOCK_M"]),)](*args, **meta)
+        tuned = _nearest_code_fwd_tuned[uses_tensor_cores(dot_dtype, input_precision)]
+        tuned[lambda m: (triton.cdiv(M, m["BLOCK_M"]),)](*args, **meta)
     if t is not None:
         sim.copy_(ref.unscale_scores(sim, t))
     return idx, zq, sim
