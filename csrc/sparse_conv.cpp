@@ -110,6 +110,7 @@ SC_INLINE void gemm_chunk_body(const T* const* rows, const uint8_t* kuse, int nt
   for (int64_t n0 = 0; n0 < npad; n0 += 2 * L) {
     const V b0 = bias ? vload<V>(bias + n0) : V{};
     const V b1 = bias ? vload<V>(bias + n0 + L) : V{};
+    const T* ws = w + (n0 / (2 * L)) * K * kdim * (2 * L);  // this strip's weights, contiguous [K][kdim][2L]
     for (int t = 0; t < ntiles; ++t) {
       V a00 = b0, a01 = b1, a10 = b0, a11 = b1, a20 = b0, a21 = b1, a30 = b0, a31 = b1;
       const T* const* tr = rows + static_cast<int64_t>(t) * K * MB;
@@ -120,10 +121,10 @@ SC_INLINE void gemm_chunk_body(const T* const* rows, const uint8_t* kuse, int nt
         const T* __restrict r1 = tr[k * MB + 1];
         const T* __restrict r2 = tr[k * MB + 2];
         const T* __restrict r3 = tr[k * MB + 3];
-        const T* __restrict wk = w + k * kdim * npad + n0;
+        const T* __restrict wk = ws + k * kdim * (2 * L);
         for (int64_t c = 0; c < kdim; ++c) {
-          const V w0 = vload<V>(wk + c * npad);
-          const V w1 = vload<V>(wk + c * npad + L);
+          const V w0 = vload<V>(wk + c * (2 * L));
+          const V w1 = vload<V>(wk + c * (2 * L) + L);
           const T x0 = r0[c], x1 = r1[c], x2 = r2[c], x3 = r3[c];
           a00 += x0 * w0;
           a01 += x0 * w1;
@@ -780,8 +781,8 @@ void depthwise_wgrad(const T* x, const T* gr, const uint8_t* ain, const uint8_t*
 // weight (re)packing: blocked transposes (torch's strided permute-copy is slow for these layouts)
 
 // dst[r * d_r + c * d_c] = src[r * s_r + c * s_c] for rows r0 <= r < r1 and all c < C, in 16 x 16 blocks.
-// mode 0: dst[k][ci][co (npad)] = w[co][ci][k]   (forward)
-// mode 1: dst[k][co][ci (npad)] = w[co][ci][k]   (input gradient)
+// mode 0: dst[co / S][k][ci][co % S] = w[co][ci][k]   (forward; S = 2 SIMD vectors, co < npad, zero padded)
+// mode 1: dst[ci / S][k][co][ci % S] = w[co][ci][k]   (input gradient)
 // mode 2: dst[co][ci][k] = src[k][ci][co (npad)] (weight gradient back to torch's layout)
 // Tiled 16 x 16 over (ci, co), all K taps of a tile before the next: the tile's source lines (16 x 16 x K
 // values) stay in L1 across the taps, where a per-tap transpose over whole rows re-reads each source line K
@@ -806,22 +807,24 @@ void pack_t(const T* src, T* dst, int64_t Cout, int64_t Cin, int64_t K, int64_t 
   }
   const int64_t R = mode == 1 ? Cout : Cin;  // destination rows: ci (mode 0) or co (mode 1)
   const int64_t C = mode == 1 ? Cin : Cout;  // destination columns (padded to npad)
+  // strip-major: column c of row (k, r) lives at dst[((c / S) * K + k) * R * S + r * S + c % S], so the GEMM
+  // reads each strip's weights [K][R][S] contiguously (sequential streaming, no 4*npad-byte stride)
+  constexpr int64_t S = 2 * Simd<T>::L;
 #pragma omp parallel for schedule(static) num_threads(nthreads)
   for (int64_t rb = 0; rb < R; rb += TB) {
     const int64_t re = std::min(R, rb + TB);
-    for (int64_t cb = 0; cb < C; cb += TB) {
-      const int64_t ce = std::min(C, cb + TB);
+    for (int64_t cb = 0; cb < npad; cb += TB) {
+      const int64_t ce = std::min(npad, cb + TB);
       for (int64_t k = 0; k < K; ++k)
-        for (int64_t r = rb; r < re; ++r) {
-          T* d = dst + (k * R + r) * npad;
-          if (mode == 1)
-            for (int64_t c = cb; c < ce; ++c) d[c] = src[(r * Cin + c) * K + k];
-          else
-            for (int64_t c = cb; c < ce; ++c) d[c] = src[(c * Cin + r) * K + k];
-        }
+        for (int64_t r = rb; r < re; ++r)
+          for (int64_t c = cb; c < ce; ++c) {
+            T* d = dst + ((c / S) * K + k) * R * S + r * S + c % S;
+            if (c >= C)
+              *d = T(0);
+            else
+              *d = mode == 1 ? src[(r * Cin + c) * K + k] : src[(c * Cin + r) * K + k];
+          }
     }
-    for (int64_t k = 0; k < K; ++k)
-      for (int64_t r = rb; r < re; ++r) std::fill(dst + (k * R + r) * npad + C, dst + (k * R + r + 1) * npad, T(0));
   }
 }
 
@@ -894,7 +897,8 @@ void register_sparse_conv(py::module_& m) {
           pack_t<float>(reinterpret_cast<const float*>(src), reinterpret_cast<float*>(dst), cout, cin, k, npad, mode,
                         nthreads);
       },
-      "Weight layout changes for the sparse conv: 0: [Cout,Cin,K] -> [K,Cin,npad]; 1: -> [K,Cout,npad]; "
+      "Weight layout changes for the sparse conv: 0: [Cout,Cin,K] -> [npad/S,K,Cin,S]; 1: -> [npad/S,K,Cout,S] "
+      "(S = 16 floats / 8 doubles); "
       "2: [K,Cin,npad] -> [Cout,Cin,K] (contiguous buffers).");
   m.def(
       "sparse_conv2d_set_isa",

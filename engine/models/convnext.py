@@ -5,7 +5,8 @@ Stem ``conv k4/s4 - LN2d``; before stages 2-4 ``LN2d - conv k2/s2``. Block (``ga
     y = x + DropPath(gamma * pw2(GELU(pw1(LN(dwconv7x7(x))))))     LN, pw1, pw2 on channels-last features
 
 ``LayerNorm2d`` normalises over channels of an NCHW map (it is the module :func:`kernels.to_sparse`
-recognises and makes sparse; the block's channels-last LayerNorm/Linear layers are per-site ops). ``forward``
+recognises and makes sparse; the block's channels-last LayerNorm/Linear layers are per-site ops: inside a
+``kernels.sparse_context`` they run on the gathered active rows only and inactive sites get zeros). ``forward``
 returns globally average pooled features after a final LayerNorm ``[B, C]``; ``forward_features`` the four
 stage outputs (strides 4, 8, 16, 32). The CPU variant ``convnext_femto`` has a 1x1 stem (stride 1), so its
 stages sit at strides 1, 2, 4, 8 (``downsample_ratio`` 8).
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.models.vit import DropPath
+from kernels.sparse_conv.context import current_maps
 
 CONVNEXT_CONFIGS: dict[str, dict] = {
     "convnext_femto": dict(depths=(1, 1, 2, 1), dims=(16, 32, 64, 128), stem_stride=1),
@@ -47,11 +49,22 @@ class ConvNeXtBlock(nn.Module):
         self.gamma = nn.Parameter(torch.full((dim,), float(layer_scale))) if layer_scale > 0 else None
         self.drop_path = DropPath(drop_path)
 
+    def _mlp(self, y):
+        y = self.pwconv2(self.act(self.pwconv1(self.norm(y))))
+        return self.gamma * y if self.gamma is not None else y
+
     def forward(self, x):
         y = self.dwconv(x).permute(0, 2, 3, 1)
-        y = self.pwconv2(self.act(self.pwconv1(self.norm(y))))
-        if self.gamma is not None:
-            y = self.gamma * y
+        maps = current_maps()
+        if maps is not None:
+            # sparse (SparK): LN, pw1, GELU, pw2 and gamma are per-site, so they run on the active rows only
+            # (gathered once, scattered back with zeros at inactive sites, where x is zero too)
+            B, H, W, C = y.shape
+            idx = maps.sites((H, W), B)
+            rows = self._mlp(y.reshape(B * H * W, C).index_select(0, idx))
+            y = y.new_zeros(B * H * W, C).index_copy(0, idx, rows).view(B, H, W, C)
+        else:
+            y = self._mlp(y)
         return x + self.drop_path(y.permute(0, 3, 1, 2))
 
 

@@ -40,6 +40,17 @@ class ActivityMaps:
             )
         self.batch = active.shape[0]
         self.maps: dict[tuple[int, int], torch.Tensor] = {(active.shape[1], active.shape[2]): active}
+        self._sites: dict[tuple[int, int], torch.Tensor] = {}
+
+    def sites(self, size, batch: int | None = None) -> torch.Tensor:
+        """Flat indices ``b*H*W + h*W + w`` (int64, ascending) of the active sites at ``size``, computed once
+        per resolution and shared by every layer that works on gathered rows (one host sync on CUDA)."""
+        key = (int(size[0]), int(size[1]))
+        cached = self._sites.get(key)
+        if cached is None:
+            cached = self.get(key, batch).reshape(-1).nonzero().reshape(-1)
+            self._sites[key] = cached
+        return cached
 
     def __contains__(self, size) -> bool:
         return tuple(size) in self.maps

@@ -1,8 +1,10 @@
 """Launchers of the C++ (OpenMP) sparse convolution in ``kernels._C`` (CPU, float32/float64).
 
 Tensors cross the boundary as NHWC (channels-last) buffers; weights are repacked here:
-``groups=1``: forward ``W[k, ci, co]`` and input-gradient ``W[k, co, ci]``, the last dim zero-padded to a
-multiple of two SIMD vectors (16 floats / 8 doubles); depthwise: ``Wd[k, c]``. ``k = kh * KW + kw``.
+``groups=1``: forward ``W[k, ci, co]`` and input-gradient ``W[k, co, ci]``, the last dim zero-padded to
+``npad``, a multiple of ``S`` = two SIMD vectors (16 floats / 8 doubles), and stored strip-major
+(``[npad / S, K, rows, S]``: the GEMM streams each S-wide strip contiguously); depthwise: ``Wd[k, c]``.
+``k = kh * KW + kw``.
 Every launcher writes its whole output (zeros at inactive sites); ``out=`` buffers are for tests, the others
 come from ``kernels._buffers``. Same signatures as :mod:`kernels.sparse_conv.sparse_conv2d_triton`.
 """
@@ -38,7 +40,7 @@ def _pack(src, shape, npad, mode, cout, cin, K):
 
 
 def pack_forward_weight(weight, depthwise):
-    """``[Cout, Cin, KH, KW] -> [K, Cin, npad]`` (depthwise: ``[K, C]``)."""
+    """``[Cout, Cin, KH, KW] -> [npad / S, K, Cin, S]`` (depthwise: ``[K, C]``)."""
     Cout, cin_g, KH, KW = weight.shape
     if depthwise:
         return weight.reshape(Cout, KH * KW).t().contiguous(), Cout
@@ -47,13 +49,11 @@ def pack_forward_weight(weight, depthwise):
 
 
 def pack_input_grad_weight(weight, depthwise):
-    """``[Cout, Cin, KH, KW] -> [K, Cout, npad]`` (free for 1x1 kernels with Cin a multiple of the step)."""
+    """``[Cout, Cin, KH, KW] -> [npad / S, K, Cout, S]`` (strip-major, see the module doc)."""
     Cout, cin_g, KH, KW = weight.shape
     if depthwise:
         return weight.reshape(Cout, KH * KW).t().contiguous(), cin_g
     npad = padded(cin_g, weight.dtype)
-    if KH * KW == 1 and npad == cin_g:
-        return weight.reshape(1, Cout, cin_g).contiguous(), npad
     return _pack(weight, (KH * KW, Cout, npad), npad, 1, Cout, cin_g, KH * KW), npad
 
 
