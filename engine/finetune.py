@@ -52,17 +52,18 @@ DEFAULT_OUTPUT = "output/finetune"
 # ------------------------------------------------------------------------------------------------ evaluation
 class Evaluator:
     """Top-1/top-5 (percent) and the cross-entropy of the whole classifier on ``data_dir/val``; the loader is
-    built on the first call and reused. Passed to the trainer as ``eval_fn`` (its argument, the encoder, is not
-    needed: the method's classifier is evaluated)."""
+    built on the first call and reused. Passed to the trainer as ``eval_fn``: the trainer calls
+    :meth:`evaluate_model` with the trained method and, with ``--model-ema``, with its EMA copy."""
 
     def __init__(self, method, data_dir, cfg: dict, device: torch.device):
         self.method, self.data_dir, self.cfg, self.device = method, data_dir, cfg, torch.device(device)
         self.loader = None
-        self.trainer = None
-        self.last: tuple[int, dict] | None = None
+
+    def __call__(self, _encoder=None) -> dict:
+        return self.evaluate_model(self.method)
 
     @torch.no_grad()
-    def __call__(self, _encoder=None) -> dict:
+    def evaluate_model(self, method) -> dict:
         from engine.data import build_eval_loader
         from engine.eval import _loader_device
         from engine.trainer.loop import PRECISIONS
@@ -72,7 +73,6 @@ class Evaluator:
                                             image_size=int(self.cfg["image_size"]),
                                             num_threads=int(self.cfg["num_threads"]),
                                             device=_loader_device(self.device))
-        method = self.method
         was_training = method.training
         method.eval()
         amp = PRECISIONS.get(self.cfg.get("precision", "fp32"))
@@ -94,10 +94,7 @@ class Evaluator:
             top5 += int((pred == y[:, None]).any(dim=1).sum())
             n += int(y.shape[0])
         method.train(was_training)
-        result = {"top1": 100.0 * top1 / max(n, 1), "top5": 100.0 * top5 / max(n, 1), "val_loss": loss / max(n, 1)}
-        step = self.trainer.step if self.trainer is not None else -1
-        self.last = (step, result)
-        return result
+        return {"top1": 100.0 * top1 / max(n, 1), "top5": 100.0 * top5 / max(n, 1), "val_loss": loss / max(n, 1)}
 
 
 # ------------------------------------------------------------------------------------------------ one run
@@ -160,8 +157,6 @@ def run_one(cfg: dict, source, data_dir: Path, dist, prog: str) -> dict | int:
         trainer = Trainer(method, loader, cfg, dist, eval_fn=evaluator)
     except ValueError as exc:
         fail(prog, str(exc))
-    if evaluator is not None:
-        evaluator.trainer = trainer
     if dist.is_main:
         what = f"{cfg['init']} init" + (f" from {source.path} ({source.method or 'exported'})"
                                         if source is not None and cfg["init"] == "pretrained" else "")
@@ -180,18 +175,21 @@ def run_one(cfg: dict, source, data_dir: Path, dist, prog: str) -> dict | int:
         return report_preempted(trainer, summary, dist)
     out = {"steps": int(summary["step"]), "output_dir": str(cfg["output_dir"])}
     if evaluator is not None and dist.is_main:
-        last = evaluator.last
-        final = last[1] if last is not None and last[0] == trainer.step else evaluator()
-        out.update(top1=final["top1"], top5=final["top5"])
-        best = Path(cfg["output_dir"]) / "best.json"
-        if best.is_file():
-            try:
-                out["best_top1"] = float(json.loads(best.read_text())["value"])
-            except (ValueError, KeyError):
-                pass
-        out.setdefault("best_top1", final["top1"])
+        last = trainer.last_eval
+        final = last[1] if last is not None and last[0] == trainer.step else trainer.evaluate()
+        for suffix in ("", "_ema") if trainer.ema is not None else ("",):
+            out.update({f"top1{suffix}": final[f"top1{suffix}"], f"top5{suffix}": final[f"top5{suffix}"]})
+            best = Path(cfg["output_dir"]) / f"best{suffix}.json"
+            if best.is_file():
+                try:
+                    out[f"best_top1{suffix}"] = float(json.loads(best.read_text())["value"])
+                except (ValueError, KeyError):
+                    pass
+            out.setdefault(f"best_top1{suffix}", final[f"top1{suffix}"])
+        ema = (f"; EMA top1 {out['top1_ema']:.2f} (best {out['best_top1_ema']:.2f})" if trainer.ema is not None
+               else "")
         print(f"trained {summary['step']}/{summary['total_steps']} steps in {summary['seconds']:.1f}s; "
-              f"top1 {out['top1']:.2f} (best {out['best_top1']:.2f}), top5 {out['top5']:.2f}; checkpoint "
+              f"top1 {out['top1']:.2f} (best {out['best_top1']:.2f}), top5 {out['top5']:.2f}{ema}; checkpoint "
               f"{trainer.last_checkpoint}", flush=True)
     elif dist.is_main:
         print(f"trained {summary['step']}/{summary['total_steps']} steps; checkpoint {trainer.last_checkpoint} "
@@ -220,6 +218,8 @@ def save_finetune_results(source, cfg: dict, results: dict, data_dir) -> Path | 
         name = "finetune" if init == "pretrained" else "random_init"
         entry.update({f"{name}_top1": res["top1"], f"{name}_best_top1": res["best_top1"],
                       f"{name}_steps": res["steps"], f"{name}_output_dir": res["output_dir"]})
+        if "top1_ema" in res:
+            entry.update({f"{name}_top1_ema": res["top1_ema"], f"{name}_best_top1_ema": res["best_top1_ema"]})
     return save_results(source.path, key, entry)
 
 
@@ -319,10 +319,13 @@ def main(argv=None) -> int:
         path = save_finetune_results(source, cfg, results, data_dir)
         if path is not None and any("top1" in r for r in results.values()):
             print(f"results {path} (finetune/{_preset_key(cfg)})", flush=True)
-        shown = [f"{'pretrained' if init == 'pretrained' else 'random_init'}={res['top1']:.1f}"
-                 for init, res in results.items() if "top1" in res]
-        if shown:
-            print("finetune_top1 " + " ".join(shown), flush=True)
+        def line(key):
+            return " ".join(f"{'pretrained' if init == 'pretrained' else 'random_init'}={res[key]:.1f}"
+                            for init, res in results.items() if key in res)
+
+        if line("top1"):
+            ema = line("top1_ema")
+            print("finetune_top1 " + line("top1") + (f"  (EMA: {ema})" if ema else ""), flush=True)
     barrier()
     cleanup()
     return codes.OK

@@ -278,6 +278,12 @@ class FineTune(PretrainMethod):
         Option("hflip", None, float, "finetune: horizontal flip probability", range="[0,1]"),
         Option("loss", None, str, "finetune: 'ce' (soft-target cross-entropy) or 'bce' (SparK's LAMB recipe)",
                choices=("ce", "bce")),
+        Option("model_ema", False, bool, "finetune: also keep an fp32 EMA of the weights (BEiT's --model_ema), "
+                                         "evaluated beside the model (top1_ema) and saved in the checkpoint"),
+        Option("model_ema_decay", 0.9999, float, "finetune: EMA decay per optimizer step (BEiT: 0.9999 on ImageNet)",
+               range="[0,1]"),
+        Option("model_ema_warmup", False, bool, "finetune: cap the EMA decay at (1+n)/(10+n) after n steps (timm "
+                                                "ModelEmaV3's warm-up)"),
     )
 
     def __init__(self, cfg: dict):

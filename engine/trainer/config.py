@@ -71,6 +71,7 @@ SPEC: dict[str, Option] = {o.name: o for o in (
     Option('dist_timeout', 300.0, float, 'seconds a collective may wait for a peer rank before the job fails (DDP)', range='(0,inf)'),
     Option('seed', 0, int, 'random seed', range='>=0'),
     Option('save_every', 0, int, 'also checkpoint every N optimizer steps (0: at epoch ends only)', range='>=0'),
+    Option('save_every_epochs', 1, int, 'checkpoint every N epochs (always at the end, before an evaluation that keeps the best, and on SIGTERM)', range='>=1'),
     Option('eval_every', 0, int, 'k-NN evaluation every N epochs (0: off)', range='>=0'),
     Option('best_metric', None, str, 'keep checkpoint-best.pt of the evaluation with the highest value of this key'),
     Option('device', None, str, 'cpu, cuda, cuda:1 (default: cuda when available)'),

@@ -89,16 +89,23 @@ class Trainer:
         planned = int(cfg["epochs"]) * self.steps_per_epoch
         self.total_steps = int(cfg.get("max_steps") or planned)
         self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
+        if self.dist.enabled and getattr(self.method, "sync_batchnorm", False):
+            self.method.convert_sync_batchnorm()  # before DDP, the EMA copy and the optimizer: SyncBN
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids = [self.device.index] if self.device.type == "cuda" else None
-            if getattr(self.method, "sync_batchnorm", False):  # before DDP and the optimizer: SyncBN
-                self.method.convert_sync_batchnorm()
             self.model = DDP(self.method, device_ids=ids,
                              find_unused_parameters=bool(getattr(method, "ddp_find_unused_parameters", False)))
         else:
             self.model = self.method
+        self.ema = None  # weight EMA (--model-ema): a separate fp32 copy, never a submodule, never seen by DDP;
+        if cfg.get("model_ema"):  # made after DDP has broadcast rank 0's weights, so every rank's is the same
+            from engine.trainer.model_ema import ModelEma
+
+            decay = cfg.get("model_ema_decay")
+            self.ema = ModelEma(self.method, 0.9999 if decay is None else float(decay),
+                                warmup=bool(cfg.get("model_ema_warmup")))
         # a method may define its own parameter groups (e.g. fine-tuning's layer-wise lr decay: "lr_scale")
         groups = self.method.optimizer_groups() if hasattr(self.method, "optimizer_groups") else None
         self.optimizer = build_optimizer(self.method, cfg.get("optimizer", "adamw"),
@@ -123,6 +130,8 @@ class Trainer:
         self._stop_reason: str | None = None
         self._stop_agreed = False
         self._step_time = 0.0
+        self.saved_step: int | None = None  # the step of checkpoint-last.pt written by this process
+        self.last_eval: tuple[int, dict] | None = None  # (step, result) of the latest evaluation
 
     # ------------------------------------------------------------------------------------------ checkpoints
     @property
@@ -154,11 +163,14 @@ class Trainer:
             "method": self.cfg.get("method"),
             "encoder_config": dict(getattr(self.method.encoder(), "config", {})),
             "history": list(self.history),
+            **({"model_ema": self.ema.state_dict()} if self.ema is not None else {}),
         }
 
     def _check_state_finite(self) -> None:
         bad = ckpt.non_finite_tensors(self.method.state_dict())
         bad += ckpt.optimizer_non_finite(self.optimizer.state_dict())
+        if self.ema is not None:
+            bad += [f"model_ema.{k}" for k in ckpt.non_finite_tensors(self.ema.module.state_dict())]
         if bad:
             shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
             raise NonFiniteLossError(
@@ -170,6 +182,7 @@ class Trainer:
         """Checkpoint (every rank takes part: RNG states are gathered); written by rank 0 only."""
         self._check_state_finite()
         state = self.state_dict()
+        self.saved_step = self.step
         if not self.dist.is_main:
             return None
         path = ckpt.save_atomic(state, self.last_checkpoint)
@@ -197,7 +210,9 @@ class Trainer:
             first = str(exc).strip().splitlines()[0][:300]
             raise ckpt.CheckpointError(f"--resume {path}: its weights do not fit this run's model ({first})") from None
         self.scaler.load_state_dict(state["scaler"])
+        self._load_ema(state, path)
         self.step = int(state["step"])
+        self.saved_step = self.step
         self.history = list(state.get("history", []))[: self.step]
         self.loader.load_state_dict(state["loader"])
         per_rank = state.get("rng_per_rank")
@@ -212,6 +227,20 @@ class Trainer:
             ckpt.set_rng_state(state["rng"])
         self.last_finite = (Path(path), self.step) if not ckpt.non_finite_tensors(state["model"]) else None
         self.logger.truncate(self.step)
+
+    def _load_ema(self, state: dict, path) -> None:
+        if self.ema is None:
+            return
+        if "model_ema" not in state:  # a run that had none: the EMA starts from the resumed weights
+            self.ema.module.load_state_dict(self.method.state_dict())
+            if self.dist.is_main:
+                print(f"warning: {path} has no model EMA (--model-ema was off): the EMA starts from its weights",
+                      flush=True)
+            return
+        try:
+            self.ema.load_state_dict(state["model_ema"])
+        except ValueError as exc:
+            raise ckpt.CheckpointError(f"--resume {path}: {exc}") from None
 
     def _check_same_run(self, state: dict, path) -> None:
         diffs = []
@@ -317,6 +346,8 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.method.after_step()
+        if self.ema is not None:
+            self.ema.update(self.method)
         return metrics
 
     # ------------------------------------------------------------------------------------------ the run
@@ -343,6 +374,7 @@ class Trainer:
         done_here = 0
         eval_every = int(self.cfg.get("eval_every") or 0)
         save_every = int(self.cfg.get("save_every") or 0)
+        save_epochs = int(self.cfg.get("save_every_epochs") or 1)
         t_start = time.perf_counter()
         while self.step < self.total_steps:
             epoch = self.step // self.steps_per_epoch
@@ -358,6 +390,7 @@ class Trainer:
                 t_done = time.perf_counter()
                 if fresh_log:
                     self.logger.reset()
+                    self._drop_old_best()
                     fresh_log = False
                 images = metrics.pop("_images")
                 self.history.append(metrics["loss"])
@@ -380,24 +413,56 @@ class Trainer:
                     self.save()
                     return self._summary(t_start, stopped=True)
             del it
-            self.save()
-            if self.eval_fn is not None and eval_every and (epoch + 1) % eval_every == 0 and self.dist.is_main:
-                result = self.eval_fn(self.method.encoder())
+            evaluate = self.eval_fn is not None and eval_every and (epoch + 1) % eval_every == 0
+            # every --save-every-epochs epochs, at the end, and before an evaluation that may keep the best
+            if self.saved_step != self.step and (self.step >= self.total_steps or (epoch + 1) % save_epochs == 0
+                                                 or (evaluate and self.cfg.get("best_metric"))):
+                self.save()
+            if evaluate and self.dist.is_main:
+                result = self.evaluate()
                 self.logger.log({"step": self.step, "epoch": epoch, **result}, self.step)
                 print("eval " + "  ".join(f"{k} {v:.2f}" for k, v in result.items()), flush=True)
                 self._keep_best(result, epoch)
+                if self.ema is not None:
+                    self._keep_best(result, epoch, suffix="_ema")
         return self._summary(t_start, stopped=False)
+
+    def evaluate(self) -> dict:
+        """``eval_fn`` on the trained model and, with ``--model-ema``, on its EMA (the same keys + ``_ema``).
+        An ``eval_fn`` with an ``evaluate_model(module)`` method gets the whole module (fine-tuning's
+        classifier); any other gets ``module.encoder()``."""
+        def run(module):
+            fn = getattr(self.eval_fn, "evaluate_model", None)
+            return dict(fn(module) if fn is not None else self.eval_fn(module.encoder()))
+
+        result = run(self.method)
+        if self.ema is not None:
+            result.update({f"{k}_ema": v for k, v in run(self.ema.module).items()})
+        self.last_eval = (self.step, result)
+        return result
 
     BEST = "checkpoint-best.pt"
 
-    def _keep_best(self, result: dict, epoch: int) -> None:
-        """With ``cfg["best_metric"]`` (higher is better): when an evaluation beats the best so far, the
-        epoch's checkpoint (just saved, so it holds exactly the evaluated weights) is copied atomically to
-        ``checkpoint-best.pt`` and ``best.json`` records the value (read back on resume)."""
-        key = self.cfg.get("best_metric")
-        if not key or key not in result:
+    def _drop_old_best(self) -> None:
+        """A fresh run (``--overwrite``) drops the old run's best records once its first step succeeded."""
+        if not self.dist.is_main:
             return
-        record = self.output_dir / "best.json"
+        for suffix in ("", "_ema"):
+            for p in (self.output_dir / f"best{suffix}.json", self.output_dir / self.BEST.replace(".pt", f"{suffix}.pt")):
+                p.unlink(missing_ok=True)
+
+    def _keep_best(self, result: dict, epoch: int, suffix: str = "") -> None:
+        """With ``cfg["best_metric"]`` (higher is better): when an evaluation beats the best so far, the
+        epoch's checkpoint (saved just before the evaluation, so it holds exactly the evaluated weights) is
+        copied atomically to ``checkpoint-best.pt`` and ``best.json`` records the value (read back on resume).
+        ``suffix="_ema"``: the same for the EMA's value (``checkpoint-best_ema.pt``, ``best_ema.json``)."""
+        key = self.cfg.get("best_metric")
+        if not key or key + suffix not in result:
+            return
+        key += suffix
+        assert self.saved_step == self.step, "the evaluated weights must be those of checkpoint-last.pt"
+        record = self.output_dir / f"best{suffix}.json"
+        target = self.output_dir / (self.BEST.replace(".pt", f"{suffix}.pt"))
         best = None
         if record.is_file():
             try:
@@ -407,13 +472,13 @@ class Trainer:
         value = float(result[key])
         if best is not None and not value > best:
             return
-        tmp = self.output_dir / f"{self.BEST}.tmp-{os.getpid()}"
+        tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
         shutil.copyfile(self.last_checkpoint, tmp)
-        os.replace(tmp, self.output_dir / self.BEST)
+        os.replace(tmp, target)
         tmp = record.with_name(f"{record.name}.tmp-{os.getpid()}")
         tmp.write_text(json.dumps({"metric": key, "value": value, "epoch": epoch, "step": self.step}) + "\n")
         os.replace(tmp, record)
-        print(f"best {key} {value:.2f} (epoch {epoch}): {self.output_dir / self.BEST}", flush=True)
+        print(f"best {key} {value:.2f} (epoch {epoch}): {target}", flush=True)
 
     def _timing(self, t_step: float, done_here: int) -> dict[str, float]:
         """ETA from a running mean of this run's step times (the first step, with its warm-up, weighs less
