@@ -4,13 +4,15 @@ GPU shape: BEiT v2 tokenizer batch, M = 256 * 196 = 50,176 vectors, K = 8192 cod
 plan's dry run; ``ours`` is the Triton path there, the interpreter).
 CPU shape: M = 4,099, K = 1,000, d = 32 (our CPU path is the chunked reference; Triton is GPU-only here).
 
-Providers: ``ours`` (fused Triton kernel on CUDA, no [M, K] scores; float32 -> IEEE fp32 GEMM,
-bfloat16 z -> bf16 operands), ``reference`` = the unilm norm_ema_quantizer way (full [M, K] fp32 distance
+Providers: ``ours`` (fused Triton kernel on CUDA, no [M, K] scores; float32 -> the tf32x3 default (three TF32
+tensor-core passes), bfloat16 z -> bf16 operands), ``reference`` = the unilm norm_ema_quantizer way (full [M, K] fp32 distance
 matrix + argmin + gather), ``compile`` (``torch.compile`` of that anchor; CUDA only), ``faiss`` (exact
 inner-product search): on CUDA only faiss-gpu on the torch CUDA tensors (no host copies) makes a row, so a
 machine without faiss-gpu reports the skip and its reason instead of a CPU-faiss time.
-``ours-bf16ops``: float32 z with ``precision="bf16"`` (bf16 GEMM operands, fp32 accumulation, exact fp32
-similarity of the pick).
+Variants of ours for float32 z (CUDA only): ``ours-bf16ops`` (``precision="bf16"``: bf16 GEMM operands, fp32
+accumulation, exact fp32 similarity of the pick), ``ours-tf32`` (one TF32 pass), ``ours-ieee`` (FMA units), and
+``ours-cached`` (the default precision with ``cache_codebook=True``: the prepared codebook reused, as the
+VectorQuantizer does between EMA steps; ``ours`` minus it is the preparation's cost).
 
 flops: 2*M*K*d (score GEMM). bytes_moved: the minimal traffic: z, codebook, indices, z_q, similarity.
 extra_info ``peak_memory_bytes`` (CUDA: bytes above the inputs) for every provider.
@@ -97,8 +99,12 @@ def on_triton(fn, shape):
     return run
 
 
+VARIANTS = {"ours-bf16ops": dict(precision="bf16"), "ours-tf32": dict(precision="tf32"),
+            "ours-ieee": dict(precision="ieee"), "ours-cached": dict(cache_codebook=True)}
+
+
 @pytest.mark.parametrize("shape,dtype,dev", _lookup_cases())
-@pytest.mark.parametrize("provider", ["ours", "ours-bf16ops", "reference", COMPILE, "faiss"])
+@pytest.mark.parametrize("provider", ["ours", *VARIANTS, "reference", COMPILE, "faiss"])
 def test_bench_nearest_code(bench, shape, dtype, dev, provider):
     M, K, d = shape
     dtype = getattr(torch, dtype)  # parametrised by name: pytest-benchmark stores params as JSON
@@ -119,14 +125,12 @@ def test_bench_nearest_code(bench, shape, dtype, dev, provider):
     def anchor():
         return _unilm_lookup(z, codebook)
 
-    if provider == "ours-bf16ops":
+    if provider in VARIANTS:
         if dtype != torch.float32 or not gpu_case(shape):
-            pytest.skip("bf16 operands for float32 inputs: a CUDA-only variant")
-        bench(
-            on_triton(lambda: nearest_code(z, codebook, check_finite=False, precision="bf16"), shape),
-            provider="ours-bf16ops",
-            **common,
-        )
+            pytest.skip(f"{provider} for float32 inputs: a CUDA-only variant")
+        kw = VARIANTS[provider]
+        bench(on_triton(lambda: nearest_code(z, codebook, check_finite=False, **kw), shape), provider=provider,
+              **common)
     elif provider == "ours":
         with torch.no_grad():
             got = ours().indices

@@ -197,6 +197,25 @@ def test_ce_launcher_gradient_subsets_over_chunks(device, need):
             assert got is None, name
 
 
+@pytest.mark.parametrize("chunk_rows", [1, 3, 29])
+def test_ce_launcher_double_buffered_chunks(device, chunk_rows):
+    """The chunk loop issues chunk i+1's first GEMM (into the other logit / [h | 1] buffer) before chunk i's
+    softmax: one-row chunks (29 of them, each buffer reused 14 times), a ragged last chunk and a single chunk all
+    match the float64 reference, so no chunk reads a buffer the next chunk's GEMM already overwrote."""
+    h = torch.randn(29, 12, dtype=torch.float64, device=device)
+    w = torch.randn(37, 12, dtype=torch.float64, device=device)
+    b = torch.randn(37, dtype=torch.float64, device=device)
+    t = torch.randint(0, 37, (29,), device=device)
+    t[[3, 17]] = -100
+    loss, acc, gh, gw, gb, inv_n = ce_triton.masked_cross_entropy_forward(h, w, b, t, chunk_rows=chunk_rows)
+    hr, wr, br = (x.clone().requires_grad_() for x in (h, w, b))
+    ref = masked_cross_entropy_rows_reference(hr, wr, br, t)
+    ref.backward()
+    assert_close(loss, ref.detach(), name="loss")
+    for got, want, name in ((gh, hr.grad, "grad_h"), (gw, wr.grad, "grad_w"), (gb, br.grad, "grad_b")):
+        assert_close(got * inv_n, want, name=name)
+
+
 def test_ce_kernel_poisons_out_of_range_target(device):
     h = torch.randn(4, 8, device=device)
     w = torch.randn(5, 8, device=device)
@@ -274,6 +293,34 @@ def test_cuda_beit_shapes(device):
     B, N, D, k, V = 4, 196, 768, 75, 8192
     h, w, b, t, m = make_ce_inputs(B, N, D, V, torch.bfloat16, device, k=k)
     check_ce(h, w, b, t, m, torch.bfloat16, num_masked=k, chunk_rows=128)
+
+
+@pytest.mark.cuda
+def test_cuda_side_stream_overlap_matches_one_stream(device, monkeypatch):
+    """On CUDA the next chunk's first GEMM runs on a side stream: the same loss and gradients as the one-stream
+    order (overlap=False), with the side stream really used, no host sync, and the main stream's later work
+    ordered after it (the caller reads the results without any synchronisation of its own)."""
+    if device.type != "cuda":
+        pytest.skip("needs --device cuda")
+    M, D, V = 1000, 256, 3000
+    h = torch.randn(M, D, device=device, dtype=torch.bfloat16)
+    w = torch.randn(V, D, device=device, dtype=torch.bfloat16) * 0.05
+    b = torch.randn(V, device=device, dtype=torch.bfloat16)
+    t = torch.randint(0, V, (M,), device=device)
+    used = []
+    real = ce_triton._side_stream
+    monkeypatch.setattr(ce_triton, "_side_stream", lambda dev: used.append(dev) or real(dev))
+    one = ce_triton.masked_cross_entropy_forward(h, w, b, t, chunk_rows=96, overlap=False)
+    assert not used
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        two = ce_triton.masked_cross_entropy_forward(h, w, b, t, chunk_rows=96, overlap=True)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert used
+    for a, e, name in zip(two, one, ("loss", "accuracy", "grad_h", "grad_w", "grad_b", "inv_n")):
+        assert torch.equal(a, e), name
 
 
 @pytest.mark.cuda

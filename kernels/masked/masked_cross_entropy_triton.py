@@ -118,15 +118,36 @@ def default_chunk_rows(M, V, budget_elems=1 << 25):
     return triton.cdiv(triton.cdiv(M, n_chunks), 64) * 64
 
 
+_SIDE_STREAMS: dict = {}
+
+
+def _side_stream(device):
+    """One side stream per CUDA device (created once) for the next chunk's first GEMM."""
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    if key not in _SIDE_STREAMS:
+        _SIDE_STREAMS[key] = torch.cuda.Stream(device=torch.device("cuda", key))
+    return _SIDE_STREAMS[key]
+
+
 @launches_on_input_device
 def masked_cross_entropy_forward(h, weight, bias, targets, ignore_index=-100, dtype=None, chunk_rows=None, *,
-                                 need_h=True, need_w=True, need_b=True):
+                                 need_h=True, need_w=True, need_b=True, overlap=None):
     """h [M, D] (the gathered rows), targets [M] int64 -> (loss, accuracy, grad_h*, grad_w*, grad_b*,
     1/max(n_valid, 1)); grads are unscaled.
 
     loss = sum loss_i / max(n_valid, 1), accuracy = sum hit_i / max(n_valid, 1): 0-dim fp32 tensors
     (fp64 when computing in fp64).
     grad_h in h.dtype, grad_w / grad_b in fp32 (fp64 for fp64 compute); None where not needed.
+
+    Chunks are software-pipelined over two logit buffers (and two ``[h_c | 1]`` buffers): chunk i+1's first GEMM
+    is issued before chunk i's softmax kernel. On CUDA (``overlap`` None or True, more than one chunk, a
+    gradient pass) that GEMM runs on a side stream, so the memory-bound softmax overlaps the compute-bound GEMM;
+    elsewhere the same order runs on one stream (identical results: each chunk's operations and the grad_W
+    accumulation order are unchanged). Stream safety: the side stream waits for the main stream (inputs ready,
+    chunk i-1's GEMMs done reading the buffer it overwrites) before each GEMM, the main stream waits for that
+    GEMM's event before the chunk's softmax, and every buffer used across streams is ``record_stream``-ed.
+    The default chunk on the side-stream path is half as many rows (2^24 logits per buffer), so the two buffers
+    peak at the single-buffer path's 64 MiB.
     """
     M, D = h.shape
     V = weight.shape[0]
@@ -142,25 +163,62 @@ def masked_cross_entropy_forward(h, weight, bias, targets, ignore_index=-100, dt
     loss_rows = _buffers.empty((M,), acc_t, dev)
     hits = _buffers.empty((M,), torch.int32, dev)
     gh = _buffers.empty((M, D), h.dtype, dev) if need_h else None
-    c = int(chunk_rows) if chunk_rows else default_chunk_rows(M, V)
+    streams = dev.type == "cuda" and overlap is not False and write_grad
+    if chunk_rows:
+        c = int(chunk_rows)
+    else:
+        c = default_chunk_rows(M, V, (1 << 24) if streams else (1 << 25))
+    starts = list(range(0, M, c))
+    nbuf = 2 if len(starts) > 1 else 1
+    streams = streams and nbuf == 2
+    main = torch.cuda.current_stream(dev) if streams else None
+    side = _side_stream(dev) if streams else None
     # [h_c | 1 | 0 ...]: D columns of h (when grad_W is needed), then a ones column for grad_b, padded to 8
     h_cols = D if need_w else 0
     cols = h_cols + (8 if need_b else 0)
     gwb = _buffers.zeros((V, cols), acc_t, dev) if cols else None
-    h_aug = None
+    rows = min(c, M)
+    zbuf = [_buffers.empty((rows, V), dtype, dev) for _ in range(nbuf)]
+    h_aug = [None] * nbuf
     if need_b:
-        h_aug = _buffers.zeros((min(c, M), cols), dtype, dev)
-        h_aug[:, h_cols] = 1
+        for j in range(nbuf):
+            h_aug[j] = _buffers.zeros((rows, cols), dtype, dev)
+            h_aug[j][:, h_cols] = 1
     BLOCK_V = triton.next_power_of_2(V) if V <= MAX_SINGLE_PASS_V else MULTI_PASS_BLOCK_V
     num_warps = 8 if BLOCK_V >= 2048 else 4
-    for s in range(0, M, c):
-        e = min(s + c, M)
+
+    def first_gemm(j):
+        """Chunk j's logits into buffer j % 2 (and its h rows into [h_c | 1] when grad_b is needed)."""
+        s, e = starts[j], min(starts[j] + c, M)
         if need_b and need_w:
-            h_aug[: e - s, :D].copy_(h[s:e])
-            hc = h_aug[: e - s, :D]
+            h_aug[j % 2][: e - s, :D].copy_(h[s:e])
+            hc = h_aug[j % 2][: e - s, :D]
         else:
             hc = h[s:e].to(dtype)
-        z = torch.addmm(b, hc, w.t()) if b is not None else torch.mm(hc, w.t())
+        z = zbuf[j % 2][: e - s]
+        if b is not None:
+            torch.addmm(b, hc, w.t(), out=z)
+        else:
+            torch.mm(hc, w.t(), out=z)
+        return z, hc
+
+    events = [None] * len(starts)
+    pending = first_gemm(0) if starts else None
+    for j, s in enumerate(starts):
+        e = min(s + c, M)
+        z, hc = pending
+        if j + 1 < len(starts):
+            if streams:
+                side.wait_stream(main)  # h/w/b ready; chunk j-1's GEMMs no longer read the buffer reused next
+                with torch.cuda.stream(side):
+                    pending = first_gemm(j + 1)
+                    events[j + 1] = torch.cuda.Event()
+                    events[j + 1].record(side)
+                pending[1].record_stream(main)  # allocated on the side stream when h is cast (no [h|1] buffer)
+            else:
+                pending = first_gemm(j + 1)
+        if streams and events[j] is not None:
+            main.wait_event(events[j])
         _masked_cross_entropy_fwd_kernel[(e - s,)](
             z,
             targets[s:e],
@@ -180,9 +238,12 @@ def masked_cross_entropy_forward(h, weight, bias, targets, ignore_index=-100, dt
             else:
                 gh[s:e] = torch.mm(z, w)
         if need_b:
-            gwb = _accumulate_mm(gwb, z.t(), h_aug[: e - s])
+            gwb = _accumulate_mm(gwb, z.t(), h_aug[j % 2][: e - s])
         elif need_w:
             gwb = _accumulate_mm(gwb, z.t(), hc)
+    if streams:
+        for t in zbuf + [t for t in h_aug if t is not None] + [h, w] + ([b] if b is not None else []):
+            t.record_stream(side)
     gw = gwb[:, :D] if need_w else None
     gb = gwb[:, h_cols] if need_b else None
     loss = loss_rows.sum(dtype=acc_t) / n_valid
