@@ -15,11 +15,14 @@
 //
 // Dense groups=1 uses gather-GEMM-scatter over tiles of MB = 4 active sites: for each kernel offset the
 // tile's input rows are gathered by pointer (a shared zero row stands in for halos/inactive inputs, and an
-// offset whose 4 rows are all missing is skipped) and multiplied with a packed weight slab
-// W[k][kdim][npad] (npad = out channels padded to 2 SIMD vectors) in a 4 x 2-vector register block.
-// dx reuses the same kernel on the transposed map (rows of g, weights packed [k][Cout][Cin_pad]).
-// dW is an outer-product reduction over active sites; each (k, 4 input channels) slab of dW belongs to one
-// thread (static schedule, identical over site chunks), so it is deterministic and needs no atomics.
+// offset whose 4 rows are all missing is skipped) and multiplied with a packed weight slab in a 4 x 2-vector
+// register block; the weights are stored strip-major, [npad / S][K][kdim][S] (S = 2 SIMD vectors, npad = out
+// channels padded to S), so each strip's K * kdim * S values stream contiguously (no npad-strided reads).
+// Cost per output strip: 2 * MB * S * (taps used) * kdim FLOPs per tile, one weight line per 8 FMAs.
+// dx reuses the same kernel on the transposed map (rows of g, weights packed [Cin_pad / S][k][Cout][S]).
+// dW is a GEMM of g's rows with the im2col rows of the active sites, written in torch's [Cout][Cin*K]
+// layout (no memset, no repacking); each block of 4 output channels belongs to one thread (static schedule,
+// identical over site chunks), so it is deterministic and needs no atomics (see dense_wgrad).
 //
 // Few input channels (the RGB stem): each site's whole K x Cin patch is gathered into one row and a single
 // GEMM of depth K*Cin runs instead of K tiny ones. Depthwise, stride 1: runs of 4 consecutive active sites of
@@ -155,16 +158,17 @@ SC_INLINE void gemm_chunk_body(const T* const* rows, const uint8_t* kuse, int nt
 }
 
 // dst[i, :] += sum_p xrows[p][i] * grows[p][:]  for i < cnt (<= 4); dst rows have stride npad >= cout.
+// init: start from zero instead of dst (the first chunk of sites: no memset of dst needed).
 template <typename T>
 SC_INLINE void wgrad_slab_body(const T* const* xrows, const T* const* grows, int64_t np, int64_t cnt, int64_t cout,
-                               int64_t npad, T* dst) {
+                               int64_t npad, T* dst, bool init) {
   using V = typename Simd<T>::v;
   constexpr int L = Simd<T>::L;
   for (int64_t n0 = 0; n0 < cout; n0 += 2 * L) {
     V acc[4][2];
     for (int i = 0; i < 4; ++i) {
-      acc[i][0] = i < cnt ? vload<V>(dst + i * npad + n0) : V{};
-      acc[i][1] = i < cnt ? vload<V>(dst + i * npad + n0 + L) : V{};
+      acc[i][0] = i < cnt && !init ? vload<V>(dst + i * npad + n0) : V{};
+      acc[i][1] = i < cnt && !init ? vload<V>(dst + i * npad + n0 + L) : V{};
     }
     V a00 = acc[0][0], a01 = acc[0][1], a10 = acc[1][0], a11 = acc[1][1];
     V a20 = acc[2][0], a21 = acc[2][1], a30 = acc[3][0], a31 = acc[3][1];
@@ -377,7 +381,7 @@ template <typename T>
 struct Workers {
   void (*gemm_chunk)(const T* const*, const uint8_t*, int, int64_t, int64_t, const T*, int64_t, const T*, T* const*,
                      int64_t);
-  void (*wgrad_slab)(const T* const*, const T* const*, int64_t, int64_t, int64_t, int64_t, T*);
+  void (*wgrad_slab)(const T* const*, const T* const*, int64_t, int64_t, int64_t, int64_t, T*, bool);
   void (*dw_rows)(const T* const*, T* const*, int64_t, int64_t, const T*, const T*, int64_t);
   void (*dw_wgrad)(const T* const*, const T* const*, int64_t, int64_t, int64_t, T*, T*);
   void (*rows_sum)(const T* const*, int64_t, int64_t, T*);
@@ -393,8 +397,8 @@ struct Workers {
   }                                                                                                            \
   template <typename T>                                                                                        \
   ATTR void wgrad_slab(const T* const* xr, const T* const* gr, int64_t np, int64_t cnt, int64_t cout,          \
-                       int64_t npad, T* dst) {                                                                 \
-    wgrad_slab_body<T>(xr, gr, np, cnt, cout, npad, dst);                                                      \
+                       int64_t npad, T* dst, bool init) {                                                      \
+    wgrad_slab_body<T>(xr, gr, np, cnt, cout, npad, dst, init);                                                \
   }                                                                                                            \
   template <typename T>                                                                                        \
   ATTR void dw_rows(const T* const* nbr, T* const* outs, int64_t count, int64_t K, const T* wd, const T* bias,  \
@@ -577,44 +581,64 @@ void dense_gather_gemm(const T* src, const uint8_t* ain, const uint8_t* aout, co
   }
 }
 
-// dw[k][ci][co] (row stride npad) = sum over active o: x[p(o,k), ci] * g[o, co]; dbias[co] = sum_o g[o, co].
+// dW in torch's layout, dw[co][j] (row stride jpad >= J = Cin * K, j = ci * K + k), as a GEMM over active
+// output sites o: dw[co][j] = sum_o g[o, co] * P[o, j] with P[o, ci*K + k] = x[p(o,k), ci] (0 for a missing
+// input), o's im2col row; for 1x1 kernels P[o] is x's row p(o, 0) itself (no copy). Sites are taken in
+// chunks of cs (the chunk's P, cs x J, stays in L2); per chunk, tasks are blocks of 4 output channels
+// (4 x 2-vector register block, sites innermost), the first chunk writing (no memset, no repacking after).
+// A block of dw belongs to one thread for the whole call (static schedule, same trip count per chunk), so
+// the result is deterministic and needs no atomics. dbias[co] = sum_o g[o, co].
+// Cost: 2 n J Cout FLOPs (n active output sites); reads P once per 4-channel block from L2 and g once;
+// writes dw once per chunk (Cout x J x ceil(n / cs)), plus building P (n x J) for K > 1.
 template <typename T>
 void dense_wgrad(const T* x, const T* gr, const uint8_t* ain, const uint8_t* aout, T* dw, T* dbias, const Geom& g,
-                 int64_t npad, int nthreads) {
+                 int64_t jpad, int nthreads) {
   const Workers<T> wk = pick_workers<T>();
-  const int64_t K = g.K();
-  std::memset(dw, 0, static_cast<size_t>(K * g.Cin * npad) * sizeof(T));
+  const int64_t K = g.K(), Cin = g.Cin, Cout = g.Cout, J = K * Cin;
   const std::vector<int64_t> sites = active_sites(aout, g.B * g.Ho * g.Wo);
   const int64_t n = static_cast<int64_t>(sites.size());
-  const int64_t nb = (g.Cin + 3) / 4;
-  const int64_t tasks = K * nb;
-  const int64_t chunks = (n + CS - 1) / CS;
+  const int64_t cs = std::max<int64_t>(16, std::min<int64_t>(256, (int64_t(1) << 16) / jpad));
+  const int64_t chunks = (n + cs - 1) / cs;
+  const int64_t nblk = (Cout + 3) / 4;
+  const std::vector<T> zeros(static_cast<size_t>(Cin), T(0));
+  const bool direct = K == 1;
+  std::vector<T> patch(direct ? 0 : static_cast<size_t>(cs * jpad));
+  std::vector<const T*> prow(static_cast<size_t>(cs)), grow(static_cast<size_t>(cs));
+  if (n == 0) {
+    for (int64_t co = 0; co < Cout; ++co) std::fill(dw + co * jpad, dw + (co + 1) * jpad, T(0));
+  }
 #pragma omp parallel num_threads(nthreads)
   {
-    std::vector<const T*> xr(static_cast<size_t>(CS)), xbase(static_cast<size_t>(CS)), grs(static_cast<size_t>(CS));
+    std::vector<int64_t> nb(static_cast<size_t>(K));
+    std::vector<const T*> gs(static_cast<size_t>(cs));
     for (int64_t ch = 0; ch < chunks; ++ch) {
-      const int64_t s0 = ch * CS, s1 = std::min(n, s0 + CS);
-      int64_t built_k = -1, np = 0;
-      // static schedule with an unchanged trip count: every (k, ci-block) slab stays on one thread.
-#pragma omp for schedule(static) nowait
-      for (int64_t task = 0; task < tasks; ++task) {
-        const int64_t k = task / nb, cb = task % nb;
-        const int64_t c0 = cb * 4, cnt = std::min<int64_t>(4, g.Cin - c0);
-        if (k != built_k) {  // a thread's tasks are contiguous: one (site, neighbour) list per k and chunk
-          const int64_t kh = k / g.KW, kw = k % g.KW;
-          np = 0;
-          for (int64_t j = s0; j < s1; ++j) {
-            const int64_t p = input_of(g, ain, sites[j], kh, kw);
-            if (p < 0) continue;
-            xbase[np] = x + p * g.Cin;
-            grs[np] = gr + sites[j] * g.Cout;
-            ++np;
-          }
-          built_k = k;
+      const int64_t s0 = ch * cs, cnt = std::min(cs, n - s0);
+#pragma omp for schedule(static)
+      for (int64_t j = 0; j < cnt; ++j) {
+        const int64_t o = sites[s0 + j];
+        grow[j] = gr + o * Cout;
+        if (direct) {
+          const int64_t p = input_of(g, ain, o, 0, 0);
+          prow[j] = p >= 0 ? x + p * Cin : zeros.data();
+          continue;
         }
-        for (int64_t j = 0; j < np; ++j) xr[j] = xbase[j] + c0;
-        if (np) wk.wgrad_slab(xr.data(), grs.data(), np, cnt, g.Cout, npad, dw + (k * g.Cin + c0) * npad);
+        T* pr = patch.data() + j * jpad;
+        prow[j] = pr;
+        neighbours(g, ain, o, false, nb.data());
+        for (int64_t k = 0; k < K; ++k) {
+          const T* r = nb[k] >= 0 ? x + nb[k] * Cin : zeros.data();
+          for (int64_t ci = 0; ci < Cin; ++ci) pr[ci * K + k] = r[ci];
+        }
+        std::fill(pr + J, pr + jpad, T(0));
       }
+      // (implicit barrier: the chunk's rows are built before any block reads them)
+#pragma omp for schedule(static)
+      for (int64_t bi = 0; bi < nblk; ++bi) {
+        const int64_t c0 = bi * 4, nc = std::min<int64_t>(4, Cout - c0);
+        for (int64_t j = 0; j < cnt; ++j) gs[j] = grow[j] + c0;
+        wk.wgrad_slab(gs.data(), prow.data(), cnt, nc, J, jpad, dw + c0 * jpad, ch == 0);
+      }
+      // (implicit barrier: every block is done before the next chunk overwrites the rows)
     }
   }
   if (dbias) {
@@ -942,12 +966,13 @@ void register_sparse_conv(py::module_& m) {
       [](uintptr_t x, uintptr_t g_out, uintptr_t ain, uintptr_t aout, uintptr_t dw, uintptr_t dbias,
          const std::vector<int64_t>& geom, bool depthwise, int64_t npad, bool is_double, int nthreads) {
         const Geom g = make_geom(geom);
-        check_npad(g, depthwise, npad, g.Cout, is_double);
+        check_npad(g, depthwise, npad, g.Cin * g.K(), is_double);
         py::gil_scoped_release release;
         if (is_double)
           backward_weight_t<double>(x, g_out, ain, aout, dw, dbias, g, depthwise, npad, nthreads);
         else
           backward_weight_t<float>(x, g_out, ain, aout, dw, dbias, g, depthwise, npad, nthreads);
       },
-      "dW packed [KH*KW, Cin, npad] (groups=1) or [KH*KW, C] (depthwise) and dbias [Cout] (0 = skip).");
+      "dW [Cout, npad] (groups=1: row co = torch's dW[co] flattened over (ci, kh, kw), npad >= Cin*KH*KW) or "
+      "[KH*KW, C] (depthwise), and dbias [Cout] (0 = skip).");
 }

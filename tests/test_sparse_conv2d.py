@@ -106,6 +106,16 @@ def test_native_float32(C, Cout, groups, k, stride):
 
 @needs_native
 @pytest.mark.native
+@pytest.mark.parametrize("C,Cout,k,stride", [(72, 21, 3, 1), (1030, 9, 1, 1), (130, 6, 3, 2)])
+def test_native_weight_grad_over_many_site_chunks(C, Cout, k, stride):
+    """dW accumulates over several chunks of sites (long im2col rows give short chunks); odd channel counts
+    leave padded rows and a tail block of output channels."""
+    x, active, w, b = _inputs(2, C, Cout, 17, 19, k, 1, 0.6, torch.float64, noncontig=True)
+    _check_against_reference(x, active, w, b, stride, k // 2, 1, torch.float64, "native")
+
+
+@needs_native
+@pytest.mark.native
 def test_native_dilation_padding_and_explicit_active_out():
     x, active, w, b = _inputs(2, 5, 9, 12, 10, 3, 1, 0.5, torch.float64)
     a_out = torch.rand(2, 12, 10) < 0.7
@@ -139,7 +149,7 @@ def test_native_launchers_write_every_element(depthwise):
     ref = sparse_conv2d_reference(xr, active, a_out, wr, br, 2, 1, 1, C if depthwise else 1)
     rx, rw, rb = torch.autograd.grad(ref, (xr, wr, br), g.permute(0, 3, 1, 2))
     assert_close(dx.permute(0, 3, 1, 2), rx, name="dx")
-    shape = (9, Cout) if depthwise else (9, C, native.padded(Cout, torch.float64))
+    shape = (9, Cout) if depthwise else (Cout, native.padded(9 * C, torch.float64))
     dw_buf, db_buf = (
         poison(torch.empty(shape, dtype=torch.float64)),
         poison(torch.empty(Cout, dtype=torch.float64)),

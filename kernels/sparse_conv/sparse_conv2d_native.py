@@ -57,12 +57,6 @@ def pack_input_grad_weight(weight, depthwise):
     return _pack(weight, (KH * KW, Cout, npad), npad, 1, Cout, cin_g, KH * KW), npad
 
 
-def unpack_weight_grad(packed, Cout, KH, KW):
-    """``[K, Cin, npad] -> [Cout, Cin, KH, KW]``."""
-    K, Cin, npad = packed.shape
-    return _pack(packed, (Cout, Cin, KH, KW), npad, 2, Cout, Cin, K)
-
-
 def _out(out, name, shape, like):
     if out is None:
         return _buffers.empty(shape, like.dtype, like.device)
@@ -114,14 +108,18 @@ def backward_input(g_nhwc, active_in, active_out, weight, stride, padding, dilat
 
 def backward_weight(x_nhwc, g_nhwc, active_in, active_out, weight_shape, stride, padding, dilation, depthwise,
                     need_bias=True, out=None, out_bias=None):
-    """``(dweight [Cout, Cin/groups, KH, KW], dbias [Cout] or None)`` summed over active output sites."""
+    """``(dweight [Cout, Cin/groups, KH, KW], dbias [Cout] or None)`` summed over active output sites.
+
+    groups=1: the kernel writes torch's layout directly, rows ``[Cout, npad]`` (``npad`` = ``Cin * KH * KW``
+    padded to the packing step; a view when no padding is needed), as a GEMM of the gradient rows with the
+    im2col rows of the active output sites (see ``csrc/sparse_conv.cpp``, ``dense_wgrad``)."""
     B, H, W, Cin = x_nhwc.shape
     _, Ho, Wo, Cout = g_nhwc.shape
     _, _, KH, KW = weight_shape
     x_nhwc, g_nhwc = x_nhwc.contiguous(), g_nhwc.contiguous()
     K = KH * KW
-    npad = Cout if depthwise else padded(Cout, x_nhwc.dtype)
-    out = _out(out, "dweight", (K, Cout) if depthwise else (K, Cin, npad), x_nhwc)
+    npad = Cout if depthwise else padded(Cin * K, x_nhwc.dtype)  # groups=1: rows of torch's layout, padded
+    out = _out(out, "dweight", (K, Cout) if depthwise else (Cout, npad), x_nhwc)
     if need_bias:
         out_bias = _out(out_bias, "dbias", (Cout,), x_nhwc)
     ain, aout = as_u8(active_in), as_u8(active_out)
@@ -133,4 +131,5 @@ def backward_weight(x_nhwc, g_nhwc, active_in, active_out, weight_shape, stride,
     db = out_bias if need_bias else None
     if depthwise:
         return out.t().reshape(Cout, 1, KH, KW).contiguous(), db
-    return unpack_weight_grad(out, Cout, KH, KW), db
+    dw = out if npad == Cin * K else out[:, : Cin * K].contiguous()
+    return dw.view(Cout, Cin, KH, KW), db
