@@ -24,8 +24,10 @@ Compiled (and on meta tensors) with ``mask`` but no ``num_masked``, every row is
 ``ignore_index`` as target: the same loss, accuracy and gradients without a data-dependent shape, at the cost
 of the GEMMs over all N rows (pass ``num_masked`` when every sample masks the same count).
 
-Peak extra memory: one chunk of logits (default ~2^25 elements = 64 MiB in bf16), grad_h [M, D] and an fp32
-grad_weight [V, D]; the eager reference holds [M, V] logits in the compute dtype plus fp32 copies.
+Peak extra memory: two chunk buffers of logits (the chunk loop is double-buffered: chunk i+1's first GEMM runs,
+on CUDA on a side stream, while chunk i's softmax does; default 2 x 2^24 elements = 64 MiB in bf16 on CUDA,
+2 x 2^25 elsewhere), grad_h [M, D] and an fp32 grad_weight [V, D]; the eager reference holds [M, V] logits in
+the compute dtype plus fp32 copies.
 
 Backends: ``triton`` (CUDA tensors; CPU under ``TRITON_INTERPRET=1`` when forced) and ``reference``
 (``kernels/masked/reference.py``, pure PyTorch, whose backward is autograd's).

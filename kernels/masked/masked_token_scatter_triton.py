@@ -15,6 +15,16 @@ grad_mask_token = tokpart.sum((0, 1)). The per-split batch count is a constexpr 
 batch size; also keeps the loop runnable under the interpreter, whose runtime scalars are 1-element arrays).
 No atomics, so the result is deterministic; the batch is split only so that enough programs are in flight
 on a GPU (the partial buffers are O(SPLIT * N_out * D) fp32, ~3% of the gradient traffic at BEiT shapes).
+Each backward iteration loads ``BWD_ROWS = 4`` batch rows of a (8 x 128) tile as one [4, 8, 128] block: four
+independent 16-byte loads per thread in flight (a one-row loop had one), with the batch sum reduced in
+registers; 8-row tiles double the tile count, so ~4.5 programs per SM at 4 x SMs.
+
+Cost model (BEiT: B 256, N 196, C 1, D 768, 75 masked per row, bf16 e = 2; H100 ~3.35 TB/s):
+* forward: bytes ``(B (N - k) + B (N + C)) D e + P D e`` = 125 MB (masked rows of x are never read) -> 37 us;
+  ~1 FLOP per element; one launch.
+* backward: bytes ``B (N + C) D e`` (g) + ``B N D e`` (grad_x) + ``2 SPLIT (N + C + tiles_n) D 4`` (partials
+  written, then reduced) = 157 MB -> 47 us; ~3 FLOPs per element; one launch + 2 small torch reductions
+  (colsum over SPLIT, tokpart over (SPLIT, tiles)).
 """
 
 from __future__ import annotations
