@@ -15,9 +15,10 @@ grad_mask_token = tokpart.sum((0, 1)). The per-split batch count is a constexpr 
 batch size; also keeps the loop runnable under the interpreter, whose runtime scalars are 1-element arrays).
 No atomics, so the result is deterministic; the batch is split only so that enough programs are in flight
 on a GPU (the partial buffers are O(SPLIT * N_out * D) fp32, ~3% of the gradient traffic at BEiT shapes).
-Each backward iteration loads ``BWD_ROWS = 4`` batch rows of a (8 x 128) tile as one [4, 8, 128] block: four
-independent 16-byte loads per thread in flight (a one-row loop had one), with the batch sum reduced in
-registers; 8-row tiles double the tile count, so ~4.5 programs per SM at 4 x SMs.
+Each backward iteration loads ``BWD_ROWS = 4`` batch rows of an (8 x 128) tile before it stores any: four
+independent 16-byte loads per thread in flight (a one-row loop had one; 72 registers, sm_90); 8-row tiles
+double the tile count, so ~4.5 programs per SM at 4 x SMs, ~37 KB in flight per SM (one-row loop: ~16 KB;
+Little's law at 3.35 TB/s and ~0.7 us latency wants ~18 KB).
 
 Cost model (BEiT: B 256, N 196, C 1, D 768, 75 masked per row, bf16 e = 2; H100 ~3.35 TB/s):
 * forward: bytes ``(B (N - k) + B (N + C)) D e + P D e`` = 125 MB (masked rows of x are never read) -> 37 us;
@@ -106,6 +107,31 @@ def _masked_token_scatter_fwd_kernel(
 
 
 @triton.jit
+def _bwd_load_row(g_ptr, mask_ptr, b, ok, r, n, cols, tile_mask, is_patch, sgb, sgn, sgd, smb, smn):
+    """Batch row ``b``'s (BLOCK_N, BLOCK_D) tile of g and its mask bits (nothing loaded where ``ok`` is False)."""
+    b64 = b.to(tl.int64)
+    g = tl.load(g_ptr + b64 * sgb + r[:, None] * sgn + cols[None, :] * sgd, mask=tile_mask & ok, other=0.0)
+    m = tl.load(mask_ptr + b64 * smb + n * smn, mask=is_patch & ok, other=0) != 0
+    return g, m
+
+
+@triton.jit
+def _bwd_use_row(g, m, b, ok, acc_col, acc_tok, gx_ptr, n, cols, is_patch, cmask, N, D,
+                 NEED_X: tl.constexpr, NEED_TOK: tl.constexpr, NEED_COLSUM: tl.constexpr, ACC: tl.constexpr):
+    """Accumulate one loaded row into the fp32 sums and store its grad_x (g as loaded, 0 at masked rows)."""
+    gf = g.to(ACC)
+    if NEED_COLSUM:
+        acc_col += gf
+    if NEED_TOK:
+        acc_tok += tl.where(m[:, None], gf, 0.0)
+    if NEED_X:
+        gx = tl.where(m[:, None], tl.zeros_like(g), g)
+        tl.store(gx_ptr + (b.to(tl.int64) * N + n[:, None]) * D + cols[None, :], gx.to(gx_ptr.dtype.element_ty),
+                 mask=(is_patch & ok)[:, None] & cmask[None, :])
+    return acc_col, acc_tok
+
+
+@triton.jit
 def _masked_token_scatter_bwd_kernel(
     g_ptr,
     mask_ptr,
@@ -133,10 +159,13 @@ def _masked_token_scatter_bwd_kernel(
 ):
     """grad_x = g*~mask; per-split fp32 partials of sum_b g (colsum) and of sum over masked rows (tokpart).
 
-    Each iteration loads ``ROWS`` batch rows of the (BLOCK_N, BLOCK_D) tile as one [ROWS, BLOCK_N, BLOCK_D]
-    block (ROWS independent loads in flight per thread, then one reduction over the batch axis), so a program
-    keeps ROWS times the bytes in flight of a one-row loop; rows past this split's slice or past B are masked.
+    Each iteration handles ``ROWS = 4`` batch rows: the four rows' tiles are loaded first (four independent
+    loads per thread in flight; in program order before any store, so the compiler need not prove that grad_x
+    does not alias g), then summed and stored one by one. Written out as four 2-D tiles rather than one
+    [4, BLOCK_N, BLOCK_D] block: the 3-D block took 213 registers on sm_90 (2 programs per SM), this 72.
+    Rows past this split's slice or past B are masked.
     """
+    tl.static_assert(ROWS == 4, "the batch loop is unrolled by hand for 4 rows")
     pid_n = tl.program_id(0)
     pid_d = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -153,31 +182,27 @@ def _masked_token_scatter_bwd_kernel(
     acc_col = tl.zeros((BLOCK_N, BLOCK_D), dtype=ACC)
     acc_tok = tl.zeros((BLOCK_N, BLOCK_D), dtype=ACC)
     b_start = pid_s * B_PER_SPLIT
-    jr = tl.arange(0, ROWS)
     for i in range(0, B_PER_SPLIT, ROWS):
-        b64 = (b_start + i + jr).to(tl.int64)  # [ROWS]
-        in_b = (b64 < B) & (i + jr < B_PER_SPLIT)
-        b3 = b64[:, None, None]
-        in3 = in_b[:, None, None]
-        g = tl.load(
-            g_ptr + b3 * sgb + r[None, :, None] * sgn + cols[None, None, :] * sgd,
-            mask=tile_mask[None, :, :] & in3,
-            other=0.0,
-        ).to(ACC)
-        m = tl.load(mask_ptr + b64[:, None] * smb + n[None, :] * smn, mask=is_patch[None, :] & in_b[:, None],
-                    other=0) != 0
-        m3 = m[:, :, None]
-        if NEED_COLSUM:
-            acc_col += tl.sum(g, axis=0)
-        if NEED_TOK:
-            acc_tok += tl.sum(tl.where(m3, g, 0.0), axis=0)
-        if NEED_X:
-            gx = tl.where(m3, 0.0, g)
-            tl.store(
-                gx_ptr + (b3 * N + n[None, :, None]) * D + cols[None, None, :],
-                gx.to(gx_ptr.dtype.element_ty),
-                mask=(is_patch[None, :, None] & in3) & cmask[None, None, :],
-            )
+        b0 = b_start + i
+        ok0 = (b0 < B) & (i < B_PER_SPLIT)
+        ok1 = (b0 + 1 < B) & (i + 1 < B_PER_SPLIT)
+        ok2 = (b0 + 2 < B) & (i + 2 < B_PER_SPLIT)
+        ok3 = (b0 + 3 < B) & (i + 3 < B_PER_SPLIT)
+        g0, m0 = _bwd_load_row(g_ptr, mask_ptr, b0, ok0, r, n, cols, tile_mask, is_patch, sgb, sgn, sgd, smb, smn)
+        g1, m1 = _bwd_load_row(g_ptr, mask_ptr, b0 + 1, ok1, r, n, cols, tile_mask, is_patch, sgb, sgn, sgd, smb,
+                               smn)
+        g2, m2 = _bwd_load_row(g_ptr, mask_ptr, b0 + 2, ok2, r, n, cols, tile_mask, is_patch, sgb, sgn, sgd, smb,
+                               smn)
+        g3, m3 = _bwd_load_row(g_ptr, mask_ptr, b0 + 3, ok3, r, n, cols, tile_mask, is_patch, sgb, sgn, sgd, smb,
+                               smn)
+        acc_col, acc_tok = _bwd_use_row(g0, m0, b0, ok0, acc_col, acc_tok, gx_ptr, n, cols, is_patch, cmask, N, D,
+                                        NEED_X, NEED_TOK, NEED_COLSUM, ACC)
+        acc_col, acc_tok = _bwd_use_row(g1, m1, b0 + 1, ok1, acc_col, acc_tok, gx_ptr, n, cols, is_patch, cmask, N,
+                                        D, NEED_X, NEED_TOK, NEED_COLSUM, ACC)
+        acc_col, acc_tok = _bwd_use_row(g2, m2, b0 + 2, ok2, acc_col, acc_tok, gx_ptr, n, cols, is_patch, cmask, N,
+                                        D, NEED_X, NEED_TOK, NEED_COLSUM, ACC)
+        acc_col, acc_tok = _bwd_use_row(g3, m3, b0 + 3, ok3, acc_col, acc_tok, gx_ptr, n, cols, is_patch, cmask, N,
+                                        D, NEED_X, NEED_TOK, NEED_COLSUM, ACC)
     if NEED_COLSUM:
         tl.store(colsum_ptr + (pid_s * N_out + r[:, None]) * D + cols[None, :], acc_col, mask=tile_mask)
     if NEED_TOK:
@@ -189,7 +214,7 @@ def _fwd_blocks(D):
     return 16, min(triton.next_power_of_2(D), 256)
 
 
-BWD_ROWS = 4  # batch rows per iteration of the backward (a [4, 8, 128] block: 4 KiB of bf16 per load)
+BWD_ROWS = 4  # batch rows per iteration of the backward (four (8, 128) tiles: 8 KiB of bf16 in flight)
 
 
 def _bwd_blocks(D):
