@@ -523,9 +523,19 @@ void dense_gather_gemm(const T* src, const uint8_t* ain, const uint8_t* aout, co
   const int64_t ndim = transposed ? g.Cin : g.Cout;   // length of a written row
   const uint8_t* adst = transposed ? ain : aout;
   zero_inactive_rows(dst, adst, n_dst, ndim, nthreads);
-  const std::vector<int64_t> sites = active_sites(adst, n_dst);
+  std::vector<int64_t> sites = active_sites(adst, n_dst);
   const int64_t n = static_cast<int64_t>(sites.size());
   if (n == 0) return;
+  if (transposed && (g.sh > 1 || g.sw > 1)) {
+    // strided dx: input sites of one parity class (ih mod sh, iw mod sw) are hit by the same taps, so tiles
+    // of one class skip the others' taps (mixed tiles would run every tap on mostly-zero rows, ~sh*sw x work)
+    std::stable_sort(sites.begin(), sites.end(), [&](int64_t a, int64_t b) {
+      const int64_t ra = a % (g.H * g.W), rb = b % (g.H * g.W);
+      const int64_t ka = ((ra / g.W) % g.sh) * g.sw + (ra % g.W) % g.sw;
+      const int64_t kb = ((rb / g.W) % g.sh) * g.sw + (rb % g.W) % g.sw;
+      return ka < kb;
+    });
+  }
   const std::vector<T> zeros(static_cast<size_t>(kdim), T(0));
   const int64_t tiles = (n + MB - 1) / MB;
   const int64_t chunks = (tiles + CT - 1) / CT;
@@ -832,22 +842,35 @@ void pack_t(const T* src, T* dst, int64_t Cout, int64_t Cin, int64_t K, int64_t 
   const int64_t R = mode == 1 ? Cout : Cin;  // destination rows: ci (mode 0) or co (mode 1)
   const int64_t C = mode == 1 ? Cin : Cout;  // destination columns (padded to npad)
   // strip-major: column c of row (k, r) lives at dst[((c / S) * K + k) * R * S + r * S + c % S], so the GEMM
-  // reads each strip's weights [K][R][S] contiguously (sequential streaming, no 4*npad-byte stride)
+  // reads each strip's weights [K][R][S] contiguously (sequential streaming, no 4*npad-byte stride).
+  // Blocked per (strip, 16 rows): the source is read along its contiguous (ci, k) runs and the K x 16 x S
+  // destination block stays in L1 (a column walk of torch's layout would stride Cin*K*4 bytes per element,
+  // 4 KiB-aliasing the L1 sets).
   constexpr int64_t S = 2 * Simd<T>::L;
+  const int64_t strips = npad / S;
 #pragma omp parallel for schedule(static) num_threads(nthreads)
-  for (int64_t rb = 0; rb < R; rb += TB) {
-    const int64_t re = std::min(R, rb + TB);
-    for (int64_t cb = 0; cb < npad; cb += TB) {
-      const int64_t ce = std::min(npad, cb + TB);
-      for (int64_t k = 0; k < K; ++k)
-        for (int64_t r = rb; r < re; ++r)
-          for (int64_t c = cb; c < ce; ++c) {
-            T* d = dst + ((c / S) * K + k) * R * S + r * S + c % S;
-            if (c >= C)
-              *d = T(0);
-            else
-              *d = mode == 1 ? src[(r * Cin + c) * K + k] : src[(c * Cin + r) * K + k];
-          }
+  for (int64_t sb = 0; sb < strips; ++sb) {
+    T* ds = dst + sb * K * R * S;
+    const int64_t c0 = sb * S, c1 = std::min(C, c0 + S);
+    for (int64_t rb = 0; rb < R; rb += TB) {
+      const int64_t re = std::min(R, rb + TB);
+      if (c1 - c0 < S)  // padding columns of the last strip
+        for (int64_t k = 0; k < K; ++k)
+          for (int64_t r = rb; r < re; ++r)
+            for (int64_t c = std::max(c0, c1); c < c0 + S; ++c) ds[(k * R + r) * S + c - c0] = T(0);
+      if (mode == 0) {  // c = co, r = ci: source row co holds (ci, k) contiguously
+        for (int64_t c = c0; c < c1; ++c) {
+          const T* sr = src + (c * Cin + rb) * K;
+          for (int64_t r = rb; r < re; ++r)
+            for (int64_t k = 0; k < K; ++k) ds[(k * R + r) * S + c - c0] = sr[(r - rb) * K + k];
+        }
+      } else {  // c = ci, r = co: source row co holds this strip's (ci, k) contiguously
+        for (int64_t r = rb; r < re; ++r) {
+          const T* sr = src + (r * Cin + c0) * K;
+          for (int64_t c = c0; c < c1; ++c)
+            for (int64_t k = 0; k < K; ++k) ds[(k * R + r) * S + c - c0] = sr[(c - c0) * K + k];
+        }
+      }
     }
   }
 }
