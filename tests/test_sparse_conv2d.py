@@ -116,7 +116,34 @@ def test_native_weight_grad_over_many_site_chunks(C, Cout, k, stride):
 
 @needs_native
 @pytest.mark.native
-def test_native_dilation_padding_and_explicit_active_out():
+@pytest.mark.parametrize("route", ["cpp", "gemm"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize(
+    "C,Cout,k,stride,density", [(7, 19, 1, 1, 0.4), (9, 5, 1, 2, 0.5), (6, 11, 3, 1, 0.4), (5, 9, 3, 2, 1.0),
+                                (4, 6, 5, 2, 0.0), (3, 8, 7, 2, 0.6)]
+)
+def test_native_routes_match_reference(monkeypatch, route, dtype, C, Cout, k, stride, density):
+    """Both native routes: the C++ kernels, and torch GEMMs on gathered rows / im2col rows (1x1 and wide
+    kernels); odd sizes, non-contiguous inputs, empty and full maps."""
+    from kernels.sparse_conv import sparse_conv2d_native as native
+
+    monkeypatch.setattr(native, "POINTWISE_GEMM", route == "gemm")
+    monkeypatch.setattr(native, "IM2COL_MIN_ROW", 0 if route == "gemm" else 10**9)
+    x, active, w, b = _inputs(2, C, Cout, 13, 10, k, 1, density, dtype, noncontig=stride == 2)
+    tol = {} if dtype == torch.float64 else {"atol": 2e-6 * k * k * C, "rtol": 1e-4}
+    _check_against_reference(x, active, w, b, stride, k // 2, 1, dtype, "native", **tol)
+    if k == 1:  # a 1x1 kernel with padding is not a row GEMM: the C++ kernels take it
+        _check_against_reference(x, active, w, b, stride, 1, 1, dtype, "native", **tol)
+
+
+@needs_native
+@pytest.mark.native
+@pytest.mark.parametrize("route", ["cpp", "gemm"])
+def test_native_dilation_padding_and_explicit_active_out(monkeypatch, route):
+    from kernels.sparse_conv import sparse_conv2d_native as native
+
+    monkeypatch.setattr(native, "POINTWISE_GEMM", route == "gemm")
+    monkeypatch.setattr(native, "IM2COL_MIN_ROW", 0 if route == "gemm" else 10**9)
     x, active, w, b = _inputs(2, 5, 9, 12, 10, 3, 1, 0.5, torch.float64)
     a_out = torch.rand(2, 12, 10) < 0.7
     out, got = sparse_conv2d(x, active, w, b, stride=1, padding=2, dilation=2, active_out=a_out)

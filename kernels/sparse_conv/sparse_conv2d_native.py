@@ -1,10 +1,18 @@
-"""Launchers of the C++ (OpenMP) sparse convolution in ``kernels._C`` (CPU, float32/float64).
+"""Launchers of the native (CPU, float32/float64) sparse convolution: ``kernels._C`` C++/OpenMP kernels and
+torch GEMMs on gathered rows.
 
 Tensors cross the boundary as NHWC (channels-last) buffers; weights are repacked here:
 ``groups=1``: forward ``W[k, ci, co]`` and input-gradient ``W[k, co, ci]``, the last dim zero-padded to
 ``npad``, a multiple of ``S`` = two SIMD vectors (16 floats / 8 doubles), and stored strip-major
 (``[npad / S, K, rows, S]``: the GEMM streams each S-wide strip contiguously); depthwise: ``Wd[k, c]``.
 ``k = kh * KW + kw``.
+Routes (chosen per layer shape; the maths is the same): 1x1 kernels without padding are plain GEMMs on the
+gathered active rows (``torch.mm``/``addmm``, i.e. MKL/oneDNN sgemm: fwd ``2 n Cin Cout`` FLOPs, reads the n
+gathered rows and the weight once, scatters n output rows into a zeroed buffer; dx the same with the
+transposed weight; dW ``g_rows^T x_rows``); groups=1 kernels with im2col rows of at least
+:data:`IM2COL_MIN_ROW` values run as GEMMs on gathered im2col rows (``n x Cin*K`` built with one
+``index_select``; dx as a GEMM then an ``index_add`` onto the input sites), no weight repacking; the rest
+(the stem, few-channel layers with many sites, depthwise) run in the C++ kernels.
 Every launcher writes its whole output (zeros at inactive sites); ``out=`` buffers are for tests, the others
 come from ``kernels._buffers``. Same signatures as :mod:`kernels.sparse_conv.sparse_conv2d_triton`.
 """
@@ -57,6 +65,80 @@ def pack_input_grad_weight(weight, depthwise):
     return _pack(weight, (KH * KW, Cout, npad), npad, 1, Cout, cin_g, KH * KW), npad
 
 
+def _pointwise(weight_shape, padding, depthwise) -> bool:
+    """1x1 kernels without padding (any stride) run as plain GEMMs on gathered rows (see :func:`_rows`)."""
+    return POINTWISE_GEMM and not depthwise and tuple(weight_shape[2:]) == (1, 1) and tuple(padding) == (0, 0)
+
+
+def _rows(active_in, active_out, stride):
+    """``(o, i, valid)`` for a 1x1 kernel: flat active output sites ``o``, the input site ``i`` each reads
+    (``(b, oh*sh, ow*sw)``) and whether that input is active (None when all are)."""
+    B, H, W = active_in.shape
+    Ho, Wo = active_out.shape[1:]
+    o = active_out.reshape(-1).nonzero().reshape(-1)
+    if tuple(stride) == (1, 1) and (Ho, Wo) == (H, W):
+        i = o
+    else:
+        b, r = o // (Ho * Wo), o % (Ho * Wo)
+        i = (b * H + (r // Wo) * stride[0]) * W + (r % Wo) * stride[1]
+    valid = active_in.reshape(-1)[i]
+    return o, i, (None if bool(valid.all()) else valid)
+
+
+def _im2col_index(active_in, active_out, KH, KW, stride, padding, dilation):
+    """``(o, idx, valid)``: flat active output sites ``o`` [n], the flat input site of each tap ``idx``
+    [n, K] (``k = kh * KW + kw``; 0 where missing) and ``valid`` [n, K] (inside and active)."""
+    B, H, W = active_in.shape
+    Ho, Wo = active_out.shape[1:]
+    o = active_out.reshape(-1).nonzero().reshape(-1)
+    b, r = o // (Ho * Wo), o % (Ho * Wo)
+    dev = o.device
+    kh = torch.arange(KH, device=dev).repeat_interleave(KW)
+    kw = torch.arange(KW, device=dev).repeat(KH)
+    ih = (r // Wo * stride[0] - padding[0]).unsqueeze(1) + kh * dilation[0]
+    iw = (r % Wo * stride[1] - padding[1]).unsqueeze(1) + kw * dilation[1]
+    inside = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    idx = torch.where(inside, (b.unsqueeze(1) * H + ih) * W + iw, torch.zeros((), dtype=o.dtype, device=dev))
+    valid = inside & active_in.reshape(-1)[idx]
+    return o, idx, valid
+
+
+def _patches(x2d, idx, valid):
+    """im2col rows ``[n, Cin * K]`` in torch's weight order ``(ci, k)``; zeros for missing taps."""
+    n, K = idx.shape
+    rows = x2d.index_select(0, idx.reshape(-1)).view(n, K, x2d.shape[1])
+    rows.mul_(valid.unsqueeze(2).to(rows.dtype))
+    return rows.transpose(1, 2).reshape(n, K * x2d.shape[1])
+
+
+IM2COL_MIN_ROW = 2048
+"""groups=1 kernels larger than 1x1 whose im2col row ``Cin * KH * KW`` is at least this long run as torch GEMMs
+(MKL/oneDNN) on gathered im2col rows; shorter ones (many sites, few channels: the gather costs as much as
+the GEMM there) run in the C++ kernels. Measured on the SparK ResNet-50 layers (1 thread): im2col wins from
+256-channel 3x3 layers on (deep stages: few sites, the C++ path repacks big weights every call)."""
+POINTWISE_GEMM = True
+"""1x1 kernels without padding run as torch GEMMs on gathered rows (False: the C++ kernels; for tests)."""
+
+
+def _use_im2col(weight_shape, depthwise) -> bool:
+    Cout, Cin, KH, KW = weight_shape
+    return not depthwise and KH * KW > 1 and Cin * KH * KW >= IM2COL_MIN_ROW
+
+
+def _gather(t2d, idx, valid):
+    rows = t2d.index_select(0, idx)
+    return rows if valid is None else rows * valid.unsqueeze(1).to(rows.dtype)
+
+
+def _scatter(shape, idx, rows, like):
+    """A zero-filled ``shape`` buffer from ``kernels._buffers`` with ``rows`` at the flat sites ``idx``."""
+    out = _buffers.empty(shape, like.dtype, like.device)
+    flat = out.view(-1, shape[-1])
+    flat.zero_()
+    flat.index_copy_(0, idx, rows)
+    return out
+
+
 def _out(out, name, shape, like):
     if out is None:
         return _buffers.empty(shape, like.dtype, like.device)
@@ -70,6 +152,18 @@ def forward(x_nhwc, active_in, active_out, weight, bias, stride, padding, dilati
     Ho, Wo = active_out.shape[1:]
     Cout, _, KH, KW = weight.shape
     x_nhwc = x_nhwc.contiguous()
+    if out is None and _pointwise(weight.shape, padding, depthwise):
+        o, i, valid = _rows(active_in, active_out, stride)
+        rows = _gather(x_nhwc.view(-1, Cin), i, valid)
+        w2 = weight.reshape(Cout, Cin).t()
+        rows = torch.addmm(bias, rows, w2) if bias is not None else rows @ w2
+        return _scatter((B, Ho, Wo, Cout), o, rows, x_nhwc)
+    if out is None and _use_im2col(weight.shape, depthwise):
+        o, idx, valid = _im2col_index(active_in, active_out, KH, KW, stride, padding, dilation)
+        w2 = weight.reshape(Cout, Cin * KH * KW).t()
+        p = _patches(x_nhwc.view(-1, Cin), idx, valid)
+        rows = torch.addmm(bias, p, w2) if bias is not None else p @ w2
+        return _scatter((B, Ho, Wo, Cout), o, rows, x_nhwc)
     wp, npad = pack_forward_weight(weight, depthwise)
     bp = None
     if bias is not None:
@@ -95,6 +189,23 @@ def backward_input(g_nhwc, active_in, active_out, weight, stride, padding, dilat
     _, cin_g, KH, KW = weight.shape
     Cin = Cout if depthwise else cin_g
     g_nhwc = g_nhwc.contiguous()
+    if out is None and _pointwise(weight.shape, padding, depthwise):
+        o, i, valid = _rows(active_in, active_out, stride)
+        rows = g_nhwc.view(-1, Cout).index_select(0, o) @ weight.reshape(Cout, Cin)
+        if valid is not None:  # outputs whose input is inactive send no gradient
+            i, rows = i[valid], rows[valid]
+        return _scatter((B, H, W, Cin), i, rows, g_nhwc)
+    if out is None and _use_im2col(weight.shape, depthwise):
+        o, idx, valid = _im2col_index(active_in, active_out, KH, KW, stride, padding, dilation)
+        n, K = idx.shape
+        cols = g_nhwc.view(-1, Cout).index_select(0, o) @ weight.reshape(Cout, Cin * K)  # [n, (ci, k)]
+        cols = cols.view(n, Cin, K).transpose(1, 2).reshape(n * K, Cin)
+        keep = valid.reshape(-1)
+        dx = _buffers.empty((B, H, W, Cin), g_nhwc.dtype, g_nhwc.device)
+        flat = dx.view(-1, Cin)
+        flat.zero_()
+        flat.index_add_(0, idx.reshape(-1)[keep], cols[keep])
+        return dx
     wp, npad = pack_input_grad_weight(weight, depthwise)
     out = _out(out, "dx", (B, H, W, Cin), g_nhwc)
     ain, aout = as_u8(active_in), as_u8(active_out)
@@ -117,6 +228,26 @@ def backward_weight(x_nhwc, g_nhwc, active_in, active_out, weight_shape, stride,
     _, Ho, Wo, Cout = g_nhwc.shape
     _, _, KH, KW = weight_shape
     x_nhwc, g_nhwc = x_nhwc.contiguous(), g_nhwc.contiguous()
+    if out is None and out_bias is None and _pointwise(weight_shape, padding, depthwise):
+        o, i, valid = _rows(active_in, active_out, stride)
+        g_rows = g_nhwc.view(-1, Cout).index_select(0, o)
+        dw = _buffers.empty((Cout, Cin), x_nhwc.dtype, x_nhwc.device)
+        torch.mm(g_rows.t(), _gather(x_nhwc.view(-1, Cin), i, valid), out=dw)
+        db = None
+        if need_bias:
+            db = _buffers.empty((Cout,), x_nhwc.dtype, x_nhwc.device)
+            torch.sum(g_rows, 0, out=db)
+        return dw.view(Cout, Cin, 1, 1), db
+    if out is None and out_bias is None and _use_im2col(weight_shape, depthwise):
+        o, idx, valid = _im2col_index(active_in, active_out, KH, KW, stride, padding, dilation)
+        g_rows = g_nhwc.view(-1, Cout).index_select(0, o)
+        dw = _buffers.empty((Cout, Cin * KH * KW), x_nhwc.dtype, x_nhwc.device)
+        torch.mm(g_rows.t(), _patches(x_nhwc.view(-1, Cin), idx, valid), out=dw)
+        db = None
+        if need_bias:
+            db = _buffers.empty((Cout,), x_nhwc.dtype, x_nhwc.device)
+            torch.sum(g_rows, 0, out=db)
+        return dw.view(Cout, Cin, KH, KW), db
     K = KH * KW
     npad = Cout if depthwise else padded(Cin * K, x_nhwc.dtype)  # groups=1: rows of torch's layout, padded
     out = _out(out, "dweight", (K, Cout) if depthwise else (Cout, npad), x_nhwc)
