@@ -158,6 +158,7 @@ def attention_cases() -> list[Case]:
                 tag = f"{label} {name} N{N} d{d} bias={kind}"
                 # forward: every autotune candidate (BLOCK_N is shared, so are the peeled tile counts)
                 bn = fcfgs[0]["BLOCK_N"]
+                peel = tk.peel_tiles(dt, fcfgs[0]["BLOCK_D"])  # the launchers' rule (fwd and dQ)
                 for ci_, fcfg in enumerate(fcfgs):
                     opts = {"num_warps": fcfg["num_warps"], "num_stages": fcfg["num_stages"]}
                     blocks = {k: fcfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_D")}
@@ -165,7 +166,8 @@ def attention_cases() -> list[Case]:
                     cases.append(Case(
                         "attention", f"{ATT}:_attention_fwd_kernel", tag + cand,
                         [q, q, q, bias, q, f32, *cs, *cs, *cs, *sbias, *cs, H, N, N, scale * tk.LOG2E],
-                        dict(HAS_BIAS=has_bias, BIAS_LOG2=bias_log2, PRESCALE_Q=dt == FP32, FULL_TILES=N // bn,
+                        dict(HAS_BIAS=has_bias, BIAS_LOG2=bias_log2, PRESCALE_Q=dt == FP32, PEEL=peel,
+                             FULL_TILES=tk.full_tiles(N, bn, peel),
                              HAS_TAIL=N % bn != 0, HEAD_DIM=d, PRECISION=precision, UPCAST=False, **blocks, **opts),
                         _expect(tc, blocks["BLOCK_M"], opts["num_warps"]), sms=(sm,),
                         ci=(sm == 90 and label == "vitb" and dt == BF16 and kind == "shared")
@@ -178,13 +180,15 @@ def attention_cases() -> list[Case]:
                     "attention", f"{ATT}:_attention_bwd_dq_kernel", tag,
                     [q, q, q, bias, q, q, f32, f32, q, *cs, *cs, *cs, *sbias, *cs, *cs, *cs, H, N, N, scale,
                      scale * tk.LOG2E],
-                    dict(HAS_BIAS=has_bias, BIAS_LOG2=bias_log2, FULL_TILES=N // bn, HAS_TAIL=N % bn != 0,
-                         HEAD_DIM=d, PRECISION=precision, UPCAST=False, **bblocks, **bopts),
+                    dict(HAS_BIAS=has_bias, BIAS_LOG2=bias_log2, PEEL=peel, FULL_TILES=tk.full_tiles(N, bn, peel),
+                         HAS_TAIL=N % bn != 0, HEAD_DIM=d, PRECISION=precision, UPCAST=False, **bblocks, **bopts),
                     _expect(tc, bm, bopts["num_warps"]), sms=(sm,),
                     ci=(sm == 90 and label == "vitb" and dt == BF16 and kind == "shared")))
-                k_tiles = math.ceil(N / bn)
                 modes = {"shared": (2, 0), "per-batch": (1,), "none": (0,)}[kind]
                 for mode in modes:
+                    kcfg = tk.dkdv_blocks(bcfg, N, mode == 2, cuda, capability=cap)
+                    kblocks = {k: kcfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_D")}
+                    k_tiles = math.ceil(N / kblocks["BLOCK_N"])
                     per_group, groups = 1, B
                     if mode == 2:
                         groups = tk._batch_groups(k_tiles * H, B, cuda, sms=SMS[sm])
@@ -193,13 +197,15 @@ def attention_cases() -> list[Case]:
                     db_strides = {0: (0, 0, 0, 0), 1: _contig(B, H, N, N), 2: _contig(groups, H, N, N)}[mode]
                     cases.append(Case(
                         "attention", f"{ATT}:_attention_bwd_dkdv_kernel",
-                        f"{tag} dbias_mode={mode}" + (f" group={per_group}" if mode == 2 else ""),
+                        f"{tag} dbias_mode={mode}" + (f" group={per_group}" if mode == 2 else "")
+                        + f" {kblocks['BLOCK_N']}x{kblocks['BLOCK_M']}",
                         [q, q, q, bias, q, f32, f32, q, q, f32, *cs, *cs, *cs, *sbias, *cs, *cs, *cs, *db_strides,
                          B, H, N, N, scale, scale * tk.LOG2E],
                         dict(HAS_BIAS=has_bias, BIAS_LOG2=bias_log2, DBIAS_MODE=mode, GROUP=per_group,
-                             Q_TILES=math.ceil(N / bm), HEAD_DIM=d, PRECISION=precision, UPCAST=False,
-                             **bblocks, **bopts),
-                        _expect(tc, min(bn, bm), bopts["num_warps"]), sms=(sm,),
+                             Q_TILES=math.ceil(N / kblocks["BLOCK_M"]), ONE_Q_TILE=N <= kblocks["BLOCK_M"], HEAD_DIM=d,
+                             PRECISION=precision, UPCAST=False, **kblocks, **bopts),
+                        # every dK/dV dot has the key tile as its M dim (k q^T, v dO^T, p^T dO, ds^T q)
+                        _expect(tc, kblocks["BLOCK_N"], bopts["num_warps"]), sms=(sm,),
                         ci=(label == "vitb" and dt == BF16 and kind == "shared" and mode == 2)))
     return cases
 
@@ -332,13 +338,15 @@ def masked_token_scatter_cases() -> list[Case]:
         bn_, bd2 = triton_scatter._bwd_blocks(D)
         tiles = math.ceil(N_out / bn_) * math.ceil(D / bd2)
         splits = max(1, min(B, math.ceil(4 * SMS[90] / tiles)))
-        per = math.ceil(B / splits)
+        rows = triton_scatter.BWD_ROWS  # the launcher rounds a split up to whole 4-row iterations
+        per = math.ceil(math.ceil(B / splits) / rows) * rows
         cases.append(Case(
             "masked_token_scatter", f"{MS}.masked_token_scatter_triton:_masked_token_scatter_bwd_kernel",
             f"{name} B{B} split {per}",
             [Ptr(dt), Ptr(U8), Ptr(dt), Ptr(FP32), Ptr(FP32), B, N, D, N_out, N_out * D, D, 1, N, 1],
             dict(B_PER_SPLIT=per, HAS_CLS=True, NEED_X=True, NEED_TOK=True, NEED_COLSUM=True, ACC=acc,
-                 ROWS=triton_scatter.BWD_ROWS, BLOCK_N=bn_, BLOCK_D=bd2, num_warps=4), ci=dt == BF16))
+                 ROWS=triton_scatter.BWD_ROWS, BLOCK_N=bn_, BLOCK_D=bd2, num_warps=triton_scatter.BWD_WARPS),
+            ci=dt == BF16))
     return cases
 
 

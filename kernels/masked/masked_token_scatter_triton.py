@@ -15,17 +15,17 @@ grad_mask_token = tokpart.sum((0, 1)). The per-split batch count is a constexpr 
 batch size; also keeps the loop runnable under the interpreter, whose runtime scalars are 1-element arrays).
 No atomics, so the result is deterministic; the batch is split only so that enough programs are in flight
 on a GPU (the partial buffers are O(SPLIT * N_out * D) fp32, ~3% of the gradient traffic at BEiT shapes).
-Each backward iteration loads ``BWD_ROWS = 4`` batch rows of an (8 x 128) tile before it stores any: four
-independent 16-byte loads per thread in flight (a one-row loop had one; 72 registers, sm_90); 8-row tiles
-double the tile count, so ~4.5 programs per SM at 4 x SMs, ~37 KB in flight per SM (one-row loop: ~16 KB;
-Little's law at 3.35 TB/s and ~0.7 us latency wants ~18 KB).
+Each backward iteration loads ``BWD_ROWS = 4`` batch rows of a (16 x 128) tile before it stores any: four
+independent 16-byte loads per thread in flight (the one-row loop had one), 8 warps, 80 registers (bf16,
+sm_90), so 3 programs (24 warps) resident per SM: ~49 KB in flight per SM (one-row loop: ~16 KB; Little's law
+at 3.35 TB/s and ~0.7 us latency wants ~18 KB). A split is rounded up to whole 4-row iterations.
 
 Cost model (BEiT: B 256, N 196, C 1, D 768, 75 masked per row, bf16 e = 2; H100 ~3.35 TB/s):
 * forward: bytes ``(B (N - k) + B (N + C)) D e + P D e`` = 125 MB (masked rows of x are never read) -> 37 us;
   ~1 FLOP per element; one launch.
 * backward: bytes ``B (N + C) D e`` (g) + ``B N D e`` (grad_x) + ``2 SPLIT (N + C + tiles_n) D 4`` (partials
-  written, then reduced) = 157 MB -> 47 us; ~3 FLOPs per element; one launch + 2 small torch reductions
-  (colsum over SPLIT, tokpart over (SPLIT, tiles)).
+  written, then reduced; SPLIT = 7 here) = 163 MB -> 49 us; ~3 FLOPs per element; one launch + 2 small torch
+  reductions (colsum over SPLIT, tokpart over (SPLIT, tiles)).
 """
 
 from __future__ import annotations
@@ -162,7 +162,8 @@ def _masked_token_scatter_bwd_kernel(
     Each iteration handles ``ROWS = 4`` batch rows: the four rows' tiles are loaded first (four independent
     loads per thread in flight; in program order before any store, so the compiler need not prove that grad_x
     does not alias g), then summed and stored one by one. Written out as four 2-D tiles rather than one
-    [4, BLOCK_N, BLOCK_D] block: the 3-D block took 213 registers on sm_90 (2 programs per SM), this 72.
+    [4, BLOCK_N, BLOCK_D] block: a 3-D [4, 8, 128] block took 213 registers on sm_90 at 4 warps, four
+    (8, 128) tiles 72, four (16, 128) tiles at 8 warps 80.
     Rows past this split's slice or past B are masked.
     """
     tl.static_assert(ROWS == 4, "the batch loop is unrolled by hand for 4 rows")
@@ -214,11 +215,12 @@ def _fwd_blocks(D):
     return 16, min(triton.next_power_of_2(D), 256)
 
 
-BWD_ROWS = 4  # batch rows per iteration of the backward (four (8, 128) tiles: 8 KiB of bf16 in flight)
+BWD_ROWS = 4  # batch rows per iteration of the backward (four (16, 128) tiles: 16 KiB of bf16 in flight)
+BWD_WARPS = 8
 
 
 def _bwd_blocks(D):
-    return 8, min(triton.next_power_of_2(D), 128)
+    return 16, min(triton.next_power_of_2(D), 128)
 
 
 def _num_splits(B, tiles, device, split=None):
@@ -309,6 +311,8 @@ def masked_token_scatter_backward(
     tiles_n, tiles_d = triton.cdiv(N_out, BLOCK_N), triton.cdiv(D, BLOCK_D)
     splits = _num_splits(B, tiles_n * tiles_d, dev, split)
     per = triton.cdiv(B, splits)
+    if split is None:  # whole 4-row iterations (an explicit split keeps its ragged slices: the tests' case)
+        per = triton.cdiv(per, BWD_ROWS) * BWD_ROWS
     splits = triton.cdiv(B, per)
     part = torch.float64 if grad_out.dtype == torch.float64 else torch.float32
     colsum = _buffers.empty((splits, N_out, D), part, dev) if need_col else None
@@ -339,7 +343,7 @@ def masked_token_scatter_backward(
         ROWS=BWD_ROWS,
         BLOCK_N=BLOCK_N,
         BLOCK_D=BLOCK_D,
-        num_warps=4,
+        num_warps=BWD_WARPS,
     )
     gtok = tokpart.sum(dim=(0, 1)) if need_tok else None
     gpos = gcls = None
