@@ -7,7 +7,9 @@ CUDA (224 px, batch 32): Triton at 40% in bf16 vs cuDNN channels_last bf16 dense
 (``torch.backends.cudnn.benchmark=True``; also under ``torch.compile``), and spconv's SubMConv2d (map building
 included; bf16, or fp16 where spconv has no bf16 kernels, said so in the row's note) when spconv is importable.
 Under the GPU plan's dry run: batch 1, at most 8 x 8 sites, channels / 8, the Triton interpreter.
-Also the whole SparK encoders (every layer sparse vs dense + re-masking); the masked batch norm has its own
+Also the whole SparK encoders (every layer sparse, per-site layers such as ConvNeXt's MLP on the active rows
+only, vs every layer dense + re-masked, per-site layers on every site as SparK's code runs them:
+``sparse_context(gather_rows=False)``); the masked batch norm has its own
 bench, bench/test_bench_masked_batch_norm.py.
 """
 
@@ -264,7 +266,7 @@ def _encoder_step(name, batch, image, dtype, device, backend):
     x = (x * upsample_active(keep, 32).unsqueeze(1)).contiguous(memory_format=torch.channels_last)
 
     def run():
-        with use_backend(backend) if backend else _nullcontext(), sparse_context(keep):
+        with use_backend(backend) if backend else _nullcontext(), sparse_context(keep, gather_rows=not backend):
             feats = net.forward_features(x)
             loss = sum(f.float().square().mean() for f in feats)
         loss.backward()

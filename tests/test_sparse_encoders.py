@@ -64,3 +64,22 @@ def test_convnext_block_sparse_rows_match_dense(dtype, dim, H, W, unit):
     active = _mask(3, -(-H // unit), -(-W // unit), unit)[:, :H, :W]
     x = torch.randn(3, dim, H, W, dtype=dtype)
     _compare(dense, sparse, x, active, dtype)
+
+
+@needs_native
+@pytest.mark.native
+def test_convnext_block_dense_rows_agree_at_active_sites():
+    """gather_rows=False (the bench's dense reference: the MLP on every site) agrees at active sites."""
+    from engine.models.convnext import ConvNeXtBlock
+
+    block = ConvNeXtBlock(8, layer_scale=0.5).double()
+    kernels.to_sparse(block)
+    active = _mask(2, 4, 3, 3)
+    x = torch.randn(2, 8, 12, 9, dtype=torch.float64) * active.unsqueeze(1)
+    with sparse_context(active):
+        rows = block(x)
+    with sparse_context(active, gather_rows=False):
+        dense = block(x)
+    a = active.unsqueeze(1).double()
+    assert_close(rows, dense * a, name="rows vs every site")
+    assert (dense * (1 - a)).abs().sum() > 0  # the dense MLP did run on the inactive sites

@@ -56,7 +56,7 @@ class ConvNeXtBlock(nn.Module):
     def forward(self, x):
         y = self.dwconv(x).permute(0, 2, 3, 1)
         maps = current_maps()
-        if maps is not None:
+        if maps is not None and maps.gather_rows:
             # sparse (SparK): LN, pw1, GELU, pw2 and gamma are per-site, so they run on the active rows only
             # (gathered once, scattered back with zeros at inactive sites, where x is zero too)
             B, H, W, C = y.shape

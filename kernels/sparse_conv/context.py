@@ -32,7 +32,7 @@ _current: contextvars.ContextVar[ActivityMaps | None] = contextvars.ContextVar(
 class ActivityMaps:
     """bool activity maps ``[B, H, W]`` of one forward pass, keyed by resolution ``(H, W)``."""
 
-    def __init__(self, active: torch.Tensor):
+    def __init__(self, active: torch.Tensor, gather_rows: bool = True):
         if not isinstance(active, torch.Tensor) or active.dtype != torch.bool or active.dim() != 3:
             raise TypeError(
                 "sparse_context: expected a bool tensor [B, H, W] (True = active/visible), got "
@@ -41,6 +41,9 @@ class ActivityMaps:
         self.batch = active.shape[0]
         self.maps: dict[tuple[int, int], torch.Tensor] = {(active.shape[1], active.shape[2]): active}
         self._sites: dict[tuple[int, int], torch.Tensor] = {}
+        self.gather_rows = bool(gather_rows)
+        """Models may run per-site layers (e.g. ConvNeXt's MLP) on the gathered active rows (False: on every
+        site, as SparK's dense code does; the bench's dense reference)."""
 
     def sites(self, size, batch: int | None = None) -> torch.Tensor:
         """Flat indices ``b*H*W + h*W + w`` (int64, ascending) of the active sites at ``size``, computed once
@@ -87,9 +90,12 @@ class ActivityMaps:
 
 
 @contextlib.contextmanager
-def sparse_context(active: torch.Tensor) -> Iterator[ActivityMaps]:
-    """Run sparse modules inside the block on the activity map ``active`` (bool ``[B, H, W]``, True = active)."""
-    token = _current.set(ActivityMaps(active))
+def sparse_context(active: torch.Tensor, *, gather_rows: bool = True) -> Iterator[ActivityMaps]:
+    """Run sparse modules inside the block on the activity map ``active`` (bool ``[B, H, W]``, True = active).
+
+    ``gather_rows``: per-site layers of the model (ConvNeXt's LN/MLP) may compute on the active rows only
+    (see :attr:`ActivityMaps.gather_rows`)."""
+    token = _current.set(ActivityMaps(active, gather_rows))
     try:
         yield _current.get()
     finally:
