@@ -1,6 +1,6 @@
-"""The engine's SparK encoder blocks on their sparse paths (inside a ``sparse_context``) vs the dense block on the
-masked input, re-masked: forward and backward in float64 (and float32 with its tolerance), odd sizes, coarse
-unit masks, outputs of the native kernels poisoned first."""
+"""The engine's SparK encoder blocks on their sparse paths (inside a ``sparse_context``) vs the dense block
+on the masked input, re-masked: forward and backward in float64 (and float32 with its tolerance), odd sizes,
+coarse unit masks, outputs of the native kernels poisoned first."""
 
 import pytest
 import torch

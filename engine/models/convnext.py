@@ -6,7 +6,7 @@ Stem ``conv k4/s4 - LN2d``; before stages 2-4 ``LN2d - conv k2/s2``. Block (``ga
 
 ``LayerNorm2d`` normalises over channels of an NCHW map (it is the module :func:`kernels.to_sparse`
 recognises and makes sparse; the block's channels-last LayerNorm/Linear layers are per-site ops: inside a
-``kernels.sparse_context`` they run on the gathered active rows only and inactive sites get zeros). ``forward``
+``kernels.sparse_context`` they run on the gathered active rows only, inactive sites get zeros). ``forward``
 returns globally average pooled features after a final LayerNorm ``[B, C]``; ``forward_features`` the four
 stage outputs (strides 4, 8, 16, 32). The CPU variant ``convnext_femto`` has a 1x1 stem (stride 1), so its
 stages sit at strides 1, 2, 4, 8 (``downsample_ratio`` 8).

@@ -70,6 +70,30 @@ def _pointwise(weight_shape, padding, depthwise) -> bool:
     return POINTWISE_GEMM and not depthwise and tuple(weight_shape[2:]) == (1, 1) and tuple(padding) == (0, 0)
 
 
+_INDEX_CACHE: dict = {}
+_INDEX_CACHE_SIZE = 64
+
+
+def _cached(fn):
+    """Memoise an index builder on (its activity maps by identity and version, the geometry): the forward
+    builds a layer's site lists once, its dx and dW reuse them. Entries hold the maps (so an id is never
+    reused while cached); the oldest entries go first."""
+
+    def wrapper(active_in, active_out, *geom):
+        key = (fn.__name__, id(active_in), active_in._version, id(active_out), active_out._version, *geom)
+        hit = _INDEX_CACHE.get(key)
+        if hit is not None and hit[0] is active_in and hit[1] is active_out:
+            return hit[2]
+        value = fn(active_in, active_out, *geom)
+        if len(_INDEX_CACHE) >= _INDEX_CACHE_SIZE:
+            del _INDEX_CACHE[next(iter(_INDEX_CACHE))]
+        _INDEX_CACHE[key] = (active_in, active_out, value)
+        return value
+
+    return wrapper
+
+
+@_cached
 def _rows(active_in, active_out, stride):
     """``(o, i, valid)`` for a 1x1 kernel: flat active output sites ``o``, the input site ``i`` each reads
     (``(b, oh*sh, ow*sw)``) and whether that input is active (None when all are)."""
@@ -85,6 +109,7 @@ def _rows(active_in, active_out, stride):
     return o, i, (None if bool(valid.all()) else valid)
 
 
+@_cached
 def _im2col_index(active_in, active_out, KH, KW, stride, padding, dilation):
     """``(o, idx, valid)``: flat active output sites ``o`` [n], the flat input site of each tap ``idx``
     [n, K] (``k = kh * KW + kw``; 0 where missing) and ``valid`` [n, K] (inside and active)."""
@@ -112,8 +137,8 @@ def _patches(x2d, idx, valid):
 
 
 IM2COL_MIN_ROW = 2048
-"""groups=1 kernels larger than 1x1 whose im2col row ``Cin * KH * KW`` is at least this long run as torch GEMMs
-(MKL/oneDNN) on gathered im2col rows; shorter ones (many sites, few channels: the gather costs as much as
+"""groups=1 kernels larger than 1x1 whose im2col row ``Cin * KH * KW`` is at least this long run as torch
+GEMMs (MKL/oneDNN) on gathered im2col rows; shorter ones (many sites, few channels: the gather costs as much as
 the GEMM there) run in the C++ kernels. Measured on the SparK ResNet-50 layers (1 thread): im2col wins from
 256-channel 3x3 layers on (deep stages: few sites, the C++ path repacks big weights every call)."""
 POINTWISE_GEMM = True
@@ -153,13 +178,14 @@ def forward(x_nhwc, active_in, active_out, weight, bias, stride, padding, dilati
     Cout, _, KH, KW = weight.shape
     x_nhwc = x_nhwc.contiguous()
     if out is None and _pointwise(weight.shape, padding, depthwise):
-        o, i, valid = _rows(active_in, active_out, stride)
+        o, i, valid = _rows(active_in, active_out, tuple(stride))
         rows = _gather(x_nhwc.view(-1, Cin), i, valid)
         w2 = weight.reshape(Cout, Cin).t()
         rows = torch.addmm(bias, rows, w2) if bias is not None else rows @ w2
         return _scatter((B, Ho, Wo, Cout), o, rows, x_nhwc)
     if out is None and _use_im2col(weight.shape, depthwise):
-        o, idx, valid = _im2col_index(active_in, active_out, KH, KW, stride, padding, dilation)
+        geom = (KH, KW, tuple(stride), tuple(padding), tuple(dilation))
+        o, idx, valid = _im2col_index(active_in, active_out, *geom)
         w2 = weight.reshape(Cout, Cin * KH * KW).t()
         p = _patches(x_nhwc.view(-1, Cin), idx, valid)
         rows = torch.addmm(bias, p, w2) if bias is not None else p @ w2
@@ -190,13 +216,14 @@ def backward_input(g_nhwc, active_in, active_out, weight, stride, padding, dilat
     Cin = Cout if depthwise else cin_g
     g_nhwc = g_nhwc.contiguous()
     if out is None and _pointwise(weight.shape, padding, depthwise):
-        o, i, valid = _rows(active_in, active_out, stride)
+        o, i, valid = _rows(active_in, active_out, tuple(stride))
         rows = g_nhwc.view(-1, Cout).index_select(0, o) @ weight.reshape(Cout, Cin)
         if valid is not None:  # outputs whose input is inactive send no gradient
             i, rows = i[valid], rows[valid]
         return _scatter((B, H, W, Cin), i, rows, g_nhwc)
     if out is None and _use_im2col(weight.shape, depthwise):
-        o, idx, valid = _im2col_index(active_in, active_out, KH, KW, stride, padding, dilation)
+        geom = (KH, KW, tuple(stride), tuple(padding), tuple(dilation))
+        o, idx, valid = _im2col_index(active_in, active_out, *geom)
         n, K = idx.shape
         cols = g_nhwc.view(-1, Cout).index_select(0, o) @ weight.reshape(Cout, Cin * K)  # [n, (ci, k)]
         cols = cols.view(n, Cin, K).transpose(1, 2).reshape(n * K, Cin)
@@ -229,7 +256,7 @@ def backward_weight(x_nhwc, g_nhwc, active_in, active_out, weight_shape, stride,
     _, _, KH, KW = weight_shape
     x_nhwc, g_nhwc = x_nhwc.contiguous(), g_nhwc.contiguous()
     if out is None and out_bias is None and _pointwise(weight_shape, padding, depthwise):
-        o, i, valid = _rows(active_in, active_out, stride)
+        o, i, valid = _rows(active_in, active_out, tuple(stride))
         g_rows = g_nhwc.view(-1, Cout).index_select(0, o)
         dw = _buffers.empty((Cout, Cin), x_nhwc.dtype, x_nhwc.device)
         torch.mm(g_rows.t(), _gather(x_nhwc.view(-1, Cin), i, valid), out=dw)
@@ -239,7 +266,8 @@ def backward_weight(x_nhwc, g_nhwc, active_in, active_out, weight_shape, stride,
             torch.sum(g_rows, 0, out=db)
         return dw.view(Cout, Cin, 1, 1), db
     if out is None and out_bias is None and _use_im2col(weight_shape, depthwise):
-        o, idx, valid = _im2col_index(active_in, active_out, KH, KW, stride, padding, dilation)
+        geom = (KH, KW, tuple(stride), tuple(padding), tuple(dilation))
+        o, idx, valid = _im2col_index(active_in, active_out, *geom)
         g_rows = g_nhwc.view(-1, Cout).index_select(0, o)
         dw = _buffers.empty((Cout, Cin * KH * KW), x_nhwc.dtype, x_nhwc.device)
         torch.mm(g_rows.t(), _patches(x_nhwc.view(-1, Cin), idx, valid), out=dw)
