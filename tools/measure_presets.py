@@ -2,7 +2,7 @@
 and of raw pixels (the floor), over seeds, with wall and CPU minutes.
 
     python tools/measure_presets.py [--seeds 0 1] [--methods simmim dino beit beitv2 spark] [--out out/measure]
-                                    [--data DIR] [--threads 2]
+                                    [--data DIR] [--threads 2] [--extra="--epochs 40 --mask-patch-size 8"]
 
 Each run is ``python -m engine.pretrain --method M --seed S`` (the ``M:`` section of
 engine/configs/default.yaml; BEiT after ``--method dvae``, BEiT v2 after ``--method vqkd`` whose teacher is
@@ -11,7 +11,13 @@ the DINO run of the same seed when there is one), one job at a time; its last li
 interrupted measurement continues where it stopped (``--redo`` runs everything again). Minutes are the wall
 time of the run(s) and their CPU time (user + sys of the child processes) / 60 -- on a shared machine the CPU
 time is the steadier figure; on 2 dedicated cores the wall time is about CPU / (1.6-1.9).
-``--table`` prints the markdown table of what is recorded.
+``--extra`` appends command-line flags to every method run (not to the tokenizer runs), to measure a candidate
+setting against the preset with the same protocol. ``--table`` prints the markdown table of what is recorded.
+``--probe`` (after the runs) adds, for every recorded run, extra numbers on the saved encoder and its random init
+(seed + 1000, as the final line): the linear probe of ``engine.eval`` on the final features, and for ViTs the
+k-NN on the mean-pooled tokens of every block passed through the encoder's final norm (the last block's is the
+final line's feature; middle blocks as the linear probes of iGPT/BEiT). They are extra numbers: the k-NN line of
+the run stays the headline.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import json
 import os
 import re
 import resource
+import shlex
 import subprocess
 import sys
 import time
@@ -52,7 +59,8 @@ def run(args: list[str], log: Path, threads: int) -> dict:
     return out
 
 
-def measure(method: str, seed: int, out: Path, data: str | None, threads: int, results: dict) -> dict:
+def measure(method: str, seed: int, out: Path, data: str | None, threads: int, results: dict,
+            extra_args: list[str] = ()) -> dict:
     common = ["--seed", str(seed), "--overwrite"] + (["--data", data] if data else [])
     rec = {"method": method, "seed": seed, "wall_s": 0.0, "cpu_s": 0.0}
     extra: list[str] = []
@@ -72,12 +80,68 @@ def measure(method: str, seed: int, out: Path, data: str | None, threads: int, r
             rec["rc"] = t["rc"]
             return rec
         extra = ["--tokenizer", str(tdir)]
-    r = run(["--method", method, "--output-dir", str(out / f"{method}-s{seed}")] + extra + common,
+    r = run(["--method", method, "--output-dir", str(out / f"{method}-s{seed}")] + extra + common + list(extra_args),
             out / f"{method}-s{seed}.log", threads)
     rec.update({k: v for k, v in r.items() if k not in ("wall_s", "cpu_s")})
     rec["wall_s"] += r["wall_s"]
     rec["cpu_s"] += r["cpu_s"]
     return rec
+
+
+def probe(run_dir: Path, data: str | None, threads: int = 2) -> dict:
+    """Extra numbers for one run (see ``--probe``): ``{"pretrained": {...}, "random_init": {...}}``."""
+    import torch
+
+    sys.path.insert(0, str(REPO))
+    from engine.data import build_eval_loader, builtin_dataset
+    from engine.eval import encoder_from_checkpoint, knn_classify, linear_probe, load_checkpoint, random_encoder_like
+
+    torch.set_num_threads(threads)
+    state = load_checkpoint(run_dir)
+    enc, cfg = encoder_from_checkpoint(state)
+    rnd = random_encoder_like(cfg, seed=int(cfg.get("seed") or 0) + 1000)
+    root = data or cfg.get("data") or builtin_dataset(image_size=int(cfg["image_size"]))
+    size = int(cfg["image_size"])
+
+    @torch.no_grad()
+    def feats(e, split):
+        e.eval()
+        depth = getattr(e, "depth", None)
+        out: dict[str, list] = {}
+        labels = []
+        for b in build_eval_loader(str(root), split=split, batch_size=256, image_size=size, num_threads=threads,
+                                   device="cpu"):
+            x = b["images"]
+            out.setdefault("final", []).append(e(x, pool="mean").float())
+            if isinstance(depth, int) and hasattr(e, "norm"):
+                _, layers = e.forward_features(x, return_layers=list(range(depth)))
+                for i, t in enumerate(layers):
+                    out.setdefault(f"block{i + 1}", []).append(e.norm(t)[:, 1:].mean(1).float())
+            labels.append(torch.as_tensor(b["labels"]).long())
+        return {k: torch.cat(v) for k, v in out.items()}, torch.cat(labels)
+
+    res = {}
+    for name, e in (("pretrained", enc), ("random_init", rnd)):
+        (tr, trl), (te, tel) = feats(e, "train"), feats(e, "val")
+        r = {f"knn_{k}": knn_classify(tr[k], trl, te[k], tel, k=int(cfg.get("knn_k") or 20),
+                                      temperature=float(cfg.get("knn_t") or 0.07))["knn_top1"] for k in tr}
+        r["linear_final"] = linear_probe(tr["final"], trl, te["final"], tel)["linear_top1"]
+        res[name] = r
+    return res
+
+
+def probe_table(results: dict, methods: list[str]) -> str:
+    lines = []
+    for m in methods:
+        runs = [(k, r) for k, r in sorted(results.items()) if k.startswith(f"{m}-s") and "probe" in r]
+        if not runs:
+            continue
+        keys = list(runs[0][1]["probe"]["pretrained"])
+        lines += [f"| {NAMES.get(m, m)} | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+        for k, r in runs:
+            pr, rn = r["probe"]["pretrained"], r["probe"]["random_init"]
+            lines.append(f"| {k} | " + " | ".join(f"{pr[c]:.1f}/{rn[c]:.1f}" for c in keys) + " |")
+    return "\n".join(lines)
 
 
 def _mean_spread(vals: list[float]) -> str:
@@ -116,8 +180,11 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="out/measure")
     p.add_argument("--data", default=None)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--extra", default="", help="flags appended to every method run, e.g. --extra=\"--epochs 40\"")
     p.add_argument("--redo", action="store_true")
     p.add_argument("--table", action="store_true", help="only print the table of what is recorded")
+    p.add_argument("--probe", action="store_true", help="after the runs: linear probe and per-block k-NN of each run "
+                   "(pretrained/random), recorded as 'probe'")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -128,6 +195,7 @@ def main(argv=None) -> int:
         res_file.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
 
     if args.table:
+        print(probe_table(results, args.methods))
         print(table(results, args.methods))
         return 0
     if "raw_pixels" not in results:
@@ -149,11 +217,18 @@ def main(argv=None) -> int:
             if key in results and results[key].get("rc") == 0 and "pretrained" in results[key]:
                 continue
             print(f"running {key} ...", flush=True)
-            results[key] = measure(m, seed, out, args.data, args.threads, results)
+            results[key] = measure(m, seed, out, args.data, args.threads, results, shlex.split(args.extra))
+            results[key]["extra"] = args.extra
             save()
             r = results[key]
             print(f"  {key}: pretrained {r.get('pretrained')} random {r.get('random_init')} rc {r.get('rc')} "
                   f"wall {r['wall_s'] / 60:.1f} min cpu {r['cpu_s'] / 60:.1f} min", flush=True)
+    if args.probe:
+        for key, r in sorted(results.items()):
+            if key.split("-s")[0] in args.methods and r.get("rc") == 0 and "probe" not in r:
+                r["probe"] = probe(out / key, args.data, args.threads)
+                save()
+        print(probe_table(results, args.methods))
     print(table(results, args.methods))
     return 0
 
