@@ -342,8 +342,8 @@ def nearest_code_forward(z2d, prep: PreparedCodebook, normalize, eps, input_prec
         "SEPARATE_OUT": prep.cb_out.data_ptr() != prep.cb.data_ptr(),
         "BLOCK_D": max(16, triton.next_power_of_2(D)),
     }
-    if interp:
-        _nearest_code_fwd_kernel[(triton.cdiv(M, 64),)](*args, BLOCK_M=64, BLOCK_K=128, **meta)
+    if interp:  # one of the tensor-core configs (128 x 128: half the interpreter's per-program work of 64 x 128)
+        _nearest_code_fwd_kernel[(triton.cdiv(M, 128),)](*args, BLOCK_M=128, BLOCK_K=128, **meta)
     else:
         tuned = _nearest_code_fwd_tuned[uses_tensor_cores(dot_dtype, input_precision)]
         tuned[lambda m: (triton.cdiv(M, m["BLOCK_M"]),)](*args, **meta)
