@@ -25,7 +25,8 @@ Kernels (three launches per training step, plus one elementwise bias preparation
   shared over the batch the program owns the dbias column band ``[all q rows, its k-tile]`` of its group's
   partial, so the band is summed over the group without atomics in a fixed order: in registers when the q
   rows fit one tile (N <= BLOCK_M, e.g. DINO's N=37/50), else by plain loads and stores of the program's own
-  partial (each thread re-reads exactly the elements it stored: same pointer tensor, same layout). The
+  partial (the load and the store share one block pointer, hence one layout, so the thread that stores an
+  element is the one that re-reads it for the next batch element: a same-thread read-after-write). The
   partials of the ``G`` groups are summed by one ``torch.sum`` over a [G, H, N, N] float32 buffer, or written
   in place when one group covers the batch. dbias is therefore deterministic by construction, in every mode.
   A per-batch bias ([B,H,N,N]) gets ``dS`` stored directly (``GROUP = 1``).
@@ -147,7 +148,7 @@ def _attention_fwd_kernel(
     s_bb, s_bh, s_bm, s_bn,
     s_ob, s_oh, s_om, s_od,
     H, N_Q, N_K, qk_scale2,
-    HAS_BIAS: tl.constexpr, BIAS_LOG2: tl.constexpr, PRESCALE_Q: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BIAS_LOG2: tl.constexpr, PRESCALE_Q: tl.constexpr, PEEL: tl.constexpr,
     FULL_TILES: tl.constexpr, HAS_TAIL: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
@@ -182,11 +183,11 @@ def _attention_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for tile in range(FULL_TILES):
+    for tile in range(FULL_TILES):  # PEEL: N_K // BLOCK_N unmasked tiles (+ the tail below); else all, masked
         acc, m_i, l_i = _fwd_tile(q, acc, m_i, l_i, k_base, v_base, bias_base, offs_m, m_ok, tile * BLOCK_N + offs_n,
                                   offs_d, d_ok, s_kn, s_kd, s_vn, s_vd, s_bm, s_bn, N_K, qk_scale2,
-                                  HAS_BIAS, BIAS_LOG2, PRESCALE_Q, False, PRECISION, UPCAST)
-    if HAS_TAIL:
+                                  HAS_BIAS, BIAS_LOG2, PRESCALE_Q, not PEEL, PRECISION, UPCAST)
+    if PEEL and HAS_TAIL:
         acc, m_i, l_i = _fwd_tile(q, acc, m_i, l_i, k_base, v_base, bias_base, offs_m, m_ok,
                                   FULL_TILES * BLOCK_N + offs_n, offs_d, d_ok, s_kn, s_kd, s_vn, s_vd, s_bm, s_bn,
                                   N_K, qk_scale2, HAS_BIAS, BIAS_LOG2, PRESCALE_Q, True, PRECISION, UPCAST)
@@ -235,8 +236,8 @@ def _attention_bwd_dq_kernel(
     s_gb, s_gh, s_gm, s_gd,
     s_dqb, s_dqh, s_dqm, s_dqd,
     H, N_Q, N_K, scale, qk_scale2,
-    HAS_BIAS: tl.constexpr, BIAS_LOG2: tl.constexpr, FULL_TILES: tl.constexpr, HAS_TAIL: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BIAS_LOG2: tl.constexpr, PEEL: tl.constexpr, FULL_TILES: tl.constexpr,
+    HAS_TAIL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """dQ and delta for one (q-tile, b, h), looping over the k-tiles (no atomics).
@@ -269,11 +270,11 @@ def _attention_bwd_dq_kernel(
     bias_base = Bias + b * s_bb + h * s_bh
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for tile in range(FULL_TILES):
+    for tile in range(FULL_TILES):  # PEEL: N_K // BLOCK_N unmasked tiles (+ the tail below); else all, masked
         dq = _dq_tile(q, do, lse2, delta, dq, k_base, v_base, bias_base, offs_m, m_ok, tile * BLOCK_N + offs_n,
                       offs_d, d_ok, s_kn, s_kd, s_vn, s_vd, s_bm, s_bn, N_K, qk_scale2,
-                      HAS_BIAS, BIAS_LOG2, False, PRECISION, UPCAST)
-    if HAS_TAIL:
+                      HAS_BIAS, BIAS_LOG2, not PEEL, PRECISION, UPCAST)
+    if PEEL and HAS_TAIL:
         dq = _dq_tile(q, do, lse2, delta, dq, k_base, v_base, bias_base, offs_m, m_ok,
                       FULL_TILES * BLOCK_N + offs_n, offs_d, d_ok, s_kn, s_kd, s_vn, s_vd, s_bm, s_bn, N_K,
                       qk_scale2, HAS_BIAS, BIAS_LOG2, True, PRECISION, UPCAST)
@@ -296,7 +297,8 @@ def _attention_bwd_dkdv_kernel(
     s_dbb, s_dbh, s_dbm, s_dbn,
     B, H, N_Q, N_K, scale, qk_scale2,
     HAS_BIAS: tl.constexpr, BIAS_LOG2: tl.constexpr, DBIAS_MODE: tl.constexpr, GROUP: tl.constexpr,
-    Q_TILES: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    Q_TILES: tl.constexpr, ONE_Q_TILE: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """dK, dV (and dbias) for one (k-tile, h, batch group g): batch elements ``g*GROUP ...`` in order, each
@@ -305,8 +307,9 @@ def _attention_bwd_dkdv_kernel(
     Transposed orientation: ``s2T = k q^T * scale * log2e + bias^T * log2e``, ``pT = 2^(s2T - L2)``,
     ``dV += pT dO``, ``dpT = v dO^T``, ``dsT = pT * (dpT - delta)``, ``dK += dsT q``; ``dK *= scale``.
     DBIAS_MODE 1 stores ``dsT`` into DBias[b] (a per-batch bias; GROUP = 1). DBIAS_MODE 2 sums ``dsT`` over the
-    group into DBias[g] (a bias shared over the batch): in a register tile when ``Q_TILES == 1``, else by
-    read-add-write of the program's own column band (the first batch element of the group writes it).
+    group into DBias[g] (a bias shared over the batch): in a register tile when ``ONE_Q_TILE`` (N_Q <= BLOCK_M),
+    else by read-add-write of the program's own column band (the first batch element of the group writes it).
+    A short last group re-reads batch element B - 1 for its missing elements and stores nothing for them.
     DBIAS_MODE 0: no bias gradient.
     """
     k_tiles = tl.cdiv(N_K, BLOCK_N)
@@ -330,9 +333,20 @@ def _attention_bwd_dkdv_kernel(
                     other=0.0)
         v = tl.load(V + b * s_vb + h * s_vh + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd, mask=nd_mask,
                     other=0.0)
-        q_base = Q + b * s_qb + h * s_qh
-        do_base = DO + b * s_gb + h * s_gh
-        bias_base = Bias + b * s_bb + h * s_bh
+        # block pointers for the [keys x queries] and [queries x d] tiles: scalar state, so no per-element
+        # 64-bit address tiles stay live across the loops (they cost ~32 registers per tile per thread)
+        q_blk = tl.make_block_ptr(Q + b * s_qb + h * s_qh, (HEAD_DIM, N_Q), (s_qd, s_qm), (0, 0),
+                                  (BLOCK_D, BLOCK_M), (0, 1))
+        do_blk = tl.make_block_ptr(DO + b * s_gb + h * s_gh, (N_Q, HEAD_DIM), (s_gm, s_gd), (0, 0),
+                                   (BLOCK_M, BLOCK_D), (1, 0))
+        bias_blk = tl.make_block_ptr(Bias + b * s_bb + h * s_bh, (N_K, N_Q), (s_bn, s_bm), (pid_n * BLOCK_N, 0),
+                                     (BLOCK_N, BLOCK_M), (0, 1))
+        if DBIAS_MODE == 1:
+            db_blk = tl.make_block_ptr(DBias + b * s_dbb + h * s_dbh, (N_K, N_Q), (s_dbn, s_dbm),
+                                       (pid_n * BLOCK_N, 0), (BLOCK_N, BLOCK_M), (0, 1))
+        else:
+            db_blk = tl.make_block_ptr(db_base, (N_K, N_Q), (s_dbn, s_dbm), (pid_n * BLOCK_N, 0),
+                                       (BLOCK_N, BLOCK_M), (0, 1))
         row_base = (b * H + h) * N_Q
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -340,29 +354,37 @@ def _attention_bwd_dkdv_kernel(
             offs_m = tile * BLOCK_M + offs_m0
             m_ok = offs_m < N_Q
             valid = n_ok[:, None] & m_ok[None, :]
-            qt = tl.load(q_base + offs_m[None, :] * s_qm + offs_d[:, None] * s_qd,
-                         mask=m_ok[None, :] & d_ok[:, None], other=0.0)
-            s = _scores(dot(k, qt, PRECISION, UPCAST), bias_base + offs_m[None, :] * s_bm + offs_n[:, None] * s_bn,
-                        valid, qk_scale2, HAS_BIAS, BIAS_LOG2, False)
+            qt = tl.load(q_blk, boundary_check=(0, 1), padding_option="zero")
+            s = dot(k, qt, PRECISION, UPCAST) * qk_scale2
+            if HAS_BIAS:
+                bias = tl.load(bias_blk, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
+                if BIAS_LOG2:
+                    s = s + bias
+                else:
+                    s = s + bias * 1.4426950408889634
             lse2 = tl.load(L2 + row_base + offs_m, mask=m_ok, other=0.0)
             p = tl.where(valid, tl.math.exp2(s - lse2[None, :]), 0.0)
-            do = tl.load(do_base + offs_m[:, None] * s_gm + offs_d[None, :] * s_gd,
-                         mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+            do = tl.load(do_blk, boundary_check=(0, 1), padding_option="zero")
             dv = dot_acc(p.to(do.dtype), do, dv, PRECISION, UPCAST)
             dp = dot(v, tl.trans(do), PRECISION, UPCAST)
             delta = tl.load(Delta + row_base + offs_m, mask=m_ok, other=0.0)
             ds = p * (dp - delta[None, :])
             dk = dot_acc(ds.to(qt.dtype), tl.trans(qt), dk, PRECISION, UPCAST)
             if DBIAS_MODE == 1:
-                tl.store(DBias + b * s_dbb + h * s_dbh + offs_m[None, :] * s_dbm + offs_n[:, None] * s_dbn, ds,
-                         mask=valid & b_ok)
+                tl.store(db_blk, ds, boundary_check=(0, 1))  # GROUP = 1: b_ok always holds
             if DBIAS_MODE == 2:
-                if Q_TILES == 1:
+                if ONE_Q_TILE:
                     db_acc = tl.where(b_ok, db_acc + ds, db_acc)
                 else:  # this program's own band of DBias[g]: plain read-add-write, fixed batch order
-                    db_ptrs = db_base + offs_m[None, :] * s_dbm + offs_n[:, None] * s_dbn
-                    prev = tl.load(db_ptrs, mask=valid & (i > 0), other=0.0)
-                    tl.store(db_ptrs, prev + ds, mask=valid & b_ok)
+                    upd = ds
+                    if i > 0:
+                        upd = ds + tl.load(db_blk, boundary_check=(0, 1), padding_option="zero")
+                    if b_ok:
+                        tl.store(db_blk, upd, boundary_check=(0, 1))
+            q_blk = tl.advance(q_blk, (0, BLOCK_M))
+            do_blk = tl.advance(do_blk, (BLOCK_M, 0))
+            bias_blk = tl.advance(bias_blk, (0, BLOCK_M))
+            db_blk = tl.advance(db_blk, (0, BLOCK_M))
         dk = dk * scale
         tl.store(DK + b * s_dkb + h * s_dkh + offs_n[:, None] * s_dkn + offs_d[None, :] * s_dkd,
                  dk.to(DK.dtype.element_ty), mask=nd_mask & b_ok)
@@ -370,7 +392,7 @@ def _attention_bwd_dkdv_kernel(
                  dv.to(DV.dtype.element_ty), mask=nd_mask & b_ok)
 
     if DBIAS_MODE == 2:
-        if Q_TILES == 1:
+        if ONE_Q_TILE:
             tl.store(db_base + offs_m0[None, :] * s_dbm + offs_n[:, None] * s_dbn, db_acc,
                      mask=n_ok[:, None] & (offs_m0 < N_Q)[None, :])
 
@@ -402,10 +424,11 @@ def _blocks(n_q: int, head_dim: int, dtype: torch.dtype, device: torch.device, b
     Chosen so that every kernel compiles for sm_90 without register spills (checked ahead of time
     with ``triton.compile`` for bf16/fp16/fp32 at d = 32, 64, 128; not yet timed on hardware):
     64 x 64 tiles for 2-byte inputs with d <= 64 (4 warps forward, 8 backward; 128-row q-tiles
-    forward on long sequences), 64 x 32 when a k/v row is >= 256 bytes (bf16 d = 128, fp32 d = 64),
-    32 x 32 for fp32 d = 128 and for IEEE fp32. Before sm_90 the backward uses 32 x 64 tiles with
-    4 warps (8 warps spill there). Under the interpreter: 32 x 32, which keeps the numpy emulation
-    cheap and exercises multi-tile loops at N = 50 or 64. ``capability`` overrides the device query
+    forward on long sequences, and an autotune candidate otherwise, :func:`forward_configs`), 64 x 32 when a
+    k/v row is >= 256 bytes (bf16 d = 128, fp32 d = 64), 32 x 32 for fp32 d = 128 and for IEEE fp32 (8 warps
+    backward: the batch-grouped dK/dV kernel spills 40-256 B with 4). Before sm_90 the backward uses 32 x 64
+    tiles with 8 warps (the grouped dK/dV kernel spills 136 B with 4). Under the interpreter: 32 x 32, which
+    keeps the numpy emulation cheap and exercises multi-tile loops at N = 50 or 64. ``capability`` overrides the device query
     (ahead-of-time compile checks without a GPU).
     """
     block_d = max(16, triton.next_power_of_2(head_dim))
@@ -414,13 +437,13 @@ def _blocks(n_q: int, head_dim: int, dtype: torch.dtype, device: torch.device, b
     ieee = dtype == torch.float32 and dot_precision(dtype) == "ieee"
     row_bytes = block_d * (4 if dtype == torch.float32 else 2)
     if ieee or row_bytes >= 512:
-        return _launch(32, 32, block_d, 4 if ieee else 8, 1)
+        return _launch(32, 32, block_d, 4 if (ieee and not backward) else 8, 1)
     if row_bytes >= 256:
         return _launch(64, 32, block_d, 8, 2)
     if backward:
         major = (capability or torch.cuda.get_device_capability(device))[0]
         if major < 9:
-            return _launch(32, 64, block_d, 4, 2)
+            return _launch(32, 64, block_d, 8, 2)
         return _launch(64, 64, block_d, 8, 2)
     if n_q > 512:
         return _launch(128, 64, block_d, 8, 2)
@@ -439,6 +462,30 @@ def forward_configs(n_q: int, head_dim: int, dtype: torch.dtype, device: torch.d
         if wide != first and first["BLOCK_D"] <= 64:
             out.append(wide)
     return out
+
+
+def peel_tiles(dtype: torch.dtype, block_d: int) -> bool:
+    """Peel the key loop (unmasked full tiles + one masked tail) in the forward and dQ kernels? For 2-byte inputs
+    at d = 64 (BLOCK_D = 64: ViT-B/S, DINO): there it compiles spill-free for sm_90 and sm_80. Elsewhere every
+    tile stays masked: peeled, the sm_80 d = 128 and float32 (IEEE, TF32) kernels and d = 32 spill 4-1900 B
+    (``python -m bench.static_gpu_check --ops attention``)."""
+    return dtype in (torch.float16, torch.bfloat16) and block_d == 64
+
+
+def full_tiles(n_k: int, block_n: int, peel: bool) -> int:
+    """The key-tile loop's trip count: the full tiles when peeled (the tail follows), else every tile."""
+    return n_k // block_n if peel else triton.cdiv(n_k, block_n)
+
+
+def dkdv_blocks(cfg: dict, n_q: int, shared_dbias: bool, device: torch.device,
+                capability: tuple[int, int] | None = None) -> dict:
+    """The dK/dV kernel's tiles: the backward's, except that with a dbias summed over batch groups across
+    several q-tiles (the read-add-write band) the q-tile is 32 wide (and on sm_80 the key tile too): 64-wide,
+    that kernel spills 12-576 B with a float32 bias (fp16/fp32 inputs) on sm_90 and 136-208 B on sm_80."""
+    if device.type != "cuda" or not shared_dbias or n_q <= cfg["BLOCK_M"]:
+        return cfg
+    major = (capability or torch.cuda.get_device_capability(device))[0]
+    return dict(cfg, BLOCK_M=32, BLOCK_N=32 if major < 9 else cfg["BLOCK_N"])
 
 
 def _batch_groups(programs_per_group: int, B: int, device: torch.device, sms: int | None = None) -> int:
@@ -498,12 +545,14 @@ def attention_forward(q, k, v, bias, scale: float):
     configs = forward_configs(n_q, d, q.dtype, q.device)
     kernel, launch = _forward_kernel(configs)
     block_n = configs[0]["BLOCK_N"]
+    peel = peel_tiles(q.dtype, configs[0]["BLOCK_D"])
     kernel[lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]) * B * H,)](
         q, k, v, b4 if b4 is not None else q, out, lse2,
         *q.stride(), *k.stride(), *v.stride(), *sbias, *out.stride(),
         H, n_q, n_k, scale * LOG2E,
-        HAS_BIAS=bias is not None, BIAS_LOG2=bias_log2, PRESCALE_Q=q.dtype == torch.float32,
-        FULL_TILES=n_k // block_n, HAS_TAIL=n_k % block_n != 0, HEAD_DIM=d,
+        HAS_BIAS=bias is not None, BIAS_LOG2=bias_log2, PRESCALE_Q=q.dtype == torch.float32, PEEL=peel,
+        FULL_TILES=full_tiles(n_k, block_n, peel),
+        HAS_TAIL=n_k % block_n != 0, HEAD_DIM=d,
         PRECISION=dot_precision(q.dtype), UPCAST=interpreter_upcast(q), **launch,
     )
     return out, lse2
@@ -518,8 +567,7 @@ def attention_backward(grad_out, q, k, v, bias, out, lse2, scale: float, need_db
     B, H, n_q, d = q.shape
     n_k = k.shape[2]
     cfg = _blocks(n_q, d, q.dtype, q.device, backward=True)
-    block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    common = dict(HEAD_DIM=d, PRECISION=dot_precision(q.dtype), UPCAST=interpreter_upcast(q), **cfg)
+    prec, upcast = dot_precision(q.dtype), interpreter_upcast(q)
     b4, sbias, bias_log2 = prepare_bias(bias, q)
     bias_arg = b4 if b4 is not None else q
     has_bias = bias is not None
@@ -528,16 +576,19 @@ def attention_backward(grad_out, q, k, v, bias, out, lse2, scale: float, need_db
     dq = _buffers.empty_like(q)
     dk = _buffers.empty_like(k)
     dv = _buffers.empty_like(v)
-    _attention_bwd_dq_kernel[(triton.cdiv(n_q, block_m) * B * H,)](
+    peel = peel_tiles(q.dtype, cfg["BLOCK_D"])
+    _attention_bwd_dq_kernel[(triton.cdiv(n_q, cfg["BLOCK_M"]) * B * H,)](
         q, k, v, bias_arg, out, grad_out, lse2, delta, dq,
         *q.stride(), *k.stride(), *v.stride(), *sbias, *out.stride(), *grad_out.stride(), *dq.stride(),
         H, n_q, n_k, scale, scale * LOG2E,
-        HAS_BIAS=has_bias, BIAS_LOG2=bias_log2, FULL_TILES=n_k // block_n, HAS_TAIL=n_k % block_n != 0, **common,
+        HAS_BIAS=has_bias, BIAS_LOG2=bias_log2, PEEL=peel, FULL_TILES=full_tiles(n_k, cfg["BLOCK_N"], peel),
+        HAS_TAIL=n_k % cfg["BLOCK_N"] != 0, HEAD_DIM=d, PRECISION=prec, UPCAST=upcast, **cfg,
     )
 
-    k_tiles = triton.cdiv(n_k, block_n)
     per_batch = need_dbias and b4.shape[0] == B  # B == 1: any bias is per-batch (dS stored directly)
     mode = 0 if not need_dbias else (1 if per_batch else 2)
+    kcfg = dkdv_blocks(cfg, n_q, mode == 2, q.device)
+    k_tiles = triton.cdiv(n_k, kcfg["BLOCK_N"])
     per_group, groups, dbuf = 1, B, None
     if mode == 2:
         groups = _batch_groups(k_tiles * H, B, q.device)
@@ -551,7 +602,9 @@ def attention_backward(grad_out, q, k, v, bias, out, lse2, scale: float, need_db
         *q.stride(), *k.stride(), *v.stride(), *sbias, *grad_out.stride(), *dk.stride(), *dv.stride(),
         *(dbuf.stride() if dbuf is not None else (0, 0, 0, 0)),
         B, H, n_q, n_k, scale, scale * LOG2E,
-        HAS_BIAS=has_bias, BIAS_LOG2=bias_log2, DBIAS_MODE=mode, GROUP=per_group, Q_TILES=triton.cdiv(n_q, block_m), **common,
+        HAS_BIAS=has_bias, BIAS_LOG2=bias_log2, DBIAS_MODE=mode, GROUP=per_group,
+        Q_TILES=triton.cdiv(n_q, kcfg["BLOCK_M"]), ONE_Q_TILE=n_q <= kcfg["BLOCK_M"], HEAD_DIM=d, PRECISION=prec,
+        UPCAST=upcast, **kcfg,
     )
 
     if not need_dbias:
