@@ -97,6 +97,10 @@ TARGETS = [
            r"B4 160px .*", "variant:ours-full", 0.55, "cpu"),
     Target(8, "sparse conv (C++) at 40% density beats F.conv2d + re-masking", "sparse_conv2d", r"B4 160px .*",
            "speedup", 1.0, "cpu"),
+    Target(23, "SparK encoder fwd+bwd at 60% masked >= 1.8x dense + re-masking (CPU, 1 thread)", "spark_encoder",
+           r"B2 160px fwd\+bwd", "speedup", 1.8, "cpu",
+           "ideal 2.5x (40% of the sites active); fixed costs that do not scale with density: weight gradients "
+           "(written whole), their accumulation, per-layer launch/indexing; missing im2col taps are multiplied"),
 ]
 
 

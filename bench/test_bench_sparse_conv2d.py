@@ -287,7 +287,7 @@ def test_sparse_encoder_cpu(bench, one_thread, name, provider):
     run = _encoder_step(name, 2, 160, torch.float32, "cpu", None if provider == "ours" else "reference")
     run()
     bench(run, kernel="spark_encoder", provider=provider, shape=f"{name} B2 160px fwd+bwd", dtype=torch.float32,
-          device="cpu", rounds=3, threads=one_thread)
+          device="cpu", rounds=5, threads=one_thread)
 
 
 @pytest.mark.cuda
