@@ -14,12 +14,14 @@ Kernels (three launches per training step, plus one elementwise bias preparation
   element, ``S2 = (Q K^T) * scale log2e + bias2``, with ``bias2 = bias * log2e`` prepared once per call when
   the bias is shared over the batch (:func:`prepare_bias`: in bf16 for bf16 inputs, else float32; read B times
   from L2 by the kernels); a float32 q is pre-scaled by ``scale log2e`` in registers instead (exact to one
-  rounding; a 16-bit q is not, since rounding ``q * scale`` to 16 bits would add an error to every score). The
-  key tiles are peeled: ``N_K // BLOCK_N`` full tiles without column masks, then one masked tail tile (N=197
-  at BLOCK_N=64: three unmasked tiles and one tail).
+  rounding; a 16-bit q is not, since rounding ``q * scale`` to 16 bits would add an error to every score). For
+  2-byte inputs at d = 64 (:func:`peel_tiles`) the key tiles are peeled: ``N_K // BLOCK_N`` full tiles without
+  column masks, then one masked tail tile (N=197 at BLOCK_N=64: three unmasked tiles and one tail); elsewhere
+  every tile is masked, because the peeled kernels spill there (fp32, d = 32 and d = 128 on sm_80).
+  ``forward_configs`` adds 128-row q-tiles with 8 warps as an autotune candidate (half the K/V re-reads).
 * ``_attention_bwd_dq_kernel`` (dQ and delta), one program per (q-tile, b, h), runs first: it computes
   ``delta = rowsum(dO * O)`` for its rows (no pre-pass kernel), stores it for the dK/dV kernel, and
-  accumulates dQ over the key tiles (peeled like the forward).
+  accumulates dQ over the key tiles (peeled like the forward, under the same rule).
 * ``_attention_bwd_dkdv_kernel`` (dK, dV, dbias), one program per (k-tile, h, group of ``GROUP`` batch
   elements), looping over its batch elements in increasing order and, for each, over the q-tiles. For a bias
   shared over the batch the program owns the dbias column band ``[all q rows, its k-tile]`` of its group's
@@ -29,7 +31,8 @@ Kernels (three launches per training step, plus one elementwise bias preparation
   element is the one that re-reads it for the next batch element: a same-thread read-after-write). The
   partials of the ``G`` groups are summed by one ``torch.sum`` over a [G, H, N, N] float32 buffer, or written
   in place when one group covers the batch. dbias is therefore deterministic by construction, in every mode.
-  A per-batch bias ([B,H,N,N]) gets ``dS`` stored directly (``GROUP = 1``).
+  A per-batch bias ([B,H,N,N]) gets ``dS`` stored directly (``GROUP = 1``). With the band in memory the
+  kernel's q-tile is 32 wide (:func:`dkdv_blocks`; at 64 it spills), which also pads N=197 to 224, not 256.
 
 Cost model (per (b, h), ``Np_q``/``Np_k`` = N padded to the q/k tiles, ``e`` = bytes per element):
 
