@@ -194,6 +194,35 @@ def test_peeled_and_masked_key_loops(device, poisoned_alloc, monkeypatch, peel, 
         assert_close(g, r, dtype=torch.float32, name=name)
 
 
+@interpreter
+def test_forward_autotunes_between_candidates(device, poisoned_alloc, monkeypatch):
+    """The CUDA launcher's autotuned forward (two tile candidates, here 32- and 64-row q-tiles) under the
+    interpreter, timed on the host: either candidate's result is the float64 reference's, and the backward
+    (its own tiles) takes the autotuned forward's lse2."""
+    import time
+
+    from kernels.attn import attention_triton as triton_kernels
+
+    def host_bench(fn, quantiles=None):
+        t0 = time.perf_counter()
+        fn()
+        return [time.perf_counter() - t0] * 3
+
+    cands = [triton_kernels._launch(32, 32, 32, 4, 1), triton_kernels._launch(64, 32, 32, 4, 1)]
+    monkeypatch.setattr(triton_kernels, "AUTOTUNE_BENCH", host_bench)
+    monkeypatch.setattr(triton_kernels, "_FWD_TUNED", {})
+    monkeypatch.setattr(triton_kernels, "forward_configs", lambda *args, **kw: cands)
+    B, H, N, d = 2, 2, 50, 32
+    q, k, v, bias = _fresh(B, H, N, N, d, torch.float32, device, "shared")
+    grad = torch.randn(B, H, N, d, device=device)
+    out, grads = _run(q, k, v, bias, grad, "triton")
+    ref, ref_grads = _reference64(q, k, v, bias, grad)
+    assert len(triton_kernels._FWD_TUNED) == 1
+    assert_close(out, ref, dtype=torch.float32, name="out")
+    for name, g, r in zip(NAMES, grads, ref_grads):
+        assert_close(g, r, dtype=torch.float32, name=name)
+
+
 def test_forward_candidates_and_batch_groups():
     """The launch plan without a GPU: the 128-row, 8-warp forward tile is an autotune candidate for 2-byte inputs
     with d <= 64 next to the default; the dK/dV batch groups fill ~4 programs per SM (ViT-B on 132 SMs: 11

@@ -521,6 +521,7 @@ def prepare_bias(bias: torch.Tensor | None, q: torch.Tensor):
 
 
 _FWD_TUNED: dict = {}
+AUTOTUNE_BENCH = None  # triton.autotune's ``do_bench`` (None: Triton's GPU timer); the tests time the interpreter
 
 
 def _forward_kernel(configs: list[dict]):
@@ -532,7 +533,7 @@ def _forward_kernel(configs: list[dict]):
     if key not in _FWD_TUNED:
         tune = [triton.Config({n: c[n] for n in ("BLOCK_M", "BLOCK_N", "BLOCK_D")}, num_warps=c["num_warps"],
                               num_stages=c["num_stages"]) for c in configs]
-        _FWD_TUNED[key] = triton.autotune(tune, key=["H", "N_Q", "N_K"])(_attention_fwd_kernel)
+        _FWD_TUNED[key] = triton.autotune(tune, key=["H", "N_Q", "N_K"], do_bench=AUTOTUNE_BENCH)(_attention_fwd_kernel)
     return _FWD_TUNED[key], {}
 
 
