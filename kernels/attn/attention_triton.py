@@ -40,7 +40,8 @@ Cost model (per (b, h), ``Np_q``/``Np_k`` = N padded to the q/k tiles, ``e`` = b
   bytes ``4 N d e`` (q, k, v read, o written) + ``4 N`` (L2) + the bias once per step; K/V re-read from L2
   ``ceil(N / BLOCK_M)`` times, the bias tile once per (b, h); 1 launch (+1 bias preparation).
 * backward: 7 tile GEMMs -- dQ kernel 3 (``Q K^T``, ``dO V^T``, ``dS K``), dK/dV kernel 4 (``K Q^T``,
-  ``V dO^T``, ``P^T dO``, ``dS^T Q``) -- so ``14 Np_q Np_k d`` FLOPs issued (FlashAttention-2's single kernel
+  ``V dO^T``, ``P^T dO``, ``dS^T Q``) -- so ``14 Np_q Np_k d`` FLOPs issued, each kernel over its own padding
+  (ViT-B: dQ 256 x 256, dK/dV 224 x 256 with its 32-wide q-tile) (FlashAttention-2's single kernel
   does 5 with float32 atomics on dQ; here S and dP are recomputed once more so that nothing is atomic). HBM
   bytes ``9 N d e`` (q, k, v, o, dO read; dq, dk, dv written) + ``8 N`` (L2 read, delta written and read) +
   dbias ``4 G H N^2`` float32 partials written and read once by the group sum; 2 launches (+1 bias
