@@ -926,9 +926,44 @@ void check_npad(const Geom& g, bool depthwise, int64_t npad, int64_t need, bool 
   (void)g;
 }
 
+// dst[r] = act[r] ? src[rank(r)] : 0 for every row r < nrows (rank(r) = active rows before r): the rows of the
+// active sites, in ascending site order, scattered into a full buffer in one pass (each dst byte written once;
+// a zero fill followed by an index copy writes the active rows twice).
+template <typename T>
+void scatter_rows_t(const T* src, const uint8_t* act, int64_t nrows, int64_t C, T* dst, int nthreads) {
+  std::vector<int64_t> rank(static_cast<size_t>(nrows));
+  int64_t r = 0;
+  for (int64_t i = 0; i < nrows; ++i) {
+    rank[static_cast<size_t>(i)] = r;
+    r += act[i] != 0;
+  }
+  const size_t bytes = static_cast<size_t>(C) * sizeof(T);
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+  for (int64_t i = 0; i < nrows; ++i) {
+    if (act[i])
+      std::memcpy(dst + i * C, src + rank[static_cast<size_t>(i)] * C, bytes);
+    else
+      std::memset(dst + i * C, 0, bytes);
+  }
+}
+
 }  // namespace
 
 void register_sparse_conv(py::module_& m) {
+  m.def(
+      "sparse_conv2d_scatter_rows",
+      [](uintptr_t src, uintptr_t act, int64_t nrows, int64_t C, uintptr_t dst, bool is_double, int nthreads) {
+        if (nrows < 0 || C < 0) throw std::invalid_argument("sparse_conv2d_scatter_rows: negative size");
+        py::gil_scoped_release release;
+        const auto* a = reinterpret_cast<const uint8_t*>(act);
+        if (is_double)
+          scatter_rows_t<double>(reinterpret_cast<const double*>(src), a, nrows, C, reinterpret_cast<double*>(dst),
+                                 nthreads);
+        else
+          scatter_rows_t<float>(reinterpret_cast<const float*>(src), a, nrows, C, reinterpret_cast<float*>(dst),
+                                nthreads);
+      },
+      "dst [nrows, C] = the active rows' src rows (src [count(act), C], ascending order), zeros elsewhere.");
   m.def(
       "sparse_conv2d_pack",
       [](uintptr_t src, uintptr_t dst, int64_t cout, int64_t cin, int64_t k, int64_t npad, int mode, bool is_double,

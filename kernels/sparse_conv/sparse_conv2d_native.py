@@ -155,10 +155,18 @@ def _gather(t2d, idx, valid):
     return rows if valid is None else rows * valid.unsqueeze(1).to(rows.dtype)
 
 
-def _scatter(shape, idx, rows, like):
-    """A zero-filled ``shape`` buffer from ``kernels._buffers`` with ``rows`` at the flat sites ``idx``."""
+def _scatter(shape, idx, rows, like, active=None):
+    """A ``shape`` buffer from ``kernels._buffers`` with ``rows`` at the flat sites ``idx``, zeros elsewhere.
+    ``active``: the map whose active sites are exactly ``idx`` (ascending): one pass in C++, each element
+    written once; otherwise a zero fill and an index copy."""
     out = _buffers.empty(shape, like.dtype, like.device)
     flat = out.view(-1, shape[-1])
+    if active is not None and flat.shape[0] == active.numel():
+        rows, act = rows.contiguous(), as_u8(active)  # held: as_u8 may copy
+        _backend.native().sparse_conv2d_scatter_rows(
+            rows.data_ptr(), act.data_ptr(), flat.shape[0], flat.shape[1], flat.data_ptr(),
+            flat.dtype == torch.float64, _backend.native_threads())
+        return out
     flat.zero_()
     flat.index_copy_(0, idx, rows)
     return out
@@ -182,14 +190,14 @@ def forward(x_nhwc, active_in, active_out, weight, bias, stride, padding, dilati
         rows = _gather(x_nhwc.view(-1, Cin), i, valid)
         w2 = weight.reshape(Cout, Cin).t()
         rows = torch.addmm(bias, rows, w2) if bias is not None else rows @ w2
-        return _scatter((B, Ho, Wo, Cout), o, rows, x_nhwc)
+        return _scatter((B, Ho, Wo, Cout), o, rows, x_nhwc, active_out)
     if out is None and _use_im2col(weight.shape, depthwise):
         geom = (KH, KW, tuple(stride), tuple(padding), tuple(dilation))
         o, idx, valid = _im2col_index(active_in, active_out, *geom)
         w2 = weight.reshape(Cout, Cin * KH * KW).t()
         p = _patches(x_nhwc.view(-1, Cin), idx, valid)
         rows = torch.addmm(bias, p, w2) if bias is not None else p @ w2
-        return _scatter((B, Ho, Wo, Cout), o, rows, x_nhwc)
+        return _scatter((B, Ho, Wo, Cout), o, rows, x_nhwc, active_out)
     wp, npad = pack_forward_weight(weight, depthwise)
     bp = None
     if bias is not None:
@@ -220,7 +228,8 @@ def backward_input(g_nhwc, active_in, active_out, weight, stride, padding, dilat
         rows = g_nhwc.view(-1, Cout).index_select(0, o) @ weight.reshape(Cout, Cin)
         if valid is not None:  # outputs whose input is inactive send no gradient
             i, rows = i[valid], rows[valid]
-        return _scatter((B, H, W, Cin), i, rows, g_nhwc)
+        same = valid is None and i is o  # stride 1, same size: the input sites are active_out's sites
+        return _scatter((B, H, W, Cin), i, rows, g_nhwc, active_out if same else None)
     if out is None and _use_im2col(weight.shape, depthwise):
         geom = (KH, KW, tuple(stride), tuple(padding), tuple(dilation))
         o, idx, valid = _im2col_index(active_in, active_out, *geom)
