@@ -60,6 +60,7 @@ def test_simmim_checkpoint_both_runs_eval_json_and_eval_all(simmim_run, tmp_path
     assert code == 0
     line = last_line(out)
     assert line.startswith("finetune_top1 pretrained=") and " random_init=" in line, out
+    assert "(EMA: pretrained=" in line, out  # the CPU preset keeps a weight EMA (model_ema: true)
     assert "shared relative position bias copied into the 2 layers' tables" in out
     for run in (tmp_path / "ft", tmp_path / "ft" / "random_init"):
         assert (run / "checkpoint-last.pt").is_file() and (run / "checkpoint-best.pt").is_file()
@@ -67,8 +68,13 @@ def test_simmim_checkpoint_both_runs_eval_json_and_eval_all(simmim_run, tmp_path
         assert best["metric"] == "top1"
         logs = [json.loads(x) for x in open(run / "log.jsonl")]
         assert any("top1" in r and "top5" in r for r in logs) and any("loss" in r for r in logs)
+        assert any("top1_ema" in r and "top5_ema" in r for r in logs)
+        assert json.loads((run / "best_ema.json").read_text())["metric"] == "top1_ema"
+        assert (run / "checkpoint-best_ema.pt").is_file()
+        assert ckpt.load(run / ckpt.LAST)["model_ema"]["updates"] > 0
     res = json.loads((simmim_run / "eval.json").read_text())["finetune/cpu"]
     assert 0 <= res["finetune_top1"] <= 100 and 0 <= res["random_init_top1"] <= 100
+    assert 0 <= res["finetune_top1_ema"] <= 100 and 0 <= res["random_init_best_top1_ema"] <= 100
     assert res["train_fraction"] == 0.1
     # the fine-tuned checkpoint is a checkpoint of the same trainer: engine.eval reads it too
     from engine import eval as ev
@@ -91,9 +97,11 @@ def test_resume_is_exact(simmim_run, tmp_path, capsys):
     full = [json.loads(x)["loss"] for x in open(tmp_path / "full" / "log.jsonl")]
     part = [json.loads(x)["loss"] for x in open(tmp_path / "part" / "log.jsonl")]
     assert len(full) == 8 and part == full  # bitwise (CPU fp32): mixup, RandAugment, erasing, drop path keyed
-    a = ckpt.load(tmp_path / "full" / ckpt.LAST)["model"]
-    b = ckpt.load(tmp_path / "part" / ckpt.LAST)["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    a, b = (ckpt.load(tmp_path / run / ckpt.LAST) for run in ("full", "part"))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    ema_a, ema_b = a["model_ema"]["module"], b["model_ema"]["module"]  # the preset's weight EMA, restored exactly
+    assert a["model_ema"]["updates"] == b["model_ema"]["updates"] == 8
+    assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
 
 
 def test_spark_resnet_and_convnext_checkpoints(tmp_path, capsys):

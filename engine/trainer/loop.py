@@ -19,7 +19,11 @@ Output folder: nothing in it is deleted or replaced before the first optimizer s
 (a fresh run's old ``log.jsonl`` is dropped then; a resumed run's log is cut back to the resumed step).
 
 Checkpoints (rank 0, atomic, checksummed) hold everything needed to continue the exact same run: model,
-optimizer, grad scaler, step (= schedule position), every rank's RNG states and the data loader position.
+optimizer, grad scaler, step (= schedule position), every rank's RNG states, the data loader position and,
+with ``--model-ema``, the weight EMA (:mod:`engine.trainer.model_ema`, updated after every optimizer step,
+evaluated beside the model with its keys suffixed ``_ema``). They are written every ``--save-every-epochs``
+epochs (default 1), every ``--save-every`` steps, at the end, before an evaluation that may keep the best
+(``checkpoint-best.pt`` is then a copy of exactly the evaluated weights) and on a stop request.
 :meth:`Trainer.request_stop` (called by the CLI's SIGTERM/SIGINT handler) makes the run save a checkpoint at
 the next step boundary and return with ``summary["preempted"]`` set; all ranks agree on it.
 """
