@@ -19,8 +19,9 @@ How results are compared:
   these sizes would be either loose or flaky;
 * nearest-code picks by similarity (the best code's similarity minus the picked one's), never by index:
   near-ties flip with the accumulation order;
-* non-deterministic modes (atomics) are checked against the reference twice, with a tolerance, never
-  bitwise; the deterministic dbias mode is checked bitwise between two runs.
+* the EMA update's atomics are checked against the reference with a tolerance, never bitwise; attention's
+  dbias (no atomics since the batch-grouped backward; "shared-atomic" is the default-mode case) is checked
+  bitwise between two runs in both modes.
 """
 
 from __future__ import annotations
@@ -141,12 +142,12 @@ def test_attention_real_shapes(device, case, bias_kind):
         for n, a, lo, e in zip(names, got, lowp, exact):
             assert a.dtype == (torch.float32 if n == "dbias" else dtype), (n, a.dtype)
             assert_like_torch(f"{name} {bias_kind} {n}", a, lo, e, eps)
-        if bias_kind.startswith("shared"):  # a second run: bitwise in deterministic mode, close with atomics
+        if bias_kind.startswith("shared"):
+            # a second run, bitwise in both modes: the backward has no atomics (the batch-grouped dK/dV kernel
+            # sums dbias in a fixed order; at N=197 through its read-add-write band in global memory, which this
+            # is the only check of on real hardware)
             again = _attention_run(q, k, v, bias, det, "triton", gout)
-            if det:
-                assert torch.equal(again[-1], got[-1]), "deterministic dbias differs between two runs"
-            else:
-                assert_like_torch(f"{name} dbias (2nd run, atomics)", again[-1], lowp[-1], exact[-1], eps)
+            assert torch.equal(again[-1], got[-1]), f"{name} {bias_kind}: dbias differs between two runs"
     finally:
         torch.set_float32_matmul_precision(old)
 
