@@ -13,7 +13,7 @@ CLI::
     python -m engine.eval linear --checkpoint PATH [--data DIR] [--epochs 100] [--lr 0.1]
     python -m engine.eval all    --checkpoint PATH [PATH ...]      # both, one table row per checkpoint
 
-``all`` also shows ``finetune_top1`` when the checkpoint's eval.json holds a fine-tuning result (written by
+``all`` also shows ``finetune_top1`` (and ``finetune_top1_ema``) when the checkpoint's eval.json holds a fine-tuning result (written by
 ``python -m engine.finetune --checkpoint PATH``).
 
 Each result is also merged into ``eval.json`` next to the checkpoint (key ``pretrained/<pool>`` or
@@ -249,7 +249,8 @@ def format_table(rows: list[dict]) -> str:
 def finetune_columns(checkpoint, random_init: bool = False) -> dict:
     """The fine-tuning top-1 that ``engine.finetune`` merged into the checkpoint's eval.json (keys
     ``finetune/<preset>``): ``{"finetune_top1": v}``, one ``finetune_top1[<preset>]`` column per preset when
-    there are several; the random-init baseline's value for ``--random-init`` rows."""
+    there are several; ``finetune_top1_ema`` likewise when the run kept a weight EMA; the random-init baseline's
+    values for ``--random-init`` rows."""
     import json
 
     path = results_file(checkpoint)
@@ -257,12 +258,18 @@ def finetune_columns(checkpoint, random_init: bool = False) -> dict:
         data = json.loads(path.read_text()) if path.is_file() else {}
     except ValueError:
         data = {}
-    field = "random_init_top1" if random_init else "finetune_top1"
-    found = {k.split("/", 1)[1]: v[field] for k, v in sorted(data.items())
-             if k.startswith("finetune/") and isinstance(v, dict) and isinstance(v.get(field), (int, float))}
-    if len(found) == 1:
-        return {"finetune_top1": float(next(iter(found.values())))}
-    return {f"finetune_top1[{name}]": float(v) for name, v in found.items()}
+    prefix = "random_init" if random_init else "finetune"
+    columns = {}
+    presets = [k for k, v in data.items() if k.startswith("finetune/") and isinstance(v, dict)]
+    for suffix in ("", "_ema"):  # the weight EMA's top-1 (--model-ema) as its own column, when recorded
+        field = f"{prefix}_top1{suffix}"
+        found = {k.split("/", 1)[1]: v[field] for k, v in sorted(data.items())
+                 if k in presets and isinstance(v.get(field), (int, float))}
+        if len(found) == 1 and len(presets) == 1:
+            columns[f"finetune_top1{suffix}"] = float(next(iter(found.values())))
+        else:
+            columns.update({f"finetune_top1{suffix}[{name}]": float(v) for name, v in found.items()})
+    return columns
 
 
 def evaluate_checkpoint(args, checkpoint, device, parser) -> dict:

@@ -94,3 +94,20 @@ def test_eval_cli_knn_and_linear(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "engine.eval", "knn", "--checkpoint", str(tmp_path / "nope")],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "no checkpoint" in bad.stderr
+
+
+def test_finetune_columns_read_eval_json_with_and_without_ema(tmp_path):
+    import json
+
+    from engine.eval import finetune_columns
+
+    path = tmp_path / "eval.json"
+    assert finetune_columns(tmp_path) == {}
+    path.write_text(json.dumps({"knn": {"top1": 50.0}, "finetune/cpu": {
+        "finetune_top1": 80.0, "finetune_top1_ema": 79.5, "random_init_top1": 70.0, "random_init_top1_ema": 69.0}}))
+    assert finetune_columns(tmp_path) == {"finetune_top1": 80.0, "finetune_top1_ema": 79.5}
+    assert finetune_columns(tmp_path, random_init=True) == {"finetune_top1": 70.0, "finetune_top1_ema": 69.0}
+    path.write_text(json.dumps({"finetune/cpu": {"finetune_top1": 80.0},
+                                "finetune/x": {"finetune_top1": 81.0, "finetune_top1_ema": 82.0}}))
+    assert finetune_columns(tmp_path) == {"finetune_top1[cpu]": 80.0, "finetune_top1[x]": 81.0,
+                                          "finetune_top1_ema[x]": 82.0}

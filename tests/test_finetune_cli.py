@@ -84,6 +84,7 @@ def test_simmim_checkpoint_both_runs_eval_json_and_eval_all(simmim_run, tmp_path
     header = [ln for ln in table.splitlines() if ln.startswith("checkpoint")][0]
     assert "finetune_top1" in header and "knn_top1" in header and "linear_top1" in header
     assert f"{res['finetune_top1']:.2f}" in table
+    assert "finetune_top1_ema" in header and f"{res['finetune_top1_ema']:.2f}" in table
 
 
 def test_resume_is_exact(simmim_run, tmp_path, capsys):
