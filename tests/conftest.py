@@ -69,3 +69,15 @@ def poison(t):
     if t.is_floating_point():
         return t.fill_(float("nan"))
     return t.fill_(-(2**30) if t.dtype != torch.bool else True)
+
+
+@pytest.fixture
+def poison_outputs(monkeypatch):
+    """Every buffer the native/Triton launchers allocate (``kernels._buffers.empty``) starts NaN (or a
+    sentinel), so unwritten elements fail. Kernel test files apply it with
+    ``pytestmark = pytest.mark.usefixtures("poison_outputs")``."""
+
+    def alloc(shape, dtype, device):
+        return poison(torch.empty(shape, dtype=dtype, device=device))
+
+    monkeypatch.setattr("kernels._buffers.empty", alloc)

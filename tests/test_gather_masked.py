@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from _masked import f64, fixed_mask, poison_outputs, triton_backend  # noqa: F401 (poison_outputs: autouse)
+from _masked import f64, fixed_mask, triton_backend
 from conftest import assert_close
 
 import kernels
@@ -11,7 +11,7 @@ from kernels.masked import gather_masked_triton as gather_triton
 from kernels.masked.gather_masked import validate as validate_gather
 from kernels.masked.reference import gather_masked_reference
 
-pytestmark = pytest.mark.interpreter
+pytestmark = [pytest.mark.interpreter, pytest.mark.usefixtures("poison_outputs")]  # tests/conftest.py
 
 FLOATS = [torch.float32, torch.bfloat16, torch.float16]
 

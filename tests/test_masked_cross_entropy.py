@@ -3,7 +3,7 @@ the custom op."""
 
 import pytest
 import torch
-from _masked import f64, fixed_mask, grads, poison_outputs, triton_backend  # noqa: F401 (autouse fixture)
+from _masked import f64, fixed_mask, grads, triton_backend
 from conftest import TOLERANCES, assert_close
 
 import kernels
@@ -12,7 +12,7 @@ from kernels.masked import masked_cross_entropy_triton as ce_triton
 from kernels.masked.masked_cross_entropy import validate as validate_ce
 from kernels.masked.reference import masked_cross_entropy_reference, masked_cross_entropy_rows_reference
 
-pytestmark = pytest.mark.interpreter
+pytestmark = [pytest.mark.interpreter, pytest.mark.usefixtures("poison_outputs")]  # tests/conftest.py
 
 FLOATS = [torch.float32, torch.bfloat16, torch.float16]
 

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from _masked import f64, grads, poison_outputs, triton_backend  # noqa: F401 (poison_outputs: autouse)
+from _masked import f64, grads, triton_backend
 from conftest import TOLERANCES, assert_close
 
 import kernels
@@ -10,7 +10,7 @@ from kernels.masked import masked_token_scatter_triton as triton_scatter
 from kernels.masked.masked_token_scatter import validate as validate_scatter
 from kernels.masked.reference import masked_token_scatter_reference
 
-pytestmark = pytest.mark.interpreter
+pytestmark = [pytest.mark.interpreter, pytest.mark.usefixtures("poison_outputs")]  # tests/conftest.py
 
 FLOATS = [torch.float32, torch.bfloat16, torch.float16]
 

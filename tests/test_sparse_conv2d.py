@@ -27,14 +27,7 @@ from kernels.sparse_conv.reference import sparse_conv2d_reference
 needs_native = pytest.mark.skipif(bool(native_reasons()), reason="kernels._C is not built")
 
 
-@pytest.fixture(autouse=True)
-def poison_outputs(monkeypatch):
-    """Every buffer the native/Triton launchers allocate starts NaN (or a sentinel), so unwritten elements fail."""
-
-    def alloc(shape, dtype, device):
-        return poison(torch.empty(shape, dtype=dtype, device=device))
-
-    monkeypatch.setattr("kernels._buffers.empty", alloc)
+pytestmark = pytest.mark.usefixtures("poison_outputs")  # tests/conftest.py
 
 
 def _inputs(B, C, Cout, H, W, k, groups, density, dtype, *, noncontig=False, garbage=True):

@@ -4,7 +4,7 @@ coarse unit masks, outputs of the native kernels poisoned first."""
 
 import pytest
 import torch
-from conftest import TOLERANCES, assert_close, poison
+from conftest import TOLERANCES, assert_close
 
 import kernels
 from kernels._backend import native_reasons
@@ -13,12 +13,7 @@ from kernels.sparse_conv import sparse_context, upsample_active
 needs_native = pytest.mark.skipif(bool(native_reasons()), reason="kernels._C is not built")
 
 
-@pytest.fixture(autouse=True)
-def poison_outputs(monkeypatch):
-    def alloc(shape, dtype, device):
-        return poison(torch.empty(shape, dtype=dtype, device=device))
-
-    monkeypatch.setattr("kernels._buffers.empty", alloc)
+pytestmark = pytest.mark.usefixtures("poison_outputs")  # tests/conftest.py
 
 
 def _mask(B, gh, gw, unit):
