@@ -22,6 +22,7 @@ from kernels.sparse_conv import (
 )
 from kernels.sparse_conv.sparse_conv2d import OP as sparse_conv_op
 from kernels.sparse_conv.sparse_conv2d import SparseConv2dInputs
+from kernels.sparse_conv.active import unit_structure, unit_tiling
 from kernels.sparse_conv.reference import sparse_conv2d_reference
 
 needs_native = pytest.mark.skipif(bool(native_reasons()), reason="kernels._C is not built")
@@ -321,6 +322,186 @@ def test_triton_low_precision(dtype, groups, device):
     assert_close(out, ref, dtype=dtype, name="out", **tol)
     for g, r, name in zip(grads, refs, ("dx", "dweight", "dbias")):
         assert_close(g, r, dtype=dtype, name=name, **tol)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Triton, tiled over whole mask units (maps built from a coarse unit mask: kernels/sparse_conv2d_units_triton.py)
+
+
+def _unit_case(B, C, Cout, grid_hw, unit, k, groups, dtype, device, *, noncontig=False, density=0.5):
+    """x on a map upsampled from a coarse [B, Hc, Wc] unit mask (so marked with its units); garbage at inactive
+    sites (the op treats them as zeros, the kernels must not read them)."""
+    Hc, Wc = grid_hw
+    coarse = (torch.rand(B, Hc, Wc) < density).to(device)
+    coarse[0, 0, 0] = True  # never empty
+    if B > 1:
+        coarse[-1, -1, -1] = False  # never full
+    active = upsample_active(coarse, unit)
+    x, _, w, b = _inputs(B, C, Cout, Hc * unit, Wc * unit, k, groups, 1.0, dtype, noncontig=noncontig)
+    return x.to(device), active, w.to(device), b.to(device)
+
+
+def _forbid_site_path(monkeypatch, dx_too=True):
+    from kernels.sparse_conv import sparse_conv2d_triton as tk
+
+    def boom(*a, **k):
+        raise AssertionError("the site-list kernels ran where the unit kernels should")
+
+    monkeypatch.setattr(tk, "forward", boom)
+    monkeypatch.setattr(tk, "backward_weight", boom)
+    if dx_too:
+        monkeypatch.setattr(tk, "backward_input", boom)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize(
+    "B,C,Cout,grid_hw,unit,k,stride,depthwise",
+    [
+        (3, 5, 7, (3, 2), 1, 3, 1, False),  # 1-site units: many units per tile
+        (1, 20, 37, (2, 3), 2, 3, 1, False),  # channels over one block, with tails
+        (3, 6, 5, (2, 2), 4, 1, 1, False),
+        (1, 7, 9, (3, 2), 3, 3, 1, False),  # 9-site units (not a power of 2)
+        (1, 5, 6, (2, 1), 8, 3, 1, False),  # 64-site units: several tiles per unit
+        (1, 5, 6, (3, 2), 4, 3, 2, False),  # stride 2: dx by parity class
+        (3, 4, 9, (2, 2), 2, 1, 2, False),  # 1x1 stride 2: three of the four classes have no tap
+        (1, 3, 8, (2, 2), 4, 7, 2, False),  # the 7x7 stride-2 stem
+        (1, 6, 6, (3, 3), 1, 7, 1, True),  # 7x7 depthwise on 1-site units: 3 units of reach
+        (3, 5, 5, (2, 2), 2, 7, 1, True),
+        (1, 6, 6, (2, 3), 4, 3, 2, True),
+    ],
+)
+def test_triton_unit_path_matches_reference(monkeypatch, B, C, Cout, grid_hw, unit, k, stride, depthwise, dtype,
+                                            device):
+    groups = C if depthwise else 1
+    x, active, w, b = _unit_case(B, C, Cout, grid_hw, unit, k, groups, dtype, device, noncontig=(k == 3))
+    a_out = downsample_active(active, stride)
+    inputs = SparseConv2dInputs(x, active, a_out, w, b, (stride,) * 2, (k // 2,) * 2, (1, 1), groups)
+    assert inputs.triton_path.startswith("units: tiled over"), inputs.triton_path
+    _forbid_site_path(monkeypatch)
+    _check_against_reference(x, active, w, b, stride, k // 2, groups, dtype, "triton",
+                             atol=None if dtype == torch.float64 else 1e-5 * k * k * C)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("depthwise", [False, True])
+def test_triton_unit_launchers_write_every_element(depthwise, device):
+    """Poisoned output buffers (and the fixture's poisoned partials): inactive units come back exactly 0."""
+    from kernels.sparse_conv import sparse_conv2d_units_triton as tu
+
+    C, Cout = (5, 5) if depthwise else (3, 7)
+    groups = C if depthwise else 1
+    x, active, w, b = _unit_case(3, C, Cout, (3, 2), 2, 3, groups, torch.float64, device)
+    a_out = downsample_active(active, 2)
+    plan, why = SparseConv2dInputs(x, active, a_out, w, b, (2, 2), (1, 1), (1, 1), groups).units
+    assert plan is not None and plan.dx, why
+    x_nhwc = x.permute(0, 2, 3, 1).contiguous()
+    out = poison(torch.empty(3, 3, 2, Cout, dtype=torch.float64, device=device))
+    tu.forward(x_nhwc, active, a_out, w, b, (2, 2), (1, 1), (1, 1), depthwise, plan, out=out)
+    ref = sparse_conv2d_reference(x, active, a_out, w, b, 2, 1, 1, groups)
+    assert_close(out.permute(0, 3, 1, 2), ref, name="out")
+    assert (out[~a_out] == 0).all()
+    g = torch.randn(3, 3, 2, Cout, dtype=torch.float64, device=device)
+    dx = poison(torch.empty(3, 6, 4, C, dtype=torch.float64, device=device))
+    tu.backward_input(g, active, a_out, w, (2, 2), (1, 1), (1, 1), depthwise, plan, out=dx)
+    xr, wr, br = (t.clone().requires_grad_() for t in (x, w, b))
+    ref = sparse_conv2d_reference(xr, active, a_out, wr, br, 2, 1, 1, groups)
+    rx, rw, rb = torch.autograd.grad(ref, (xr, wr, br), g.permute(0, 3, 1, 2))
+    assert_close(dx.permute(0, 3, 1, 2), rx, name="dx")
+    assert (dx[~active] == 0).all()
+    dw_buf = poison(torch.empty(w.shape, dtype=torch.float64, device=device))
+    db_buf = poison(torch.empty(Cout, dtype=torch.float64, device=device))
+    dw, db = tu.backward_weight(x_nhwc, g, active, a_out, tuple(w.shape), (2, 2), (1, 1), (1, 1), depthwise, plan,
+                                out=dw_buf, out_bias=db_buf)
+    assert_close(dw, rw, name="dweight")
+    assert_close(db, rb, name="dbias")
+
+
+@pytest.mark.interpreter
+def test_triton_unit_path_low_precision(monkeypatch, device):
+    x, active, w, b = _unit_case(2, 6, 10, (2, 2), 2, 3, 1, torch.float32, device)
+    x, w, b = (t.to(torch.bfloat16).requires_grad_() for t in (x, w, b))
+    _forbid_site_path(monkeypatch)
+    with use_backend("triton", op="sparse_conv2d"):
+        out, a_out = sparse_conv2d(x, active, w, b, padding=1)
+        grads = torch.autograd.grad(out, (x, w, b), torch.ones_like(out))
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
+    ref = sparse_conv2d_reference(x64, active, a_out, w64, b64, 1, 1, 1, 1)
+    refs = torch.autograd.grad(ref, (x64, w64, b64), torch.ones_like(ref))
+    assert out.dtype == torch.bfloat16
+    assert_close(out, ref, dtype=torch.bfloat16, atol=0.1, rtol=2e-2, name="out")
+    for g, r, name in zip(grads, refs, ("dx", "dweight", "dbias")):
+        assert_close(g, r, dtype=torch.bfloat16, atol=0.1, rtol=2e-2, name=name)
+
+
+def test_unit_marks_and_dispatch_reasons():
+    coarse = torch.rand(2, 3, 4) < 0.5
+    fine = upsample_active(coarse, 4)
+
+    grid, unit = unit_structure(fine)
+    assert unit == (4, 4) and unit_structure(coarse) == (grid, (1, 1))
+    half = downsample_active(fine, 2)
+    assert unit_structure(half) == (grid, (2, 2))
+    assert unit_structure(downsample_active(fine, 8)) is None  # a stride beyond the unit: cells of several units
+    order, count, bits = grid.index()
+    assert grid.index()[0] is order  # built once, shared
+    assert int(count) == int(coarse.sum())
+    assert torch.equal(coarse.reshape(-1)[order.long()], torch.arange(24) < int(count))
+    u = int(order[0])
+    b_, cy, cx = u // 12, (u // 4) % 3, u % 4
+    for dy in range(-3, 4):
+        for dx in range(-3, 4):
+            y, xx = cy + dy, cx + dx
+            want = 0 <= y < 3 and 0 <= xx < 4 and bool(coarse[b_, y, xx])
+            assert bool((int(bits[0]) >> ((dy + 3) * 7 + dx + 3)) & 1) == want
+    assert unit_tiling(fine, half, (3, 3), (2, 2), (1, 1), (1, 1))[0].dx
+    assert unit_tiling(fine, fine, (3, 3), (1, 1), (1, 1), (1, 1))[0].unit_in == (4, 4)
+    plan, why = unit_tiling(fine, half, (3, 3), (2, 2), (2, 2), (2, 2))
+    assert plan is not None and not plan.dx and "dilated" in plan.dx_reason
+    assert "not marked" in unit_tiling(torch.rand(2, 12, 16) < 0.5, half, (3, 3), (2, 2), (1, 1), (1, 1))[1]
+    assert "stride" in unit_tiling(fine, fine, (3, 3), (2, 2), (1, 1), (1, 1))[1]
+    assert "reach" in unit_tiling(coarse, coarse, (9, 9), (1, 1), (4, 4), (1, 1))[1]
+    other = upsample_active(coarse.clone(), 4)
+    assert "different unit masks" in unit_tiling(fine, other, (1, 1), (1, 1), (0, 0), (1, 1))[1]
+    edited = upsample_active(coarse, 2)
+    edited[0, 0, 0] = ~edited[0, 0, 0]  # in place: no longer known to be unit-structured
+    assert unit_structure(edited) is None
+    x = torch.randn(2, 3, 12, 16)
+    w = torch.randn(4, 3, 3, 3)
+    assert SparseConv2dInputs(x, fine, fine, w, None, (1, 1), (1, 1), (1, 1), 1).triton_path.startswith("units")
+    arbitrary = torch.rand(2, 12, 16) < 0.5
+    assert SparseConv2dInputs(x, arbitrary, arbitrary, w, None, (1, 1), (1, 1), (1, 1), 1).triton_path.startswith(
+        "sites: ")
+
+
+@pytest.mark.interpreter
+def test_triton_unit_path_through_sparse_context(monkeypatch, device):
+    """A SparseConv2d chain inside sparse_context(coarse unit mask): every layer (stride 2 included) takes the
+    unit kernels, one unit index for the whole step, and matches the dense reference."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 6, 3, 2, 1), nn.Conv2d(6, 6, 3, 1, 1, groups=6), nn.Conv2d(6, 5, 1)).double()
+    layers = [SparseConv2d.from_dense(m) for m in net]
+    coarse = torch.rand(2, 2, 3) < 0.6
+    coarse[0, 0, 0] = True
+    x = torch.randn(2, 3, 8, 12, dtype=torch.float64, requires_grad=True).to(device)
+    _forbid_site_path(monkeypatch)
+    with use_backend("triton", op="sparse_conv2d"), sparse_context(coarse.to(device)) as maps:
+        y = x
+        for m in layers:
+            y = m(y)
+        grids = {id(unit_structure(maps.get(size))[0]) for size in ((8, 12), (4, 6), (2, 3))}
+    assert len(grids) == 1, "every scale shares one unit grid (one unit index per step)"
+    gx, *gws = torch.autograd.grad(y.sum(), [x] + [m.weight for m in layers])
+    a = upsample_active(coarse.to(device), 4)
+    a2 = downsample_active(a, 2)
+    ref = sparse_conv2d_reference(x, a, a2, net[0].weight, net[0].bias, 2, 1, 1, 1)
+    ref = sparse_conv2d_reference(ref, a2, a2, net[1].weight, net[1].bias, 1, 1, 1, 6)
+    ref = sparse_conv2d_reference(ref, a2, a2, net[2].weight, net[2].bias, 1, 0, 1, 1)
+    assert_close(y, ref, name="out")
+    rx, *rws = torch.autograd.grad(ref.sum(), [x] + [m.weight for m in net])
+    assert_close(gx, rx, name="dx")
+    for g, r in zip(gws, rws):
+        assert_close(g, r, name="dweight")
 
 
 @pytest.mark.slow

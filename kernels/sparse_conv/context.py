@@ -9,8 +9,11 @@ Inside the block every sparse module (``SparseConv2d``, ``SparseBatchNorm2d``, .
 :func:`current_maps` for the map at its input resolution and strided layers record the map of their output
 resolution (the cell rule of :func:`kernels.sparse_conv.active.downsample_active`). Maps of resolutions not
 recorded yet are derived from a recorded one: coarser by the cell rule, finer by nearest upsampling when
-the sizes divide (e.g. a 7 x 7 unit mask feeding a 224 x 224 stem). Outside a ``sparse_context`` the sparse
-modules behave exactly like their dense parents. A ``contextvars.ContextVar`` holds the state, so threads
+the sizes divide (e.g. a 7 x 7 unit mask feeding a 224 x 224 stem). Every derived map carries the mark of
+its mask units (:func:`kernels.sparse_conv.active.unit_structure`): the given map is its own unit mask, so the
+Triton kernels tile every layer over whole units, from one unit list per step
+(:meth:`~kernels.sparse_conv.active.UnitGrid.index`, built on first use and shared by every scale).
+Outside a ``sparse_context`` the sparse modules behave exactly like their dense parents. A ``contextvars.ContextVar`` holds the state, so threads
 and asyncio tasks each see their own map.
 """
 
@@ -22,7 +25,7 @@ from collections.abc import Iterator
 
 import torch
 
-from kernels.sparse_conv.active import downsample_active, upsample_active
+from kernels.sparse_conv.active import UnitGrid, downsample_active, mark_units, unit_structure, upsample_active
 
 _current: contextvars.ContextVar[ActivityMaps | None] = contextvars.ContextVar(
     "sparse_activity", default=None
@@ -39,6 +42,8 @@ class ActivityMaps:
                 f"{getattr(active, 'dtype', type(active).__name__)} {tuple(getattr(active, 'shape', ()))}"
             )
         self.batch = active.shape[0]
+        if unit_structure(active) is None:  # the map given is its own unit mask (1-site units)
+            mark_units(active, UnitGrid(active), (1, 1))
         self.maps: dict[tuple[int, int], torch.Tensor] = {(active.shape[1], active.shape[2]): active}
         self._sites: dict[tuple[int, int], torch.Tensor] = {}
         self.gather_rows = bool(gather_rows)

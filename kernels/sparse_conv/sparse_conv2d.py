@@ -12,7 +12,9 @@ output site ``o = (b, oh, ow)`` at offset ``k``; a_in/a_out the activity maps)::
 computed at active sites only: FLOPs ~ (active output sites) x (kernel taps that hit an active input).
 
 Backends: ``native`` (C++/OpenMP gather-GEMM-scatter, CPU float32/float64: ``sparse_conv2d_native.py``),
-``triton`` (implicit GEMM, CUDA; CPU under ``TRITON_INTERPRET=1`` when forced: ``sparse_conv2d_triton.py``),
+``triton`` (implicit GEMM, CUDA; CPU under ``TRITON_INTERPRET=1`` when forced: tiled over whole mask units when
+both maps are unit-structured, ``sparse_conv2d_units_triton.py``, else over the active-site list,
+``sparse_conv2d_triton.py``; :attr:`SparseConv2dInputs.triton_path` says which),
 both in NHWC (channels_last) with forward and backward on the same backend, and ``reference`` (the dense
 oracle of ``reference.py``, whose backward is autograd's). Custom ops ``ssl_kernels::sparse_conv2d_fwd`` /
 ``_bwd``; the eager kernel path runs the same functions through :data:`SparseConv2dFunction`.
@@ -31,7 +33,7 @@ from torch import Tensor
 from kernels._backend import define_op, native_reasons, triton_reasons
 from kernels._checks import FLOAT_DTYPES, NATIVE_DTYPES, check_mask, check_same_device, check_tensor, dtype_name
 from kernels._op import custom_op, eager_function, nothing, reference_grads
-from kernels.sparse_conv.active import conv_output_size, downsample_active, pair
+from kernels.sparse_conv.active import conv_output_size, downsample_active, pair, unit_tiling
 from kernels.sparse_conv import sparse_conv2d_native
 from kernels.sparse_conv.reference import sparse_conv2d_reference
 
@@ -82,6 +84,20 @@ class SparseConv2dInputs:
     @property
     def depthwise(self) -> bool:
         return is_depthwise(self.weight, self.groups, self.x.shape[1])
+
+    @functools.cached_property
+    def units(self):
+        """``(UnitTiling or None, why not)``: can the Triton kernels tile this layer over whole mask units
+        (:func:`kernels.sparse_conv.active.unit_tiling`; maps built from SparK's unit mask are)?"""
+        return unit_tiling(self.active_in, self.active_out, tuple(self.weight.shape[2:]), self.stride,
+                           self.padding, self.dilation)
+
+    @property
+    def triton_path(self) -> str:
+        """Which Triton kernels run: ``"units: ..."`` (tiled over whole mask units) or ``"sites: <why>"``
+        (implicit GEMM over the padded active-site list: maps that are not unit-structured)."""
+        plan, why = self.units
+        return f"units: {plan.describe()}" if plan is not None else f"sites: {why}"
 
 
 def _check_geometry(x, weight, stride, padding, dilation) -> tuple[int, int]:
@@ -181,25 +197,33 @@ def _native_reasons(i: SparseConv2dInputs) -> list[str]:
     return reasons + (native_reasons() if not reasons else [])
 
 
-def _launchers(backend: str):
-    """The launcher module of a kernel backend (same signatures; the Triton one imported on first use)."""
+def _launchers(backend: str, i: SparseConv2dInputs, dx: bool = False):
+    """``(launcher module, extra arguments)`` of a kernel backend (same signatures; the Triton modules imported
+    on first use; the unit kernels take the UnitTiling, for dx only when it covers dx)."""
     if backend == "native":
-        return sparse_conv2d_native
+        return sparse_conv2d_native, ()
+    plan = i.units[0]
+    if plan is not None and (plan.dx or not dx):
+        from kernels.sparse_conv import sparse_conv2d_units_triton
+
+        return sparse_conv2d_units_triton, (plan,)
     from kernels.sparse_conv import sparse_conv2d_triton
 
-    return sparse_conv2d_triton
+    return sparse_conv2d_triton, ()
 
 
 def _forward_launchers(backend: str, i: SparseConv2dInputs) -> Tensor:
     x_nhwc = i.x.permute(0, 2, 3, 1).contiguous()  # free when x is channels_last
-    out = _launchers(backend).forward(x_nhwc, i.active_in, i.active_out, i.weight, i.bias, tuple(i.stride),
-                                      tuple(i.padding), tuple(i.dilation), i.depthwise)
+    launchers, extra = _launchers(backend, i)
+    out = launchers.forward(x_nhwc, i.active_in, i.active_out, i.weight, i.bias, tuple(i.stride),
+                            tuple(i.padding), tuple(i.dilation), i.depthwise, *extra)
     return out.permute(0, 3, 1, 2)
 
 
 OP.register("native", _native_reasons, note="C++/OpenMP gather-GEMM-scatter (CPU)")(
     functools.partial(_forward_launchers, "native"))
-OP.register("triton", lambda i: triton_reasons(*i.tensors), note="implicit GEMM over active sites")(
+OP.register("triton", lambda i: triton_reasons(*i.tensors),
+            note="implicit GEMM tiled over whole mask units, else over active sites (inputs.triton_path)")(
     functools.partial(_forward_launchers, "triton"))
 
 
@@ -232,15 +256,17 @@ def _backward_kernels(grad_out: Tensor, x: Tensor, active_in: Tensor, active_out
                                                (need_x, False, False, need_w, need_b, *(False,) * 4), (grad_out,))
         dx = dx.contiguous(memory_format=CL) if need_x else None
     else:
-        launchers = _launchers(backend)
         s, p, d = tuple(stride), tuple(padding), tuple(dilation)
         g = grad_out.permute(0, 2, 3, 1).contiguous()
         dx = dw = db = None
         if need_x:
-            dx = launchers.backward_input(g, active_in, active_out, weight, s, p, d, i.depthwise).permute(0, 3, 1, 2)
+            launchers, extra = _launchers(backend, i, dx=True)
+            dx = launchers.backward_input(g, active_in, active_out, weight, s, p, d, i.depthwise, *extra)
+            dx = dx.permute(0, 3, 1, 2)
         if need_w or need_b:
+            launchers, extra = _launchers(backend, i)
             dw, db = launchers.backward_weight(x.permute(0, 2, 3, 1).contiguous(), g, active_in, active_out,
-                                               tuple(weight.shape), s, p, d, i.depthwise, need_bias=need_b)
+                                               tuple(weight.shape), s, p, d, i.depthwise, *extra, need_bias=need_b)
     return (dx if dx is not None else nothing(x),
             dw.to(weight.dtype).contiguous() if need_w else nothing(weight),
             db.to(weight.dtype) if need_b else nothing(weight))
