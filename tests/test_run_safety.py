@@ -172,11 +172,32 @@ def _preset(tmp_path, text):
     ("epochs: 2.5\n", "epochs: expected an integer"),
     ("lr: .nan\n", "lr: expected a finite number"),
     ("lr: [\n", "not valid YAML at line"),
+    ("simmim.swin_pcio: {blr: 1.0e-3}\n", "section 'simmim.swin_pcio': unknown model 'swin_pcio' (did you mean "
+     "'swin_pico'?)"),
+    ("simim.swin_pico: {blr: 1.0e-3}\n", "unknown section 'simim.swin_pico' (did you mean 'simmim'?)"),
+    ("simmim.swin_pico: {blr_: 1.0e-3}\n", "unknown key 'blr_' in section 'simmim.swin_pico'"),
 ])
 def test_yaml_strictness(tmp_path, text, needle):
     with pytest.raises(ConfigError) as info:
         _resolve({"config": _preset(tmp_path, text)})
     assert needle in str(info.value)
+
+
+def test_method_model_section_applies_only_to_that_model_after_the_method_section(tmp_path):
+    text = "method: simmim\nsimmim: {blr: 0.02, epochs: 3}\nsimmim.swin_pico: {blr: 0.004}\ndino.swin_pico: {blr: 0.5}\n"
+    vit = _resolve({"config": _preset(tmp_path, text), "model": "vit_pico"})
+    assert vit["blr"] == 0.02 and vit["epochs"] == 3
+    swin = _resolve({"config": _preset(tmp_path, text), "model": "swin_pico"})
+    assert swin["blr"] == 0.004 and swin["epochs"] == 3
+    assert swin["_sources"]["blr"] == "preset p.yaml (simmim.swin_pico:)"
+    cli = _resolve({"config": _preset(tmp_path, text), "model": "swin_pico", "blr": 0.1})
+    assert cli["blr"] == 0.1 and cli["_sources"]["blr"] == "command line"
+    # the model may come from the preset's top level too
+    top = _resolve({"config": _preset(tmp_path, "model: swin_pico\n" + text)})
+    assert top["blr"] == 0.004
+    with pytest.raises(ConfigError, match="may not set 'model'"):
+        _resolve({"config": _preset(tmp_path, "simmim.swin_pico: {model: vit_pico}\n"), "model": "swin_pico",
+                  "method": "simmim"})
 
 
 def test_yaml_accepts_pyyaml_exponent_strings_and_cli_nan_is_refused(tmp_path):

@@ -2,7 +2,9 @@
 
 Every key is a flag (``weight_decay_end`` -> ``--weight-decay-end``) and a YAML key: the engine-wide keys of
 :data:`SPEC` and the options each registered method declares (``PretrainMethod.options``). A YAML preset
-holds top-level keys plus optional per-method sections (``dino: {...}``) applied only for that method.
+holds top-level keys plus optional per-method sections (``dino: {...}``) applied only for that method, and
+per-method-and-model sections (``simmim.swin_pico: {...}``) applied after it when that method runs that model
+(a backbone whose recipe differs from the method's default one).
 Without ``--config`` the small CPU preset ``engine/configs/default.yaml`` is used.
 
 Learning rate: ``--lr`` is absolute; otherwise ``lr = blr * batch_size * world_size * accum_steps / 256``
@@ -265,6 +267,16 @@ def _coerce(key: str, value, where: str, options: dict[str, Option]):
     return value
 
 
+def known_models() -> list[str]:
+    """Every backbone name ``--model`` accepts (ViT, Swin, ResNet, ConvNeXt), for per-model preset sections."""
+    from engine.models.convnext import CONVNEXT_CONFIGS
+    from engine.models.resnet import RESNET_CONFIGS
+    from engine.models.swin import swin_model_names
+    from engine.models.vit import model_names
+
+    return [*model_names(), *swin_model_names(), *RESNET_CONFIGS, *CONVNEXT_CONFIGS]
+
+
 def resolve(cli: dict, method_defaults_fn=None, known_methods=None) -> dict:
     """Merge defaults, method defaults, preset and CLI values (CLI keys present only when given); every key
     is checked (unknown keys and sections, types, ranges) and its source recorded in ``cfg["_sources"]``.
@@ -286,11 +298,17 @@ def resolve(cli: dict, method_defaults_fn=None, known_methods=None) -> dict:
     sections = {}
     for k, v in preset.items():
         if isinstance(v, dict):
-            if k not in known_methods:
-                hint = _did_you_mean(k, known_methods) or (f" ({k!r} is an option, not a section)"
-                                                            if k in options else "")
+            sec_method, dot, sec_model = k.partition(".")
+            if sec_method not in known_methods:
+                hint = _did_you_mean(sec_method, known_methods) or (f" ({k!r} is an option, not a section)"
+                                                                     if k in options else "")
                 raise ConfigError(f"--config {preset_path}: unknown section {k!r}{hint}; sections are method "
-                                  f"names: {', '.join(known_methods)}")
+                                  f"names ({', '.join(known_methods)}) or method.model (e.g. simmim.swin_pico)")
+            if dot:
+                models = known_models()
+                if sec_model not in models:
+                    raise ConfigError(f"--config {preset_path}: section {k!r}: unknown model {sec_model!r}"
+                                      f"{_did_you_mean(sec_model, models)}; models: {', '.join(models)}")
             sections[k] = v
         elif k not in options:
             raise ConfigError(f"--config {preset_path}: unknown key {k!r}{_did_you_mean(k, options)}")
@@ -306,6 +324,12 @@ def resolve(cli: dict, method_defaults_fn=None, known_methods=None) -> dict:
     for k, v in sections.get(method, {}).items():
         cfg[k] = _coerce(k, v, f"--config {preset_path}: {method}.", options)
         sources[k] = f"preset {preset_path.name} ({method}:)"
+    model = cli.get("model", cfg.get("model"))
+    for k, v in sections.get(f"{method}.{model}", {}).items():
+        if k == "model":
+            raise ConfigError(f"--config {preset_path}: section '{method}.{model}' may not set 'model'")
+        cfg[k] = _coerce(k, v, f"--config {preset_path}: {method}.{model}.", options)
+        sources[k] = f"preset {preset_path.name} ({method}.{model}:)"
     for k, v in cli.items():
         if k in ("config", "print_config"):
             continue
