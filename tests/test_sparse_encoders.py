@@ -146,3 +146,47 @@ def test_native_linear_matches_float64(monkeypatch, onednn):
             assert got.dtype == torch.float32 and got.shape == (n, m)
             assert_close(got.double(), want, atol=1e-5 * max(k, 1) ** 0.5, rtol=1e-5, name="linear float32")
             assert_close(native.linear(a64, w64, b64), want, name="linear float64")
+
+
+@needs_native
+@pytest.mark.native
+@pytest.mark.parametrize("isa", ["auto", "avx2"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("C,Cout,k,stride", [(3, 70, 7, 2), (20, 37, 3, 1), (9, 83, 3, 2), (33, 16, 1, 1)])
+def test_native_cpp_kernels_per_isa_match_reference(monkeypatch, isa, dtype, C, Cout, k, stride):
+    """The C++ GEMM kernels (forward, dx, dW) in each ISA build the CPU has (AVX-512: 4-strip register
+    blocks and their 1-3 strip tails, the stem's patch rows; AVX2) vs the reference, fwd + bwd."""
+    from kernels._backend import native
+    from kernels.sparse_conv import sparse_conv2d_native
+
+    monkeypatch.setattr(sparse_conv2d_native, "POINTWISE_GEMM", False)
+    monkeypatch.setattr(sparse_conv2d_native, "IM2COL_MIN_ROW", 10**9)
+    torch.manual_seed(4)
+    B, H, W = 2, 19, 13
+    active = torch.rand(B, H, W) < 0.5
+    x = torch.randn(B, C, H, W, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(Cout, C, k, k, dtype=torch.float64) * 0.3, torch.randn(Cout, dtype=torch.float64)
+    g = torch.randn(B, Cout, (H + 2 * (k // 2) - k) // stride + 1, (W + 2 * (k // 2) - k) // stride + 1,
+                    dtype=torch.float64)
+
+    def run(t_dtype, backend):
+        xs, ws, bs = (t.to(t_dtype).detach().requires_grad_() for t in (x, w, b))
+        with kernels.use_backend(backend):
+            y, _ = kernels.sparse_conv2d(xs, active, ws, bs, stride, k // 2)
+        y.backward(g.to(t_dtype))
+        return y, xs.grad, ws.grad, bs.grad
+
+    want = run(torch.float64, "reference")
+    used = native().sparse_conv2d_set_isa(isa)
+    try:
+        got = run(dtype, "native")
+    finally:
+        native().sparse_conv2d_set_isa("auto")
+    assert used in (("avx512", "avx2", "base") if isa == "auto" else ("avx2", "base"))
+    atol, rtol = TOLERANCES[dtype]
+    scale = k * k * C
+    a = active.unsqueeze(1).double()
+    for name, gt, wt in zip(("out", "dx", "dW", "db"), got, want):
+        if name == "dx":
+            gt, wt = gt * a, wt * a
+        assert_close(gt, wt, atol=atol * scale, rtol=rtol * 10, name=f"{name} ({used})")
