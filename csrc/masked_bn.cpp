@@ -6,6 +6,8 @@
 //   y    = m ? x * a[c] + s[c] : 0                                             (a, s precomputed by the caller)
 //   g_b  = sum m dy           g_w = sum m dy (x - mean) rstd
 //   dx   = m ? k0 (dy - k2 - (x - k1) k3) : 0
+// Fused for ResNets (y = ReLU(BN(x) + r)): apply with residual and ReLU, and the backward gated by y > 0
+// (reductions, dx and the residual's gradient dr in the passes above; see act_apply_t / act_backward_t).
 // Layout decides the loop order: channel-parallel with contiguous spatial runs for NCHW, row-parallel with
 // per-thread channel accumulators for NHWC (contiguous channels); the backward sums g_b and g_w in one pass.
 // No torch headers: raw pointers only.
@@ -14,6 +16,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <stdexcept>
 #include <vector>
 
@@ -24,6 +27,8 @@
 #include "registry.h"
 
 namespace py = pybind11;
+
+#define SC_ACT_INLINE inline __attribute__((always_inline))
 
 namespace {
 
@@ -65,11 +70,36 @@ bool nhwc(const Layout& l) { return l.sc == 1 && l.C > 1; }
 // Sums over active sites of  x  (pass 0),  (x - mean)^2  (pass 1),  or  dy  and  dy (x - mean)  (pass 2).
 // NHWC: row-parallel, a contiguous channel loop per active row. NCHW: channel-parallel, a contiguous spatial
 // loop per (b, c) with a select on the mask (inactive values may be garbage, even NaN: never multiplied in).
+// g = y > 0 ? dy : 0 without a branch (an and-mask on the bits: a data-dependent branch per element was 10x
+// slower, the ReLU gate being a coin flip); NaN in dy stays NaN only where y > 0, as threshold_backward.
+template <typename T>
+struct BitsOf;
+template <>
+struct BitsOf<float> {
+  typedef uint32_t u;
+};
+template <>
+struct BitsOf<double> {
+  typedef uint64_t u;
+};
+template <typename T>
+SC_ACT_INLINE T gated(T dy, T y) {
+  typedef typename BitsOf<T>::u U;
+  U bits;
+  std::memcpy(&bits, &dy, sizeof(T));
+  bits &= U(0) - U(y > T(0));
+  T out;
+  std::memcpy(&out, &bits, sizeof(T));
+  return out;
+}
+
+// gate (pass 2 only, may be null): the fused ReLU's output y; dy counts only where y > 0.
 template <typename T>
 void reduce_t(int pass, const T* x, const T* dy, const uint8_t* m, const Layout& l, const Layout& ld,
-              const double* mean, int nthreads, std::vector<double>& s1, std::vector<double>& s2) {
+              const double* mean, int nthreads, std::vector<double>& s1, std::vector<double>& s2,
+              const T* gate = nullptr, const Layout* lg = nullptr) {
   const int64_t C = l.C, S = l.S, rows = l.B * l.S;
-  if (nhwc(l) && (dy == nullptr || ld.sc == 1)) {
+  if (nhwc(l) && (dy == nullptr || ld.sc == 1) && (gate == nullptr || lg->sc == 1)) {
     ChannelAcc a1(nthreads, C), a2(nthreads, C);
 #pragma omp parallel num_threads(a1.nt)
     {
@@ -87,10 +117,18 @@ void reduce_t(int pass, const T* x, const T* dy, const uint8_t* m, const Layout&
             const double d = double(px[c]) - mean[c];
             acc1[c] += d * d;
           }
-        } else {
+        } else if (gate == nullptr) {
           const T* pd = dy + b * ld.sb + s * ld.ss;
           for (int64_t c = 0; c < C; ++c) {
             const double g = double(pd[c]);
+            acc1[c] += g;
+            acc2[c] += g * (double(px[c]) - mean[c]);
+          }
+        } else {
+          const T* pd = dy + b * ld.sb + s * ld.ss;
+          const T* py = gate + b * lg->sb + s * lg->ss;
+          for (int64_t c = 0; c < C; ++c) {
+            const double g = double(gated(pd[c], py[c]));
             acc1[c] += g;
             acc2[c] += g * (double(px[c]) - mean[c]);
           }
@@ -119,10 +157,12 @@ void reduce_t(int pass, const T* x, const T* dy, const uint8_t* m, const Layout&
         }
       } else {
         const T* pd = dy + b * ld.sb + c * ld.sc;
+        const T* py = gate ? gate + b * lg->sb + c * lg->sc : nullptr;
         for (int64_t s = 0; s < S; ++s) {
-          const double g = mb[s] ? double(pd[s * ld.ss]) : 0.0;
+          const bool on = mb[s] && (py == nullptr || py[s * lg->ss] > T(0));
+          const double g = on ? double(pd[s * ld.ss]) : 0.0;
           t1 += g;
-          t2 += mb[s] ? g * (double(px[s * l.ss]) - mu) : 0.0;
+          t2 += on ? g * (double(px[s * l.ss]) - mu) : 0.0;
         }
       }
     }
@@ -172,6 +212,108 @@ void elementwise_t(const T* x, const T* dy, const uint8_t* m, const Layout& l, c
     }
 }
 
+// Fused apply + residual + ReLU (SparK ResNets: y = ReLU(BN(x) + r), BN exactly zero at inactive sites):
+//   y  = act(m ? x a + s + r : r)          act = ReLU or identity; r = 0 when absent
+// and its backward with the ReLU gate read from y (g = y > 0 ? dy : 0 when act is ReLU, else dy):
+//   dx = m ? k0 (g - k2 - (x - k1) k3) : 0         dr = g   (both over every site; dr optional)
+// (the reductions g_b, g_w over the gated g are reduce_t's pass 2 with the gate). One pass each, no
+// separate ReLU / add / threshold_backward passes over the whole tensor.
+template <typename T, bool RELU>
+SC_ACT_INLINE T act(T v) {
+  return RELU && v < T(0) ? T(0) : v;  // NaN stays NaN (as torch.relu)
+}
+
+template <typename T, bool RELU>
+void act_apply_t(const T* x, const T* r, const uint8_t* m, const Layout& l, const Layout& lr, const Layout& lo,
+                 const T* a, const T* sh, T* out, int nthreads) {
+  const int64_t C = l.C, S = l.S, rows = l.B * l.S;
+  if (nhwc(l) && lo.sc == 1 && (r == nullptr || lr.sc == 1)) {
+#pragma omp parallel for num_threads(std::max(1, nthreads)) schedule(static)
+    for (int64_t row = 0; row < rows; ++row) {
+      const int64_t b = row / S, s = row % S;
+      T* po = out + b * lo.sb + s * lo.ss;
+      const T* pr = r ? r + b * lr.sb + s * lr.ss : nullptr;
+      if (!m[row]) {
+        if (pr)
+          for (int64_t c = 0; c < C; ++c) po[c] = act<T, RELU>(pr[c]);
+        else
+          for (int64_t c = 0; c < C; ++c) po[c] = T(0);
+        continue;
+      }
+      const T* px = x + b * l.sb + s * l.ss;
+      if (pr)
+        for (int64_t c = 0; c < C; ++c) po[c] = act<T, RELU>(px[c] * a[c] + sh[c] + pr[c]);
+      else
+        for (int64_t c = 0; c < C; ++c) po[c] = act<T, RELU>(px[c] * a[c] + sh[c]);
+    }
+    return;
+  }
+#pragma omp parallel for collapse(2) num_threads(std::max(1, nthreads)) schedule(static)
+  for (int64_t b = 0; b < l.B; ++b)
+    for (int64_t c = 0; c < C; ++c) {
+      const uint8_t* mb = m + b * S;
+      const T* px = x + b * l.sb + c * l.sc;
+      const T* pr = r ? r + b * lr.sb + c * lr.sc : nullptr;
+      T* po = out + b * lo.sb + c * lo.sc;
+      for (int64_t s = 0; s < S; ++s) {
+        const T rv = pr ? pr[s * lr.ss] : T(0);
+        po[s * lo.ss] = act<T, RELU>(mb[s] ? px[s * l.ss] * a[c] + sh[c] + rv : rv);
+      }
+    }
+}
+
+template <typename T>
+void act_backward_t(const T* dy, const T* x, const T* y, const uint8_t* m, const Layout& ld, const Layout& l,
+                    const Layout& ly, const Layout& lo, const Layout& lr, const T* k0, const T* k1, const T* k2,
+                    const T* k3, T* dx, T* dr, int nthreads) {
+  const int64_t C = l.C, S = l.S, rows = l.B * l.S;
+  if (nhwc(l) && ld.sc == 1 && (y == nullptr || ly.sc == 1) && (dx == nullptr || lo.sc == 1) &&
+      (dr == nullptr || lr.sc == 1)) {
+#pragma omp parallel for num_threads(std::max(1, nthreads)) schedule(static)
+    for (int64_t row = 0; row < rows; ++row) {
+      const int64_t b = row / S, s = row % S;
+      const T* pd = dy + b * ld.sb + s * ld.ss;
+      const T* py = y ? y + b * ly.sb + s * ly.ss : nullptr;
+      T* pdr = dr ? dr + b * lr.sb + s * lr.ss : nullptr;
+      T* po = dx ? dx + b * lo.sb + s * lo.ss : nullptr;
+      if (pdr) {
+        if (py)
+          for (int64_t c = 0; c < C; ++c) pdr[c] = gated(pd[c], py[c]);
+        else
+          for (int64_t c = 0; c < C; ++c) pdr[c] = pd[c];
+      }
+      if (!po) continue;
+      if (!m[row]) {
+        for (int64_t c = 0; c < C; ++c) po[c] = T(0);
+        continue;
+      }
+      const T* px = x + b * l.sb + s * l.ss;
+      if (py)
+        for (int64_t c = 0; c < C; ++c) {
+          po[c] = k0[c] * (gated(pd[c], py[c]) - k2[c] - (px[c] - k1[c]) * k3[c]);
+        }
+      else
+        for (int64_t c = 0; c < C; ++c) po[c] = k0[c] * (pd[c] - k2[c] - (px[c] - k1[c]) * k3[c]);
+    }
+    return;
+  }
+#pragma omp parallel for collapse(2) num_threads(std::max(1, nthreads)) schedule(static)
+  for (int64_t b = 0; b < l.B; ++b)
+    for (int64_t c = 0; c < C; ++c) {
+      const uint8_t* mb = m + b * S;
+      const T* pd = dy + b * ld.sb + c * ld.sc;
+      const T* px = x + b * l.sb + c * l.sc;
+      const T* py = y ? y + b * ly.sb + c * ly.sc : nullptr;
+      T* po = dx ? dx + b * lo.sb + c * lo.sc : nullptr;
+      T* pdr = dr ? dr + b * lr.sb + c * lr.sc : nullptr;
+      for (int64_t s = 0; s < S; ++s) {
+        const T g = py ? gated(pd[s * ld.ss], py[s * ly.ss]) : pd[s * ld.ss];
+        if (pdr) pdr[s * lr.ss] = g;
+        if (po) po[s * lo.ss] = mb[s] ? k0[c] * (g - k2[c] - (px[s * l.ss] - k1[c]) * k3[c]) : T(0);
+      }
+    }
+}
+
 template <typename T>
 void stats_t(uintptr_t xp, uintptr_t mp, const Layout& l, double n, uintptr_t meanp, uintptr_t varp, int nthreads) {
   const T* x = reinterpret_cast<const T*>(xp);
@@ -191,13 +333,15 @@ void stats_t(uintptr_t xp, uintptr_t mp, const Layout& l, double n, uintptr_t me
 
 template <typename T>
 void backward_reduce_t(uintptr_t dyp, uintptr_t xp, uintptr_t mp, const Layout& ld, const Layout& l, uintptr_t meanp,
-                       uintptr_t rstdp, uintptr_t gbp, uintptr_t gwp, int nthreads) {
+                       uintptr_t rstdp, uintptr_t gbp, uintptr_t gwp, int nthreads, uintptr_t yp = 0,
+                       const Layout* ly = nullptr) {
   const T* mean = reinterpret_cast<const T*>(meanp);
   const T* rstd = reinterpret_cast<const T*>(rstdp);
   std::vector<double> mu(size_t(l.C)), gb, gw;
   for (int64_t c = 0; c < l.C; ++c) mu[size_t(c)] = double(mean[c]);
   reduce_t<T>(2, reinterpret_cast<const T*>(xp), reinterpret_cast<const T*>(dyp),
-              reinterpret_cast<const uint8_t*>(mp), l, ld, mu.data(), nthreads, gb, gw);
+              reinterpret_cast<const uint8_t*>(mp), l, ld, mu.data(), nthreads, gb, gw,
+              reinterpret_cast<const T*>(yp), ly);
   T* gbo = reinterpret_cast<T*>(gbp);
   T* gwo = reinterpret_cast<T*>(gwp);
   for (int64_t c = 0; c < l.C; ++c) {
@@ -251,6 +395,68 @@ void register_masked_bn(py::module_& m) {
           apply_t<float>(x, mask, l, lo, scale, shift, out, nthreads);
       },
       "out = mask ? x * scale[c] + shift[c] : 0 over every site.");
+  m.def(
+      "masked_bn_apply_act",
+      [](uintptr_t x, uintptr_t mask, const std::vector<int64_t>& layout, const std::vector<int64_t>& out_layout,
+         uintptr_t scale, uintptr_t shift, uintptr_t res, const std::vector<int64_t>& res_layout, bool relu,
+         uintptr_t out, bool is_double, int nthreads) {
+        const Layout l = make_layout(layout), lo = make_layout(out_layout);
+        const Layout lr = res ? make_layout(res_layout) : l;
+        py::gil_scoped_release release;
+        if (is_double) {
+          const auto* r = reinterpret_cast<const double*>(res);
+          auto f = relu ? act_apply_t<double, true> : act_apply_t<double, false>;
+          f(reinterpret_cast<const double*>(x), r, reinterpret_cast<const uint8_t*>(mask), l, lr, lo,
+            reinterpret_cast<const double*>(scale), reinterpret_cast<const double*>(shift),
+            reinterpret_cast<double*>(out), nthreads);
+        } else {
+          const auto* r = reinterpret_cast<const float*>(res);
+          auto f = relu ? act_apply_t<float, true> : act_apply_t<float, false>;
+          f(reinterpret_cast<const float*>(x), r, reinterpret_cast<const uint8_t*>(mask), l, lr, lo,
+            reinterpret_cast<const float*>(scale), reinterpret_cast<const float*>(shift),
+            reinterpret_cast<float*>(out), nthreads);
+        }
+      },
+      "out = act(mask ? x * scale[c] + shift[c] + res : res) over every site (res = 0 when 0; act = ReLU if "
+      "relu, else identity).");
+  m.def(
+      "masked_bn_backward_reduce_gated",
+      [](uintptr_t dy, uintptr_t x, uintptr_t y, uintptr_t mask, const std::vector<int64_t>& dy_layout,
+         const std::vector<int64_t>& layout, const std::vector<int64_t>& y_layout, uintptr_t mean, uintptr_t rstd,
+         uintptr_t g_b, uintptr_t g_w, bool is_double, int nthreads) {
+        const Layout ld = make_layout(dy_layout), l = make_layout(layout), ly = make_layout(y_layout);
+        py::gil_scoped_release release;
+        if (is_double)
+          backward_reduce_t<double>(dy, x, mask, ld, l, mean, rstd, g_b, g_w, nthreads, y, &ly);
+        else
+          backward_reduce_t<float>(dy, x, mask, ld, l, mean, rstd, g_b, g_w, nthreads, y, &ly);
+      },
+      "g = y > 0 ? dy : 0 (the fused ReLU's gate); g_b = sum_active g, g_w = sum_active g (x - mean) rstd.");
+  m.def(
+      "masked_bn_backward_act",
+      [](uintptr_t dy, uintptr_t x, uintptr_t y, uintptr_t mask, const std::vector<int64_t>& dy_layout,
+         const std::vector<int64_t>& layout, const std::vector<int64_t>& y_layout,
+         const std::vector<int64_t>& dx_layout, const std::vector<int64_t>& dr_layout, uintptr_t k0, uintptr_t k1,
+         uintptr_t k2, uintptr_t k3, uintptr_t dx, uintptr_t dr, bool is_double, int nthreads) {
+        const Layout ld = make_layout(dy_layout), l = make_layout(layout);
+        const Layout ly = y ? make_layout(y_layout) : l, lo = dx ? make_layout(dx_layout) : l;
+        const Layout lr = dr ? make_layout(dr_layout) : l;
+        py::gil_scoped_release release;
+        if (is_double)
+          act_backward_t<double>(reinterpret_cast<const double*>(dy), reinterpret_cast<const double*>(x),
+                                 reinterpret_cast<const double*>(y), reinterpret_cast<const uint8_t*>(mask), ld, l,
+                                 ly, lo, lr, reinterpret_cast<const double*>(k0), reinterpret_cast<const double*>(k1),
+                                 reinterpret_cast<const double*>(k2), reinterpret_cast<const double*>(k3),
+                                 reinterpret_cast<double*>(dx), reinterpret_cast<double*>(dr), nthreads);
+        else
+          act_backward_t<float>(reinterpret_cast<const float*>(dy), reinterpret_cast<const float*>(x),
+                                reinterpret_cast<const float*>(y), reinterpret_cast<const uint8_t*>(mask), ld, l, ly,
+                                lo, lr, reinterpret_cast<const float*>(k0), reinterpret_cast<const float*>(k1),
+                                reinterpret_cast<const float*>(k2), reinterpret_cast<const float*>(k3),
+                                reinterpret_cast<float*>(dx), reinterpret_cast<float*>(dr), nthreads);
+      },
+      "g = y ? (y > 0 ? dy : 0) : dy; dx = mask ? k0 (g - k2 - (x - k1) k3) : 0 and dr = g over every site "
+      "(dx / dr skipped when 0).");
   m.def(
       "masked_bn_backward_reduce",
       [](uintptr_t dy, uintptr_t x, uintptr_t mask, const std::vector<int64_t>& dy_layout,

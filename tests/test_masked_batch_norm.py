@@ -198,3 +198,87 @@ def test_cpu_paths_run_without_triton():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def _epilogue_reference(x, active, w, b, residual, relu):
+    y, mean, var, n = masked_batch_norm_reference(x, active, w, b, 1e-5)
+    y = y if residual is None else y + residual
+    return (torch.relu(y) if relu else y), mean, var, n
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("parts", ["relu", "residual", "both"])
+@pytest.mark.parametrize("shape", [(3, 37, 13, 11), (2, 5, 7, 3), (1, 16, 1, 9)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_native_fused_epilogue_matches_float64(device, poisoned, fmt, parts, shape, dtype):
+    """y = ReLU(BN(x) + residual) fused on the C++ kernels (one pass forward, one gated pass backward) vs the
+    three reference ops in float64: forward, statistics and the gradients of x, weight, bias and residual,
+    garbage at inactive sites, a residual that is not zero there, mixed memory formats."""
+    _skip_unsupported("native", device, dtype)
+    x, active, w, b, dy = _case(*shape, 0.45, dtype, device, fmt)
+    relu, with_res = parts in ("relu", "both"), parts in ("residual", "both")
+    g = torch.Generator().manual_seed(7)
+    res = None
+    if with_res:  # the other memory format than x, so both layout paths of the kernels run
+        other = torch.channels_last if fmt == torch.contiguous_format else torch.contiguous_format
+        res = torch.randn(*shape, generator=g).to(device=device, dtype=dtype).contiguous(memory_format=other)
+        res.requires_grad_()
+    inputs = [t for t in (x, w, b, res) if t is not None]
+    with use_backend("native", op="masked_batch_norm"):
+        y, mean, var, n = masked_batch_norm(x, active, w, b, residual=res, relu=relu)
+    grads = torch.autograd.grad(y, inputs, dy)
+    x64, w64, b64, r64 = _f64(x, w, b, res)
+    y64, mean64, var64, n64 = _epilogue_reference(x64, active, w64, b64, r64, relu)
+    grads64 = torch.autograd.grad(y64, [t for t in (x64, w64, b64, r64) if t is not None], dy.double())
+    tol = dict(atol=1e-10, rtol=1e-8) if dtype == torch.float64 else dict(atol=2e-5, rtol=2e-4)
+    assert_close(y, y64, name="y", **tol)
+    assert_close(mean, mean64, name="mean", **tol)
+    assert_close(var, var64, name="var", **tol)
+    assert float(n) == float(n64)
+    a = active[:, None].to(dtype)
+    names = ["dx", "dweight", "dbias"] + (["dresidual"] if with_res else [])
+    for name, got, want in zip(names, grads, grads64):
+        if name == "dx":  # no gradient reaches the (garbage) inactive inputs
+            assert (got * (1 - a) == 0).all(), "dx must be exactly zero at inactive sites"
+        assert_close(got, want, name=name, atol=tol["atol"] * 10, rtol=tol["rtol"] * 10)
+    if relu:
+        assert (y >= 0).all() and (y == 0).any()
+
+
+def test_native_fused_epilogue_skips_unneeded_grads_and_checks_residual(device):
+    _skip_unsupported("native", device)
+    x, active, w, b, dy = _case(2, 6, 5, 4, 0.5, torch.float64, device, torch.channels_last)
+    res = torch.randn(2, 6, 5, 4, dtype=torch.float64, device=device)  # no grad wanted
+    with use_backend("native", op="masked_batch_norm"):
+        y, *_ = masked_batch_norm(x.detach(), active, w, b, residual=res, relu=True)
+        (dw,) = torch.autograd.grad(y, [w], dy)
+        with pytest.raises(ValueError, match="residual: expected a tensor like x"):
+            masked_batch_norm(x, active, w, b, residual=res[:, :3])
+        with pytest.raises(ValueError, match="residual: expected a tensor like x"):
+            masked_batch_norm(x, active, w, b, residual=res.float())
+    x64, w64, b64 = _f64(x.detach(), w, b)
+    y64, *_ = _epilogue_reference(x64, active, w64, b64, res, True)
+    (dw64,) = torch.autograd.grad(y64, [w64], dy)
+    assert_close(y, y64, name="y")
+    assert_close(dw, dw64, name="dweight")
+
+
+@pytest.mark.parametrize("relu", [True, False])
+def test_module_forward_relu_matches_composition(device, relu):
+    """SparseBatchNorm2d.forward_relu (the ResNet epilogue) == ReLU(bn(x) + r), running statistics included,
+    on the native kernels and on the reference, in and out of a sparse_context."""
+    torch.manual_seed(5)
+    x = torch.randn(2, 7, 6, 5, dtype=torch.float64, device=device)
+    x = x.contiguous(memory_format=torch.channels_last)
+    active = torch.rand(2, 6, 5, device=device) < 0.5
+    x = x * active[:, None]
+    r = torch.randn_like(x) * active[:, None]
+    fused, plain = SparseBatchNorm2d(7).double().to(device), SparseBatchNorm2d(7).double().to(device)
+    for ctx in (True, False):
+        with sparse_context(active) if ctx else torch.enable_grad():
+            y1 = fused.forward_relu(x, r, relu=relu)
+            y2 = plain(x) + r
+            y2 = torch.relu(y2) if relu else y2
+        assert_close(y1, y2, name=f"forward_relu (context={ctx})")
+        assert_close(fused.running_mean, plain.running_mean, name="running_mean")
+        assert_close(fused.running_var, plain.running_var, name="running_var")

@@ -14,7 +14,9 @@ pooled features ``[B, C]`` (no classifier); ``forward_features(x)`` the four sta
 max-pool), so its stages sit at strides 1, 2, 4, 8 (``downsample_ratio`` 8: a 4 x 4 SparK grid at 32 px).
 
 Every layer is a standard ``nn.Conv2d`` / ``nn.BatchNorm2d`` / pooling module, so
-:func:`kernels.to_sparse` converts the network in place for SparK and its weights load into the dense model.
+:func:`kernels.to_sparse` converts the network in place for SparK and its weights load into the dense model;
+each ``ReLU(BN(.) (+ shortcut))`` goes through the batch norm's fused ``forward_relu`` when it has one (the
+sparse batch norm's single pass over active sites).
 """
 
 from __future__ import annotations
@@ -31,6 +33,16 @@ RESNET_CONFIGS: dict[str, dict] = {
     "resnet50": dict(block="bottleneck", layers=(3, 4, 6, 3), widths=(64, 128, 256, 512), stem="imagenet"),
     "resnet101": dict(block="bottleneck", layers=(3, 4, 23, 3), widths=(64, 128, 256, 512), stem="imagenet"),
 }
+
+
+def _bn_relu(bn: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``ReLU(bn(x) (+ residual))``. Sparse batch norms (:func:`kernels.to_sparse`) fuse the three into one
+    pass over the active sites (their ``forward_relu``); dense ones run them one after another."""
+    fused = getattr(bn, "forward_relu", None)
+    if fused is not None:
+        return fused(x, residual)
+    y = bn(x)
+    return torch.relu(y if residual is None else y + residual)
 
 
 def _conv(cin, cout, k, stride=1):
@@ -55,7 +67,9 @@ class BasicBlock(nn.Module):
 
     def forward(self, x):
         idt = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
+        out = _bn_relu(self.bn1, self.conv1(x))
+        if isinstance(self.drop_path, nn.Identity):
+            return _bn_relu(self.bn2, self.conv2(out), idt)
         return self.relu(self.drop_path(self.bn2(self.conv2(out))) + idt)
 
 
@@ -78,8 +92,10 @@ class Bottleneck(nn.Module):
 
     def forward(self, x):
         idt = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
+        out = _bn_relu(self.bn1, self.conv1(x))
+        out = _bn_relu(self.bn2, self.conv2(out))
+        if isinstance(self.drop_path, nn.Identity):
+            return _bn_relu(self.bn3, self.conv3(out), idt)
         return self.relu(self.drop_path(self.bn3(self.conv3(out))) + idt)
 
 
@@ -157,7 +173,7 @@ class ResNet(nn.Module):
         """The outputs of the four stages (strides ``feature_strides``)."""
         if x.ndim != 4:
             raise ValueError(f"images: expected [B, C, H, W], got {tuple(x.shape)}")
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.maxpool(_bn_relu(self.bn1, self.conv1(x)))
         feats = []
         for i in range(4):
             x = getattr(self, f"layer{i + 1}")(x)

@@ -149,17 +149,73 @@ MaskedBatchNormFunction = eager_function("MaskedBatchNormFunction", _forward, _s
                                          functools.partial(_grads, _backward_kernels))
 
 
+# the fused epilogue y = act(BN(x) + residual) (native kernels only; other backends compose the three ops)
+
+
+def _forward_act(x: Tensor, active: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                 residual: Optional[Tensor], relu: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    n = active.sum().to(acc_dtype(x.dtype))
+    y, mean, var, rstd = masked_batch_norm_native.masked_batch_norm_act_forward(
+        mergeable(x), as_u8(active), n, weight, bias, eps,
+        None if residual is None else mergeable(residual), relu)
+    return y, mean, var, n, rstd
+
+
+def _setup_context_act(ctx, inputs, output):
+    x, active, weight, _bias, _eps, residual, relu = inputs
+    y, mean, var, n, rstd = output
+    ctx.save_for_backward(mergeable(x), as_u8(active), n, mean, rstd, weight, y if relu else None)
+    ctx.dtypes = (None if weight is None else weight.dtype, None if _bias is None else _bias.dtype,
+                  None if residual is None else residual.dtype)
+    ctx.mark_non_differentiable(mean, var, n, rstd)
+
+
+def _grads_act(ctx, dy, _dmean, _dvar, _dn, _drstd):
+    x, mask_u8, n, mean, rstd, weight, y = ctx.saved_tensors
+    need_x, _, need_w, need_b, _, need_r, _ = ctx.needs_input_grad
+    dx, g_w, g_b, dr = masked_batch_norm_native.masked_batch_norm_act_backward(
+        mergeable(dy), x, y, mask_u8, n, mean, rstd, weight, need_x, need_r)
+    w_dtype, b_dtype, r_dtype = ctx.dtypes
+    return (dx, None, g_w.to(w_dtype) if need_w else None, g_b.to(b_dtype) if need_b else None, None,
+            dr.to(r_dtype) if need_r else None, None)
+
+
+MaskedBatchNormActFunction = eager_function("MaskedBatchNormActFunction", _forward_act, _setup_context_act,
+                                            _grads_act)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # public API
 
 
-def masked_batch_norm(x, active, weight=None, bias=None, eps=1e-5):
+def masked_batch_norm(x, active, weight=None, bias=None, eps=1e-5, *, residual=None, relu=False):
     """Batch norm of ``x [B, C, H, W]`` with statistics over ``active [B, H, W]`` only (module docstring).
 
     Returns ``(y, mean [C], var [C], n)``: y like x (zeros at inactive sites), the biased batch variance and
     the active-site count (0-dim) for running estimates.
+
+    ``residual`` (a tensor like x) and ``relu``: the ResNet epilogue ``y = ReLU(BN(x) + residual)`` (either
+    part optional; at inactive sites ``y = ReLU(residual)``, zero for a sparse residual). On the native
+    backend it is one pass forward and one gated pass backward (the ReLU gate read from y), with no separate
+    add / ReLU / threshold-backward passes over the whole tensor; other backends compose the three ops.
     """
     i = validate(x, active, weight, bias, eps)
+    if residual is not None or relu:
+        if residual is not None and (not isinstance(residual, torch.Tensor) or residual.shape != x.shape
+                                     or residual.dtype != x.dtype or residual.device != x.device):
+            got = (f"{dtype_name(residual.dtype)} {tuple(residual.shape)} on {residual.device}"
+                   if isinstance(residual, torch.Tensor) else type(residual).__name__)
+            raise ValueError(f"residual: expected a tensor like x ({dtype_name(x.dtype)} {tuple(x.shape)} on "
+                             f"{x.device}), got {got}")
+        if not torch.compiler.is_compiling():
+            impl = OP.select(i)
+            if impl.backend == "native":
+                with OP.pinned(impl):
+                    return MaskedBatchNormActFunction.apply(*i.args, residual, bool(relu))[:4]
+        y, mean, var, n = masked_batch_norm(x, active, weight, bias, eps)
+        if residual is not None:
+            y = y + residual
+        return (torch.relu(y) if relu else y), mean, var, n
     if torch.compiler.is_compiling():  # traced: Inductor fuses the reference's reductions
         return masked_batch_norm_reference(*i.args)
     impl = OP.select(i)

@@ -6,7 +6,8 @@ and writes exact zeros elsewhere, outside it behaves exactly like the dense pare
   recorded in the context for the next layers).
 * :class:`SparseBatchNorm2d`: batch statistics over active sites only (``mean = sum(a x) / sum(a)``, biased
   variance for normalising, unbiased ``n / (n - 1)`` for the running estimate, like ``nn.BatchNorm2d``),
-  through :func:`kernels.masked_batch_norm` (fused Triton reductions on CUDA).
+  through :func:`kernels.masked_batch_norm` (fused Triton reductions on CUDA); ``forward_relu(x, residual)``
+  is the ResNet epilogue ``ReLU(BN(x) + residual)``, one pass on the native kernels.
 * :class:`SparseLayerNorm`: layer norm over channels at each active site (``channels_first`` NCHW, the
   ConvNeXt ``LayerNorm2d``; or ``channels_last`` NHWC).
 * :class:`SparseMaxPool2d`: max over the active inputs of each window; :class:`SparseAvgPool2d`: dense
@@ -127,9 +128,25 @@ class SparseBatchNorm2d(nn.BatchNorm2d):
         return new
 
     def forward(self, x):
+        return self._epilogue(x, None, False)
+
+    def forward_relu(self, x, residual=None, relu=True):
+        """``ReLU(self(x) + residual)`` (``relu=False``: no ReLU; ``residual`` optional), the ResNet epilogue:
+        fused into the masked batch norm's passes on the native kernels inside a ``sparse_context``, the
+        three ops one after another otherwise (same values). A subclass that overrides ``forward`` (its own
+        statistics, e.g. the synchronised batch norm) runs its ``forward`` and then the add and ReLU."""
+        if type(self).forward is not SparseBatchNorm2d.forward:
+            y = self(x)
+            y = y if residual is None else y + residual
+            return F.relu(y) if relu else y
+        return self._epilogue(x, residual, relu)
+
+    def _epilogue(self, x, residual, relu):
         maps = current_maps()
         if maps is None:
-            return super().forward(x)
+            y = super().forward(x)
+            y = y if residual is None else y + residual
+            return F.relu(y) if relu else y
         if x.dim() != 4:
             raise ValueError(f"x: expected a 4-D [B, C, H, W] tensor, got shape {tuple(x.shape)}")
         a = maps.get(x.shape[-2:], x.shape[0])
@@ -138,8 +155,11 @@ class SparseBatchNorm2d(nn.BatchNorm2d):
             y = F.batch_norm(
                 x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
             )
-            return y * _mask(a, x)
-        y, mean, var, n = masked_batch_norm(x, a, self.weight, self.bias, self.eps)
+            y = y * _mask(a, x)
+            y = y if residual is None else y + residual
+            return F.relu(y) if relu else y
+        y, mean, var, n = masked_batch_norm(x, a, self.weight, self.bias, self.eps, residual=residual,
+                                            relu=relu)
         if self.training and self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
