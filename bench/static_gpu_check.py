@@ -432,14 +432,17 @@ def sparse_conv_cases() -> list[Case]:
                     dict(TRANSPOSED=transposed, HAS_BIAS=has_bias, ACC_F64=False, BLOCK_M=16, BLOCK_C=bc),
                     ci=ci and pname == "fwd"))
             else:
-                bm, bn, bk = 128, tk._blocks(ndim, 16, 64), tk._blocks(kdim, 16, 32)
-                cases.append(Case(
-                    "sparse_conv", f"{SC}:_sparse_conv_fwd_kernel", f"{tag} {pname}",
-                    [P, Ptr(U8), Ptr(I64), Ptr(I64), P, P, P, Hs, Ws, Hd, Wd],
-                    dict(KDIM=kdim, NDIM=ndim, KH=k, KW=k, SH=stride, SW=stride, PH=pad, PW=pad, DH=1, DW=1,
-                         TRANSPOSED=transposed, HAS_BIAS=has_bias, USE_DOT=True, DOT_F32=False, ACC_F64=False,
-                         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk),
-                    _expect(tc, bm, 4), ci=ci))
+                bm, bn = 128, tk._blocks(ndim, 16, 64)
+                for sm in (90, 80):  # the launcher's site_launch: (K step, warps) by dtype and architecture
+                    bk = tk._blocks(kdim, 16, 32 if sm >= 90 and dt in (BF16, FP16) else 16)
+                    warps = 8 if sm < 90 and dt == FP32 else 4
+                    cases.append(Case(
+                        "sparse_conv", f"{SC}:_sparse_conv_fwd_kernel", f"{tag} {pname}",
+                        [P, Ptr(U8), Ptr(I64), Ptr(I64), P, P, P, Hs, Ws, Hd, Wd],
+                        dict(KDIM=kdim, NDIM=ndim, KH=k, KW=k, SH=stride, SW=stride, PH=pad, PW=pad, DH=1, DW=1,
+                             TRANSPOSED=transposed, HAS_BIAS=has_bias, USE_DOT=True, DOT_F32=False, ACC_F64=False,
+                             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps),
+                        _expect(tc, bm, warps), ci=ci and sm == 90, sms=(sm,)))
         # weight gradient: split over site blocks, fp32 partials
         n_dense = batch * Ho * Ho
         partial = k * k * (1 if dw else cin) * cout
@@ -458,6 +461,77 @@ def sparse_conv_cases() -> list[Case]:
                 dict(HAS_BIAS=True, USE_DOT=True, DOT_F32=False, ACC_F64=False, BLOCK_M=32, BLOCK_CI=bci,
                      BLOCK_CO=bco),
                 _expect(tc, bci, 4), ci=ci))
+    return cases + sparse_conv_unit_cases()
+
+
+SCU = "kernels.sparse_conv.sparse_conv2d_units_triton"
+
+
+def sparse_conv_unit_cases() -> list[Case]:
+    """The unit-tiled kernels (SparK maps: 32-px units, so 32/stride sites per unit side at each scale) at B 32,
+    224 px, sm_90 only: the launch plan from the launcher's own helpers (tiles, rows per unit, geometry of each
+    parity class of a strided dx, the weight-gradient split for 132 SMs)."""
+    from kernels.sparse_conv import sparse_conv2d_units_triton as tu
+
+    batch, image = 32, 224
+    Hc = image // 32
+    n_units = batch * Hc * Hc
+    cases = []
+    runs = [(n, BF16) for n in LAYERS] + [(n, dt) for dt in (FP16, FP32)
+                                          for n in ("rn50_l1_3x3", "rn50_l2_3x3s2", "cnxb_dw7_s1")]
+    for name, dt in runs:
+        cin, cout, k, stride, dw, in_stride = LAYERS[name]
+        u_in = 32 // in_stride
+        u_out = u_in // stride
+        pad = k // 2
+        pairs = ((k, k), (stride, stride), (pad, pad), (1, 1))
+        tag = f"{name} {str(dt)[6:]} ({cin}->{cout}, units {u_in}->{u_out})"
+        ci = dt == BF16 and name in ("rn50_l1_3x3", "cnxb_dw7_s1")
+        tc = dt in (BF16, FP16)
+        P = Ptr(dt)
+        flags = dict(USE_DOT=True, DOT_F32=False, ACC_F64=False)
+        passes = [("fwd", tu.geometry(*pairs, (u_out,) * 2, (u_in,) * 2, False), cin, cout, True)]
+        if name != "rn50_stem_7x7s2":  # the image needs no gradient
+            classes = [(rh, rw) for rh in range(stride) for rw in range(stride)] if dt == BF16 else [(0, 0)]
+            passes += [(f"dx class {c}", tu.geometry(*pairs, (u_in,) * 2, (u_out,) * 2, True, c), cout, cin, False)
+                       for c in classes]
+        for pname, geom, kdim, ndim, has_bias in passes:
+            lead = [P, Ptr(I32), Ptr(I32), Ptr(I64), P, P, P, n_units, Hc, Hc]
+            if dw:
+                cfg = tu.dw_blocks(ndim, dt, True)
+                rows = tu.rows_plan(geom["S"], cfg["BLOCK_M"])
+                cases.append(Case(
+                    "sparse_conv", f"{SCU}:_unit_dwconv_kernel", f"{tag} {pname}", lead + [ndim],
+                    dict(**geom, **rows, **cfg, **tu.WINDOW, HAS_BIAS=has_bias, ACC_F64=False),
+                    ci=ci and pname == "fwd", sms=(90,)))
+            else:
+                cfg = tu.conv_blocks(kdim, ndim, dt, True)
+                rows = tu.rows_plan(geom["S"], cfg["BLOCK_M"])
+                cases.append(Case(
+                    "sparse_conv", f"{SCU}:_unit_conv_kernel", f"{tag} {pname}", lead + [kdim, ndim],
+                    dict(**geom, **rows, **cfg, **tu.WINDOW, HAS_BIAS=has_bias, **flags),
+                    _expect(tc, cfg["BLOCK_M"], cfg["num_warps"]), ci=ci and pname == "fwd", sms=(90,)))
+        geom = tu.geometry(*pairs, (u_out,) * 2, (u_in,) * 2, False)
+        for key in ("TRANSPOSED", "CY0", "CX0", "CSH", "CSW", "CW", "TH0", "TW0", "TSH", "TSW", "NTH", "NTW"):
+            geom.pop(key)
+        cfg = tu.wgrad_blocks(cin, cout, dt, True, dw)
+        rows = tu.rows_plan(geom["S"], cfg["BLOCK_M"])
+        if dw:
+            programs = k * k * math.ceil(cout / cfg["BLOCK_C"])
+        else:
+            programs = k * k * math.ceil(cin / cfg["BLOCK_CI"]) * math.ceil(cout / cfg["BLOCK_CO"])
+        partial = k * k * (1 if dw else cin) * cout
+        split = max(1, min(math.ceil(2 * SMS[90] / programs), max(1, (64 << 20) // (4 * partial)),
+                           tu.n_tiles(n_units, rows)))
+        lead = [P, P, Ptr(I32), Ptr(I32), Ptr(I64), Ptr(FP32), Ptr(FP32), n_units, Hc, Hc]
+        common = dict(**geom, **rows, **cfg, **tu.WINDOW, SPLIT=split, N_ITER=0, HAS_BIAS=True, ACC_F64=False)
+        if dw:
+            cases.append(Case("sparse_conv", f"{SCU}:_unit_dwwgrad_kernel", f"{tag} dW split {split}",
+                              lead + [cout], common, ci=ci, sms=(90,)))
+        else:
+            cases.append(Case("sparse_conv", f"{SCU}:_unit_wgrad_kernel", f"{tag} dW split {split}",
+                              lead + [cin, cout], dict(**common, USE_DOT=True, DOT_F32=False),
+                              _expect(tc, cfg["BLOCK_CI"], cfg["num_warps"]), ci=ci, sms=(90,)))
     return cases
 
 

@@ -93,7 +93,14 @@ TARGETS = [
            "two launches (scatter-add, finalize) plus zeroing: launch latency dominates at this size. Floor: "
            "~9 MB (z fp32 6.4 MB, indices, sums/codebook read+write) = ~3 us at 3.35 TB/s + ~3 launches"),
     Target(8, "sparse conv fwd+bwd >= 2x dense cuDNN + re-masking at 60% masked", "sparse_conv2d",
-           r"B32 224px .* fwd\+bwd", "vs:cudnn-remask", 2, "cuda"),
+           r"B32 224px .* fwd\+bwd", "vs:cudnn-remask", 2, "cuda",
+           "floor per layer, unit-tiled Triton kernels (bf16, 40% active, outputs written whole with their zeros; "
+           "989 TFLOP/s, 3.35 TB/s): rn50 l1 3x3 8.9 GFLOP / 46 MB = 14 us (memory), l2 3x3s2 58 MB = 17 us, "
+           "l3/l4 3x3 8.9 GFLOP = 9 us (MMA), l1 1x1 116 MB = 35 us, stem 7x7s2 80 MB = 24 us, ConvNeXt dw7 "
+           "92 MB = 28 us; dense cuDNN issues 2.5x the FLOPs (22 GFLOP = 22 us per 3x3) plus the masking passes. "
+           "The kernels issue the useful MMAs only (dx by parity class; masked halo taps of edge units aside) in "
+           "1 + s^2 + 1 launches + 2 reductions; l4 (1x1-site units) has ~20 forward programs for 132 SMs: "
+           "latency-bound without a forward split-K"),
     Target(8, "sparse conv (C++) at 40% density <= 0.55x its own time at 100%", "sparse_conv2d",
            r"B4 160px .*", "variant:ours-full", 0.55, "cpu"),
     Target(8, "sparse conv (C++) at 40% density beats F.conv2d + re-masking", "sparse_conv2d", r"B4 160px .*",

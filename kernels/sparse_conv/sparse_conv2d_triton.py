@@ -281,6 +281,14 @@ def _blocks(n: int, lo: int = 16, hi: int = 64) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(1, n))))
 
 
+def site_launch(dtype, device) -> tuple[int, int]:
+    """(largest K step, warps) of the site-list implicit GEMM on the GPU: (32, 4) on sm_90+ for 2-byte dtypes,
+    else 16-deep steps, and 8 warps for IEEE fp32 before Hopper (every config spill-free in the static check)."""
+    major = torch.cuda.get_device_capability(device)[0] if device.type == "cuda" else 9
+    two_byte = dtype in (torch.bfloat16, torch.float16)
+    return (32 if major >= 9 and two_byte else 16), (8 if major < 9 and dtype == torch.float32 else 4)
+
+
 def _grid_sites(n_dense: int, block: int) -> int:
     return max(1, triton.cdiv(n_dense, block))
 
@@ -327,17 +335,20 @@ def _gather_gemm(src, act_src, act_dst, w, bias, out, transposed, depthwise, kdi
         )
         return out
     if src.device.type == "cuda":
-        # 128 sites x 64 channels x 32-deep K steps, 4 warps: no register spills on sm_90 (ptxas -v, bf16;
-        # the per-row gather addressing costs registers: 64 x 128 x 64 spilled ~2.8 KB per thread)
-        BM, BN, BK = 128, _blocks(ndim, 16, 64), _blocks(kdim, 16, 32)
+        # 128 sites x 64 channels x 32-deep K steps, 4 warps: no register spills on sm_90 for bf16/fp16 (ptxas -v;
+        # the per-row gather addressing costs registers: 64 x 128 x 64 spilled ~2.8 KB per thread); 16-deep K
+        # steps for IEEE fp32 and before Hopper (mma.sync), where 32 spilled 4-92 B (bench/static_gpu_check.py)
+        bk, warps = site_launch(src.dtype, src.device)
+        BM, BN, BK = 128, _blocks(ndim, 16, 64), _blocks(kdim, 16, bk)
     else:  # interpreter: small tiles keep the emulation fast
-        BM, BN, BK = 32, _blocks(ndim, 16, 64), _blocks(kdim, 16, 32)
+        BM, BN, BK, warps = 32, _blocks(ndim, 16, 64), _blocks(kdim, 16, 32), 4
     if acc64:  # fp64 runs the broadcast-multiply-sum path: keep the 3-D product small
         BM, BN, BK = 16, 16, 16
     grid = (_grid_sites(n_dense, BM), triton.cdiv(ndim, BN))
     _sparse_conv_fwd_kernel[grid](
         src, as_u8(act_src), sites, count, w, bias_arg, out, *common, kdim, ndim, KH, KW, *conv,
         **flags, USE_DOT=_use_dot(src.dtype), DOT_F32=_dot_f32(src), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
+        num_warps=warps,
     )
     return out
 

@@ -338,13 +338,15 @@ def n_tiles(n_units: int, rows: dict) -> int:
 
 
 def conv_blocks(kdim: int, ndim: int, dtype, on_gpu: bool) -> dict:
-    """Dense tiles: on the GPU 64-128 sites x 128-256 output channels x 64 input channels, 8 warps from 128 x
-    128 up (sm_90 spill-free: bench/static_gpu_check.py); small tiles under the interpreter and for fp64 (the
-    broadcast-multiply-sum path)."""
+    """Dense tiles: on the GPU (bf16/fp16, wgmma) 64-128 sites x 128-256 output channels x 64 input channels, 8
+    warps from 128 x 128 up; fp32 (IEEE dots on FMA) 64 x 64 x 32; all spill-free on sm_90
+    (bench/static_gpu_check.py); small tiles under the interpreter and for fp64 (broadcast-multiply-sum)."""
     if dtype == torch.float64:
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4, NUM_STAGES=1)
     if not on_gpu:
         return dict(BLOCK_M=32, BLOCK_N=_p2(ndim, 16, 64), BLOCK_K=_p2(kdim, 16, 32), num_warps=4, NUM_STAGES=1)
+    if dtype == torch.float32:  # IEEE fp32 dots run on FMA units: tiles that fit the registers (no spills)
+        return dict(BLOCK_M=64, BLOCK_N=_p2(ndim, 16, 64), BLOCK_K=_p2(kdim, 16, 32), num_warps=4, NUM_STAGES=2)
     bn, bk = _p2(ndim, 16, 256), _p2(kdim, 16, 64)
     bm = 64 if bn >= 256 else 128
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=8 if bm * bn >= 128 * 128 else 4, NUM_STAGES=3)
@@ -364,6 +366,8 @@ def wgrad_blocks(cin: int, cout: int, dtype, on_gpu: bool, depthwise: bool) -> d
         return dict(BLOCK_M=16, BLOCK_CI=16, BLOCK_CO=16, num_warps=4, NUM_STAGES=1)
     if not on_gpu:
         return dict(BLOCK_M=32, BLOCK_CI=_p2(cin, 16, 32), BLOCK_CO=_p2(cout, 16, 64), num_warps=4, NUM_STAGES=1)
+    if dtype == torch.float32:
+        return dict(BLOCK_M=32, BLOCK_CI=_p2(cin, 16, 32), BLOCK_CO=_p2(cout, 16, 64), num_warps=4, NUM_STAGES=2)
     return dict(BLOCK_M=64, BLOCK_CI=_p2(cin, 16, 64), BLOCK_CO=_p2(cout, 16, 128), num_warps=4, NUM_STAGES=3)
 
 
