@@ -3,7 +3,8 @@
 CPU (small sizes, 160-px images, batch 4, one thread): the C++ path at 40% density ("ours"), the same at 100% density
 ("ours-full": the sparse path's scaling, target ours <= 0.55 x ours-full) and ``F.conv2d`` on the masked
 input re-masked ("reference": what SparK runs; target: beat it).
-CUDA (224 px, batch 32): Triton at 40% in bf16 vs cuDNN channels_last bf16 dense conv with re-masking
+CUDA (224 px, batch 32): Triton at 40% in bf16 (the unit-tiled kernels: the maps are SparK's unit mask upsampled,
+the row's note says so) vs cuDNN channels_last bf16 dense conv with re-masking
 (``torch.backends.cudnn.benchmark=True``; also under ``torch.compile``), and spconv's SubMConv2d (map building
 included; bf16, or fp16 where spconv has no bf16 kernels, said so in the row's note) when spconv is importable.
 Under the GPU plan's dry run: batch 1, at most 8 x 8 sites, channels / 8, the Triton interpreter.
@@ -45,7 +46,7 @@ def _case(name, batch, image, dtype, device, density_full=False, gpu_case=False)
     res = image // in_stride
     if DRY_RUN and gpu_case:  # the interpreter: at most 8 x 8 sites per image
         res = min(res, 8)
-    active = upsample_active(keep, res // units).to(device)
+    active = upsample_active(keep.to(device), res // units)  # marked with its units: the unit-tiled kernels
     x = torch.randn(batch, cin, res, res, device=device, dtype=dtype).contiguous(
         memory_format=torch.channels_last
     )
@@ -173,6 +174,10 @@ def test_sparse_conv_cuda(bench, cudnn_benchmark, name, provider, phase):
         flops //= 3
     extra = {"density": round(float(a_out.float().mean()), 3), "dense_flops": flops}
     if provider == "ours":
+        from kernels.sparse_conv.sparse_conv2d import validate
+
+        path = validate(x, active, w, b, active_out=a_out, **params).triton_path
+        assert path.startswith("units: tiled over") and "site list" not in path, path  # SparK maps: unit kernels
         bench(
             _ours(x, active, a_out, w, b, g, params, "triton", phase),
             kernel="sparse_conv2d",
@@ -182,6 +187,7 @@ def test_sparse_conv_cuda(bench, cudnn_benchmark, name, provider, phase):
             device=dev,
             reference=_dense_remask(x, active, a_out, w, b, g, params, phase),
             flops=flops,
+            note=f"Triton {path}",
             **extra,
         )
     elif provider == "cudnn-remask":
