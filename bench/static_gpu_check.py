@@ -507,9 +507,15 @@ def sparse_conv_unit_cases() -> list[Case]:
             else:
                 cfg = tu.conv_blocks(kdim, ndim, dt, True)
                 rows = tu.rows_plan(geom["S"], cfg["BLOCK_M"])
+                # the launcher's split-K: programs of the whole pass (all parity classes of a strided dx)
+                classes = stride * stride if pname.startswith("dx") else 1
+                programs = tu.n_tiles(n_units, rows) * classes * math.ceil(ndim / cfg["BLOCK_N"])
+                steps = math.ceil(k / (stride if pname.startswith("dx") else 1)) ** 2 * math.ceil(kdim / cfg["BLOCK_K"])
+                splits = tu.split_k_rule(programs, steps, SMS[90])
+                label = f"{tag} {pname}" + (f" split-K {splits}" if splits > 1 else "")
                 cases.append(Case(
-                    "sparse_conv", f"{SCU}:_unit_conv_kernel", f"{tag} {pname}", lead + [kdim, ndim],
-                    dict(**geom, **rows, **cfg, **tu.WINDOW, HAS_BIAS=has_bias, **flags),
+                    "sparse_conv", f"{SCU}:_unit_conv_kernel", label, lead + [kdim, ndim],
+                    dict(**geom, **rows, **cfg, **tu.WINDOW, HAS_BIAS=has_bias, **flags, SPLIT_K=splits),
                     _expect(tc, cfg["BLOCK_M"], cfg["num_warps"]), ci=ci and pname == "fwd", sms=(90,)))
         geom = tu.geometry(*pairs, (u_out,) * 2, (u_in,) * 2, False)
         for key in ("TRANSPOSED", "CY0", "CX0", "CSH", "CSW", "CW", "TH0", "TW0", "TSH", "TSW", "NTH", "NTW"):

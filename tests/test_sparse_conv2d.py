@@ -816,3 +816,17 @@ def test_sparse_context_errors_and_dense_fallback():
         SparseConv2d.from_dense(nn.Conv2d(4, 4, 3, groups=2))
     with pytest.raises(TypeError, match="model: expected an nn.Module"):
         to_sparse("resnet")
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("split", [2, 3])
+@pytest.mark.parametrize("stride,k", [(1, 3), (2, 3), (1, 1)])
+def test_triton_unit_path_split_k(monkeypatch, split, stride, k, device):
+    """The split-K of deep small layers (forced here): fp32 partials, zeros of inactive units in every split,
+    bias once, one sum; forward and the per-class dx."""
+    from kernels.sparse_conv import sparse_conv2d_units_triton as tu
+
+    monkeypatch.setattr(tu, "FORWARD_SPLIT_K", split)
+    x, active, w, b = _unit_case(3, 20, 9, (2, 2), 2, k, 1, torch.float64, device)
+    _forbid_site_path(monkeypatch)
+    _check_against_reference(x, active, w, b, stride, k // 2, 1, torch.float64, "triton")

@@ -120,7 +120,7 @@ def upsample_active(active: torch.Tensor, factor) -> torch.Tensor:
         out = out.repeat_interleave(fh, dim=1)
     if fw > 1:
         out = out.repeat_interleave(fw, dim=2)
-    if active.dim() == 3 and active.dtype == torch.bool:
+    if active.dim() == 3 and active.dtype == torch.bool and _version(active) is not None:
         if unit_structure(active) is None:  # the coarse map is its own unit mask (1-site units), same grid
             mark_units(active, UnitGrid(active), (1, 1))
         grid, (uh, uw) = unit_structure(active)
@@ -191,20 +191,34 @@ class UnitGrid:
         return self._index
 
 
+def _version(t: torch.Tensor):
+    """The in-place version counter, or None (inference tensors have none; traced tensors are not marked)."""
+    if torch.compiler.is_compiling():
+        return None
+    try:
+        return t._version
+    except RuntimeError:
+        return None
+
+
 def mark_units(active: torch.Tensor, grid: UnitGrid, unit) -> None:
-    """Record that ``active`` is ``grid``'s coarse mask upsampled by ``unit = (uh, uw)`` (constant units)."""
-    setattr(active, _MARK, (grid, (int(unit[0]), int(unit[1])), active._version))
+    """Record that ``active`` is ``grid``'s coarse mask upsampled by ``unit = (uh, uw)`` (constant units); a
+    no-op while compiling and for inference tensors (no version counter to detect a later in-place edit)."""
+    version = _version(active)
+    if version is not None:
+        setattr(active, _MARK, (grid, (int(unit[0]), int(unit[1])), version))
 
 
 def unit_structure(active: torch.Tensor):
     """``(UnitGrid, (uh, uw))`` when ``active`` is a marked unit-structured map (see module doc), else None
     (unmarked, modified in place since it was marked, or a traced/fake tensor)."""
-    mark = getattr(active, _MARK, None)
+    version = _version(active)
+    mark = getattr(active, _MARK, None) if version is not None else None
     if mark is None:
         return None
-    grid, (uh, uw), version = mark
+    grid, (uh, uw), marked_at = mark
     B, Hc, Wc = grid.shape
-    if active._version != version or tuple(active.shape) != (B, Hc * uh, Wc * uw):
+    if version != marked_at or tuple(active.shape) != (B, Hc * uh, Wc * uw):
         return None
     return grid, (uh, uw)
 

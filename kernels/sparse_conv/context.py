@@ -42,7 +42,7 @@ class ActivityMaps:
                 f"{getattr(active, 'dtype', type(active).__name__)} {tuple(getattr(active, 'shape', ()))}"
             )
         self.batch = active.shape[0]
-        if unit_structure(active) is None:  # the map given is its own unit mask (1-site units)
+        if unit_structure(active) is None and not torch.compiler.is_compiling():  # its own unit mask (1-site units)
             mark_units(active, UnitGrid(active), (1, 1))
         self.maps: dict[tuple[int, int], torch.Tensor] = {(active.shape[1], active.shape[2]): active}
         self._sites: dict[tuple[int, int], torch.Tensor] = {}

@@ -113,13 +113,16 @@ def _unit_conv_kernel(
     T: tl.constexpr, SPAN: tl.constexpr,
     HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr, DOT_F32: tl.constexpr, ACC_F64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
-    WIN: tl.constexpr, REACH: tl.constexpr, CENTER: tl.constexpr,
+    WIN: tl.constexpr, REACH: tl.constexpr, CENTER: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
     """Implicit GEMM over whole units: rows = the (class) sites of the tile's units, one flat loop over
     (taps of the class) x (channel blocks of KDIM). Row (jy, jx) is dst site (CY0 + CSH*jy, CX0 + CSW*jx) of
-    its unit; taps kh = TH0 + TSH*j (j < NTH), kw likewise."""
+    its unit; taps kh = TH0 + TSH*j (j < NTH), kw likewise. SPLIT_K > 1 (deep layers with few tiles): program
+    ``pid_k`` takes every SPLIT_K-th step of the loop and writes fp32 partials ``dst[pid_k]`` (zeros of
+    inactive units included; bias in split 0), summed by the launcher."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
     u0, b, cy, cx, jy, jx, rows_ok, bits = _tile_rows(order, bits_tab, pid_m, N_UNITS, Hc, Wc, S, CW, G, T,
                                                       SPAN, BLOCK_M)
     ly = CY0 + CSH * jy
@@ -128,6 +131,8 @@ def _unit_conv_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < NDIM
     out_ptr = dst + o[:, None].to(tl.int64) * NDIM + offs_n[None, :]
+    if SPLIT_K > 1:
+        out_ptr += pid_k.to(tl.int64) * (N_UNITS * (DUH * DUW) * NDIM)
     out_mask = rows_ok[:, None] & n_ok[None, :]
     if u0 >= tl.load(count):  # every unit of the tile is inactive: its zeros, and done
         tl.store(out_ptr, tl.zeros((BLOCK_M, BLOCK_N), dtype=dst.dtype.element_ty), mask=out_mask)
@@ -137,7 +142,9 @@ def _unit_conv_kernel(
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     NKB: tl.constexpr = (KDIM + BLOCK_K - 1) // BLOCK_K
-    for t in tl.range(0, NTH * NTW * NKB, num_stages=NUM_STAGES):
+    NSTEP: tl.constexpr = NTH * NTW * NKB
+    for i in tl.range(0, (NSTEP + SPLIT_K - 1) // SPLIT_K, num_stages=NUM_STAGES):
+        t = i * SPLIT_K + pid_k if SPLIT_K > 1 else i
         tap = t // NKB
         kb = t % NKB
         kh = TH0 + TSH * (tap // NTW)
@@ -145,7 +152,7 @@ def _unit_conv_kernel(
         q, ok = _tap(bits, b, cy, cx, ly, lx, kh, kw, Hc, Wc, SUH, SUW, SH, SW, PH, PW, DH, DW, KH, KW,
                      TRANSPOSED, WIN, REACH)
         offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < KDIM
+        k_ok = (offs_k < KDIM) & (t < NSTEP) if SPLIT_K > 1 else offs_k < KDIM
         a = tl.load(src + q[:, None].to(tl.int64) * KDIM + offs_k[None, :], mask=ok[:, None] & k_ok[None, :],
                     other=0.0)
         wt = tl.load(w + ((kh * KW + kw) * KDIM + offs_k[:, None]).to(tl.int64) * NDIM + offs_n[None, :],
@@ -157,7 +164,7 @@ def _unit_conv_kernel(
         else:
             acc += tl.sum(a[:, :, None].to(acc.dtype) * wt[None, :, :].to(acc.dtype), axis=1)
     if HAS_BIAS:  # active rows only (a tile straddling the last active unit holds inactive rows)
-        live = ((bits >> CENTER) & 1) != 0
+        live = (((bits >> CENTER) & 1) != 0) & (pid_k == 0)
         bv = tl.load(bias + offs_n, mask=n_ok, other=0.0).to(acc.dtype)
         acc += tl.where(live[:, None], bv[None, :], 0.0)
     tl.store(out_ptr, acc.to(dst.dtype.element_ty), mask=out_mask)
@@ -418,7 +425,26 @@ def _flags(t):
                 ACC_F64=t.dtype == torch.float64)
 
 
-def _launch(src, w, bias, out, plan, kdim, ndim, depthwise, geom):
+FORWARD_SPLIT_K = None
+"""Force the implicit GEMM's split-K (tests); None: :func:`split_k`."""
+
+
+def split_k(programs: int, steps: int, device) -> int:
+    """Split-K of the forward / dx implicit GEMM, only for deep layers with few tiles (ResNet stage 4 on 1-site
+    units: ~50 programs, 20 of them on active units, for 132 SMs): enough splits for 2 waves counting every
+    tile (the active share is unknown without a sync), at least 4 loop steps each, at most 8."""
+    if FORWARD_SPLIT_K is not None:
+        return FORWARD_SPLIT_K
+    return 1 if device.type != "cuda" else split_k_rule(programs, steps, _sms(device.index or 0))
+
+
+def split_k_rule(programs: int, steps: int, sms: int) -> int:
+    if programs >= sms:
+        return 1
+    return max(1, min(8, steps // 4, triton.cdiv(2 * sms, programs)))
+
+
+def _launch(src, w, bias, out, plan, kdim, ndim, depthwise, geom, splits=1):
     order, count, bits = plan.grid.index()
     B, Hc, Wc = plan.grid.shape
     N = B * Hc * Wc
@@ -435,9 +461,32 @@ def _launch(src, w, bias, out, plan, kdim, ndim, depthwise, geom):
         return
     cfg = conv_blocks(kdim, ndim, src.dtype, on_gpu)
     rows = rows_plan(geom["S"], cfg["BLOCK_M"])
-    _unit_conv_kernel[(n_tiles(N, rows), triton.cdiv(ndim, cfg["BLOCK_N"]))](
+    _unit_conv_kernel[(n_tiles(N, rows), triton.cdiv(ndim, cfg["BLOCK_N"]), splits)](
         src, order, count, bits, w, bias_arg, out, N, Hc, Wc, kdim, ndim, **geom, **rows, **cfg, **WINDOW,
-        HAS_BIAS=bias is not None, **flags)
+        HAS_BIAS=bias is not None, **flags, SPLIT_K=splits)
+
+
+def _splits(src, plan, kdim, ndim, depthwise, geoms, kernel_taps):
+    """Split-K of a dense pass (1 for depthwise: no K loop to split): programs of all its launches."""
+    if depthwise:
+        return 1
+    cfg = conv_blocks(kdim, ndim, src.dtype, src.device.type == "cuda")
+    B, Hc, Wc = plan.grid.shape
+    tiles = sum(n_tiles(B * Hc * Wc, rows_plan(g["S"], cfg["BLOCK_M"])) for g in geoms)
+    return split_k(tiles * triton.cdiv(ndim, cfg["BLOCK_N"]), kernel_taps * triton.cdiv(kdim, cfg["BLOCK_K"]),
+                   src.device)
+
+
+def _run(src, w, bias, out, plan, kdim, ndim, depthwise, geoms, kernel_taps):
+    """The launches of one pass (one per parity class), straight into ``out`` or, split-K, into fp32 partials
+    summed once into ``out``."""
+    splits = _splits(src, plan, kdim, ndim, depthwise, geoms, kernel_taps)
+    dst = out if splits == 1 else _buffers.empty((splits, *out.shape), acc_dtype(src.dtype), src.device)
+    for geom in geoms:
+        _launch(src, w, bias, dst, plan, kdim, ndim, depthwise, geom, splits)
+    if splits > 1:
+        out.copy_(dst.sum(0))
+    return out
 
 
 def _pairs(stride, padding, dilation):
@@ -457,8 +506,8 @@ def forward(x_nhwc, active_in, active_out, weight, bias, stride, padding, dilati
         wp = weight.permute(2, 3, 1, 0).reshape(KH * KW, cin_g, Cout).contiguous()
     out = _out(out, "out", (B, Ho, Wo, Cout), x_nhwc)
     geom = geometry((KH, KW), *_pairs(stride, padding, dilation), plan.unit_out, plan.unit_in, False)
-    _launch(x_nhwc, wp, None if bias is None else bias.contiguous(), out, plan, Cin, Cout, depthwise, geom)
-    return out
+    return _run(x_nhwc, wp, None if bias is None else bias.contiguous(), out, plan, Cin, Cout, depthwise, [geom],
+                KH * KW)
 
 
 @launches_on_input_device
@@ -475,11 +524,10 @@ def backward_input(g_nhwc, active_in, active_out, weight, stride, padding, dilat
         wp = weight.permute(2, 3, 0, 1).reshape(KH * KW, Cout, cin_g).contiguous()
     out = _out(out, "dx", (B, H, W, Cin), g_nhwc)
     s, p, d = _pairs(stride, padding, dilation)
-    for rh in range(s[0]):
-        for rw in range(s[1]):
-            geom = geometry((KH, KW), s, p, d, plan.unit_in, plan.unit_out, True, (rh, rw))
-            _launch(g_nhwc, wp, None, out, plan, Cout, Cin, depthwise, geom)
-    return out
+    geoms = [geometry((KH, KW), s, p, d, plan.unit_in, plan.unit_out, True, (rh, rw))
+             for rh in range(s[0]) for rw in range(s[1])]
+    taps = triton.cdiv(KH, s[0]) * triton.cdiv(KW, s[1])
+    return _run(g_nhwc, wp, None, out, plan, Cout, Cin, depthwise, geoms, taps)
 
 
 @launches_on_input_device
