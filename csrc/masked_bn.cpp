@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <cstring>
 #include <stdexcept>
+#include <string>
 #include <vector>
 
 #ifdef _OPENMP
@@ -93,6 +94,132 @@ SC_ACT_INLINE T gated(T dy, T y) {
   return out;
 }
 
+// Per-row bodies of the channels_last (NHWC) loops: one contiguous run of C channels of one site. Compiled
+// for the baseline, AVX2 and AVX-512 and picked at run time (the OpenMP loops stay in the baseline drivers:
+// an outlined parallel body would not inherit a target attribute). d* are double accumulators/statistics.
+template <typename T>
+SC_ACT_INLINE void sum_row_body(double* __restrict acc, const T* __restrict x, int64_t C) {
+  for (int64_t c = 0; c < C; ++c) acc[c] += double(x[c]);
+}
+template <typename T>
+SC_ACT_INLINE void sq_row_body(double* __restrict acc, const T* __restrict x, const double* __restrict mean,
+                               int64_t C) {
+  for (int64_t c = 0; c < C; ++c) {
+    const double d = double(x[c]) - mean[c];
+    acc[c] += d * d;
+  }
+}
+// acc1 += g, acc2 += g (x - mean) with g = dy (y null) or gated(dy, y)
+template <typename T>
+SC_ACT_INLINE void grad_row_body(double* __restrict acc1, double* __restrict acc2, const T* __restrict dy,
+                                 const T* __restrict x, const T* __restrict y, const double* __restrict mean,
+                                 int64_t C) {
+  if (y) {
+    for (int64_t c = 0; c < C; ++c) {
+      const double g = double(gated(dy[c], y[c]));
+      acc1[c] += g;
+      acc2[c] += g * (double(x[c]) - mean[c]);
+    }
+  } else {
+    for (int64_t c = 0; c < C; ++c) {
+      const double g = double(dy[c]);
+      acc1[c] += g;
+      acc2[c] += g * (double(x[c]) - mean[c]);
+    }
+  }
+}
+// out = act(x a + s (+ r)); act = ReLU when relu
+template <typename T>
+SC_ACT_INLINE void apply_row_body(T* __restrict out, const T* __restrict x, const T* __restrict r,
+                                  const T* __restrict a, const T* __restrict s, bool relu, int64_t C) {
+  if (r && relu) {
+    for (int64_t c = 0; c < C; ++c) {
+      const T v = x[c] * a[c] + s[c] + r[c];
+      out[c] = v < T(0) ? T(0) : v;
+    }
+  } else if (r) {
+    for (int64_t c = 0; c < C; ++c) out[c] = x[c] * a[c] + s[c] + r[c];
+  } else if (relu) {
+    for (int64_t c = 0; c < C; ++c) {
+      const T v = x[c] * a[c] + s[c];
+      out[c] = v < T(0) ? T(0) : v;
+    }
+  } else {
+    for (int64_t c = 0; c < C; ++c) out[c] = x[c] * a[c] + s[c];
+  }
+}
+// dx = k0 (g - k2 - (x - k1) k3), g = dy (y null) or gated(dy, y)
+template <typename T>
+SC_ACT_INLINE void dx_row_body(T* __restrict dx, const T* __restrict dy, const T* __restrict x, const T* __restrict y,
+                               const T* __restrict k0, const T* __restrict k1, const T* __restrict k2,
+                               const T* __restrict k3, int64_t C) {
+  if (y)
+    for (int64_t c = 0; c < C; ++c) dx[c] = k0[c] * (gated(dy[c], y[c]) - k2[c] - (x[c] - k1[c]) * k3[c]);
+  else
+    for (int64_t c = 0; c < C; ++c) dx[c] = k0[c] * (dy[c] - k2[c] - (x[c] - k1[c]) * k3[c]);
+}
+
+template <typename T>
+struct RowOps {
+  void (*sum)(double*, const T*, int64_t);
+  void (*sq)(double*, const T*, const double*, int64_t);
+  void (*grad)(double*, double*, const T*, const T*, const T*, const double*, int64_t);
+  void (*apply)(T*, const T*, const T*, const T*, const T*, bool, int64_t);
+  void (*dx)(T*, const T*, const T*, const T*, const T*, const T*, const T*, const T*, int64_t);
+};
+
+#define MBN_DEFINE_ROWS(NS, ATTR)                                                                              \
+  namespace NS {                                                                                              \
+  template <typename T>                                                                                       \
+  ATTR void sum(double* acc, const T* x, int64_t C) {                                                         \
+    sum_row_body<T>(acc, x, C);                                                                               \
+  }                                                                                                           \
+  template <typename T>                                                                                       \
+  ATTR void sq(double* acc, const T* x, const double* mean, int64_t C) {                                      \
+    sq_row_body<T>(acc, x, mean, C);                                                                          \
+  }                                                                                                           \
+  template <typename T>                                                                                       \
+  ATTR void grad(double* a1, double* a2, const T* dy, const T* x, const T* y, const double* mean, int64_t C) { \
+    grad_row_body<T>(a1, a2, dy, x, y, mean, C);                                                              \
+  }                                                                                                           \
+  template <typename T>                                                                                       \
+  ATTR void apply(T* out, const T* x, const T* r, const T* a, const T* s, bool relu, int64_t C) {             \
+    apply_row_body<T>(out, x, r, a, s, relu, C);                                                              \
+  }                                                                                                           \
+  template <typename T>                                                                                       \
+  ATTR void dx(T* o, const T* dy, const T* x, const T* y, const T* k0, const T* k1, const T* k2, const T* k3,  \
+               int64_t C) {                                                                                   \
+    dx_row_body<T>(o, dy, x, y, k0, k1, k2, k3, C);                                                           \
+  }                                                                                                           \
+  template <typename T>                                                                                       \
+  RowOps<T> ops() {                                                                                           \
+    return RowOps<T>{&sum<T>, &sq<T>, &grad<T>, &apply<T>, &dx<T>};                                           \
+  }                                                                                                           \
+  }
+
+MBN_DEFINE_ROWS(rows_avx512, __attribute__((target("avx512f,avx512vl,avx2,fma,prefer-vector-width=512"))))
+MBN_DEFINE_ROWS(rows_avx2, __attribute__((target("avx2,fma"))))
+MBN_DEFINE_ROWS(rows_base, )
+
+int mbn_isa() {
+#if defined(__x86_64__) || defined(__i386__)
+  static const int level = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+                                   __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")
+                               ? 2
+                               : (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 1 : 0);
+  return level;
+#else
+  return 0;
+#endif
+}
+int mbn_isa_cap = 2;  // masked_bn_set_isa (tests of the narrower builds)
+
+template <typename T>
+RowOps<T> row_ops() {
+  const int level = std::min(mbn_isa(), mbn_isa_cap);
+  return level == 2 ? rows_avx512::ops<T>() : (level == 1 ? rows_avx2::ops<T>() : rows_base::ops<T>());
+}
+
 // gate (pass 2 only, may be null): the fused ReLU's output y; dy counts only where y > 0.
 template <typename T>
 void reduce_t(int pass, const T* x, const T* dy, const uint8_t* m, const Layout& l, const Layout& ld,
@@ -101,6 +228,7 @@ void reduce_t(int pass, const T* x, const T* dy, const uint8_t* m, const Layout&
   const int64_t C = l.C, S = l.S, rows = l.B * l.S;
   if (nhwc(l) && (dy == nullptr || ld.sc == 1) && (gate == nullptr || lg->sc == 1)) {
     ChannelAcc a1(nthreads, C), a2(nthreads, C);
+    const RowOps<T> ops = row_ops<T>();
 #pragma omp parallel num_threads(a1.nt)
     {
       double* acc1 = a1.mine();
@@ -111,27 +239,12 @@ void reduce_t(int pass, const T* x, const T* dy, const uint8_t* m, const Layout&
         const int64_t b = r / S, s = r % S;
         const T* px = x + b * l.sb + s * l.ss;
         if (pass == 0) {
-          for (int64_t c = 0; c < C; ++c) acc1[c] += double(px[c]);
+          ops.sum(acc1, px, C);
         } else if (pass == 1) {
-          for (int64_t c = 0; c < C; ++c) {
-            const double d = double(px[c]) - mean[c];
-            acc1[c] += d * d;
-          }
-        } else if (gate == nullptr) {
-          const T* pd = dy + b * ld.sb + s * ld.ss;
-          for (int64_t c = 0; c < C; ++c) {
-            const double g = double(pd[c]);
-            acc1[c] += g;
-            acc2[c] += g * (double(px[c]) - mean[c]);
-          }
+          ops.sq(acc1, px, mean, C);
         } else {
-          const T* pd = dy + b * ld.sb + s * ld.ss;
-          const T* py = gate + b * lg->sb + s * lg->ss;
-          for (int64_t c = 0; c < C; ++c) {
-            const double g = double(gated(pd[c], py[c]));
-            acc1[c] += g;
-            acc2[c] += g * (double(px[c]) - mean[c]);
-          }
+          ops.grad(acc1, acc2, dy + b * ld.sb + s * ld.ss, px, gate ? gate + b * lg->sb + s * lg->ss : nullptr,
+                   mean, C);
         }
       }
     }
@@ -177,21 +290,20 @@ void elementwise_t(const T* x, const T* dy, const uint8_t* m, const Layout& l, c
                    const T* k0, const T* k1, const T* k2, const T* k3, T* out, int nthreads) {
   const int64_t C = l.C, S = l.S, rows = l.B * l.S;
   if (nhwc(l) && lo.sc == 1 && (dy == nullptr || ld.sc == 1)) {
+    const RowOps<T> ops = row_ops<T>();
 #pragma omp parallel for num_threads(std::max(1, nthreads)) schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t b = r / S, s = r % S;
       T* po = out + b * lo.sb + s * lo.ss;
       if (!m[r]) {
-        for (int64_t c = 0; c < C; ++c) po[c] = T(0);
+        std::memset(po, 0, static_cast<size_t>(C) * sizeof(T));
         continue;
       }
       const T* px = x + b * l.sb + s * l.ss;
-      if (dy == nullptr) {
-        for (int64_t c = 0; c < C; ++c) po[c] = px[c] * k0[c] + k1[c];
-      } else {
-        const T* pd = dy + b * ld.sb + s * ld.ss;
-        for (int64_t c = 0; c < C; ++c) po[c] = k0[c] * (pd[c] - k2[c] - (px[c] - k1[c]) * k3[c]);
-      }
+      if (dy == nullptr)
+        ops.apply(po, px, nullptr, k0, k1, false, C);
+      else
+        ops.dx(po, dy + b * ld.sb + s * ld.ss, px, nullptr, k0, k1, k2, k3, C);
     }
     return;
   }
@@ -228,6 +340,7 @@ void act_apply_t(const T* x, const T* r, const uint8_t* m, const Layout& l, cons
                  const T* a, const T* sh, T* out, int nthreads) {
   const int64_t C = l.C, S = l.S, rows = l.B * l.S;
   if (nhwc(l) && lo.sc == 1 && (r == nullptr || lr.sc == 1)) {
+    const RowOps<T> ops = row_ops<T>();
 #pragma omp parallel for num_threads(std::max(1, nthreads)) schedule(static)
     for (int64_t row = 0; row < rows; ++row) {
       const int64_t b = row / S, s = row % S;
@@ -237,14 +350,10 @@ void act_apply_t(const T* x, const T* r, const uint8_t* m, const Layout& l, cons
         if (pr)
           for (int64_t c = 0; c < C; ++c) po[c] = act<T, RELU>(pr[c]);
         else
-          for (int64_t c = 0; c < C; ++c) po[c] = T(0);
+          std::memset(po, 0, static_cast<size_t>(C) * sizeof(T));
         continue;
       }
-      const T* px = x + b * l.sb + s * l.ss;
-      if (pr)
-        for (int64_t c = 0; c < C; ++c) po[c] = act<T, RELU>(px[c] * a[c] + sh[c] + pr[c]);
-      else
-        for (int64_t c = 0; c < C; ++c) po[c] = act<T, RELU>(px[c] * a[c] + sh[c]);
+      ops.apply(po, x + b * l.sb + s * l.ss, pr, a, sh, RELU, C);
     }
     return;
   }
@@ -269,6 +378,7 @@ void act_backward_t(const T* dy, const T* x, const T* y, const uint8_t* m, const
   const int64_t C = l.C, S = l.S, rows = l.B * l.S;
   if (nhwc(l) && ld.sc == 1 && (y == nullptr || ly.sc == 1) && (dx == nullptr || lo.sc == 1) &&
       (dr == nullptr || lr.sc == 1)) {
+    const RowOps<T> ops = row_ops<T>();
 #pragma omp parallel for num_threads(std::max(1, nthreads)) schedule(static)
     for (int64_t row = 0; row < rows; ++row) {
       const int64_t b = row / S, s = row % S;
@@ -280,20 +390,14 @@ void act_backward_t(const T* dy, const T* x, const T* y, const uint8_t* m, const
         if (py)
           for (int64_t c = 0; c < C; ++c) pdr[c] = gated(pd[c], py[c]);
         else
-          for (int64_t c = 0; c < C; ++c) pdr[c] = pd[c];
+          std::memcpy(pdr, pd, static_cast<size_t>(C) * sizeof(T));
       }
       if (!po) continue;
       if (!m[row]) {
-        for (int64_t c = 0; c < C; ++c) po[c] = T(0);
+        std::memset(po, 0, static_cast<size_t>(C) * sizeof(T));
         continue;
       }
-      const T* px = x + b * l.sb + s * l.ss;
-      if (py)
-        for (int64_t c = 0; c < C; ++c) {
-          po[c] = k0[c] * (gated(pd[c], py[c]) - k2[c] - (px[c] - k1[c]) * k3[c]);
-        }
-      else
-        for (int64_t c = 0; c < C; ++c) po[c] = k0[c] * (pd[c] - k2[c] - (px[c] - k1[c]) * k3[c]);
+      ops.dx(po, pd, x + b * l.sb + s * l.ss, py, k0, k1, k2, k3, C);
     }
     return;
   }
@@ -370,6 +474,17 @@ void backward_dx_t(uintptr_t dyp, uintptr_t xp, uintptr_t mp, const Layout& ld, 
 }  // namespace
 
 void register_masked_bn(py::module_& m) {
+  m.def(
+      "masked_bn_set_isa",
+      [](const std::string& isa) {
+        if (isa != "auto" && isa != "avx2" && isa != "base")
+          throw std::invalid_argument("masked_bn_set_isa: expected 'auto', 'avx2' or 'base', got '" + isa + "'");
+        mbn_isa_cap = isa == "auto" ? 2 : (isa == "avx2" ? 1 : 0);
+        const int level = std::min(mbn_isa(), mbn_isa_cap);
+        return std::string(level == 2 ? "avx512" : (level == 1 ? "avx2" : "base"));
+      },
+      "Select the masked batch norm's row kernels: 'auto' (the widest the CPU has), 'avx2' or 'base'; returns "
+      "the ISA used.");
   m.def(
       "masked_bn_stats",
       [](uintptr_t x, uintptr_t mask, const std::vector<int64_t>& layout, double n, uintptr_t mean, uintptr_t var,

@@ -282,3 +282,31 @@ def test_module_forward_relu_matches_composition(device, relu):
         assert_close(y1, y2, name=f"forward_relu (context={ctx})")
         assert_close(fused.running_mean, plain.running_mean, name="running_mean")
         assert_close(fused.running_var, plain.running_var, name="running_var")
+
+
+@pytest.mark.parametrize("isa", ["auto", "avx2", "base"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_native_row_kernels_per_isa(device, poisoned, isa, dtype):
+    """The channels_last row kernels in each ISA build (AVX-512 / AVX2 / baseline): plain and fused paths,
+    channel counts off the vector widths, vs the float64 reference."""
+    _skip_unsupported("native", device, dtype)
+    from kernels._backend import native
+
+    used = native().masked_bn_set_isa(isa)
+    try:
+        for shape, relu in (((2, 37, 6, 5), False), ((3, 19, 4, 7), True), ((1, 130, 3, 3), True)):
+            x, active, w, b, dy = _case(*shape, 0.5, dtype, device, torch.channels_last)
+            res = (torch.randn(*shape, dtype=dtype, device=device) * active[:, None]).contiguous(
+                memory_format=torch.channels_last).requires_grad_()
+            with use_backend("native", op="masked_batch_norm"):
+                y, *_ = masked_batch_norm(x, active, w, b, residual=res if relu else None, relu=relu)
+            grads = torch.autograd.grad(y, [x, w, b] + ([res] if relu else []), dy)
+            x64, w64, b64, r64 = _f64(x, w, b, res)
+            y64, *_ = _epilogue_reference(x64, active, w64, b64, r64 if relu else None, relu)
+            grads64 = torch.autograd.grad(y64, [x64, w64, b64] + ([r64] if relu else []), dy.double())
+            tol = dict(atol=1e-10, rtol=1e-8) if dtype == torch.float64 else dict(atol=2e-5, rtol=2e-4)
+            assert_close(y, y64, name=f"y ({used})", **tol)
+            for i, (got, want) in enumerate(zip(grads, grads64)):
+                assert_close(got, want, name=f"grad {i} ({used})", atol=tol["atol"] * 10, rtol=tol["rtol"] * 10)
+    finally:
+        native().masked_bn_set_isa("auto")
