@@ -830,3 +830,50 @@ def test_triton_unit_path_split_k(monkeypatch, split, stride, k, device):
     x, active, w, b = _unit_case(3, 20, 9, (2, 2), 2, k, 1, torch.float64, device)
     _forbid_site_path(monkeypatch)
     _check_against_reference(x, active, w, b, stride, k // 2, 1, torch.float64, "triton")
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("k,stride,unit", [(4, 4, 8), (2, 2, 4), (2, 2, 2)])
+def test_triton_unit_path_patchify_layers(monkeypatch, k, stride, unit, device):
+    """ConvNeXt's stem (4x4 stride 4) and downsampling (2x2 stride 2) layers, no padding: even kernels, dx with
+    s^2 parity classes of one tap each."""
+    x, active, w, b = _unit_case(3, 5, 6, (2, 3), unit, k, 1, torch.float64, device)
+    a_out = downsample_active(active, stride)
+    inputs = SparseConv2dInputs(x, active, a_out, w, b, (stride,) * 2, (0, 0), (1, 1), 1)
+    assert inputs.triton_path.startswith("units: tiled over") and "site list" not in inputs.triton_path
+    _forbid_site_path(monkeypatch)
+    _check_against_reference(x, active, w, b, stride, 0, 1, torch.float64, "triton")
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("arch", ["resnet", "convnext"])
+def test_triton_unit_path_whole_tiny_encoder(monkeypatch, arch, device):
+    """A to_sparse tiny ResNet / ConvNeXt (total stride 8) inside sparse_context(unit mask of 8-px units): every
+    sparse conv runs the unit kernels (stem, strided 3x3 and 1x1 shortcut, 7x7 depthwise, patchify layers) and
+    the output and every gradient match the reference backend."""
+    torch.manual_seed(0)
+    net = (_TinyResNet() if arch == "resnet" else _TinyConvNeXt()).double().eval()
+    to_sparse(net)
+    body = net.features if arch == "resnet" else net
+    coarse = torch.rand(2, 2, 3) < 0.6
+    coarse[0, 0, 0], coarse[1, 1, 2] = True, False
+    coarse = coarse.to(device)
+    x = torch.randn(2, 3, 16, 24, dtype=torch.float64, device=device)
+    x = x * upsample_active(coarse, 8).unsqueeze(1)
+    params = [p for p in net.parameters() if p.requires_grad]
+    results = {}
+    for backend in ("reference", "triton"):
+        if backend == "triton":
+            _forbid_site_path(monkeypatch)
+        xb = x.clone().requires_grad_()
+        with use_backend(backend, op="sparse_conv2d"), sparse_context(coarse):
+            y = body(xb)
+        grads = torch.autograd.grad(y.square().sum(), [xb] + params, allow_unused=True)
+        results[backend] = (y.detach(), grads)
+    (ry, rg), (ty, tg) = results["reference"], results["triton"]
+    assert_close(ty, ry, name="features")
+    for i, (a, r) in enumerate(zip(tg, rg)):
+        if r is None:
+            assert a is None
+            continue
+        assert_close(a, r, name=f"grad {i}")
