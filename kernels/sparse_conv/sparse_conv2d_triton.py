@@ -1,5 +1,11 @@
 """Triton kernels of sparse convolution: implicit GEMM over the list of active sites (NHWC, zero halos).
 
+The fallback for activity maps that are not unit-structured (arbitrary masks, or maps not built from a unit
+mask); SparK's maps run the unit-tiled kernels of :mod:`kernels.sparse_conv.sparse_conv2d_units_triton`
+(``SparseConv2dInputs.triton_path`` says which). Cost: FLOPs as there plus every tap of a mixed-parity strided
+dx (4x at stride 2), an activity-map load and a block reduction per tap, a whole-output memset, ~25 launches per
+layer fwd+bwd (three site lists, the memsets, the partial sums).
+
 Notation as in :mod:`kernels.sparse_conv.sparse_conv2d`; ``p(o, k)`` is the input site read by output site
 ``o`` at kernel offset ``k = kh * KW + kw``. Site lists are padded to the dense size (``active_site_index``),
 and a device-side count makes programs past the last active site exit at once, so no host sync sizes the

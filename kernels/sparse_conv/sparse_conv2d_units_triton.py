@@ -29,15 +29,22 @@ Kernels:
   ``pid_s, pid_s + SPLIT, ...``; partials ``[SPLIT, K, Cin, Cout]`` fp32 are uninitialised (each written once by
   one program) and reduced once; dbias partials from the ``tap 0, ci-block 0`` programs.
 
-Cost model (bf16, B x active output units U x S sites, kernel k x k, Cin -> Cout; A = U*S active output rows):
+Cost model (bf16; A active output sites, A_in = A s^2 active input sites, kernel k x k, Cin -> Cout, the
+whole output B Ho Wo written, zeros included):
 
-* forward: FLOPs ``2 A k^2 Cin Cout`` (+ masked-neighbour taps of edge units: their loads are masked, the MMA
-  issues); bytes ~ ``A Cin 2 (1 + halo)`` x reads (L2, the tile's halo) + weights ``k^2 Cin Cout 2`` per
-  program row-block + ``B Ho Wo Cout 2`` written (active and zero units); 1 launch.
-* dx: FLOPs ``2 A_in k^2 Cin Cout / s^2`` (exact per parity class); bytes as the forward with g; ``s^2``
-  launches (1 at stride 1).
-* dW: FLOPs ``2 A k^2 Cin Cout``; bytes: x and g tiles once per (tap x channel-block) program column, partials
-  ``SPLIT k^2 Cin Cout 4`` written + read once by the reduction; 1 launch + 1 reduction (+ 1 for dbias).
+* forward: FLOPs ``2 A k^2 Cin Cout`` issued on tensor cores (+ the masked halo taps of units at an inactive
+  neighbour or the image edge: loads masked, MMA issued); bytes: x tile + halo per program (L2; HBM ~``A_in Cin
+  2``), the weights ``k^2 Cin Cout 2`` once per row tile (L2), ``B Ho Wo Cout 2`` written; 1 launch. Split-K
+  (only when a pass has fewer programs than SMs: ResNet stages 3-4) adds ``SPLIT B Ho Wo Cout 4`` written and
+  read once + 2 launches (sum, cast-copy).
+* dx: FLOPs ``2 A k^2 Cin Cout`` (each parity class runs only its own taps: 9 tap-GEMMs per 4 classes of a
+  stride-2 3x3, not 36); bytes as the forward with g read and ``B H W Cin 2`` written; ``s^2`` launches (1 at
+  stride 1).
+* dW: FLOPs ``2 A k^2 Cin Cout``; bytes: the x and g tiles once per (tap x channel-block) program column (L2),
+  partials ``SPLIT k^2 Cin Cout 4`` written and read once; 1 launch + 1 reduction (+ 1 for dbias).
+* per layer fwd+bwd, counted from the launcher code (not profiled): ~10 launches at stride 1 (3 kernels, the dW
+  and dbias reductions and casts, 2 weight packings), 3 more at stride 2 (the dx classes), against ~25 for the
+  site-list path; the unit index (argsort, unfold: ~8 small launches) once per unit mask per step.
 
 This file imports triton; it is imported lazily by the triton backend. Output buffers come from
 ``kernels._buffers``.
