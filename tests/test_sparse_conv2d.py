@@ -877,3 +877,16 @@ def test_triton_unit_path_whole_tiny_encoder(monkeypatch, arch, device):
             assert a is None
             continue
         assert_close(a, r, name=f"grad {i}")
+
+
+def test_site_index_is_cached_per_map_and_rebuilt_after_an_edit():
+    from kernels.sparse_conv.active import active_site_index, cached_site_index
+
+    a = torch.rand(2, 5, 4) < 0.5
+    first = cached_site_index(a)
+    assert cached_site_index(a) is first
+    a[0, 0, 0] = ~a[0, 0, 0]
+    again = cached_site_index(a)
+    assert again is not first
+    want = active_site_index(a)
+    assert torch.equal(again[0], want[0]) and torch.equal(again[1], want[1])

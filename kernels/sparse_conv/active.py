@@ -148,6 +148,24 @@ def active_site_index(active: torch.Tensor):
     return sites.to(torch.int64), count
 
 
+_SITES = "_kernels_site_index"  # attribute on a map: (its active_site_index, map version when built)
+
+
+def cached_site_index(active: torch.Tensor):
+    """:func:`active_site_index`, built once per map (kept on the map, rebuilt after an in-place edit): the
+    forward, dx and dW of every layer on the same map share one list. Not cached while compiling or for
+    inference tensors."""
+    version = _version(active)
+    if version is None:
+        return active_site_index(active)
+    hit = getattr(active, _SITES, None)
+    if hit is not None and hit[1] == version:
+        return hit[0]
+    index = active_site_index(active)
+    setattr(active, _SITES, (index, version))
+    return index
+
+
 def active_fraction(active: torch.Tensor) -> float:
     """Fraction of active sites (host sync on CUDA; for reports and benches)."""
     return float(active.float().mean()) if active.numel() else 0.0

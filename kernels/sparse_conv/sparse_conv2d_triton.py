@@ -4,12 +4,12 @@ The fallback for activity maps that are not unit-structured (arbitrary masks, or
 mask); SparK's maps run the unit-tiled kernels of :mod:`kernels.sparse_conv.sparse_conv2d_units_triton`
 (``SparseConv2dInputs.triton_path`` says which). Cost: FLOPs as there plus every tap of a mixed-parity strided
 dx (4x at stride 2), an activity-map load and a block reduction per tap, a whole-output memset, ~25 launches per
-layer fwd+bwd (three site lists, the memsets, the partial sums).
+layer fwd+bwd (the memsets, the partial sums; the site lists are cached per map).
 
 Notation as in :mod:`kernels.sparse_conv.sparse_conv2d`; ``p(o, k)`` is the input site read by output site
-``o`` at kernel offset ``k = kh * KW + kw``. Site lists are padded to the dense size (``active_site_index``),
-and a device-side count makes programs past the last active site exit at once, so no host sync sizes the
-grid. This file imports triton; it is imported lazily by the triton backend. Output buffers come from
+``o`` at kernel offset ``k = kh * KW + kw``. Site lists are padded to the dense size (``active_site_index``;
+built once per map and shared by the forward, dx and dW: ``cached_site_index``), and a device-side count makes
+programs past the last active site exit at once, so no host sync sizes the grid. This file imports triton; it is imported lazily by the triton backend. Output buffers come from
 ``kernels._buffers``.
 """
 
@@ -22,7 +22,7 @@ import triton.language as tl
 from kernels import _buffers
 from kernels._backend import launches_on_input_device
 from kernels._checks import acc_dtype
-from kernels.sparse_conv.active import active_site_index
+from kernels.sparse_conv.active import cached_site_index
 from kernels.sparse_conv.layout import as_u8, check_out_buffer
 
 
@@ -323,7 +323,7 @@ def _gather_gemm(src, act_src, act_dst, w, bias, out, transposed, depthwise, kdi
     """``out[dst site, n] = sum_k sum_c src[neighbour, c] w[k, c, n]`` at the active dst sites (zeros elsewhere);
     ``geom = (H_src, W_src, H_dst, W_dst, KH, KW, stride, padding, dilation)``."""
     H_src, W_src, H_dst, W_dst, KH, KW, stride, padding, dilation = geom
-    sites, count = active_site_index(act_dst)
+    sites, count = cached_site_index(act_dst)
     out.view(-1, ndim)[:] = 0  # inactive rows (the kernel writes every active row)
     n_dense = sites.numel()
     acc64 = src.dtype == torch.float64
@@ -402,7 +402,7 @@ def backward_weight(x_nhwc, g_nhwc, active_in, active_out, weight_shape, stride,
     _, _, KH, KW = weight_shape
     K = KH * KW
     x_nhwc, g_nhwc = x_nhwc.contiguous(), g_nhwc.contiguous()
-    sites, count = active_site_index(active_out)
+    sites, count = cached_site_index(active_out)
     acc = acc_dtype(x_nhwc.dtype)
     dev = x_nhwc.device
     args = (x_nhwc, as_u8(active_in), g_nhwc, sites, count)
