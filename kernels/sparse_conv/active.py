@@ -277,6 +277,8 @@ def unit_tiling(active_in, active_out, kernel_size, stride, padding, dilation):
         return None, f"the {which} activity map is not marked as mask units (not built by upsample_active)"
     if a[0] is not b[0]:
         return None, "the input and output maps come from different unit masks"
+    if max(active_in.numel(), active_out.numel()) >= 2**31:
+        return None, "2**31 sites or more (the unit kernels index sites in 32 bits)"
     u_in, u_out = a[1], b[1]
     dx, why = True, ""
     for dim in range(2):
