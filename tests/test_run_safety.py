@@ -213,7 +213,7 @@ def test_print_config_and_saved_config_name_each_source(tmp_path):
     out = run("--print-config", "--lr", "0.01")
     assert out.returncode == 0
     assert "lr: 0.01  # command line" in out.stdout and "method: simmim  # preset default.yaml" in out.stdout
-    assert "blr: 0.008  # preset default.yaml (simmim:)" in out.stdout
+    assert "blr: 0.002  # preset default.yaml (simmim:)" in out.stdout
     assert not Path(REPO / "output" / "print-config").exists()
 
 
