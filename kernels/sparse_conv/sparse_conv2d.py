@@ -341,7 +341,9 @@ def sparse_conv2d(x, active, weight, bias=None, stride=1, padding=0, dilation=1,
 
     Backends: ``native`` (C++/OpenMP, CPU float32/float64, the CPU default), ``triton`` (CUDA; CPU only
     under ``TRITON_INTERPRET=1`` when forced), ``reference`` (dense oracle). All are differentiable in
-    ``x``, ``weight`` and ``bias``.
+    ``x``, ``weight`` and ``bias``. Maps built from a unit mask (``upsample_active``, ``sparse_context``: SparK)
+    carry their mask units, and the Triton backend then tiles over whole units
+    (``validate(...).triton_path`` says which kernels run); other maps take the active-site list.
     """
     i = validate(x, active, weight, bias, stride, padding, dilation, groups, active_out)
     if torch.compiler.is_compiling():  # one opaque custom op in the graph
