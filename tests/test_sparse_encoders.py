@@ -190,3 +190,28 @@ def test_native_cpp_kernels_per_isa_match_reference(monkeypatch, isa, dtype, C, 
         if name == "dx":
             gt, wt = gt * a, wt * a
         assert_close(gt, wt, atol=atol * scale, rtol=rtol * 10, name=f"{name} ({used})")
+
+
+def test_sparse_maxpool_keeps_channels_last_and_matches_masked_max():
+    """SparseMaxPool2d (the ResNet stem's pool): max over active inputs only (negative values included), cell
+    rule at the output, channels_last in and out; forward and gradient vs a masked -inf reference."""
+    from kernels.sparse_conv import downsample_active
+    from kernels.sparse_conv.modules import SparseMaxPool2d
+
+    torch.manual_seed(6)
+    active = _mask(2, 4, 3, 4)[:, :15, :11]
+    x = torch.randn(2, 5, 15, 11, dtype=torch.float64)
+    xs = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    pool = SparseMaxPool2d(3, 2, 1)
+    with sparse_context(active):
+        y = pool(xs)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    xr = x.clone().requires_grad_()
+    want = torch.nn.functional.max_pool2d(xr.masked_fill(~active.unsqueeze(1), float("-inf")), 3, 2, 1)
+    a_out = downsample_active(active, 2, y.shape[-2:]).unsqueeze(1) & torch.isfinite(want)
+    want = torch.where(a_out, want, torch.zeros((), dtype=want.dtype))
+    assert_close(y, want, name="max over active inputs")
+    g = torch.randn_like(want)
+    y.backward(g)
+    want.backward(g)
+    assert_close(xs.grad, xr.grad, name="grad")

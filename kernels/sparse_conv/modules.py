@@ -255,7 +255,9 @@ class SparseMaxPool2d(nn.MaxPool2d):
         size_out = _pool_out_size(x, self.kernel_size, stride, self.padding, self.dilation, self.ceil_mode)
         a_out = _output_map(maps, a, size_out, stride)
         neg = torch.finfo(x.dtype).min
-        xm = x.masked_fill(~a.unsqueeze(1), neg)
+        # torch.where keeps x's memory format (masked_fill returns NCHW for a channels_last x, and max pooling
+        # an NCHW copy of a channels_last map was 10x slower than the pool itself, fwd + bwd)
+        xm = torch.where(a.unsqueeze(1), x, neg)
         y = F.max_pool2d(xm, self.kernel_size, stride, self.padding, self.dilation)
         keep = a_out.unsqueeze(1) & (y > neg)
         return torch.where(keep, y, torch.zeros((), dtype=y.dtype, device=y.device))
