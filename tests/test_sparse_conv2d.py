@@ -532,6 +532,33 @@ def test_triton_low_precision_cuda(dtype, device):
     assert_close(out, ref, dtype=dtype, atol=0.3, rtol=5e-2, name="out")
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize(
+    "C,Cout,unit,k,stride,depthwise",
+    [(64, 96, 8, 3, 1, False), (72, 128, 8, 3, 2, False), (64, 40, 4, 1, 2, False), (96, 96, 8, 7, 1, True),
+     (256, 512, 1, 3, 1, False), (3, 64, 32, 7, 2, False)],
+)
+def test_triton_unit_path_cuda(monkeypatch, C, Cout, unit, k, stride, depthwise, device):
+    """The compiled unit kernels (SparK maps) at layer-like shapes, bf16 vs float64: forward, dx (parity
+    classes), dW, dbias; the 512-channel 1-site-unit case runs the forward / dx split-K."""
+    groups = C if depthwise else 1
+    x, active, w, b = _unit_case(4, C, Cout, (7, 7), unit, k, groups, torch.float32, device)
+    w = w / (k * (C // groups) ** 0.5)
+    _forbid_site_path(monkeypatch)
+    xs, ws, bs = (t.detach().to(torch.bfloat16).requires_grad_() for t in (x, w, b))
+    with use_backend("triton", op="sparse_conv2d"):
+        out, a_out = sparse_conv2d(xs, active, ws, bs, stride=stride, padding=k // 2, groups=groups)
+    g = torch.randn(out.shape, device=device) * a_out.unsqueeze(1)
+    grads = torch.autograd.grad(out, (xs, ws, bs), g.to(torch.bfloat16))
+    r = [t.detach().double().requires_grad_() for t in (xs, ws, bs)]
+    ref = sparse_conv2d_reference(r[0], active, a_out, r[1], r[2], stride, k // 2, 1, groups)
+    refs = torch.autograd.grad(ref, r, g.double())
+    assert (out[~a_out.unsqueeze(1).expand_as(out)] == 0).all()
+    for got, want, name in zip((out, *grads), (ref, *refs), ("out", "dx", "dweight", "dbias")):
+        scale = want.abs().max().item() or 1.0
+        assert_close(got, want, dtype=torch.bfloat16, atol=2e-2 * scale, rtol=3e-2, name=name)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # activity maps, dispatch, errors
 
