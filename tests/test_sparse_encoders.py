@@ -215,3 +215,27 @@ def test_sparse_maxpool_keeps_channels_last_and_matches_masked_max():
     y.backward(g)
     want.backward(g)
     assert_close(xs.grad, xr.grad, name="grad")
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_rows_linear_matches_float64(bias):
+    """rows_linear (ConvNeXt's MLP on gathered rows; oneDNN GEMMs on CPU float32): output and the gradients
+    of the rows, weight and bias vs nn.Linear in float64; other dtypes / modules fall through to layer(x)."""
+    from kernels.sparse_conv.modules import rows_linear
+
+    torch.manual_seed(7)
+    layer = torch.nn.Linear(19, 45, bias=bias)
+    ref = torch.nn.Linear(19, 45, bias=bias).double()
+    ref.load_state_dict({k: v.double() for k, v in layer.state_dict().items()})
+    x = torch.randn(37, 19, dtype=torch.float64)
+    xs, xr = x.float().requires_grad_(), x.clone().requires_grad_()
+    y, yr = rows_linear(xs, layer), ref(xr)
+    g = torch.randn_like(yr)
+    y.backward(g.float())
+    yr.backward(g)
+    assert_close(y.double(), yr, atol=1e-5, rtol=1e-5, name="output")
+    assert_close(xs.grad.double(), xr.grad, atol=1e-5, rtol=1e-5, name="dx")
+    assert_close(layer.weight.grad.double(), ref.weight.grad, atol=1e-4, rtol=1e-5, name="dweight")
+    if bias:
+        assert_close(layer.bias.grad.double(), ref.bias.grad, atol=1e-5, rtol=1e-5, name="dbias")
+    assert_close(rows_linear(xr.detach(), ref), ref(xr.detach()), name="float64 falls through")

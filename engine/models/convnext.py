@@ -20,6 +20,7 @@ from torch import nn
 
 from engine.models.vit import DropPath
 from kernels.sparse_conv.context import current_maps
+from kernels.sparse_conv.modules import rows_linear
 
 CONVNEXT_CONFIGS: dict[str, dict] = {
     "convnext_femto": dict(depths=(1, 1, 2, 1), dims=(16, 32, 64, 128), stem_stride=1),
@@ -49,8 +50,11 @@ class ConvNeXtBlock(nn.Module):
         self.gamma = nn.Parameter(torch.full((dim,), float(layer_scale))) if layer_scale > 0 else None
         self.drop_path = DropPath(drop_path)
 
-    def _mlp(self, y):
-        y = self.pwconv2(self.act(self.pwconv1(self.norm(y))))
+    def _mlp(self, y, rows: bool = False):
+        if rows:  # 2-D gathered rows: the two Linear layers' GEMMs in oneDNN (kernels' rows_linear)
+            y = rows_linear(self.act(rows_linear(self.norm(y), self.pwconv1)), self.pwconv2)
+        else:
+            y = self.pwconv2(self.act(self.pwconv1(self.norm(y))))
         return self.gamma * y if self.gamma is not None else y
 
     def forward(self, x):
@@ -61,7 +65,7 @@ class ConvNeXtBlock(nn.Module):
             # (gathered once, scattered back with zeros at inactive sites, where x is zero too)
             B, H, W, C = y.shape
             idx = maps.sites((H, W), B)
-            rows = self._mlp(y.reshape(B * H * W, C).index_select(0, idx))
+            rows = self._mlp(y.reshape(B * H * W, C).index_select(0, idx), rows=True)
             y = y.new_zeros(B * H * W, C).index_copy(0, idx, rows).view(B, H, W, C)
         else:
             y = self._mlp(y)

@@ -10,6 +10,8 @@ and writes exact zeros elsewhere, outside it behaves exactly like the dense pare
   is the ResNet epilogue ``ReLU(BN(x) + residual)``, one pass on the native kernels.
 * :class:`SparseLayerNorm`: layer norm over channels at each active site (``channels_first`` NCHW, the
   ConvNeXt ``LayerNorm2d``; or ``channels_last`` NHWC).
+* :func:`rows_linear`: an ``nn.Linear`` on gathered active rows (ConvNeXt's MLP) with its three GEMMs in
+  oneDNN on CPU float32 (:func:`kernels.sparse_conv.sparse_conv2d_native.linear`).
 * :class:`SparseMaxPool2d`: max over the active inputs of each window; :class:`SparseAvgPool2d`: dense
   average of the zero-filled input (SparK's semantics: inactive inputs count as zeros); both re-masked by
   the cell rule. :class:`SparseAdaptiveAvgPool2d` (output 1x1): mean over active sites only.
@@ -25,6 +27,7 @@ from kernels.sparse_conv.active import conv_output_size, downsample_active, pair
 from kernels.sparse_conv.context import current_maps
 from kernels.sparse_conv.masked_batch_norm import masked_batch_norm
 from kernels.sparse_conv.sparse_conv2d import groups_supported, sparse_conv2d
+from kernels.sparse_conv.sparse_conv2d_native import linear
 
 
 def _mask(active: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -313,3 +316,38 @@ class SparseAdaptiveAvgPool2d(nn.AdaptiveAvgPool2d):
         m = _mask(maps.get(x.shape[-2:], x.shape[0]), x)
         count = m.sum(dim=(2, 3), keepdim=True).clamp_min(1.0)
         return (x * m).sum(dim=(2, 3), keepdim=True) / count
+
+
+class RowsLinearFunction(torch.autograd.Function):
+    """``x @ W.T + b`` on rows ``x [n, in]`` with the forward, dx and dW GEMMs in :func:`linear`."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return linear(x, weight, bias)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad
+        g = g.contiguous()
+        dx = linear(g, weight.t()) if need_x else None
+        dw = linear(g.t(), x.t()) if need_w else None
+        db = g.sum(0) if need_b and ctx.has_bias else None
+        return dx, dw, db
+
+
+def rows_linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+    """``layer(x)`` for 2-D rows ``x [n, in]`` (e.g. the gathered active rows of a SparK encoder): on CPU
+    float32 outside ``torch.compile`` the forward and both gradient GEMMs run in oneDNN (AVX-512 where the CPU
+    has it; ``F.linear`` takes MKL's sgemm, AVX2 on AMD CPUs), otherwise (and for any module that is not a
+    plain ``nn.Linear``) ``layer(x)`` itself."""
+    if type(layer) is not nn.Linear:
+        return layer(x)
+    w = layer.weight
+    if (x.dim() == 2 and x.dtype == torch.float32 and w.dtype == torch.float32 and x.device.type == "cpu"
+            and w.device.type == "cpu" and x.shape[0] > 0 and not torch.compiler.is_compiling()):
+        return RowsLinearFunction.apply(x, w, layer.bias)
+    return layer(x)
