@@ -452,13 +452,18 @@ def test_masked_cross_entropy_multi_pass_softmax(device):
 # SparK: sparse convolution at the ResNet-50 / ConvNeXt layer shapes, masked batch norm
 
 CONV_BATCH, CONV_IMAGE = sized((4, 224), (1, 64))
-CONV_CASES = [(n, torch.bfloat16) for n in LAYERS] + [
-    (n, dt) for dt in (torch.float16, torch.float32) for n in ("rn50_l1_3x3", "rn50_l2_3x3s2", "cnxb_dw7_s1")]
+# (layer, dtype, path): "units" builds the activity map on the device from the unit mask, as SparK does (the
+# unit-tiled kernels run); "sites" uses a copy of the map, which carries no unit mark (the site-list fallback
+# runs, as for any map that is not made of whole units)
+CONV_CASES = [(n, torch.bfloat16, "units") for n in LAYERS] + [
+    (n, dt, "units") for dt in (torch.float16, torch.float32) for n in ("rn50_l1_3x3", "rn50_l2_3x3s2", "cnxb_dw7_s1")
+] + [(n, torch.bfloat16, "sites") for n in ("rn50_l1_3x3", "rn50_l2_3x3s2", "cnxb_dw7_s1")]
 if DRY:
-    CONV_CASES = [("rn50_l1_3x3", torch.bfloat16), ("rn50_l2_3x3s2", torch.float32), ("cnxb_dw7_s1", torch.float16)]
+    CONV_CASES = [("rn50_l1_3x3", torch.bfloat16, "units"), ("rn50_l2_3x3s2", torch.float32, "units"),
+                  ("cnxb_dw7_s1", torch.float16, "units"), ("rn50_l2_3x3s2", torch.bfloat16, "sites")]
 
 
-def _conv_case(name, dtype, device):
+def _conv_case(name, dtype, device, path="units"):
     from kernels.sparse_conv import downsample_active, upsample_active
 
     cin, cout, k, stride, depthwise, in_stride = LAYERS[name]
@@ -468,7 +473,10 @@ def _conv_case(name, dtype, device):
     units = CONV_IMAGE // 32
     keep = ~kernels.spark_masks(CONV_BATCH, units, units, 0.6, seed=0)
     res = CONV_IMAGE // in_stride if not DRY else min(CONV_IMAGE // in_stride, 8)
-    active = upsample_active(keep, res // units).to(device)
+    if path == "units":
+        active = upsample_active(keep.to(device), res // units)
+    else:
+        active = upsample_active(keep, res // units).to(device).clone()
     g = torch.Generator(device="cpu").manual_seed(6)
     x = torch.randn(CONV_BATCH, cin, res, res, generator=g).to(device, dtype)
     x = (x * active.unsqueeze(1)).contiguous(memory_format=torch.channels_last).requires_grad_()
@@ -482,12 +490,15 @@ def _conv_case(name, dtype, device):
     return x, active, a_out, w, b, params
 
 
-@pytest.mark.parametrize("name,dtype", CONV_CASES, ids=[f"{n}-{str(d)[6:]}" for n, d in CONV_CASES])
-def test_sparse_conv_real_layer_shapes(device, name, dtype):
+@pytest.mark.parametrize("name,dtype,path", CONV_CASES, ids=[f"{n}-{str(d)[6:]}-{p}" for n, d, p in CONV_CASES])
+def test_sparse_conv_real_layer_shapes(device, name, dtype, path):
     from kernels import sparse_conv2d
     from kernels.sparse_conv.reference import sparse_conv2d_reference
+    from kernels.sparse_conv.sparse_conv2d import validate
 
-    x, active, a_out, w, b, params = _conv_case(name, dtype, device)
+    x, active, a_out, w, b, params = _conv_case(name, dtype, device, path)
+    ran = validate(x, active, w, b, active_out=a_out, **params).triton_path
+    assert ran.startswith(path + ":"), f"expected the {path} kernels, inputs say {ran!r}"
     with use_backend("triton", op="sparse_conv2d"):
         out, _ = sparse_conv2d(x, active, w, b, active_out=a_out, **params)
     g = torch.randn(out.shape, generator=torch.Generator(device="cpu").manual_seed(7)).to(device, dtype)
