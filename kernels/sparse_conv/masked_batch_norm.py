@@ -7,7 +7,8 @@ With ``m = active[b, h, w]`` and ``n = sum m`` (the statistics are per channel c
 
 Gradients flow to x (active sites only), weight and bias. ``n = 0`` gives y = 0 and zero gradients. Returns
 ``(y, mean, var, n)``; the last three (no gradient) let :class:`SparseBatchNorm2d` update its running
-estimates. Backends: C++/OpenMP on CPU (``csrc/masked_bn.cpp`` via ``masked_batch_norm_native.py``,
+estimates. ``residual=`` / ``relu=`` add the ResNet epilogue ``y = ReLU(BN(x) + residual)`` (fused into the
+C++ passes on the native backend, the backward gated by ``y > 0``; composed elsewhere). Backends: C++/OpenMP on CPU (``csrc/masked_bn.cpp`` via ``masked_batch_norm_native.py``,
 float32/float64), Triton on CUDA (fused partial reductions, no atomics: ``masked_batch_norm_triton.py``),
 both with forward and backward on the same backend through :data:`MaskedBatchNormFunction`, and the
 pure-PyTorch reference of ``reference.py`` otherwise (half precision on CPU; plain autograd). Under
@@ -162,10 +163,10 @@ def _forward_act(x: Tensor, active: Tensor, weight: Optional[Tensor], bias: Opti
 
 
 def _setup_context_act(ctx, inputs, output):
-    x, active, weight, _bias, _eps, residual, relu = inputs
+    x, active, weight, bias, _eps, residual, relu = inputs
     y, mean, var, n, rstd = output
     ctx.save_for_backward(mergeable(x), as_u8(active), n, mean, rstd, weight, y if relu else None)
-    ctx.dtypes = (None if weight is None else weight.dtype, None if _bias is None else _bias.dtype,
+    ctx.dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype,
                   None if residual is None else residual.dtype)
     ctx.mark_non_differentiable(mean, var, n, rstd)
 
