@@ -75,3 +75,53 @@ def test_bad_mask_config():
     with pytest.raises(ValueError, match="divisible"):
         m = build_method("simmim", dict(CFG, mask_patch_size=12))
         m.loader_kwargs()["mask_fn"](2, 0)
+
+
+def _local_normalize_loops(x, window, eps=1e-6):
+    """Each pixel by hand: mean and unbiased variance of the in-image pixels of its window, per channel."""
+    B, C, H, W = x.shape
+    r = window // 2
+    out = torch.empty_like(x)
+    for i in range(H):
+        for j in range(W):
+            nb = x[:, :, max(0, i - r):i + r + 1, max(0, j - r):j + r + 1].reshape(B, C, -1)
+            out[:, :, i, j] = (x[:, :, i, j] - nb.mean(-1)) / (nb.var(-1, unbiased=True) + eps).sqrt()
+    return out
+
+
+@pytest.mark.parametrize("window,shape", [(3, (2, 3, 7, 9)), (5, (1, 3, 6, 5)), (7, (1, 2, 4, 4))])
+def test_local_normalize_matches_a_per_pixel_loop(window, shape):
+    from engine.methods.simmim import local_normalize
+
+    x = torch.randn(*shape, dtype=torch.float64) * 3 + 1
+    torch.testing.assert_close(local_normalize(x, window), _local_normalize_loops(x, window))
+
+
+def test_norm_target_window_regresses_locally_normalised_pixels():
+    from engine.methods.simmim import local_normalize
+
+    torch.manual_seed(0)
+    m = build_method("simmim", dict(CFG, norm_target_window=5)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    mask = kernels.simmim_masks(2, 32, 8, 4, 0.6, seed=1)
+    rec = m.reconstruct(x, mask)
+    pm = mask.repeat_interleave(4, 1).repeat_interleave(4, 2).unsqueeze(1).float()
+    t = local_normalize(x, 5)
+    expect = (F.l1_loss(t, rec, reduction="none") * pm).sum() / (pm.sum() + 1e-5) / 3
+    torch.testing.assert_close(m({"images": x, "mask": mask})["loss"], expect)
+    assert not torch.allclose(expect, (F.l1_loss(x, rec, reduction="none") * pm).sum() / (pm.sum() + 1e-5) / 3)
+    with pytest.raises(ValueError, match="--norm-target-window: expected an odd number of pixels, got 4"):
+        build_method("simmim", dict(CFG, norm_target_window=4))
+
+
+def test_reconstruction_picture_undoes_the_target_normalisation():
+    from engine.methods.simmim import local_stats
+    from engine.viz.reconstruction import predict
+
+    torch.manual_seed(0)
+    m = build_method("simmim", dict(CFG, norm_target_window=5)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    out = predict(m, x, seed=3)
+    mask = m.mask_fn()(2, 3)["mask"]
+    mean, std = local_stats(x, 5)
+    torch.testing.assert_close(out["pred"], m.reconstruct(x, mask) * std + mean)

@@ -38,6 +38,27 @@ def default_mask_patch(image_size: int, patch_size: int) -> int:
     return best
 
 
+def local_stats(images: torch.Tensor, window: int, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-pixel, per-channel mean and ``sqrt(unbiased variance + eps)`` over the ``window x window`` neighbourhood
+    (only the pixels inside the image count at the borders), in float32 or wider: SimMIM's ``norm_targets``."""
+    if window < 1 or window % 2 == 0:
+        raise ValueError(f"norm_target_window: expected an odd window >= 1, got {window}")
+    x = images.to(torch.promote_types(images.dtype, torch.float32))
+    pad = window // 2
+    mean = F.avg_pool2d(x, window, 1, pad, count_include_pad=False)
+    mean_sq = F.avg_pool2d(x * x, window, 1, pad, count_include_pad=False)
+    count = F.avg_pool2d(torch.ones_like(x[:, :1]), window, 1, pad, count_include_pad=True) * window * window
+    var = ((mean_sq - mean * mean) * count / (count - 1).clamp_min(1)).clamp_min(0)
+    return mean, torch.sqrt(var + eps)
+
+
+def local_normalize(images: torch.Tensor, window: int, eps: float = 1e-6) -> torch.Tensor:
+    """SimMIM's normalised targets (``NORM_TARGET``): ``(x - mean) / std`` with :func:`local_stats` (``window``
+    odd; the official SwinV2 configs use 47 at 192 px)."""
+    mean, std = local_stats(images, window, eps)
+    return ((images.to(mean.dtype) - mean) / std).to(images.dtype)
+
+
 def _simmim_mask_fn(batch_size: int, seed: int, *, image_size: int, mask_patch: int, patch: int, ratio: float):
     return {"mask": kernels.simmim_masks(batch_size, image_size, mask_patch, patch, ratio, seed=seed)}
 
@@ -48,7 +69,9 @@ class SimMIM(PretrainMethod):
                     init_values=0.1, use_abs_pos_emb=False, use_shared_rel_pos_bias=True, qv_bias=True,
                     mask_ratio=0.6, pool="mean")
     options = (MASK_RATIO, Option("mask_patch_size", None, int, "SimMIM mask unit in pixels (default 32 at >=192 px, "
-                                  "scaled down below)", range=">=1"))
+                                  "scaled down below)", range=">=1"),
+               Option("norm_target_window", None, int, "simmim: regress locally normalised pixels (SimMIM's NORM_TARGET; "
+                      "odd window in pixels, 47 in its SwinV2 configs); default: raw pixels", range=">=1"))
 
     def __init__(self, cfg: dict):
         super().__init__(cfg)
@@ -63,6 +86,9 @@ class SimMIM(PretrainMethod):
         self.mask_patch = int(cfg.get("mask_patch_size") or default_mask_patch(self.image_size, self.patch))
         self.ratio = float(cfg["mask_ratio"])
         self.in_chans = 3
+        self.norm_window = cfg.get("norm_target_window")
+        if self.norm_window is not None and int(self.norm_window) % 2 == 0:
+            raise ValueError(f"--norm-target-window: expected an odd number of pixels, got {self.norm_window}")
         if not self.swin:
             self.decoder = nn.Sequential(
                 nn.Conv2d(self.backbone.embed_dim, self.patch ** 2 * self.in_chans, kernel_size=1),
@@ -93,6 +119,7 @@ class SimMIM(PretrainMethod):
         rec = self.reconstruct(images, mask)
         pix_mask = mask.repeat_interleave(self.patch, 1).repeat_interleave(self.patch, 2).unsqueeze(1)
         pix_mask = pix_mask.to(rec.dtype)
-        l1 = F.l1_loss(images.to(rec.dtype), rec, reduction="none")
+        target = images if self.norm_window is None else local_normalize(images, int(self.norm_window))
+        l1 = F.l1_loss(target.to(rec.dtype), rec, reduction="none")
         loss = (l1 * pix_mask).sum() / (pix_mask.sum() + 1e-5) / self.in_chans
         return {"loss": loss.float()}

@@ -79,6 +79,11 @@ def predict(method, images: torch.Tensor, seed: int = 0) -> dict[str, torch.Tens
     mask = method.mask_fn()(B, seed)["mask"].to(images.device)  # [B, g, g], True = masked
     if name == "simmim":
         pred = method.reconstruct(images, mask)
+        if getattr(method, "norm_window", None) is not None:  # undo the local target normalisation
+            from engine.methods.simmim import local_stats
+
+            mean, std = local_stats(images, int(method.norm_window))
+            pred = (pred.float() * std + mean).to(pred.dtype)
     else:
         pred = patch_denormalise(method.reconstruct(images, ~mask), images, method.ratio)
     pix = upsample_grid(mask, tuple(images.shape[-2:])).unsqueeze(1)
