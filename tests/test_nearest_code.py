@@ -259,6 +259,44 @@ def test_vector_quantizer_turns_the_cache_on(monkeypatch):
     assert seen.get("cache_codebook") is True
 
 
+def test_lookup_candidates_drop_the_configs_that_spill():
+    """The autotuner the CUDA launcher uses for each dot and architecture: a tf32x3 dot on sm_8x (mma.sync)
+    never gets the 32-rows-per-warp tiles (M128 w4, M256 w8: 16-852 B of ptxas spills at the BEiT v2 shape,
+    ``python -m bench.static_gpu_check --ops codebook``); sm_90 and the other precisions keep every tile, and
+    tensor-core tiles of 64 and 128 rows stay for the pruned case."""
+    from kernels.codebook import nearest_code_triton as tk
+
+    def tiles(tensor_cores, precision, capability):
+        tuner = tk.lookup_autotuner(tensor_cores, precision, capability)
+        return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) for c in tuner.configs]
+
+    spilling = {(128, 64, 4, 3), (256, 64, 8, 3), (256, 128, 8, 3)}
+    assert spilling <= set(tk.TC_CONFIGS)
+    for cap in ((8, 0), (8, 6), (8, 9)):
+        kept = tiles(True, "tf32x3", cap)
+        assert kept == [c for c in tk.TC_CONFIGS if c not in spilling]
+        assert {bm for bm, _, _, _ in kept} == {64, 128}
+    assert tiles(True, "tf32x3", (9, 0)) == tk.TC_CONFIGS
+    for precision in ("tf32", "ieee"):  # bf16 / fp16 operands pass "ieee" (ignored by their dots)
+        assert tiles(True, precision, (8, 0)) == tk.TC_CONFIGS
+    assert tiles(False, "ieee", (8, 0)) == tiles(False, "ieee", (9, 0)) == tk.FMA_CONFIGS
+    # one autotuner per candidate list: its timings are never shared with another list's
+    assert tk.lookup_autotuner(True, "tf32x3", (8, 0)) is tk.lookup_autotuner(True, "tf32x3", (8, 6))
+    assert tk.lookup_autotuner(True, "tf32x3", (8, 0)) is not tk.lookup_autotuner(True, "tf32x3", (9, 0))
+
+
+def _dyadic_units(n, d):
+    """Rows with four entries of +-1/2 at random places (the rest 0): unit norm exactly, and every dot product
+    with such a row is a sum of multiples of 1/4 (or of their multiples by a power of two) -- exact in any
+    summation order. Exact duplicates then score exactly alike everywhere: the interpreter's tl.dot
+    (``np.matmul``, OpenBLAS) is not column-position invariant, so duplicated columns of arbitrary values can
+    differ by an ulp there, which is not a tie."""
+    rows = torch.zeros(n, d)
+    for i in range(n):
+        rows[i, torch.randperm(d)[:4]] = 0.5 * (2 * torch.randint(0, 2, (4,)) - 1).float()
+    return rows
+
+
 @pytest.mark.interpreter
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("normalize", [True, False], ids=["cos", "l2"])
@@ -266,20 +304,23 @@ def test_vector_quantizer_turns_the_cache_on(monkeypatch):
 def test_ties_resolve_to_lowest_index(backend, normalize, K, device):
     d = 13
     codebook = F.normalize(torch.randn(K, d), dim=-1)
+    codebook[7] = _dyadic_units(1, d)[0]
     # duplicates of code 7 inside the same 128-wide tile (60) and in later tiles (135 at the same tile
     # position as 7, 150, K-1)
     for j in (60, 135, 150, K - 1):
         codebook[j] = codebook[7]
-    # z points at code 7 (slightly perturbed, still nearest), plus rows equidistant to everything
-    z = torch.cat([3 * codebook[7] + 1e-3 * torch.randn(50, d), codebook[150:151].expand(5, d)]).to(device)
+    # z along code 7 at exact scales (x = code 7 exactly after the normalisation): codes 7, 60, 135, 150 and
+    # K-1 tie exactly for the best score, every other code scores below it
+    scales = torch.tensor([0.25, 1.0, 3.0, 64.0]).repeat_interleave(10)
+    z = (scales[:, None] * codebook[7]).to(device)
     codebook = codebook.to(device)
     with use_backend(backend, op="nearest_code"):
         idx = nearest_code(z, codebook, normalize).indices
     assert (idx == 7).all(), idx
     # an all-identical codebook: every row must pick code 0
-    same = codebook[3:4].expand(K, d).contiguous()
+    same = _dyadic_units(1, d).expand(K, d).contiguous().to(device)
     with use_backend(backend, op="nearest_code"):
-        idx = nearest_code(torch.randn(40, d, device=device), same, normalize).indices
+        idx = nearest_code(_dyadic_units(40, d).to(device), same, normalize).indices
     assert (idx == 0).all()
 
 

@@ -221,9 +221,11 @@ def _nearest_code_bwd_kernel(
     tl.store(GZ + r64 * D + offs_d[None, :], dz.to(GZ.dtype.element_ty), mask=mask)
 
 
-# (BLOCK_M, BLOCK_K, num_warps, num_stages). Every config here compiles spill-free for sm_90 at the BEiT v2
-# tokenizer shape with the JIT's specialisation (``python -m bench.static_gpu_check --ops codebook``); the
-# configs that spilled (ptxas -v) were dropped. Tensor-core dots (bf16 / fp16 / tf32 / tf32x3 operands):
+# (BLOCK_M, BLOCK_K, num_warps, num_stages) at the BEiT v2 tokenizer shape with the JIT's specialisation
+# (``python -m bench.static_gpu_check --ops codebook``, ptxas -v): every config the launcher can pick for an
+# architecture compiles spill-free there (sm_90 and sm_80); configs that spilled everywhere were dropped, the
+# ones that spill only for one precision on one architecture are pruned by ``_spills`` below.
+# Tensor-core dots (bf16 / fp16 / tf32 / tf32x3 operands):
 TC_CONFIGS = [
     (64, 128, 4, 3),
     (128, 128, 8, 3),
@@ -243,11 +245,23 @@ FMA_CONFIGS = [
 ]
 
 
-def _lookup_configs(tensor_cores: Optional[bool] = None):
-    """The autotune configs of the lookup: those of tensor-core dots, of FMA (IEEE fp32) dots, or both."""
+def _spills(block_m, num_warps, input_precision, capability) -> bool:
+    """Does this tile spill registers on this architecture? A tf32x3 dot on sm_8x (mma.sync) with 32 rows per
+    warp: each warp holds its rows of x and of their hi/lo TF32 split as A fragments through the K loop, beside
+    the three MMAs' accumulators -- ptxas -v at the BEiT v2 shape: 16-852 B of spills for M128 w4 and M256 w8
+    (both 32 rows per warp), none at 16 rows per warp or fewer (253-255 registers). On sm_90 (wgmma) every
+    config is spill-free, so nothing is pruned there (nor for an unknown architecture)."""
+    return (capability is not None and capability[0] < 9 and input_precision == "tf32x3"
+            and block_m // num_warps > 16)
+
+
+def _lookup_configs(tensor_cores: Optional[bool] = None, input_precision: Optional[str] = None,
+                    capability: Optional[tuple] = None):
+    """The autotune configs of the lookup: those of tensor-core dots, of FMA (IEEE fp32) dots, or both (None);
+    with an ``input_precision`` and a device ``capability``, without the configs that spill there."""
     table = {True: TC_CONFIGS, False: FMA_CONFIGS, None: TC_CONFIGS + [c for c in FMA_CONFIGS if c not in TC_CONFIGS]}
     return [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=st)
-            for bm, bk, w, st in table[tensor_cores]]
+            for bm, bk, w, st in table[tensor_cores] if not _spills(bm, w, input_precision, capability)]
 
 
 def uses_tensor_cores(dot_dtype: torch.dtype, input_precision: str) -> bool:
@@ -256,11 +270,19 @@ def uses_tensor_cores(dot_dtype: torch.dtype, input_precision: str) -> bool:
 
 
 # On CUDA the tile sizes are autotuned per (D, K, precision, dtypes) -- the first call per key compiles and times
-# every config (seconds; cached on disk afterwards); the interpreter uses the plain kernel.
+# every config (seconds; cached on disk afterwards); the interpreter uses the plain kernel. One autotuner per
+# candidate list (keyed by its (BLOCK_M, BLOCK_K, num_warps, num_stages) tuples), built on first use.
 _KEY = ["D", "K", "INPUT_PRECISION"]
-_nearest_code_fwd_tuned = {
-    tc: triton.autotune(configs=_lookup_configs(tc), key=_KEY)(_nearest_code_fwd_kernel) for tc in (True, False)
-}
+_nearest_code_fwd_tuned: dict = {}
+
+
+def lookup_autotuner(tensor_cores: bool, input_precision: str, capability: Optional[tuple]):
+    """The autotuned lookup kernel over the configs ``_lookup_configs`` gives for this dot and architecture."""
+    configs = _lookup_configs(tensor_cores, input_precision, capability)
+    key = tuple((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) for c in configs)
+    if key not in _nearest_code_fwd_tuned:
+        _nearest_code_fwd_tuned[key] = triton.autotune(configs=configs, key=_KEY)(_nearest_code_fwd_kernel)
+    return _nearest_code_fwd_tuned[key]
 
 
 class PreparedCodebook(NamedTuple):
@@ -345,7 +367,8 @@ def nearest_code_forward(z2d, prep: PreparedCodebook, normalize, eps, input_prec
     if interp:  # one of the tensor-core configs (128 x 128: half the interpreter's per-program work of 64 x 128)
         _nearest_code_fwd_kernel[(triton.cdiv(M, 128),)](*args, BLOCK_M=128, BLOCK_K=128, **meta)
     else:
-        tuned = _nearest_code_fwd_tuned[uses_tensor_cores(dot_dtype, input_precision)]
+        tuned = lookup_autotuner(uses_tensor_cores(dot_dtype, input_precision), input_precision,
+                                 torch.cuda.get_device_capability(dev))
         tuned[lambda m: (triton.cdiv(M, m["BLOCK_M"]),)](*args, **meta)
     if t is not None:
         sim.copy_(ref.unscale_scores(sim, t))
