@@ -216,43 +216,64 @@ def attention_cases() -> list[Case]:
 WA = "kernels.attn.window_attention_triton"
 
 
-def window_attention_cases() -> list[Case]:
+def _window_attention_case_pair(tag, BW, nW, H, N, d, dt, prec, shifted, ci=False) -> list[Case]:
+    """The forward and (per SM count) backward launch of one [BW, H, N, d] window attention call with the bias
+    and, when ``shifted``, an [nW, N, N] mask: the launchers' tiles, options, precision and image groups, on the
+    SMs whose backend takes the call (``window_attention.capability_reasons``)."""
     from kernels.attn import window_attention_triton as wt
+    from kernels.attn.window_attention import capability_reasons
 
+    sms = tuple(sm for sm in (90, 80) if not capability_reasons(dt, N, d, (sm // 10, sm % 10)))
+
+    x = Ptr(dt)
+    xs = (N * 3 * H * d, d, 3 * H * d, 1)  # q, k, v: views of one [BW, N, 3, H, d] projection
+    os_ = (N * H * d, d, H * d, 1)  # outputs and dO: [BW, N, H, d] buffers viewed [BW, H, N, d]
+    cfg = wt._blocks(N, d)
+    tc = _tc(dt, prec)
+    tag = f"{tag} {str(dt)[6:]}{'-' + prec if dt == FP32 else ''} BW{BW} H{H} N{N} d{d}" + (" +mask" if shifted else "")
+    mask = Ptr(FP32) if shifted else x
+    nw = nW if shifted else 1
+    fo = wt._options(cfg, dt, False, prec)
+    cases = []
+    for sm in sms:  # the launchers' image groups depend on the SM count
+        rows, groups = wt.image_groups(BW // nw, nw * H, SMS[sm], per_sm=wt.FWD_PROGRAMS_PER_SM)
+        cases.append(Case(
+            "window_attention", f"{WA}:_window_attention_fwd_kernel", f"{tag} {groups}x{rows} images",
+            [x, x, x, Ptr(FP32), mask, x, *xs, *os_, BW // nw, H, nw, N, d, rows, d**-0.5 * 1.4426950408889634],
+            dict(HAS_BIAS=True, HAS_MASK=shifted, PRECISION=prec, UPCAST=False, **cfg, **fo),
+            _expect(tc, cfg["BLOCK"], fo["num_warps"]), ci=ci, sms=(sm,)))
+    bo = wt._options(cfg, dt, backward=True)
+    bprec = wt.backward_precision(dt, cfg, prec)
+    tc = _tc(dt, bprec)
+    btag = tag + (f" ({bprec} dots)" if bprec != prec else "")
+    for sm in sms:
+        rows, groups = wt.image_groups(BW // nw, nw * H, SMS[sm])
+        cases.append(Case(
+            "window_attention", f"{WA}:_window_attention_bwd_kernel", f"{btag} {groups}x{rows} images",
+            [x, x, x, Ptr(FP32), mask, x, x, x, x, Ptr(FP32), *xs, *os_, *os_, BW // nw, H, nw, N, d, rows,
+             d**-0.5, d**-0.5 * 1.4426950408889634],
+            dict(HAS_BIAS=True, HAS_MASK=shifted, NEED_DBIAS=True, PRECISION=bprec, UPCAST=False, **cfg, **bo),
+            _expect(tc, cfg["BLOCK"], bo["num_warps"]), ci=ci, sms=(sm,)))
+    return cases
+
+
+def window_attention_cases() -> list[Case]:
+    """Swin-B's four stages at batch 128 (192 px / window 6, 224 px / window 7; d = 32) in bf16, stage 1 also in
+    fp16 and fp32 (IEEE: the default "highest" matmul precision, and TF32); the other tile sizes the launcher
+    picks: 4x4 windows at d 16 (swin_pico, 16 x 16 tiles), 5x5 (32 x 32) and the largest, 8x8 at d 64."""
     cases = []
     for img, window in ((192, 6), (224, 7)):
         grid, N, d = img // 4, window * window, 32
         for i, H in enumerate((4, 8, 16, 32)):  # Swin-B stages at batch 128
             side = grid // 2**i
             nW = (side // window) ** 2
-            BW, shifted = 128 * nW, i < 3
-            for dt in ((BF16, FP16, FP32) if i == 0 else (BF16,)):
-                x = Ptr(dt)
-                xs = (N * 3 * H * d, d, 3 * H * d, 1)  # q, k, v: views of one [BW, N, 3, H, d] projection
-                os_ = (N * H * d, d, H * d, 1)  # outputs and dO: [BW, N, H, d] buffers viewed [BW, H, N, d]
-                cfg = wt._blocks(N, d)
-                prec = "tf32"  # fp32 under the default "highest" matmul precision runs IEEE: both appear below
-                if dt == FP32:
-                    prec = "ieee"
-                tc = _tc(dt, prec)
-                tag = f"swinb{img} stage {i + 1} {str(dt)[6:]} BW{BW} H{H} N{N}" + (" +mask" if shifted else "")
-                mask = Ptr(FP32) if shifted else x
-                fo = wt._options(cfg, dt, backward=False)
-                cases.append(Case(
-                    "window_attention", f"{WA}:_window_attention_fwd_kernel", tag,
-                    [x, x, x, Ptr(FP32), mask, x, *xs, *os_, H, nW, N, d, d**-0.5 * 1.4426950408889634],
-                    dict(HAS_BIAS=True, HAS_MASK=shifted, PRECISION=prec, UPCAST=False, **cfg, **fo),
-                    _expect(tc, cfg["BLOCK"], fo["num_warps"])))
-                groups_target = max(1, min(BW, math.ceil(4 * SMS[90] / H)))
-                per_group = triton_next_pow2(math.ceil(BW / groups_target))
-                bo = wt._options(cfg, dt, backward=True)
-                cases.append(Case(
-                    "window_attention", f"{WA}:_window_attention_bwd_kernel", f"{tag} rows/group {per_group}",
-                    [x, x, x, Ptr(FP32), mask, x, x, x, x, Ptr(FP32), *xs, *os_, *os_, BW, H, nW, N, d, d**-0.5,
-                     d**-0.5 * 1.4426950408889634],
-                    dict(ROWS_PER_GROUP=per_group, HAS_BIAS=True, HAS_MASK=shifted, NEED_DBIAS=True, PRECISION=prec,
-                         UPCAST=False, **cfg, **bo),
-                    _expect(tc, cfg["BLOCK"], bo["num_warps"]), no_spill=False))  # the author bounds its spills
+            runs = [(BF16, "tf32"), (FP16, "tf32"), (FP32, "ieee"), (FP32, "tf32")] if i == 0 else [(BF16, "tf32")]
+            for dt, prec in runs:
+                cases += _window_attention_case_pair(f"swinb{img} stage {i + 1}", 128 * nW, nW, H, N, d, dt, prec,
+                                                     i < 3, ci=img == 224 and i == 0 and prec == "tf32" and dt != FP16)
+    for tag, BW, nW, H, N, d in (("pico", 256, 4, 2, 16, 16), ("w5", 512, 4, 4, 25, 32), ("w8-d64", 512, 4, 4, 64, 64)):
+        for dt, prec in ((BF16, "tf32"), (FP32, "ieee"), (FP32, "tf32")):
+            cases += _window_attention_case_pair(tag, BW, nW, H, N, d, dt, prec, True)
     return cases
 
 

@@ -191,13 +191,14 @@ def test_non_contiguous_inputs(device, poisoned_alloc):
 
 
 @interpreter
-@pytest.mark.parametrize("groups", [1, 3])
-def test_dbias_is_bitwise_reproducible_without_atomics(device, poisoned_alloc, monkeypatch, groups):
+@pytest.mark.parametrize("plan", [(7, 1), (3, 3), (2, 4)])
+def test_dbias_is_bitwise_reproducible_without_atomics(device, poisoned_alloc, monkeypatch, plan):
     """dbias: per-program partial sums over fixed row groups + one reduction, bitwise equal across runs and
-    equal to the float64 sum over every window. 7 rows: one group of 8 (short), or 4 + a short 3."""
+    equal to the float64 sum over every window (the forward walks the same forced groups). 7 images (rows, groups): one group of 7, 3 + 3 + a short 1,
+    2 + 2 + 2 + a short 1."""
     from kernels.attn import window_attention_triton as wt
 
-    monkeypatch.setattr(wt, "_dbias_groups", lambda BW, H, dev: groups)
+    monkeypatch.setattr(wt, "image_groups", lambda n, per_group, sms, per_sm=None: plan)  # fwd and bwd
     q, k, v, bias, mask = _inputs(7, 1, 2, 16, 32, torch.float32, device, True, True)
     grad = torch.randn(7, 2, 16, 32, device=device)
     runs = [_run(q, k, v, bias, mask, grad, "triton")[1] for _ in range(2)]
@@ -351,61 +352,77 @@ def test_compile_fullgraph_is_one_custom_op():
 
 
 # ------------------------------------------------------------------------------------------------------------
-# GPU code path without a GPU: compile both kernels ahead of time for sm_90
+# launch plan and configs (pure functions), and the GPU code path without a GPU
 
 
-_AOT_SCRIPT = r"""
-import re
-import torch
-from kernels.attn import window_attention_triton as wt
+def test_backward_image_groups_cover_every_window_row_once():
+    """One program per (image group, window index, head): every image in exactly one group, the last group
+    non-empty, ~4 programs per SM (Swin-B stages 1 and 4 on 132 SMs: 3 x 43 and 16 x 8 images)."""
+    from kernels.attn import window_attention_triton as wt
 
-FLOATS = {"scale", "qk_scale2"}
-PTRS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
-FP32_PTRS = {"Bias", "Mask", "DBias"}
-UNIT = {"s_xd", "s_gd", "s_yd"}  # the JIT specialises a stride of 1 (head dim contiguous, as Swin's qkv views)
-dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-for name in ("bf16", "fp16", "fp32"):
-    for n, d in ((16, 32), (36, 32), (49, 32), (64, 64)):
-        blocks = wt._blocks(n, d)
-        for fn, backward, extra in (
-            (wt._window_attention_fwd_kernel, False, dict(HAS_BIAS=True, HAS_MASK=True)),
-            (wt._window_attention_bwd_kernel, True, dict(ROWS_PER_GROUP=64, HAS_BIAS=True, HAS_MASK=True,
-                                                           NEED_DBIAS=True)),
-        ):
-            const = {**blocks, **extra, "PRECISION": "tf32", "UPCAST": False}
-            const.update({a: 1 for a in UNIT if a in fn.arg_names})
-            sig = {}
-            for a in fn.arg_names:
-                if a in const:
-                    sig[a] = "constexpr"
-                elif a in FP32_PTRS:
-                    sig[a] = "*fp32"
-                elif a in PTRS:
-                    sig[a] = "*" + name
-                else:
-                    sig[a] = "fp32" if a in FLOATS else "i32"
-            opts = wt._options(blocks, dt[name], backward)
-            ck = triton.compile(ASTSource(fn, sig, const), target=GPUTarget("cuda", 90, 32), options=opts)
-            check_resources(ck, (fn.__name__, name, n, d), 90)
-            tmp = tempfile.mkdtemp()
-            pathlib.Path(tmp, "k.ptx").write_text(ck.asm["ptx"])
-            info = subprocess.run([str(PTXAS), "-v", "-arch=sm_90a", os.path.join(tmp, "k.ptx"), "-o",
-                                   os.path.join(tmp, "k.o")], capture_output=True, text=True, check=True).stderr
-            spill = int(re.search(r"(\d+) bytes spill stores", info).group(1))
-            print(f"{fn.__name__} {name} N{n} d{d} warps{opts['num_warps']} spill {spill}")
-"""
+    assert wt.image_groups(128, 64 * 4, 132) == (43, 3)
+    assert wt.image_groups(128, 32, 132) == (8, 16)
+    assert wt.image_groups(7, 2, None) == (4, 2)  # the interpreter: two groups (exercises the reduction)
+    for n_img in (1, 2, 7, 128, 1000):
+        for per_group, sms in ((1, 108), (4, 132), (256, 132), (4096, 132), (3, None)):
+            rows, groups = wt.image_groups(n_img, per_group, sms)
+            assert rows >= 1 and groups >= 1 and (groups - 1) * rows < n_img <= groups * rows, (n_img, per_group, sms)
+
+
+def test_backward_precision_and_capability_pruning():
+    """float32 64 x 64 backward tiles run IEEE dots even where TF32 is allowed (TF32 spills there); the sm_8x
+    launch that spills (bf16/fp16, N > 32 and d > 32) is refused with a reason, never launched."""
+    from kernels.attn import window_attention_triton as wt
+    from kernels.attn.window_attention import capability_reasons
+
+    wide, narrow = wt._blocks(49, 32), wt._blocks(25, 32)
+    assert wt.backward_precision(torch.float32, wide, "tf32") == "ieee"
+    assert wt.backward_precision(torch.float32, narrow, "tf32") == "tf32"
+    assert wt.backward_precision(torch.float32, wide, "ieee") == "ieee"
+    assert wt.backward_precision(torch.bfloat16, wide, "tf32") == "tf32"
+    assert wt._options(wide, torch.bfloat16, backward=True)["num_warps"] == 8
+    assert wt._options(wide, torch.float32, backward=False)["num_warps"] == 8
+    assert wt._options(wt._blocks(64, 64), torch.float32, False, "ieee")["num_warps"] == 16
+    assert wt._options(wt._blocks(64, 64), torch.float32, False, "tf32")["num_warps"] == 8
+    assert wt._options(wide, torch.bfloat16, backward=False)["num_warps"] == 4
+    assert wt._options(narrow, torch.float32, backward=True)["num_warps"] == 4
+    assert capability_reasons(torch.bfloat16, 49, 32, (8, 0)) == []  # Swin's heads are 32 wide
+    assert capability_reasons(torch.bfloat16, 64, 64, (9, 0)) == []
+    assert capability_reasons(torch.float32, 64, 64, (8, 0)) == []
+    assert capability_reasons(torch.float16, 32, 64, (8, 6)) == []
+    (why,) = capability_reasons(torch.float16, 49, 64, (8, 0))
+    assert "compute capability 8.0" in why and "spills" in why
+
+
+@interpreter
+def test_triton_fp32_tf32_allowed_matches_float64(device, poisoned_alloc):
+    """Under matmul precision "high" the forward may use TF32 and the 64 x 64 backward runs IEEE dots
+    (backward_precision): gradients vs float64 at Swin's 7x7 shape with the mask (on the GPU within TF32's
+    error in the forward, IEEE-exact in the backward's dots)."""
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        q, k, v, bias, mask = _inputs(2, 4, 2, 49, 32, torch.float32, device, True, True, 7)
+        grad = torch.randn(8, 2, 49, 32, device=device)
+        out, grads = _run(q, k, v, bias, mask, grad, "triton")
+    finally:
+        torch.set_float32_matmul_precision(old)
+    ref, ref_grads = _oracle(q, k, v, bias, mask, grad)
+    tf32 = dict(atol=2e-2, rtol=2e-2) if device.type == "cuda" else {}
+    assert_close(out, ref, dtype=torch.float32, name="out", **tf32)
+    for name, g, r in zip(NAMES, grads, ref_grads):
+        assert_close(g, r, dtype=torch.float32, name=name, **tf32)
 
 
 @pytest.mark.slow
 def test_triton_kernels_compile_for_sm90():
-    """Both kernels lower through Triton + ptxas for sm_90 at Swin's shapes (no GPU needed): shared memory
-    within the limit, no spills in the forward or at N <= 32, at most 256 bytes in the backward's 64 x 64
-    tiles (documented in ``_options``)."""
-    from _aot import run_aot
+    """Both kernels as the JIT builds them at Swin-B stage 1 (224 px, 7x7 windows + mask; bf16 and float32
+    under TF32, whose backward runs IEEE dots) for sm_90: no spills, shared memory within the limit, wgmma for
+    the bf16 / TF32 dots, FMA for IEEE. Every stage, dtype, tile size and sm_80:
+    ``python -m bench.static_gpu_check --ops window_attention``."""
+    from _aot import run_static
 
-    out = run_aot(_AOT_SCRIPT)
-    lines = [line.split() for line in out.strip().splitlines()]
-    assert len(lines) == 3 * 4 * 2
-    for fn, dtype, n, d, warps, _, spill in lines:
-        limit = 256 if (fn.endswith("bwd_kernel") and int(n[1:]) > 32) else 0
-        assert int(spill) <= limit, (fn, dtype, n, d, warps, spill)
+    results = run_static("window_attention")
+    assert len(results) == 4
+    for r in results:
+        assert r["spill_stores"] == 0 and r["found"] == r["expect"], (r["kernel"], r["case"], r)

@@ -105,9 +105,24 @@ OP = define_op(
 )
 
 
+def capability_reasons(dtype: torch.dtype, n: int, head_dim: int, capability: tuple[int, int]) -> list[str]:
+    """Launch configs the Triton kernels do not take on a GPU of this compute capability because their compile
+    spills registers (``python -m bench.static_gpu_check --ops window_attention``): the fused backward of
+    windows over 32 tokens at head dim over 32 in float16/bfloat16 on sm_8x (8 warps: 32 B; Swin's heads are
+    32 wide)."""
+    if capability[0] < 9 and dtype in (torch.float16, torch.bfloat16) and n > 32 and head_dim > 32:
+        return [f"windows of {n} tokens at head dim {head_dim} in {dtype} are not supported by the Triton kernel "
+                f"on compute capability {capability[0]}.{capability[1]} (its fused backward spills registers there; "
+                "at most 32 tokens or head dim 32)"]
+    return []
+
+
 def _triton_reasons(i: WindowAttentionInputs) -> list[str]:
     reasons = triton_reasons(i.q, i.k, i.v, i.bias, i.window_mask)
     reasons += tensor_core_reasons(i.q, TRITON_MAX_HEAD_DIM, bias=i.bias, window_mask=i.window_mask)
+    if i.q.is_cuda:
+        reasons += capability_reasons(i.q.dtype, i.q.shape[2], i.q.shape[3],
+                                      torch.cuda.get_device_capability(i.q.device))
     if i.q.shape[2] > TRITON_MAX_TOKENS:
         reasons.append(f"windows of {i.q.shape[2]} tokens are not supported by the Triton kernel (at most "
                        f"{TRITON_MAX_TOKENS}, an 8x8 window)")

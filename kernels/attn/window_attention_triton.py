@@ -43,47 +43,57 @@ def _window_attention_fwd_kernel(
     Q, K, V, Bias, Mask, O,
     s_xb, s_xh, s_xm, s_xd,
     s_ob, s_oh, s_om, s_od,
-    H, NW, N, HEAD_DIM, qk_scale2,
+    NIMG, H, NW, N, HEAD_DIM, ROWS, qk_scale2,
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
     BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """Forward of one (window row b, head h): the whole N x N tile at once.
+    """Forward of one head h and one window index w over the images ``g*R .. g*R + R - 1`` (R = ROWS, the
+    last group shorter; window rows ``b = img * nW + w``), the whole N x N tile of a row at once.
 
-    ``s2 = (q k^T) scale log2e + (bias[h] + mask[b mod nW]) log2e`` (padding columns -> -inf),
-    ``p = 2^(s2 - rowmax)``, ``O = (p v) / rowsum(p)``. A row whose every entry is -inf gives O = 0.
-    q, k, v share their strides (``s_x*``); bias [H, N, N] and mask [nW, N, N] are contiguous.
+    ``(bias[h] + mask[w]) log2e`` (padding keys -> -inf) is loaded once per program; per row
+    ``s2 = (q k^T) scale log2e + that``, ``p = 2^(s2 - rowmax)``, ``O = (p v) / rowsum(p)``. A row whose
+    every entry is -inf gives O = 0. q, k, v share their strides (``s_x*``); bias [H, N, N] and mask
+    [nW, N, N] are contiguous.
     """
     pid = tl.program_id(0)
-    b = (pid // H).to(tl.int64)  # 64-bit row offsets: B*nW*H*N*d may exceed 2^31
     h = pid % H
+    t = pid // H
+    w = t % NW
+    g = t // NW
     offs = tl.arange(0, BLOCK)
-    offs_d = tl.arange(0, BLOCK_D)
     ok = offs < N
-    nd = ok[:, None] & (offs_d < HEAD_DIM)[None, :]
-    valid = ok[:, None] & ok[None, :]
-    x_off = b * s_xb + h * s_xh + offs[:, None] * s_xm + offs_d[None, :] * s_xd
-    nn_off = offs[:, None] * N + offs[None, :]
 
-    q = tl.load(Q + x_off, mask=nd, other=0.0)
-    k = tl.load(K + x_off, mask=nd, other=0.0)
-    v = tl.load(V + x_off, mask=nd, other=0.0)
-    s = dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale2
+    extra = tl.zeros([BLOCK, BLOCK], tl.float32)
     if HAS_BIAS:
-        bias = tl.load(Bias + h * N * N + nn_off, mask=valid, other=0.0)
-        s += bias.to(tl.float32) * 1.4426950408889634
+        bias_blk = tl.make_block_ptr(Bias + h * N * N, (N, N), (N, 1), (0, 0), (BLOCK, BLOCK), (1, 0))
+        extra += tl.load(bias_blk, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
     if HAS_MASK:
-        wm = tl.load(Mask + (b % NW) * N * N + nn_off, mask=valid, other=0.0)
-        s += wm.to(tl.float32) * 1.4426950408889634
-    s = tl.where(ok[None, :], s, float("-inf"))
-    m = tl.max(s, 1)
-    m = tl.where(m == float("-inf"), 0.0, m)
-    p = tl.math.exp2(s - m[:, None])
-    l = tl.sum(p, 1)
-    acc = dot(p.to(v.dtype), v, PRECISION, UPCAST)
-    out = acc / tl.where(l == 0.0, 1.0, l)[:, None]
-    tl.store(O + b * s_ob + h * s_oh + offs[:, None] * s_om + offs_d[None, :] * s_od,
-             out.to(O.dtype.element_ty), mask=nd)
+        mask_blk = tl.make_block_ptr(Mask + w * N * N, (N, N), (N, 1), (0, 0), (BLOCK, BLOCK), (1, 0))
+        extra += tl.load(mask_blk, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
+    extra = tl.where(ok[None, :], extra * 1.4426950408889634, float("-inf"))
+
+    first = g * ROWS
+    count = tl.minimum(ROWS, NIMG - first)
+    i = 0
+    while i < count:  # a run-time trip count (see the backward)
+        b = (first + i).to(tl.int64) * NW + w  # 64-bit row offsets: B*nW*H*N*d may exceed 2^31
+        q_blk = tl.make_block_ptr(Q + b * s_xb + h * s_xh, (N, HEAD_DIM), (s_xm, s_xd), (0, 0), (BLOCK, BLOCK_D), (1, 0))
+        k_blk = tl.make_block_ptr(K + b * s_xb + h * s_xh, (N, HEAD_DIM), (s_xm, s_xd), (0, 0), (BLOCK, BLOCK_D), (1, 0))
+        v_blk = tl.make_block_ptr(V + b * s_xb + h * s_xh, (N, HEAD_DIM), (s_xm, s_xd), (0, 0), (BLOCK, BLOCK_D), (1, 0))
+        q = tl.load(q_blk, boundary_check=(0, 1), padding_option="zero")
+        k = tl.load(k_blk, boundary_check=(0, 1), padding_option="zero")
+        v = tl.load(v_blk, boundary_check=(0, 1), padding_option="zero")
+        s = dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale2 + extra
+        m = tl.max(s, 1)
+        m = tl.where(m == float("-inf"), 0.0, m)
+        p = tl.math.exp2(s - m[:, None])
+        l = tl.sum(p, 1)
+        acc = dot(p.to(v.dtype), v, PRECISION, UPCAST)
+        out = acc / tl.where(l == 0.0, 1.0, l)[:, None]
+        o_blk = tl.make_block_ptr(O + b * s_ob + h * s_oh, (N, HEAD_DIM), (s_om, s_od), (0, 0), (BLOCK, BLOCK_D), (1, 0))
+        tl.store(o_blk, out.to(O.dtype.element_ty), boundary_check=(0, 1))
+        i += 1
 
 
 @triton.jit
@@ -92,54 +102,59 @@ def _window_attention_bwd_kernel(
     s_xb, s_xh, s_xm, s_xd,
     s_gb, s_gh, s_gm, s_gd,
     s_yb, s_yh, s_ym, s_yd,
-    BW, H, NW, N, HEAD_DIM, scale, qk_scale2,
-    ROWS_PER_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, NEED_DBIAS: tl.constexpr,
+    NIMG, H, NW, N, HEAD_DIM, ROWS, scale, qk_scale2,
+    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, NEED_DBIAS: tl.constexpr,
     BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """Fused backward of one head h over the window rows ``g*R .. g*R + R - 1`` (R = ROWS_PER_GROUP).
+    """Fused backward of one head h and one window index w over the images ``g*R .. g*R + R - 1`` (R = ROWS,
+    the last group shorter): window rows ``b = img * nW + w``, so ``bias[h] + mask[w]`` is the same for every
+    row of the program and is loaded once, before the loop (no N x N table load or address tile in it).
 
     Per row b, in increasing order, in the transposed orientation (tile rows = keys j, columns = queries i,
     so that dV and dK need no transposed N x N operand): ``S^T = k q^T scale + (bias + mask)^T``,
     ``P^T`` by a column softmax (exact: the whole tile is here), ``dV = P^T dO``, ``dP^T = v dO^T``,
     ``delta = colsum(P^T dP^T)``, ``dS^T = P^T (dP^T - delta)``, ``dK = scale dS^T q``,
     ``dQ = scale (dS^T)^T k`` (each stored once), and ``acc += dS^T``. With NEED_DBIAS the program stores
-    ``DBias[g, h] = acc^T`` (float32, contiguous [groups, H, N, N]) once at the end; the host sums the
-    groups. q, k, v share strides (``s_x*``), dq, dk, dv too (``s_y*``); bias and mask are contiguous.
-    Block pointers keep the loop's addressing scalar (per-element pointer tiles spilled registers).
+    ``DBias[g * nW + w, h] = acc^T`` (float32, contiguous [groups * nW, H, N, N]) once at the end; the host
+    sums the first axis. q, k, v share strides (``s_x*``), dq, dk, dv too (``s_y*``); bias and mask are
+    contiguous. Block pointers keep the loop's addressing scalar (per-element pointer tiles spilled registers).
     """
     pid = tl.program_id(0)
     h = pid % H
-    g = pid // H
+    t = pid // H
+    w = t % NW
+    g = t // NW
     offs = tl.arange(0, BLOCK)
     ok = offs < N
 
+    # (bias[h] + mask[w])^T log2e with the padding keys at -inf: one tile for the whole program
+    extra = tl.zeros([BLOCK, BLOCK], tl.float32)
+    if HAS_BIAS:
+        bias_blk = tl.make_block_ptr(Bias + h * N * N, (N, N), (1, N), (0, 0), (BLOCK, BLOCK), (0, 1))
+        extra += tl.load(bias_blk, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
+    if HAS_MASK:
+        mask_blk = tl.make_block_ptr(Mask + w * N * N, (N, N), (1, N), (0, 0), (BLOCK, BLOCK), (0, 1))
+        extra += tl.load(mask_blk, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
+    extra = tl.where(ok[:, None], extra * 1.4426950408889634, float("-inf"))
+
     acc = tl.zeros([BLOCK, BLOCK], tl.float32)
-    first = g.to(tl.int64) * ROWS_PER_GROUP
-    for i in range(ROWS_PER_GROUP):
-        b = first + i
-        # block pointers: scalar state only, so no per-element address tiles stay live across the row loop
-        rows = tl.minimum(BW - b, 1) * N  # 0 rows for the short last group: the loads give zeros
-        q_blk = tl.make_block_ptr(Q + b * s_xb + h * s_xh, (rows, HEAD_DIM), (s_xm, s_xd), (0, 0), (BLOCK, BLOCK_D), (1, 0))
-        k_blk = tl.make_block_ptr(K + b * s_xb + h * s_xh, (rows, HEAD_DIM), (s_xm, s_xd), (0, 0), (BLOCK, BLOCK_D), (1, 0))
-        v_blk = tl.make_block_ptr(V + b * s_xb + h * s_xh, (rows, HEAD_DIM), (s_xm, s_xd), (0, 0), (BLOCK, BLOCK_D), (1, 0))
-        g_blk = tl.make_block_ptr(DO + b * s_gb + h * s_gh, (rows, HEAD_DIM), (s_gm, s_gd), (0, 0), (BLOCK, BLOCK_D), (1, 0))
+    first = g * ROWS
+    count = tl.minimum(ROWS, NIMG - first)
+    # a while loop with a run-time trip count: ptxas unrolls a constant one (more registers: 8-324 B spills),
+    # and the interpreter cannot take a run-time argument as a for loop's bound
+    i = 0
+    while i < count:
+        b = (first + i).to(tl.int64) * NW + w  # 64-bit row offsets: B*nW*H*N*d may exceed 2^31
+        q_blk = tl.make_block_ptr(Q + b * s_xb + h * s_xh, (N, HEAD_DIM), (s_xm, s_xd), (0, 0), (BLOCK, BLOCK_D), (1, 0))
+        k_blk = tl.make_block_ptr(K + b * s_xb + h * s_xh, (N, HEAD_DIM), (s_xm, s_xd), (0, 0), (BLOCK, BLOCK_D), (1, 0))
+        v_blk = tl.make_block_ptr(V + b * s_xb + h * s_xh, (N, HEAD_DIM), (s_xm, s_xd), (0, 0), (BLOCK, BLOCK_D), (1, 0))
+        g_blk = tl.make_block_ptr(DO + b * s_gb + h * s_gh, (N, HEAD_DIM), (s_gm, s_gd), (0, 0), (BLOCK, BLOCK_D), (1, 0))
         q = tl.load(q_blk, boundary_check=(0, 1), padding_option="zero")
         k = tl.load(k_blk, boundary_check=(0, 1), padding_option="zero")
         v = tl.load(v_blk, boundary_check=(0, 1), padding_option="zero")
         do = tl.load(g_blk, boundary_check=(0, 1), padding_option="zero")
-        # transposed orientation (rows = keys j, columns = queries i): dV and dK need no transposed tile
-        st = dot(k, tl.trans(q), PRECISION, UPCAST) * qk_scale2
-        if HAS_BIAS or HAS_MASK:  # re-read per row from L1/L2: cheaper than keeping N x N tiles live
-            extra = tl.zeros([BLOCK, BLOCK], tl.float32)
-            if HAS_BIAS:
-                bias_blk = tl.make_block_ptr(Bias + h * N * N, (N, N), (1, N), (0, 0), (BLOCK, BLOCK), (0, 1))
-                extra += tl.load(bias_blk, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
-            if HAS_MASK:
-                mask_blk = tl.make_block_ptr(Mask + (b % NW) * N * N, (N, N), (1, N), (0, 0), (BLOCK, BLOCK), (0, 1))
-                extra += tl.load(mask_blk, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
-            st += extra * 1.4426950408889634
-        st = tl.where(ok[:, None], st, float("-inf"))
+        st = dot(k, tl.trans(q), PRECISION, UPCAST) * qk_scale2 + extra
         m = tl.max(st, 0)
         m = tl.where(m == float("-inf"), 0.0, m)
         pt = tl.math.exp2(st - m[None, :])
@@ -147,20 +162,21 @@ def _window_attention_bwd_kernel(
         pt = pt / tl.where(l == 0.0, 1.0, l)[None, :]
 
         dv = dot(pt.to(do.dtype), do, PRECISION, UPCAST)
-        dv_blk = tl.make_block_ptr(DV + b * s_yb + h * s_yh, (rows, HEAD_DIM), (s_ym, s_yd), (0, 0), (BLOCK, BLOCK_D), (1, 0))
+        dv_blk = tl.make_block_ptr(DV + b * s_yb + h * s_yh, (N, HEAD_DIM), (s_ym, s_yd), (0, 0), (BLOCK, BLOCK_D), (1, 0))
         tl.store(dv_blk, dv.to(DV.dtype.element_ty), boundary_check=(0, 1))
         dpt = dot(v, tl.trans(do), PRECISION, UPCAST)
-        dst = pt * (dpt - tl.sum(pt * dpt, 0)[None, :])  # padding queries (and short rows) have dO = 0: dS = 0
+        dst = pt * (dpt - tl.sum(pt * dpt, 0)[None, :])  # padding queries have dO = 0: dS = 0
         dk = dot(dst.to(q.dtype), q, PRECISION, UPCAST) * scale
-        dk_blk = tl.make_block_ptr(DK + b * s_yb + h * s_yh, (rows, HEAD_DIM), (s_ym, s_yd), (0, 0), (BLOCK, BLOCK_D), (1, 0))
+        dk_blk = tl.make_block_ptr(DK + b * s_yb + h * s_yh, (N, HEAD_DIM), (s_ym, s_yd), (0, 0), (BLOCK, BLOCK_D), (1, 0))
         tl.store(dk_blk, dk.to(DK.dtype.element_ty), boundary_check=(0, 1))
         dq = dot(tl.trans(dst.to(k.dtype)), k, PRECISION, UPCAST) * scale
-        dq_blk = tl.make_block_ptr(DQ + b * s_yb + h * s_yh, (rows, HEAD_DIM), (s_ym, s_yd), (0, 0), (BLOCK, BLOCK_D), (1, 0))
+        dq_blk = tl.make_block_ptr(DQ + b * s_yb + h * s_yh, (N, HEAD_DIM), (s_ym, s_yd), (0, 0), (BLOCK, BLOCK_D), (1, 0))
         tl.store(dq_blk, dq.to(DQ.dtype.element_ty), boundary_check=(0, 1))
         if NEED_DBIAS:
             acc += dst
+        i += 1
     if NEED_DBIAS:
-        db_blk = tl.make_block_ptr(DBias + (g * H + h) * N * N, (N, N), (1, N), (0, 0), (BLOCK, BLOCK), (0, 1))
+        db_blk = tl.make_block_ptr(DBias + ((g * NW + w) * H + h) * N * N, (N, N), (1, N), (0, 0), (BLOCK, BLOCK), (0, 1))
         tl.store(db_blk, acc, boundary_check=(0, 1))
 
 
@@ -173,16 +189,29 @@ def _blocks(n: int, head_dim: int) -> dict:
     return {"BLOCK": max(16, triton.next_power_of_2(n)), "BLOCK_D": max(16, triton.next_power_of_2(head_dim))}
 
 
-def _options(blocks: dict, dtype: torch.dtype, backward: bool) -> dict:
-    """Launch options. Forward: 4 warps, 1 stage. Backward: 1 stage (pipelining the row loop's loads costs
-    registers); 4 warps, 8 for 64 x 64 tiles with float32 inputs or head dim 64. Compiled ahead of time for
-    sm_90 for bf16/fp16/fp32 at N = 16, 36, 49, 64 and d = 32, 64 (tests/test_window_attention.py, which
-    also bounds the register spills reported by ptxas -v: none in the forward and for N <= 32; the backward's
-    64 x 64 tiles spill 36-256 bytes, Swin's N = 36/49 at d = 32 in bf16 256); not yet timed on hardware."""
+def _options(blocks: dict, dtype: torch.dtype, backward: bool, precision: str = "tf32") -> dict:
+    """Launch options, 1 stage (pipelining the loads of one tile costs registers). Forward: 4 warps; float32
+    64 x 64 tiles 8 (4 spilled 128 B on sm_90), 16 for IEEE dots at head dim 64 (8 spill 152 B). Backward:
+    8 warps for 64 x 64 tiles (4 spilled 44-96 B in bf16/fp16 and over 1 KB in float32), else 4. Every
+    Swin-B stage, the 16/32-wide tiles and the 8x8 x d 64 tile compile spill-free for sm_90 and sm_80 with
+    the JIT's specialisation (``python -m bench.static_gpu_check --ops window_attention``,
+    bench/results/static-sm90.md); not yet timed on hardware."""
+    wide = blocks["BLOCK"] >= 64
     if not backward:
-        return {"num_warps": 4, "num_stages": 1}
-    wide = blocks["BLOCK"] >= 64 and (dtype == torch.float32 or blocks["BLOCK_D"] >= 64)
+        warps = 4
+        if wide and dtype == torch.float32:
+            warps = 16 if (precision == "ieee" and blocks["BLOCK_D"] >= 64) else 8
+        return {"num_warps": warps, "num_stages": 1}
     return {"num_warps": 8 if wide else 4, "num_stages": 1}
+
+
+def backward_precision(dtype: torch.dtype, blocks: dict, precision: str) -> str:
+    """The backward's dot precision: as the forward's (:func:`dot_precision`), except float32 64 x 64 tiles,
+    which run IEEE dots even where TF32 is allowed: TF32 operands are 32-bit register fragments and the
+    fused backward then spills 60-536 B on sm_90 / sm_80 (IEEE: none). More exact, never less."""
+    if dtype == torch.float32 and precision == "tf32" and blocks["BLOCK"] >= 64:
+        return "ieee"
+    return precision
 
 
 def _shared_layout(q, k, v):
@@ -208,28 +237,37 @@ def window_attention_forward(q, k, v, bias, window_mask, scale: float):
     out = heads_last_empty(q)
     cfg = _blocks(N, d)
     b_arg, m_arg = _tables(bias, window_mask, q)
-    _window_attention_fwd_kernel[(BW * H,)](
+    rows, groups = image_groups(BW // nW, nW * H, _sms(q.device), per_sm=FWD_PROGRAMS_PER_SM)
+    precision = dot_precision(q.dtype)
+    _window_attention_fwd_kernel[(groups * nW * H,)](
         q, k, v, b_arg, m_arg, out, *q.stride(), *out.stride(),
-        H, nW, N, d, scale * LOG2E,
+        BW // nW, H, nW, N, d, rows, scale * LOG2E,
         HAS_BIAS=bias is not None, HAS_MASK=window_mask is not None,
-        PRECISION=dot_precision(q.dtype), UPCAST=interpreter_upcast(q), **cfg, **_options(cfg, q.dtype, backward=False),
+        PRECISION=precision, UPCAST=interpreter_upcast(q), **cfg, **_options(cfg, q.dtype, False, precision),
     )
     return out
 
 
-def _dbias_groups(BW: int, H: int, device: torch.device) -> int:
-    """Row groups of the backward: enough programs (H per group) to fill the GPU, fixed per shape and device
-    so that dbias stays bitwise reproducible. Two on CPU (the interpreter), which exercises the reduction."""
-    if device.type != "cuda":
-        return min(BW, 2)
-    target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(BW, math.ceil(target / H)))
+FWD_PROGRAMS_PER_SM = 8  # forward: ~3 resident programs per SM (145 registers x 128 threads), 2-3 waves
+BWD_PROGRAMS_PER_SM = 4  # backward: 1 resident (8 warps x ~250 registers), 4 waves
 
 
-def _rows_per_group(BW: int, groups: int) -> int:
-    """Rows per program, rounded up to a power of two: it is a compile-time constant of the backward kernel
-    (the loop bound), so this keeps the compiled variants to a handful (one per power of two)."""
-    return triton.next_power_of_2(math.ceil(BW / max(1, groups)))
+def image_groups(n_img: int, programs_per_group: int, sms: int | None,
+                 per_sm: int = BWD_PROGRAMS_PER_SM) -> tuple[int, int]:
+    """``(rows, groups)`` of the backward: the images split into ``groups`` runs of ``rows`` (the last shorter),
+    one program per (group, window index, head), about ``per_sm`` programs per SM (``sms``; None: the interpreter, two
+    groups, which exercises the reduction). ``rows`` is a run-time argument of the kernel (one compiled
+    variant for every shape). Fixed per shape and device, so dbias is bitwise reproducible."""
+    if sms is None:
+        groups = min(n_img, 2)
+    else:
+        groups = max(1, min(n_img, math.ceil(per_sm * sms / max(1, programs_per_group))))
+    rows = math.ceil(n_img / groups)
+    return rows, math.ceil(n_img / rows)
+
+
+def _sms(device: torch.device) -> int | None:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
 
 
 @launches_on_input_device
@@ -240,21 +278,20 @@ def window_attention_backward(grad_out, q, k, v, bias, window_mask, scale: float
     nW = window_mask.shape[0] if window_mask is not None else 1
     need_dbias = bool(need_dbias and bias is not None)
     q, k, v = _shared_layout(q, k, v)
-    per_group = _rows_per_group(BW, _dbias_groups(BW, H, q.device))
-    groups = math.ceil(BW / per_group)
+    rows, groups = image_groups(BW // nW, nW * H, _sms(q.device))
     dq, dk, dv = heads_last_empty(q), heads_last_empty(k), heads_last_empty(v)
-    dbuf = _buffers.empty((groups, H, N, N), torch.float32, q.device) if need_dbias else None
+    dbuf = _buffers.empty((groups * nW, H, N, N), torch.float32, q.device) if need_dbias else None
     cfg = _blocks(N, d)
     b_arg, m_arg = _tables(bias, window_mask, q)
-    _window_attention_bwd_kernel[(groups * H,)](
+    _window_attention_bwd_kernel[(groups * nW * H,)](
         q, k, v, b_arg, m_arg, grad_out, dq, dk, dv, dbuf if dbuf is not None else q,
         *q.stride(), *grad_out.stride(), *dq.stride(),
-        BW, H, nW, N, d, scale, scale * LOG2E,
-        ROWS_PER_GROUP=per_group, HAS_BIAS=bias is not None, HAS_MASK=window_mask is not None,
-        NEED_DBIAS=need_dbias, PRECISION=dot_precision(q.dtype), UPCAST=interpreter_upcast(q), **cfg,
-        **_options(cfg, q.dtype, backward=True),
+        BW // nW, H, nW, N, d, rows, scale, scale * LOG2E,
+        HAS_BIAS=bias is not None, HAS_MASK=window_mask is not None,
+        NEED_DBIAS=need_dbias, PRECISION=backward_precision(q.dtype, cfg, dot_precision(q.dtype)),
+        UPCAST=interpreter_upcast(q), **cfg, **_options(cfg, q.dtype, backward=True),
     )
     dbias = None
     if need_dbias:
-        dbias = (dbuf.sum(0) if groups > 1 else dbuf[0]).to(bias.dtype)  # one fixed-order reduction
+        dbias = (dbuf.sum(0) if dbuf.shape[0] > 1 else dbuf[0]).to(bias.dtype)  # one fixed-order reduction
     return dq, dk, dv, dbias
