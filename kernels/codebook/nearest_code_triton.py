@@ -280,9 +280,10 @@ def lookup_autotuner(tensor_cores: bool, input_precision: str, capability: Optio
     """The autotuned lookup kernel over the configs ``_lookup_configs`` gives for this dot and architecture."""
     configs = _lookup_configs(tensor_cores, input_precision, capability)
     key = tuple((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) for c in configs)
-    if key not in _nearest_code_fwd_tuned:
-        _nearest_code_fwd_tuned[key] = triton.autotune(configs=configs, key=_KEY)(_nearest_code_fwd_kernel)
-    return _nearest_code_fwd_tuned[key]
+    tuned = _nearest_code_fwd_tuned.get(key)
+    if tuned is None:
+        tuned = _nearest_code_fwd_tuned[key] = triton.autotune(configs=configs, key=_KEY)(_nearest_code_fwd_kernel)
+    return tuned
 
 
 class PreparedCodebook(NamedTuple):
