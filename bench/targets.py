@@ -84,6 +84,27 @@ TARGETS = [
            "vs:sdpa-flash_attention", 1, "cuda"),
     Target(6, "attention fwd+bwd without bias at least as fast as SDPA flash", "attention fwd\\+bwd", _ATT + "$",
            "vs:sdpa-flash_attention", 1, "cuda"),
+    # Swin-B window attention at batch 128, bf16, stage 1 with the shifted-window mask (bytes as
+    # bench/test_bench_window_attention.py counts them; cost model in kernels/attn/window_attention_triton.py):
+    #   192 px, window 6 (BW8192 H4 N36 d32): fwd 302 MB -> 90 us of HBM, 17.2 GFLOP issued over the 64 x 64
+    #   padded tiles (5.4 useful) -> 17 us; fwd+bwd 831 MB -> 248 us, 60 GFLOP issued -> 61 us.
+    #   224 px, window 7 (BW8192 H4 N49 d32): fwd 412 MB -> 123 us; fwd+bwd 1132 MB -> 338 us, same 60 GFLOP.
+    #   Memory-bound by 4-5x even with the padding; the backward is predicted latency-bound (one 8-warp program
+    #   per SM at ~250 registers, no prefetch in its row loop), hence the looser fwd+bwd target.
+    Target(22, "window attention fwd (Swin-B stage 1 + mask) within 1.3x of the memory floor", "window_attention fwd",
+           r"BW8192 H4 N(36|49) d32 .*\+mask", "bandwidth", 1 / 1.3, "cuda",
+           "floor 90 us (N36, 302 MB) / 123 us (N49, 412 MB); tensor-core floor 17 us with the N x N tile padded to "
+           "64 x 64 (3.2x / 1.7x the useful work); bias[h] + mask[w] read once per program (image group, window, "
+           "head), 1 launch"),
+    Target(22, "window attention fwd+bwd incl. dbias (Swin-B stage 1 + mask) within 2x of the memory floor",
+           "window_attention fwd+bwd", r"BW8192 H4 N(36|49) d32 .*\+mask", "bandwidth", 1 / 2, "cuda",
+           "floor 248 us (N36, 831 MB) / 338 us (N49, 1132 MB); 2 + 5 tile dots issue 60 GFLOP = 61 us; 2 launches "
+           "+ the dbias partials' sum (4-7 MB); the fused backward keeps one program per SM (8 warps, ~250 "
+           "registers, spill-free): latency, not bandwidth, is its predicted limit"),
+    Target(22, "window attention fwd+bwd >= 2x the eager timm block (Swin-B stage 1 + mask)",
+           "window_attention fwd+bwd", r"BW8192 H4 N(36|49) d32 .*\+mask", "vs:eager-timm", 2, "cuda",
+           "eager writes and re-reads [B*nW, H, N, N] scores, softmax and their gradients (170 / 315 MB per fp32 "
+           "tensor at N36 / N49); ours moves only q, k, v, dO and their gradients"),
     Target(7, "nearest-code lookup >= 25x the reference (M50176 K8192 d32)", "nearest_code", "M50176 K8192 d32",
            "speedup", 25, "cuda",
            "floor: 2 M K d = 26.3 GFLOP = 27 us bf16 / 53 us tf32 / 160 us tf32x3 (the fp32 default, 3 MMAs) at "

@@ -21,14 +21,16 @@ Backends (see :mod:`kernels._backend`):
 * ``triton``     one fused forward and one fused backward kernel (:mod:`kernels.attn.window_attention_triton`):
   the whole N x N tile of a (window, head) stays in registers, so no [B*nW, H, N, N] tensor is written; dbias
   is summed over the windows in float32 per program and reduced once on the host (no atomics: bitwise
-  reproducible). CUDA tensors of float16/bfloat16/float32 with N <= 64 and head dim <= 64 (CPU only under
-  ``TRITON_INTERPRET=1`` when forced).
+  reproducible). CUDA tensors of float16/bfloat16/float32 with N <= 64 and head dim <= 64; on sm_8x,
+  float16/bfloat16 windows of more than 32 tokens need head dim <= 32 (:func:`capability_reasons`: the one
+  launch config whose compile spills). CPU only under ``TRITON_INTERPRET=1`` when forced.
 * ``reference``  the math path of :mod:`kernels.attn.reference` (any device, dtype, N and head dim); the CPU
   default; its backward is autograd's.
 
 The output layout is the same on every backend (the fake implementation promises it). float32 inputs: the
 Triton dots use TF32 when ``torch.get_float32_matmul_precision()`` is ``"high"`` or ``"medium"`` and full
-IEEE float32 otherwise, as :func:`kernels.attention` does.
+IEEE float32 otherwise, as :func:`kernels.attention` does, except the backward of windows over 32 tokens,
+which always runs IEEE dots (its TF32 build spills registers).
 """
 
 # ruff: noqa: UP045
