@@ -72,17 +72,17 @@ TARGETS = [
     Target(6, "attention fwd with bias within 1.2x of the memory floor", "attention fwd", _ATT + r" \+bias",
            "bandwidth", 1 / 1.2, "cuda",
            "floor 94 us (314 MB); tensor-core floor 52 us with N padded to 256 (1.69x the useful work)"),
-    Target(6, "attention fwd+bwd incl. dbias within 1.3x of the memory floor", "attention fwd\\+bwd",
+    Target(6, "attention fwd+bwd incl. dbias within 1.3x of the memory floor", "attention fwd+bwd",
            _ATT + r" \+bias", "bandwidth", 1 / 1.3, "cuda",
            "floor 281 us (942 MB); 9 tile GEMMs (fwd 2, bwd 7: S and dP are recomputed in the dQ and the dK/dV "
            "kernel so that nothing is atomic) issue 219 GFLOP = 221 us at peak tensor throughput: expected at "
            "1.1-1.3x the memory floor, within 1.3x only if the MMAs run at >= 60% of peak"),
-    Target(6, "attention fwd+bwd with bias >= 2x SDPA memory-efficient", "attention fwd\\+bwd", _ATT + r" \+bias",
+    Target(6, "attention fwd+bwd with bias >= 2x SDPA memory-efficient", "attention fwd+bwd", _ATT + r" \+bias",
            "vs:sdpa-efficient_attention", 2, "cuda",
            "dbias without atomics (batch-grouped dK/dV kernel), 3 launches + bias preparation + group sum"),
     Target(6, "attention fwd without bias at least as fast as SDPA flash", "attention fwd", _ATT + "$",
            "vs:sdpa-flash_attention", 1, "cuda"),
-    Target(6, "attention fwd+bwd without bias at least as fast as SDPA flash", "attention fwd\\+bwd", _ATT + "$",
+    Target(6, "attention fwd+bwd without bias at least as fast as SDPA flash", "attention fwd+bwd", _ATT + "$",
            "vs:sdpa-flash_attention", 1, "cuda"),
     # Swin-B window attention at batch 128, bf16, stage 1 with the shifted-window mask (bytes as
     # bench/test_bench_window_attention.py counts them; cost model in kernels/attn/window_attention_triton.py):

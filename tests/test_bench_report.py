@@ -162,3 +162,12 @@ def test_bench_run_writes_results_only_when_asked(tmp_path):
     assert ours.with_suffix(".md").exists()
     after = {p: p.stat().st_mtime_ns for p in results.rglob("*") if p.is_file()}
     assert after == before, "a bench run without --save-results changed bench/results"
+
+
+def test_target_kernel_names_are_literal():
+    """Target.kernel is compared with ==, not searched as a regex (shape is the regex): an escaped name such as
+    'attention fwd\\+bwd' could never match the bench's 'attention fwd+bwd' rows."""
+    from bench import targets
+
+    bad = [t.what for t in targets.TARGETS if "\\" in t.kernel]
+    assert not bad, bad

@@ -266,7 +266,8 @@ def test_nearest_code_every_autotune_config(device, monkeypatch, dtype, precisio
     if DRY:
         configs = configs[:2]  # the interpreter launches the plain kernel anyway
     for cfg in configs:
-        monkeypatch.setattr(tk, "_nearest_code_fwd_tuned", _OneConfig(tk._nearest_code_fwd_kernel, cfg))
+        # the launcher asks lookup_autotuner(tensor_cores, precision, capability) for its kernel on CUDA
+        monkeypatch.setattr(tk, "lookup_autotuner", lambda *a, _c=cfg: _OneConfig(tk._nearest_code_fwd_kernel, _c))
         with use_backend("triton", op="nearest_code"):
             idx, zq, sim = kernels.nearest_code(z, cb, precision=precision, check_finite=False)
         try:
