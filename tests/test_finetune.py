@@ -407,31 +407,30 @@ def test_swin_layer_ids_follow_simmim_get_swin_layer_by_hand():
              "layers.3.blocks.0.norm2.weight": 11, "layers.3.blocks.1.attn.qkv.bias": 12,
              "norm.weight": 13, "head.fc.weight": 13, "absolute_pos_embed": 13}  # APE: official else-branch
     assert {n: tiny(n) for n in names} == names
-    pico, N = swin_layer_ids((2, 2, 2, 2))  # swin_pico
-    assert N == 8
+    pico, N = swin_layer_ids((2, 2, 2))  # swin_pico (3 stages)
+    assert N == 6
     assert [pico(n) for n in ("patch_embed.proj.bias", "layers.0.blocks.1.norm1.weight",
-                              "layers.2.downsample.reduction.weight", "layers.2.blocks.1.mlp.fc1.weight",
-                              "layers.3.downsample.norm.weight", "layers.3.blocks.1.mlp.fc2.weight",
-                              "norm.bias")] == [0, 2, 4, 6, 6, 8, 9]
+                              "layers.1.downsample.reduction.weight", "layers.2.downsample.norm.weight",
+                              "layers.2.blocks.1.mlp.fc2.weight", "norm.bias")] == [0, 2, 2, 4, 6, 7]
     base, N = swin_layer_ids((2, 2, 18, 2))  # Swin-B: 26 ids, as SimMIM's num_layers + 2
     assert N == 24 and base("layers.2.blocks.17.attn.qkv.weight") == 22 and base("layers.3.downsample.norm.weight") \
         == 22 and base("layers.3.blocks.1.mlp.fc2.weight") == 24 and base("norm.weight") == 25
 
 
 def test_swin_groups_lr_scale_and_weight_decay_by_hand():
-    """swin_pico with layer decay 0.9: 10 ids, lr_scale = 0.9^(9 - id); no wd on 1-D, biases, rel-pos tables."""
+    """swin_pico with layer decay 0.9: 8 ids, lr_scale = 0.9^(7 - id); no wd on 1-D, biases, rel-pos tables."""
     spec, _ = swin_spec()
     m = FineTune(ft_cfg(backbone=spec, layer_decay=0.9, drop_path=0.0, head_init_scale=None))
     table = {n: (g["lr_scale"], g["apply_wd"]) for g in m.optimizer_groups() for n in g["names"]}
     expect = {
-        "backbone.patch_embed.proj.weight": (0.9 ** 9, True),
-        "backbone.patch_embed.norm.weight": (0.9 ** 9, False),
-        "backbone.layers.0.blocks.0.attn.qkv.weight": (0.9 ** 8, True),
-        "backbone.layers.0.blocks.0.attn.relative_position_bias_table": (0.9 ** 8, False),
-        "backbone.layers.1.downsample.reduction.weight": (0.9 ** 7, True),  # id 2
-        "backbone.layers.1.downsample.norm.weight": (0.9 ** 7, False),
-        "backbone.layers.2.blocks.1.mlp.fc1.weight": (0.9 ** 3, True),      # id 4 + 1 + 1
-        "backbone.layers.3.blocks.1.attn.qkv.bias": (0.9 ** 1, False),      # id 8
+        "backbone.patch_embed.proj.weight": (0.9 ** 7, True),
+        "backbone.patch_embed.norm.weight": (0.9 ** 7, False),
+        "backbone.layers.0.blocks.0.attn.qkv.weight": (0.9 ** 6, True),
+        "backbone.layers.0.blocks.0.attn.relative_position_bias_table": (0.9 ** 6, False),
+        "backbone.layers.1.downsample.reduction.weight": (0.9 ** 5, True),  # id 2
+        "backbone.layers.1.downsample.norm.weight": (0.9 ** 5, False),
+        "backbone.layers.1.blocks.1.mlp.fc1.weight": (0.9 ** 3, True),      # id 2 + 1 + 1
+        "backbone.layers.2.blocks.1.attn.qkv.bias": (0.9 ** 1, False),      # id 6
         "backbone.norm.weight": (1.0, False),                               # the final norm is kept
         "head.weight": (1.0, True),
         "head.bias": (1.0, False),
@@ -440,7 +439,7 @@ def test_swin_groups_lr_scale_and_weight_decay_by_hand():
         assert table[name][0] == pytest.approx(scale) and table[name][1] == wd, (name, table[name])
     assert "backbone.mask_token" not in table and m.fc_norm is None and m.kind == "swin" and not m.sync_batchnorm
     assert len(table) == len([p for p in m.parameters() if p.requires_grad])
-    assert sorted({round(s, 12) for s, _ in table.values()}) == sorted(round(0.9 ** k, 12) for k in range(10))
+    assert sorted({round(s, 12) for s, _ in table.values()}) == sorted(round(0.9 ** k, 12) for k in range(8))
     assert m.head.weight.std() > 0.01  # trunc-normal 0.02, no init scale (SimMIM's Swin)
     # the Swin default decay (0.9) and the preset's recipe
     assert FineTune(ft_cfg(backbone=spec, layer_decay=None)).layer_decay == 0.9
@@ -465,13 +464,13 @@ def test_swin_backbone_computes_the_pretrained_function_and_windows():
     big = FineTune(ft_cfg(backbone=spec, drop_path=0.0, image_size=64, window_size=8))
     notes = big.load_pretrained(enc.state_dict())
     assert notes[0] == ("relative position tables resampled (geometric) for the new windows: window 4 -> 8 "
-                        "(6 blocks), window 2 -> 4 (2 blocks)")  # stage 3: 2x2 map -> 4x4 map (one window each)
+                        "(6 blocks)")  # stage maps 32/16/8, every one tiled by 8x8 windows
     key = "layers.0.blocks.1.attn.relative_position_bias_table"
     assert big.backbone.state_dict()[key].shape == (15 * 15, 2)
     torch.testing.assert_close(big.backbone.state_dict()[key],
                                resize_rel_pos_table(enc.state_dict()[key], (4, 4), (8, 8), with_cls=False))
     assert big.classify(torch.randn(2, 3, 64, 64)).shape == (2, 10)
-    with pytest.raises(ValueError, match=r"stage maps 24/12/6/3 .* 4x4 windows do not tile .* give --window-size "
+    with pytest.raises(ValueError, match=r"stage maps 24/12/6 .* 4x4 windows do not tile .* give --window-size "
                                          r"3 or 6"):
         FineTune(ft_cfg(backbone=spec, image_size=48))
     with pytest.raises(ValueError, match="give --window-size"):  # --init random, the model's window

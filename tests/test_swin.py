@@ -254,10 +254,10 @@ def _randomise(model):
             p.normal_(0, 0.5 if "relative_position" in n or "mask_token" in n else 0.1)
 
 
-@pytest.mark.parametrize("name,img,ws", [("swin_pico", 32, 4), ("swin_pico", 48, 3)])
+@pytest.mark.parametrize("name,img,ws", [("swin_pico", 32, 4), ("swin_pico", 48, 3), ("swin_pico", 16, 4)])
 def test_forward_matches_official_swin_maths(name, img, ws):
-    """pico at 32 px (window 4: shifted stages 0-1, stage 2 one window, stage 3 clamped to 2x2) and at 48 px with
-    3x3 windows (odd N = 9: shifted stages 0-2)."""
+    """pico (3 stages) at 32 px (window 4: shifted stages 0-1, stage 2 one window), at 48 px with 3x3 windows (odd
+    N = 9: shifted stages 0-2) and at 16 px (stage 2's 2x2 map is smaller than the window: clamped to 2x2)."""
     torch.manual_seed(0)
     cfg = dict(SWIN_CONFIGS[name], img_size=img, window_size=ws)
     ours = build_swin(name, img_size=img, window_size=ws, use_mask_token=True, drop_path_rate=0.0).double()
@@ -271,7 +271,8 @@ def test_forward_matches_official_swin_maths(name, img, ws):
         ref = twin(x, m)
         out = ours.forward_features(x, m)
         B, h, w, C = out.shape
-        assert (h, w, C) == (g // 8, g // 8, ours.num_features)
+        assert (h, w, C) == (g // ours.stride * cfg["patch_size"], g // ours.stride * cfg["patch_size"],
+                             ours.num_features)
         assert_close(out.reshape(B, h * w, C), ref, dtype=torch.float64, name=f"features mask={m is not None}")
     assert_close(ours(x), twin(x).mean(1), dtype=torch.float64, name="pooled")
     # gradients of every parameter agree too
@@ -329,7 +330,7 @@ def test_mask_token_replaces_masked_patch_embeddings():
 def test_api_errors_pool_config_and_registry():
     m = build_swin("swin_pico", drop_path_rate=0.1)
     x = torch.randn(3, 3, 32, 32)
-    assert m(x).shape == (3, 256) and m(x, pool="mean").shape == (3, 256)
+    assert m(x).shape == (3, 128) and m(x, pool="mean").shape == (3, 128)
     assert m.forward_features(x, return_layers=True)[1][0].shape == (3, 16, 16, 32)
     with pytest.raises(ValueError, match="no cls token"):
         m(x, pool="cls")
@@ -337,19 +338,19 @@ def test_api_errors_pool_config_and_registry():
         m(torch.randn(1, 3, 64, 64))
     with pytest.raises(ValueError, match="not divisible into 5x5 windows"):
         build_swin("swin_pico", window_size=5)
-    with pytest.raises(ValueError, match="divisible by 2\\^3"):
+    with pytest.raises(ValueError, match="divisible by 2\\^2 for the patch merging of 3 stages"):
         build_swin("swin_pico", img_size=36)
     with pytest.raises(ValueError, match="unknown Swin"):
         build_swin("swin_huge")
     assert set(swin_model_names()) == {"swin_pico", "swin_tiny", "swin_small", "swin_base", "swin_large"}
     assert is_swin("swin_base") and not is_swin("vit_base") and is_swin_cfg({"model": "swin_tiny"})
     cfg = m.config
-    assert cfg["arch"] == "swin" and cfg["depths"] == [2, 2, 2, 2] and cfg["drop_path_rate"] == 0.1
+    assert cfg["arch"] == "swin" and cfg["depths"] == [2, 2, 2] and cfg["drop_path_rate"] == 0.1
     import json
 
     assert json.loads(json.dumps(cfg)) == cfg  # export writes it as JSON; resume compares it
     rates = [blk.drop_path1.drop_prob for st in m.layers for blk in st.blocks]
-    assert rates == pytest.approx([0.1 * i / 7 for i in range(8)])  # linear over all blocks
+    assert rates == pytest.approx([0.1 * i / 5 for i in range(6)])  # linear over all blocks
 
 
 def test_drop_path_and_train_mode_run():
@@ -410,8 +411,8 @@ def test_swin_simmim_decoder_stride_and_loss_formula():
     torch.manual_seed(0)
     m = SwinSimMIM(PICO).eval()
     conv, shuffle = m.decoder
-    assert m.backbone.stride == 16 and conv.kernel_size == (1, 1) and shuffle.upscale_factor == 16
-    assert conv.in_channels == 256 and conv.out_channels == 16 * 16 * 3
+    assert m.backbone.stride == 8 and conv.kernel_size == (1, 1) and shuffle.upscale_factor == 8
+    assert conv.in_channels == 128 and conv.out_channels == 8 * 8 * 3
     assert m.mask_patch == 8
     mask = m.loader_kwargs()["mask_fn"](3, 7)["mask"]
     assert torch.equal(mask, kernels.simmim_masks(3, 32, 8, 2, 0.6, seed=7)) and mask.shape == (3, 16, 16)
