@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.conftest import COMPILE, DRY_RUN, GPU, sized
+from bench.timing import autograd_step
 from kernels import RelativePositionBias, attention, use_backend
 
 GPU_SHAPES = sized({
@@ -60,18 +61,7 @@ def _inputs(B, H, N, d, dtype, device, with_bias, grad):
 def _step(forward, tensors, backward):
     """A callable running ``forward()`` and, for fwd+bwd, the gradients of every input."""
     leaves = getattr(forward, "leaves", None) or [t for t in tensors if t is not None and t.requires_grad]
-
-    grad = []  # allocated once, outside the timed region after the first call
-
-    def run():
-        out = forward()
-        if backward:
-            if not grad:
-                grad.append(torch.randn_like(out))
-            torch.autograd.grad(out, leaves, grad[0])
-        return out
-
-    return run
+    return autograd_step(forward, leaves, backward)
 
 
 def _sdpa_forward(backend, q, k, v, bias):

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.conftest import COMPILE, DRY_RUN, GPU, peak_memory, sized
+from bench.timing import autograd_step
 from kernels import use_backend, window_attention
 
 B = 128  # images (SimMIM's 128 per GPU)
@@ -137,20 +138,6 @@ def _forward(provider, q, k, v, table, index, mask):
     raise ValueError(provider)
 
 
-def _step(forward, leaves, backward):
-    grad = []
-
-    def run():
-        out = forward()
-        if backward:
-            if not grad:
-                grad.append(torch.randn_like(out))
-            torch.autograd.grad(out, leaves, grad[0])
-        return out
-
-    return run
-
-
 PROVIDERS = ["ours", "eager-timm", "sdpa", pytest.param("flex", marks=pytest.mark.compile, id="flex"), COMPILE]
 
 
@@ -168,7 +155,7 @@ def test_window_attention_gpu(bench, provider, shape_name, backward):
     dtype = torch.bfloat16
     q, k, v, table, index, mask = _inputs(BW, nW, H, N, d, shifted, dtype, GPU, backward)
     leaves = [q, k, v, table]
-    fn = _step(_forward(provider, q, k, v, table, index, mask), leaves, backward)
+    fn = autograd_step(_forward(provider, q, k, v, table, index, mask), leaves, backward)
     try:
         out = fn()
         if GPU.type == "cuda":
@@ -177,7 +164,7 @@ def test_window_attention_gpu(bench, provider, shape_name, backward):
         pytest.skip(f"{provider} cannot run this case: {str(exc).splitlines()[0][:200]}")
     reference = None
     if provider == "ours":
-        eager = _step(_forward("eager-timm", q, k, v, table, index, mask), leaves, backward)
+        eager = autograd_step(_forward("eager-timm", q, k, v, table, index, mask), leaves, backward)
         torch.testing.assert_close(out.float(), eager().float(), atol=3e-2, rtol=3e-2)
         reference = eager
     bench(fn, kernel="window_attention " + ("fwd+bwd" if backward else "fwd"), provider=provider,
@@ -202,7 +189,7 @@ def test_window_attention_cpu(bench, provider, backward):
         forward = lambda: window_attention(q, k, v, _bias(table, index, H, N), mask)  # noqa: E731 - CPU default
     else:
         forward = _forward(provider, q, k, v, table, index, mask)
-    fn = _step(forward, [q, k, v, table], backward)
+    fn = autograd_step(forward, [q, k, v, table], backward)
     out = fn()
     torch.testing.assert_close(out, _forward("eager-timm", q, k, v, table, index, mask)(), atol=1e-5, rtol=1e-4)
     bench(fn, kernel="window_attention " + ("fwd+bwd" if backward else "fwd"), provider=provider,

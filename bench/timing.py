@@ -199,3 +199,19 @@ def wall_time(fn, device, repeats: int = 10, warmup: int = 2) -> float:
 def launch_bound(kernel_s: float, call_s: float | None) -> bool:
     """Worth a CUDA-graph measurement: a short call, or one whose end-to-end time is well above its device time."""
     return kernel_s < 100e-6 or (call_s is not None and call_s > 1.5 * kernel_s)
+
+
+def autograd_step(forward, leaves, backward: bool):
+    """The callable a case times: ``forward()`` and, when ``backward``, the gradients of ``leaves`` for one fixed
+    random upstream gradient (drawn on the first call, so outside every timed call but the first warm-up)."""
+    grad = []
+
+    def run():
+        out = forward()
+        if backward:
+            if not grad:
+                grad.append(torch.randn_like(out))
+            torch.autograd.grad(out, leaves, grad[0])
+        return out
+
+    return run

@@ -81,3 +81,17 @@ def poison_outputs(monkeypatch):
         return poison(torch.empty(shape, dtype=dtype, device=device))
 
     monkeypatch.setattr("kernels._buffers.empty", alloc)
+
+
+def losses_on_fixed_batch(model, batch, lr, steps):
+    """The loss before each of ``steps`` AdamW steps of ``model`` (a method: ``model(batch)["loss"]``) on one
+    fixed batch."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = model(batch)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses

@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import losses_on_fixed_batch
 
 import kernels
 from engine.methods import build_method
@@ -60,14 +61,7 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch():
     m = build_method("simmim", CFG)
     x = torch.randn(8, 3, 32, 32)
     batch = {"images": x, "mask": kernels.simmim_masks(8, 32, 8, 4, 0.6, seed=0)}
-    opt = torch.optim.AdamW(m.parameters(), lr=2e-3)
-    losses = []
-    for _ in range(15):
-        loss = m(batch)["loss"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = losses_on_fixed_batch(m, batch, lr=2e-3, steps=15)
     assert losses[-1] < 0.9 * losses[0], losses
 
 

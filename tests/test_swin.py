@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close
+from conftest import assert_close, losses_on_fixed_batch
 from torch import nn
 
 import kernels
@@ -447,14 +447,7 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch():
     m = SwinSimMIM(PICO)
     x = torch.randn(4, 3, 32, 32)
     batch = {"images": x, "mask": kernels.simmim_masks(4, 32, 8, 2, 0.6, seed=0)}
-    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(6):
-        loss = m(batch)["loss"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = losses_on_fixed_batch(m, batch, lr=3e-3, steps=6)
     assert losses[-1] < 0.9 * losses[0], losses
 
 

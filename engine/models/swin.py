@@ -39,7 +39,7 @@ from torch import nn
 import kernels
 from kernels.attn.relative_position import relative_position_index
 from kernels.attn.reference import window_attention_reference
-from engine.models.vit import DropPath
+from engine.models.vit import DropPath, Mlp
 
 SWIN_CONFIGS: dict[str, dict] = {
     # CPU variant: 32-px images, patch 2, 4x4 windows, 3 stages (grid 16 -> 8 -> 4), head dim 16, stride 8. Three
@@ -159,18 +159,6 @@ class WindowAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, window_size={self.window_size}, num_heads={self.num_heads}"
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int, drop: float = 0.0):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-        self.drop = nn.Dropout(drop)
-
-    def forward(self, x):
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
 class SwinTransformerBlock(nn.Module):

@@ -62,6 +62,35 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _table_tile(Table, N, BLOCK: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """A contiguous [N, N] table as a zero-padded [BLOCK, BLOCK] float32 tile, transposed with TRANSPOSED."""
+    if TRANSPOSED:
+        blk = tl.make_block_ptr(Table, (N, N), (1, N), (0, 0), (BLOCK, BLOCK), (0, 1))
+    else:
+        blk = tl.make_block_ptr(Table, (N, N), (N, 1), (0, 0), (BLOCK, BLOCK), (1, 0))
+    return tl.load(blk, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
+
+
+@triton.jit
+def _bias_mask_tile(Bias, Mask, h, w, N, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr,
+                    TRANSPOSED: tl.constexpr):
+    """``(bias[h] + mask[w]) log2e`` as one [BLOCK, BLOCK] float32 tile with the padding keys at -inf (the
+    columns; the rows with TRANSPOSED, which gives the tile transposed): what every row of a program adds to
+    its scores."""
+    keys = tl.arange(0, BLOCK) < N
+    extra = tl.zeros([BLOCK, BLOCK], tl.float32)
+    if HAS_BIAS:
+        extra += _table_tile(Bias + h * N * N, N, BLOCK, TRANSPOSED)
+    if HAS_MASK:
+        extra += _table_tile(Mask + w * N * N, N, BLOCK, TRANSPOSED)
+    if TRANSPOSED:
+        extra = tl.where(keys[:, None], extra * 1.4426950408889634, float("-inf"))
+    else:
+        extra = tl.where(keys[None, :], extra * 1.4426950408889634, float("-inf"))
+    return extra
+
+
+@triton.jit
 def _window_attention_fwd_kernel(
     Q, K, V, Bias, Mask, O,
     s_xb, s_xh, s_xm, s_xd,
@@ -84,17 +113,7 @@ def _window_attention_fwd_kernel(
     t = pid // H
     w = t % NW
     g = t // NW
-    offs = tl.arange(0, BLOCK)
-    ok = offs < N
-
-    extra = tl.zeros([BLOCK, BLOCK], tl.float32)
-    if HAS_BIAS:
-        bias_blk = tl.make_block_ptr(Bias + h * N * N, (N, N), (N, 1), (0, 0), (BLOCK, BLOCK), (1, 0))
-        extra += tl.load(bias_blk, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
-    if HAS_MASK:
-        mask_blk = tl.make_block_ptr(Mask + w * N * N, (N, N), (N, 1), (0, 0), (BLOCK, BLOCK), (1, 0))
-        extra += tl.load(mask_blk, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
-    extra = tl.where(ok[None, :], extra * 1.4426950408889634, float("-inf"))
+    extra = _bias_mask_tile(Bias, Mask, h, w, N, HAS_BIAS, HAS_MASK, BLOCK, False)
 
     first = g * ROWS
     count = tl.minimum(ROWS, NIMG - first)
@@ -148,18 +167,7 @@ def _window_attention_bwd_kernel(
     t = pid // H
     w = t % NW
     g = t // NW
-    offs = tl.arange(0, BLOCK)
-    ok = offs < N
-
-    # (bias[h] + mask[w])^T log2e with the padding keys at -inf: one tile for the whole program
-    extra = tl.zeros([BLOCK, BLOCK], tl.float32)
-    if HAS_BIAS:
-        bias_blk = tl.make_block_ptr(Bias + h * N * N, (N, N), (1, N), (0, 0), (BLOCK, BLOCK), (0, 1))
-        extra += tl.load(bias_blk, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
-    if HAS_MASK:
-        mask_blk = tl.make_block_ptr(Mask + w * N * N, (N, N), (1, N), (0, 0), (BLOCK, BLOCK), (0, 1))
-        extra += tl.load(mask_blk, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
-    extra = tl.where(ok[:, None], extra * 1.4426950408889634, float("-inf"))
+    extra = _bias_mask_tile(Bias, Mask, h, w, N, HAS_BIAS, HAS_MASK, BLOCK, True)  # ^T: one tile for the program
 
     acc = tl.zeros([BLOCK, BLOCK], tl.float32)
     first = g * ROWS
