@@ -39,6 +39,7 @@ from torch import nn
 import kernels
 from kernels.attn.relative_position import relative_position_index
 from kernels.attn.reference import window_attention_reference
+from engine.models import vit
 from engine.models.vit import DropPath, Mlp
 
 SWIN_CONFIGS: dict[str, dict] = {
@@ -249,17 +250,11 @@ class SwinTransformerStage(nn.Module):
         return self.blocks(self.downsample(x))
 
 
-class PatchEmbed(nn.Module):
-    """Conv p x p, stride p, then LayerNorm (``patch_norm``): [B, 3, S, S] -> [B, S/p, S/p, C]."""
+class PatchEmbed(vit.PatchEmbed):
+    """ViT's patch convolution, then LayerNorm (``patch_norm``), channels last: [B, 3, S, S] -> [B, S/p, S/p, C]."""
 
     def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int, patch_norm: bool = True):
-        super().__init__()
-        if img_size % patch_size:
-            raise ValueError(f"img_size ({img_size}) must be divisible by patch_size ({patch_size})")
-        self.img_size, self.patch_size = img_size, patch_size
-        self.grid_size = (img_size // patch_size, img_size // patch_size)
-        self.num_patches = self.grid_size[0] * self.grid_size[1]
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        super().__init__(img_size, patch_size, in_chans, embed_dim)
         self.norm = nn.LayerNorm(embed_dim, eps=NORM_EPS) if patch_norm else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
