@@ -5,7 +5,9 @@ extension).
 * the masked batch norm reads ``x [B, C, H, W]`` as ``[B, C, H*W]`` in place when H and W merge into one
   stride (NCHW or channels_last: :func:`mergeable`, :func:`bcs_strides`) and writes its outputs in x's
   memory format (:func:`empty_as`);
-* ``out=`` buffers handed to a launcher (tests) are checked by :func:`check_out_buffer`.
+* ``out=`` buffers handed to a launcher (tests) are checked by :func:`check_out_buffer` (:func:`out_or_empty`);
+* the Triton weight gradients' per-split partials are summed and laid out as the weight by
+  :func:`weight_grads_from_partials`.
 
 Every output buffer comes from ``kernels._buffers`` (the tests' poisoning seam).
 """
@@ -27,6 +29,40 @@ def check_out_buffer(name: str, buf: torch.Tensor, shape, like: torch.Tensor) ->
             f"{name}: expected a contiguous {like.dtype} buffer of shape {tuple(shape)}, "
             f"got {buf.dtype} {tuple(buf.shape)}"
         )
+
+
+def out_or_empty(out, name: str, shape, like: torch.Tensor) -> torch.Tensor:
+    """``out`` once checked (``like``'s dtype, ``shape``, contiguous), else a new buffer from ``kernels._buffers``."""
+    if out is None:
+        return _buffers.empty(shape, like.dtype, like.device)
+    check_out_buffer(name, out, shape, like)
+    return out
+
+
+def weight_grads_from_partials(dw_part: torch.Tensor, db_part: torch.Tensor, weight_shape, dtype: torch.dtype,
+                               depthwise: bool, need_bias: bool, out=None, out_bias=None):
+    """``(dweight [Cout, Cin/groups, KH, KW], dbias [Cout] or None)`` in ``dtype`` from the float32/float64
+    partials the weight-gradient kernels write once per split: ``dw_part`` [split, K, Cout] (depthwise) or
+    [split, K, Cin, Cout] with K = KH*KW taps in row-major order, ``db_part`` [split, Cout]; summed over the
+    splits in a fixed order (bitwise reproducible), into ``out`` / ``out_bias`` when given."""
+    Cout, _, KH, KW = weight_shape
+    if depthwise:
+        dw = dw_part.sum(0).t().reshape(Cout, 1, KH, KW)
+    else:
+        dw = dw_part.sum(0).reshape(KH, KW, dw_part.shape[2], Cout).permute(3, 2, 0, 1)
+    dw = dw.to(dtype)
+    if out is not None:
+        check_out_buffer("dweight", out, tuple(weight_shape), dw)
+        dw = out.copy_(dw)
+    else:
+        dw = dw.contiguous()
+    db = None
+    if need_bias:
+        db = db_part.sum(0).to(dtype)
+        if out_bias is not None:
+            check_out_buffer("dbias", out_bias, (Cout,), db)
+            db = out_bias.copy_(db)
+    return dw, db
 
 
 def mergeable(t: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ from kernels import _buffers
 from kernels._backend import launches_on_input_device
 from kernels._checks import acc_dtype
 from kernels.sparse_conv.active import cached_site_index
-from kernels.sparse_conv.layout import as_u8, check_out_buffer
+from kernels.sparse_conv.layout import as_u8, out_or_empty, weight_grads_from_partials
 
 
 @triton.jit
@@ -308,13 +308,6 @@ def _split(n_dense: int, block_m: int, device, partial_elems: int) -> int:
     return max(1, min(64, cap, triton.cdiv(n_dense, block_m * 4)))
 
 
-def _out(out, name, shape, like):
-    if out is None:
-        return _buffers.empty(shape, like.dtype, like.device)
-    check_out_buffer(name, out, shape, like)
-    return out
-
-
 def _conv_args(stride, padding, dilation):
     return (stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1])
 
@@ -370,7 +363,7 @@ def forward(x_nhwc, active_in, active_out, weight, bias, stride, padding, dilati
         wp = weight.reshape(Cout, KH * KW).t().contiguous()
     else:
         wp = weight.permute(2, 3, 1, 0).reshape(KH * KW, cin_g, Cout).contiguous()
-    out = _out(out, "out", (B, Ho, Wo, Cout), x_nhwc)
+    out = out_or_empty(out, "out", (B, Ho, Wo, Cout), x_nhwc)
     geom = (H, W, Ho, Wo, KH, KW, stride, padding, dilation)
     bias = None if bias is None else bias.contiguous()
     return _gather_gemm(x_nhwc, active_in, active_out, wp, bias, out, False, depthwise, Cin, Cout, geom)
@@ -388,7 +381,7 @@ def backward_input(g_nhwc, active_in, active_out, weight, stride, padding, dilat
         wp = weight.reshape(Cout, KH * KW).t().contiguous()
     else:
         wp = weight.permute(2, 3, 0, 1).reshape(KH * KW, Cout, cin_g).contiguous()
-    out = _out(out, "dx", (B, H, W, Cin), g_nhwc)
+    out = out_or_empty(out, "dx", (B, H, W, Cin), g_nhwc)
     geom = (Ho, Wo, H, W, KH, KW, stride, padding, dilation)
     return _gather_gemm(g_nhwc, active_out, active_in, wp, None, out, True, depthwise, Cout, Cin, geom)
 
@@ -419,7 +412,6 @@ def backward_weight(x_nhwc, g_nhwc, active_in, active_out, weight_shape, stride,
         _sparse_dwconv_wgrad_kernel[(K, triton.cdiv(Cout, BC), split)](
             *args, dw_part, db_part, *geom, Cout, KW, *conv, split, **flags, BLOCK_C=BC,
         )
-        dw = dw_part.sum(0).t().reshape(Cout, 1, KH, KW)
     else:
         BCI, BCO = (16, 16) if acc == torch.float64 else (_blocks(Cin, 16, 32), _blocks(Cout, 16, 64))
         dw_part = _buffers.empty((split, K, Cin, Cout), acc, dev)
@@ -427,17 +419,5 @@ def backward_weight(x_nhwc, g_nhwc, active_in, active_out, weight_shape, stride,
             *args, dw_part, db_part, *geom, Cin, Cout, KW, *conv, split, **flags,
             USE_DOT=_use_dot(x_nhwc.dtype), DOT_F32=_dot_f32(x_nhwc), BLOCK_CI=BCI, BLOCK_CO=BCO,
         )
-        dw = dw_part.sum(0).reshape(KH, KW, Cin, Cout).permute(3, 2, 0, 1)
-    dw = dw.to(x_nhwc.dtype)
-    if out is not None:
-        check_out_buffer("dweight", out, tuple(weight_shape), dw)
-        dw = out.copy_(dw)
-    else:
-        dw = dw.contiguous()
-    db = None
-    if need_bias:
-        db = db_part.sum(0).to(x_nhwc.dtype)
-        if out_bias is not None:
-            check_out_buffer("dbias", out_bias, (Cout,), db)
-            db = out_bias.copy_(db)
-    return dw, db
+    return weight_grads_from_partials(dw_part, db_part, weight_shape, x_nhwc.dtype, depthwise, need_bias, out,
+                                      out_bias)

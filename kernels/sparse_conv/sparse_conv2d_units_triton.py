@@ -62,7 +62,7 @@ from kernels import _buffers
 from kernels._backend import launches_on_input_device
 from kernels._checks import acc_dtype
 from kernels.sparse_conv.active import UNIT_REACH, UNIT_WINDOW
-from kernels.sparse_conv.layout import check_out_buffer
+from kernels.sparse_conv.layout import out_or_empty, weight_grads_from_partials
 
 _CENTER = UNIT_REACH * UNIT_WINDOW + UNIT_REACH  # the unit's own bit
 
@@ -420,13 +420,6 @@ def split_count(programs: int, tiles: int, partial_elems: int, device) -> int:
     return max(1, min(want, cap, tiles))
 
 
-def _out(out, name, shape, like):
-    if out is None:
-        return _buffers.empty(shape, like.dtype, like.device)
-    check_out_buffer(name, out, shape, like)
-    return out
-
-
 def _flags(t):
     return dict(USE_DOT=t.dtype != torch.float64, DOT_F32=t.device.type == "cpu" and t.dtype == torch.bfloat16,
                 ACC_F64=t.dtype == torch.float64)
@@ -511,7 +504,7 @@ def forward(x_nhwc, active_in, active_out, weight, bias, stride, padding, dilati
         wp = weight.reshape(Cout, KH * KW).t().contiguous()
     else:
         wp = weight.permute(2, 3, 1, 0).reshape(KH * KW, cin_g, Cout).contiguous()
-    out = _out(out, "out", (B, Ho, Wo, Cout), x_nhwc)
+    out = out_or_empty(out, "out", (B, Ho, Wo, Cout), x_nhwc)
     geom = geometry((KH, KW), *_pairs(stride, padding, dilation), plan.unit_out, plan.unit_in, False)
     return _run(x_nhwc, wp, None if bias is None else bias.contiguous(), out, plan, Cin, Cout, depthwise, [geom],
                 KH * KW)
@@ -529,7 +522,7 @@ def backward_input(g_nhwc, active_in, active_out, weight, stride, padding, dilat
         wp = weight.reshape(Cout, KH * KW).t().contiguous()
     else:
         wp = weight.permute(2, 3, 0, 1).reshape(KH * KW, Cout, cin_g).contiguous()
-    out = _out(out, "dx", (B, H, W, Cin), g_nhwc)
+    out = out_or_empty(out, "dx", (B, H, W, Cin), g_nhwc)
     s, p, d = _pairs(stride, padding, dilation)
     geoms = [geometry((KH, KW), s, p, d, plan.unit_in, plan.unit_out, True, (rh, rw))
              for rh in range(s[0]) for rw in range(s[1])]
@@ -574,22 +567,9 @@ def backward_weight(x_nhwc, g_nhwc, active_in, active_out, weight_shape, stride,
     if depthwise:
         dw_part = _buffers.empty((split, K, Cout), acc, dev)
         _unit_dwwgrad_kernel[(*grid01, split)](*args, dw_part, db_part, N, Hc, Wc, Cout, **common)
-        dw = dw_part.sum(0).t().reshape(Cout, 1, KH, KW)
     else:
         dw_part = _buffers.empty((split, K, Cin, Cout), acc, dev)
         _unit_wgrad_kernel[(*grid01, split)](*args, dw_part, db_part, N, Hc, Wc, Cin, Cout, **common,
                                              USE_DOT=flags["USE_DOT"], DOT_F32=flags["DOT_F32"])
-        dw = dw_part.sum(0).reshape(KH, KW, Cin, Cout).permute(3, 2, 0, 1)
-    dw = dw.to(x_nhwc.dtype)
-    if out is not None:
-        check_out_buffer("dweight", out, tuple(weight_shape), dw)
-        dw = out.copy_(dw)
-    else:
-        dw = dw.contiguous()
-    db = None
-    if need_bias:
-        db = db_part.sum(0).to(x_nhwc.dtype)
-        if out_bias is not None:
-            check_out_buffer("dbias", out_bias, (Cout,), db)
-            db = out_bias.copy_(db)
-    return dw, db
+    return weight_grads_from_partials(dw_part, db_part, weight_shape, x_nhwc.dtype, depthwise, need_bias, out,
+                                      out_bias)
