@@ -22,6 +22,7 @@ import triton.language as tl
 from kernels import _buffers
 from kernels._backend import launches_on_input_device
 from kernels._checks import acc_dtype
+from kernels._triton_common import dot_acc
 from kernels.sparse_conv.active import cached_site_index
 from kernels.sparse_conv.layout import as_u8, out_or_empty, weight_grads_from_partials
 
@@ -109,12 +110,7 @@ def _sparse_conv_fwd_kernel(
                         mask=k_ok[:, None] & n_ok[None, :],
                         other=0.0,
                     )
-                    if DOT_F32:  # the CPU interpreter miscomputes bf16 dots: upcast there only
-                        acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-                    elif USE_DOT:
-                        acc += tl.dot(a, b, input_precision="ieee")
-                    else:
-                        acc += tl.sum(a[:, :, None].to(acc.dtype) * b[None, :, :].to(acc.dtype), axis=1)
+                    acc = dot_acc(acc, a, b, DOT_F32, USE_DOT)
     if HAS_BIAS:
         acc += tl.load(bias + offs_n, mask=n_ok, other=0.0).to(acc.dtype)[None, :]
     tl.store(
@@ -209,12 +205,7 @@ def _sparse_conv_wgrad_kernel(
         xa = tl.load(
             x + q[:, None].to(tl.int64) * CIN + offs_ci[None, :], mask=ok[:, None] & ci_ok[None, :], other=0.0
         )
-        if DOT_F32:
-            acc += tl.dot(tl.trans(xa.to(tl.float32)), gb.to(tl.float32), input_precision="ieee")
-        elif USE_DOT:
-            acc += tl.dot(tl.trans(xa), gb, input_precision="ieee")
-        else:
-            acc += tl.sum(xa[:, :, None].to(acc.dtype) * gb[:, None, :].to(acc.dtype), axis=0)
+        acc = dot_acc(acc, tl.trans(xa), gb, DOT_F32, USE_DOT)
         if HAS_BIAS:
             accb += tl.sum(gb.to(accb.dtype), axis=0)
         m0 += SPLIT * BLOCK_M

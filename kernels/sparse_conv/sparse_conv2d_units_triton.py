@@ -61,6 +61,7 @@ import triton.language as tl
 from kernels import _buffers
 from kernels._backend import launches_on_input_device
 from kernels._checks import acc_dtype
+from kernels._triton_common import dot_acc
 from kernels.sparse_conv.active import UNIT_REACH, UNIT_WINDOW
 from kernels.sparse_conv.layout import out_or_empty, weight_grads_from_partials
 
@@ -164,12 +165,7 @@ def _unit_conv_kernel(
                     other=0.0)
         wt = tl.load(w + ((kh * KW + kw) * KDIM + offs_k[:, None]).to(tl.int64) * NDIM + offs_n[None, :],
                      mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        if DOT_F32:  # the CPU interpreter miscomputes bf16 dots: upcast there only
-            acc += tl.dot(a.to(tl.float32), wt.to(tl.float32), input_precision="ieee")
-        elif USE_DOT:
-            acc += tl.dot(a, wt, input_precision="ieee")
-        else:
-            acc += tl.sum(a[:, :, None].to(acc.dtype) * wt[None, :, :].to(acc.dtype), axis=1)
+        acc = dot_acc(acc, a, wt, DOT_F32, USE_DOT)
     if HAS_BIAS:  # active rows only (a tile straddling the last active unit holds inactive rows)
         live = (((bits >> CENTER) & 1) != 0) & (pid_k == 0)
         bv = tl.load(bias + offs_n, mask=n_ok, other=0.0).to(acc.dtype)
@@ -269,12 +265,7 @@ def _unit_wgrad_kernel(
                      other=0.0)
         xa = tl.load(x + q[:, None].to(tl.int64) * CIN + offs_ci[None, :],
                      mask=(ok & rows_ok)[:, None] & ci_ok[None, :], other=0.0)
-        if DOT_F32:
-            acc += tl.dot(tl.trans(xa.to(tl.float32)), gb.to(tl.float32), input_precision="ieee")
-        elif USE_DOT:
-            acc += tl.dot(tl.trans(xa), gb, input_precision="ieee")
-        else:
-            acc += tl.sum(xa[:, :, None].to(acc.dtype) * gb[:, None, :].to(acc.dtype), axis=0)
+        acc = dot_acc(acc, tl.trans(xa), gb, DOT_F32, USE_DOT)
         if HAS_BIAS:
             accb += tl.sum(gb.to(accb.dtype), axis=0)
     base = ((pid_s.to(tl.int64) * (KH * KW) + k) * CIN + offs_ci[:, None]) * COUT + offs_co[None, :]
