@@ -86,10 +86,7 @@ def _sparse_conv_fwd_kernel(
     s = tl.load(sites + offs_m, mask=m_ok, other=0)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < NDIM
-    if ACC_F64:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64 if ACC_F64 else tl.float32)
     for kh in range(KH):
         for kw in range(KW):
             q, ok = _neighbour(
@@ -137,10 +134,7 @@ def _sparse_dwconv_fwd_kernel(
     s = tl.load(sites + offs_m, mask=m_ok, other=0)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = offs_c < C
-    if ACC_F64:
-        acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float64)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float64 if ACC_F64 else tl.float32)
     for kh in range(KH):
         for kw in range(KW):
             q, ok = _neighbour(
@@ -185,12 +179,8 @@ def _sparse_conv_wgrad_kernel(
     ci_ok = offs_ci < CIN
     offs_co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
     co_ok = offs_co < COUT
-    if ACC_F64:
-        acc = tl.zeros((BLOCK_CI, BLOCK_CO), dtype=tl.float64)
-        accb = tl.zeros((BLOCK_CO,), dtype=tl.float64)
-    else:
-        acc = tl.zeros((BLOCK_CI, BLOCK_CO), dtype=tl.float32)
-        accb = tl.zeros((BLOCK_CO,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_CI, BLOCK_CO), dtype=tl.float64 if ACC_F64 else tl.float32)
+    accb = tl.zeros((BLOCK_CO,), dtype=acc.dtype)
     m0 = pid_s * BLOCK_M
     while m0 < n_sites:  # (a while loop: the interpreter cannot range() over a loaded scalar)
         offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -232,12 +222,8 @@ def _sparse_dwconv_wgrad_kernel(
     n_sites = tl.load(count)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = offs_c < C
-    if ACC_F64:
-        acc = tl.zeros((BLOCK_C,), dtype=tl.float64)
-        accb = tl.zeros((BLOCK_C,), dtype=tl.float64)
-    else:
-        acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
-        accb = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_C,), dtype=tl.float64 if ACC_F64 else tl.float32)
+    accb = tl.zeros((BLOCK_C,), dtype=acc.dtype)
     m0 = pid_s * BLOCK_M
     while m0 < n_sites:  # (a while loop: the interpreter cannot range() over a loaded scalar)
         offs_m = m0 + tl.arange(0, BLOCK_M)

@@ -145,10 +145,7 @@ def _unit_conv_kernel(
     if u0 >= tl.load(count):  # every unit of the tile is inactive: its zeros, and done
         tl.store(out_ptr, tl.zeros((BLOCK_M, BLOCK_N), dtype=dst.dtype.element_ty), mask=out_mask)
         return
-    if ACC_F64:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64 if ACC_F64 else tl.float32)
     NKB: tl.constexpr = (KDIM + BLOCK_K - 1) // BLOCK_K
     NSTEP: tl.constexpr = NTH * NTW * NKB
     for i in tl.range(0, (NSTEP + SPLIT_K - 1) // SPLIT_K, num_stages=NUM_STAGES):
@@ -200,10 +197,7 @@ def _unit_dwconv_kernel(
     if u0 >= tl.load(count):
         tl.store(out_ptr, tl.zeros((BLOCK_M, BLOCK_C), dtype=dst.dtype.element_ty), mask=out_mask)
         return
-    if ACC_F64:
-        acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float64)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float64 if ACC_F64 else tl.float32)
     for tap in tl.range(0, NTH * NTW, num_stages=NUM_STAGES):
         kh = TH0 + TSH * (tap // NTW)
         kw = TW0 + TSW * (tap % NTW)
@@ -246,12 +240,8 @@ def _unit_wgrad_kernel(
     ci_ok = offs_ci < CIN
     offs_co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
     co_ok = offs_co < COUT
-    if ACC_F64:
-        acc = tl.zeros((BLOCK_CI, BLOCK_CO), dtype=tl.float64)
-        accb = tl.zeros((BLOCK_CO,), dtype=tl.float64)
-    else:
-        acc = tl.zeros((BLOCK_CI, BLOCK_CO), dtype=tl.float32)
-        accb = tl.zeros((BLOCK_CO,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_CI, BLOCK_CO), dtype=tl.float64 if ACC_F64 else tl.float32)
+    accb = tl.zeros((BLOCK_CO,), dtype=acc.dtype)
     # (no assignment: the interpreter turns every assigned value into a tensor, which range() refuses)
     for i in tl.range(0, N_ITER if N_ITER > 0 else ((tl.load(count) + G - 1) // G * T - pid_s + SPLIT - 1) // SPLIT,
                       num_stages=NUM_STAGES):
@@ -294,12 +284,8 @@ def _unit_dwwgrad_kernel(
     kw = k % KW
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = offs_c < C
-    if ACC_F64:
-        acc = tl.zeros((BLOCK_C,), dtype=tl.float64)
-        accb = tl.zeros((BLOCK_C,), dtype=tl.float64)
-    else:
-        acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
-        accb = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_C,), dtype=tl.float64 if ACC_F64 else tl.float32)
+    accb = tl.zeros((BLOCK_C,), dtype=acc.dtype)
     # (no assignment: the interpreter turns every assigned value into a tensor, which range() refuses)
     for i in tl.range(0, N_ITER if N_ITER > 0 else ((tl.load(count) + G - 1) // G * T - pid_s + SPLIT - 1) // SPLIT,
                       num_stages=NUM_STAGES):
