@@ -24,6 +24,19 @@ from kernels._backend import launches_on_input_device
 
 
 @triton.jit
+def _slots(offsets_ptr, b, N: tl.constexpr, K: tl.constexpr, FIXED: tl.constexpr):
+    """Image b's first output row and how many of its masked tokens have a row: ``b * K`` and K on the fixed
+    path (K slots per image), else its offset in the packed rows and all N."""
+    if FIXED:
+        start = b * K
+        cap = K
+    else:
+        start = tl.load(offsets_ptr + b)
+        cap = N
+    return start, cap
+
+
+@triton.jit
 def _gather_masked_fwd_kernel(
     h_ptr,
     mask_ptr,
@@ -46,12 +59,7 @@ def _gather_masked_fwd_kernel(
     b = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     cmask = cols < D
-    if FIXED:
-        start = b * K
-        cap = K
-    else:
-        start = tl.load(offsets_ptr + b)
-        cap = N
+    start, cap = _slots(offsets_ptr, b, N, K, FIXED)
     carry = tl.program_id(0) * 0
     for n0 in range(0, N, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
@@ -93,12 +101,7 @@ def _gather_masked_bwd_kernel(
     b = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     cmask = cols < D
-    if FIXED:
-        start = b * K
-        cap = K
-    else:
-        start = tl.load(offsets_ptr + b)
-        cap = N
+    start, cap = _slots(offsets_ptr, b, N, K, FIXED)
     carry = tl.program_id(0) * 0
     for n0 in range(0, N, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
