@@ -74,6 +74,16 @@ LN2 = 0.6931471805599453
 
 
 @triton.jit
+def _q_tile_program(N_Q, H, BLOCK_M: tl.constexpr):
+    """``(q-tile, b * H + h, b as int64, h)`` of this program on the 1-D grid (no 65535 limit on B*H), q-tiles
+    fastest so that the k/v of one (b, h) stay hot in L2; b is 64-bit because B*H*N*d may exceed 2^31."""
+    q_tiles = tl.cdiv(N_Q, BLOCK_M)
+    pid_m = tl.program_id(0) % q_tiles
+    pid_bh = tl.program_id(0) // q_tiles
+    return pid_m, pid_bh, (pid_bh // H).to(tl.int64), pid_bh % H
+
+
+@triton.jit
 def dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """``a @ b`` accumulated in float32. UPCAST (interpreter + bfloat16 only) converts the operands to
     float32 first (exact) because the numpy interpreter cannot multiply bfloat16 (stored as uint16)."""
@@ -164,12 +174,7 @@ def _attention_fwd_kernel(
     ``l = l * 2^(m - m_new) + rowsum(2^(s2 - m_new))``. Finally ``O = acc / l`` and
     ``L2 = m + log2(l)`` (float32, base 2), saved for the backward.
     """
-    # 1-D grid (no 65535 limit on B*H): q-tiles fastest, so the k/v of one (b, h) stay hot in L2
-    q_tiles = tl.cdiv(N_Q, BLOCK_M)
-    pid_m = tl.program_id(0) % q_tiles
-    pid_bh = tl.program_id(0) // q_tiles
-    b = (pid_bh // H).to(tl.int64)  # 64-bit batch offsets: B*H*N*d may exceed 2^31
-    h = pid_bh % H
+    pid_m, pid_bh, b, h = _q_tile_program(N_Q, H, BLOCK_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -250,12 +255,7 @@ def _attention_bwd_dq_kernel(
     ``s2 = q k^T * scale * log2e + bias * log2e``, ``p = 2^(s2 - L2)``, ``dp = dO v^T``,
     ``ds = p * (dp - delta)``, ``dQ += ds k``; ``dQ *= scale``.
     """
-    # 1-D grid (no 65535 limit on B*H): q-tiles fastest, so the k/v of one (b, h) stay hot in L2
-    q_tiles = tl.cdiv(N_Q, BLOCK_M)
-    pid_m = tl.program_id(0) % q_tiles
-    pid_bh = tl.program_id(0) // q_tiles
-    b = (pid_bh // H).to(tl.int64)  # 64-bit batch offsets: B*H*N*d may exceed 2^31
-    h = pid_bh % H
+    pid_m, pid_bh, b, h = _q_tile_program(N_Q, H, BLOCK_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
