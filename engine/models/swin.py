@@ -39,8 +39,8 @@ from torch import nn
 import kernels
 from kernels.attn.relative_position import relative_position_index
 from kernels.attn.reference import window_attention_reference
-from engine.models import vit
 from engine.models.vit import DropPath, Mlp
+from engine.models.vit import PatchEmbed as ViTPatchEmbed
 
 SWIN_CONFIGS: dict[str, dict] = {
     # CPU variant: 32-px images, patch 2, 4x4 windows, 3 stages (grid 16 -> 8 -> 4), head dim 16, stride 8. Three
@@ -250,7 +250,7 @@ class SwinTransformerStage(nn.Module):
         return self.blocks(self.downsample(x))
 
 
-class PatchEmbed(vit.PatchEmbed):
+class PatchEmbed(ViTPatchEmbed):
     """ViT's patch convolution, then LayerNorm (``patch_norm``), channels last: [B, 3, S, S] -> [B, S/p, S/p, C]."""
 
     def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int, patch_norm: bool = True):

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from kernels import _backend, _buffers
-from kernels.sparse_conv.layout import as_u8, check_out_buffer
+from kernels.sparse_conv.layout import as_u8, out_or_empty
 
 _STEP = {torch.float32: 16, torch.float64: 8}
 
@@ -209,13 +209,6 @@ def _scatter(shape, idx, rows, like, active=None):
     return out
 
 
-def _out(out, name, shape, like):
-    if out is None:
-        return _buffers.empty(shape, like.dtype, like.device)
-    check_out_buffer(name, out, shape, like)
-    return out
-
-
 def forward(x_nhwc, active_in, active_out, weight, bias, stride, padding, dilation, depthwise, out=None):
     """``out[B, Ho, Wo, Cout]`` (NHWC) of the sparse convolution; see ``csrc/sparse_conv.cpp``."""
     B, H, W, Cin = x_nhwc.shape
@@ -241,7 +234,7 @@ def forward(x_nhwc, active_in, active_out, weight, bias, stride, padding, dilati
         else:
             bp = bias.new_zeros(npad)  # zero-padded staging copy of an input, not an output
             bp[:Cout] = bias
-    out = _out(out, "out", (B, Ho, Wo, Cout), x_nhwc)
+    out = out_or_empty(out, "out", (B, Ho, Wo, Cout), x_nhwc)
     ain, aout = as_u8(active_in), as_u8(active_out)
     _backend.native().sparse_conv2d_forward(
         x_nhwc.data_ptr(), ain.data_ptr(), aout.data_ptr(), wp.data_ptr(), 0 if bp is None else bp.data_ptr(),
@@ -279,7 +272,7 @@ def backward_input(g_nhwc, active_in, active_out, weight, stride, padding, dilat
         flat.index_add_(0, idx.reshape(-1)[keep], cols[keep])
         return dx
     wp, npad = pack_input_grad_weight(weight, depthwise)
-    out = _out(out, "dx", (B, H, W, Cin), g_nhwc)
+    out = out_or_empty(out, "dx", (B, H, W, Cin), g_nhwc)
     ain, aout = as_u8(active_in), as_u8(active_out)
     _backend.native().sparse_conv2d_backward_input(
         g_nhwc.data_ptr(), ain.data_ptr(), aout.data_ptr(), wp.data_ptr(), out.data_ptr(),
@@ -321,9 +314,9 @@ def backward_weight(x_nhwc, g_nhwc, active_in, active_out, weight_shape, stride,
         return dw.view(Cout, Cin, KH, KW), db
     K = KH * KW
     npad = Cout if depthwise else padded(Cin * K, x_nhwc.dtype)  # groups=1: rows of torch's layout, padded
-    out = _out(out, "dweight", (K, Cout) if depthwise else (Cout, npad), x_nhwc)
+    out = out_or_empty(out, "dweight", (K, Cout) if depthwise else (Cout, npad), x_nhwc)
     if need_bias:
-        out_bias = _out(out_bias, "dbias", (Cout,), x_nhwc)
+        out_bias = out_or_empty(out_bias, "dbias", (Cout,), x_nhwc)
     ain, aout = as_u8(active_in), as_u8(active_out)
     _backend.native().sparse_conv2d_backward_weight(
         x_nhwc.data_ptr(), g_nhwc.data_ptr(), ain.data_ptr(), aout.data_ptr(), out.data_ptr(),
